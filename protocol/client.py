@@ -1,0 +1,331 @@
+"""SupervisorClient: asyncio-first RPC client of the supervisor (streaming, cancel, deadlines), plus
+a small sync wrapper. Every call has a deadline and a lost supervisor is a typed error, not a hang."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import uuid
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Iterator, Optional
+
+import zmq
+import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
+
+from protocol import codec
+from protocol import endpoint as ep
+from protocol import errors as E
+from protocol.messages import (
+    TO_CLIENT, Ack, Cancel, Chunk, Error, Final, GenerateRequest, LoadRequest, Message, StatusReply,
+    StatusRequest, UnloadRequest,
+)
+
+__all__ = ["SupervisorClient", "SyncSupervisorClient", "GenerateStream", "Result", "Chunk"]
+
+
+@dataclass
+class Result:
+    text: str
+    finish_reason: str
+    usage: dict
+    timings: dict
+
+
+class GenerateStream:
+    """`async for chunk in stream` yields Chunk; afterwards `stream.result` holds the Result.
+    Leaving early (break, exception) should go through `async with` or `aclose()` to cancel."""
+
+    def __init__(self, client: "SupervisorClient", req: GenerateRequest, timeout_s: float) -> None:
+        self._client = client
+        self._req = req
+        self._timeout_s = timeout_s
+        self._queue: Optional[asyncio.Queue] = None
+        self._deadline = 0.0
+        self.result: Optional[Result] = None
+        self._done = False
+
+    @property
+    def request_id(self) -> str:
+        return self._req.request_id
+
+    async def _open(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.time() + self._timeout_s
+        self._queue = await self._client._begin(self._req)
+
+    def __aiter__(self) -> "GenerateStream":
+        return self
+
+    async def __anext__(self) -> Chunk:
+        if self._done:
+            raise StopAsyncIteration
+        if self._queue is None:
+            await self._open()
+        assert self._queue is not None
+        remaining = self._deadline - asyncio.get_running_loop().time()
+        try:
+            msg = await asyncio.wait_for(self._queue.get(), max(0.0, remaining))
+        except asyncio.TimeoutError:
+            await self.aclose()
+            raise E.RequestTimeout(f"no result within {self._timeout_s}s") from None
+        if isinstance(msg, Chunk):
+            return msg
+        self._finish()
+        if isinstance(msg, Final):
+            self.result = Result(msg.text, msg.finish_reason, msg.usage, msg.timings)
+            raise StopAsyncIteration
+        if isinstance(msg, Error):
+            raise msg.to_exc()
+        raise E.InternalError(f"unexpected reply {msg.TAG}")
+
+    def _finish(self) -> None:
+        self._done = True
+        self._client._end(self.request_id)
+
+    async def aclose(self) -> None:
+        """Cancel the request if it is still running (idempotent)."""
+        if self._queue is not None and not self._done:
+            self._finish()
+            await self._client._send(Cancel(self.request_id))
+
+    async def __aenter__(self) -> "GenerateStream":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+    async def collect(self) -> Result:
+        async for _ in self:
+            pass
+        assert self.result is not None
+        return self.result
+
+
+class SupervisorClient:
+    """One DEALER socket multiplexing any number of concurrent requests by request id."""
+
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        *,
+        state_dir: str | os.PathLike | None = None,
+        timeout_s: float = 300.0,
+        connect_timeout_s: float = 3.0,
+    ) -> None:
+        self.endpoint = endpoint or ep.control_endpoint(state_dir)
+        self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self._ctx: Optional[zmq.asyncio.Context] = None
+        self._sock: Optional[zmq.asyncio.Socket] = None
+        self._pending: dict[str, asyncio.Queue] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._connected: Optional[asyncio.Event] = None
+        self._lost: Optional[E.LmxError] = None
+
+    # --- connection ----------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        if self._sock is not None:
+            return
+        if self.endpoint.startswith("ipc://") and not os.path.exists(self.endpoint[6:]):
+            raise E.SupervisorUnavailable(
+                f"no supervisor socket at {self.endpoint[6:]} (is lmx-supervisor running with this state dir?)",
+                endpoint=self.endpoint)
+        self._ctx = zmq.asyncio.Context()
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, codec.MAX_FRAME_BYTES)
+        monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        self._connected = asyncio.Event()
+        sock.connect(self.endpoint)
+        self._sock = sock
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._recv_loop()), loop.create_task(self._watch(monitor))]
+        try:
+            await asyncio.wait_for(self._connected.wait(), self.connect_timeout_s)
+        except asyncio.TimeoutError:
+            await self.close()
+            raise E.SupervisorUnavailable(
+                f"could not connect to {self.endpoint} within {self.connect_timeout_s}s",
+                endpoint=self.endpoint) from None
+
+    async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
+        while True:
+            event = parse_monitor_message(await monitor.recv_multipart())
+            if event["event"] == zmq.EVENT_CONNECTED:
+                self._lost = None
+                assert self._connected is not None
+                self._connected.set()
+            elif event["event"] == zmq.EVENT_DISCONNECTED:
+                # ZeroMQ would silently reconnect and our requests would wait forever: every
+                # request in flight on the old connection is lost, so say so at once.
+                self._lost = E.SupervisorUnavailable("connection to the supervisor was lost",
+                                                     endpoint=self.endpoint)
+                for q in self._pending.values():
+                    q.put_nowait(Error.from_exc(None, self._lost))
+
+    async def _recv_loop(self) -> None:
+        assert self._sock is not None
+        while True:
+            frames = await self._sock.recv_multipart()
+            try:
+                msg = codec.decode(frames, TO_CLIENT)
+            except E.LmxError as exc:
+                msg = Error.from_exc(None, exc)
+            rid = getattr(msg, "request_id", None)
+            if rid is None:
+                for q in self._pending.values():  # a connection-level error concerns every request
+                    q.put_nowait(msg)
+                continue
+            q = self._pending.get(rid)
+            if q is not None:
+                q.put_nowait(msg)
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        self._sock = None
+        if self._ctx is not None:
+            self._ctx.destroy(linger=0)  # closes the monitor pair too; term() would wait on it
+            self._ctx = None
+
+    async def __aenter__(self) -> "SupervisorClient":
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    # --- plumbing ------------------------------------------------------------------------------
+
+    async def _send(self, msg: Message) -> None:
+        await self.connect()
+        assert self._sock is not None
+        await self._sock.send_multipart(codec.encode(msg))
+
+    async def _begin(self, msg: Message) -> asyncio.Queue:
+        await self.connect()
+        rid = getattr(msg, "request_id")
+        if self._lost is not None:
+            raise self._lost
+        q: asyncio.Queue = asyncio.Queue()
+        self._pending[rid] = q
+        await self._send(msg)
+        return q
+
+    def _end(self, rid: str) -> None:
+        self._pending.pop(rid, None)
+
+    async def _call(self, msg: Message, timeout_s: float | None = None) -> Message:
+        q = await self._begin(msg)
+        rid = getattr(msg, "request_id")
+        try:
+            reply = await asyncio.wait_for(q.get(), timeout_s or self.timeout_s)
+        except asyncio.TimeoutError:
+            raise E.RequestTimeout(f"{msg.TAG}: no reply within {timeout_s or self.timeout_s}s") from None
+        finally:
+            self._end(rid)
+        if isinstance(reply, Error):
+            raise reply.to_exc()
+        return reply
+
+    @staticmethod
+    def _rid() -> str:
+        return uuid.uuid4().hex
+
+    # --- API -----------------------------------------------------------------------------------
+
+    async def status(self, timeout_s: float = 10.0) -> dict[str, Any]:
+        reply = await self._call(StatusRequest(self._rid()), timeout_s)
+        assert isinstance(reply, StatusReply)
+        return {"supervisor": reply.supervisor, "models": reply.models}
+
+    def generate(
+        self,
+        model: str,
+        prompt: str | None = None,
+        *,
+        messages: list[dict] | None = None,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: list[str] | None = None,
+        timeout_s: float | None = None,
+    ) -> GenerateStream:
+        """Stream a generation. The deadline covers the whole request and travels to the supervisor."""
+        t = timeout_s or self.timeout_s
+        req = GenerateRequest(self._rid(), model, prompt, messages, max_tokens, temperature, top_p,
+                              seed, list(stop or []), t)
+        return GenerateStream(self, req, t)
+
+    async def complete(self, model: str, prompt: str | None = None, **kwargs: Any) -> Result:
+        async with self.generate(model, prompt, **kwargs) as stream:
+            return await stream.collect()
+
+    async def load(self, model: str, timeout_s: float = 10.0) -> dict:
+        reply = await self._call(LoadRequest(self._rid(), model), timeout_s)
+        assert isinstance(reply, Ack)
+        return reply.detail
+
+    async def unload(self, model: str, timeout_s: float = 120.0) -> dict:
+        reply = await self._call(UnloadRequest(self._rid(), model), timeout_s)
+        assert isinstance(reply, Ack)
+        return reply.detail
+
+
+class SyncSupervisorClient:
+    """Blocking facade over SupervisorClient: its own event loop on a private thread."""
+
+    def __init__(self, endpoint: str | None = None, **kwargs: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="lmx-client", daemon=True)
+        self._thread.start()
+        self._client = SupervisorClient(endpoint, **kwargs)
+
+    def _run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def status(self, **kw: Any) -> dict[str, Any]:
+        return self._run(self._client.status(**kw))
+
+    def load(self, model: str, **kw: Any) -> dict:
+        return self._run(self._client.load(model, **kw))
+
+    def unload(self, model: str, **kw: Any) -> dict:
+        return self._run(self._client.unload(model, **kw))
+
+    def complete(self, model: str, prompt: str | None = None, **kw: Any) -> Result:
+        return self._run(self._client.complete(model, prompt, **kw))
+
+    def generate(self, model: str, prompt: str | None = None, **kw: Any) -> Iterator[Chunk]:
+        """Yields chunks; returns the Result as the generator's return value (StopIteration.value)."""
+        stream = self._client.generate(model, prompt, **kw)
+
+        async def step() -> Chunk | None:
+            try:
+                return await stream.__anext__()
+            except StopAsyncIteration:
+                return None
+
+        try:
+            while (chunk := self._run(step())) is not None:
+                yield chunk
+        finally:
+            self._run(stream.aclose())
+        return stream.result
+
+    def close(self) -> None:
+        self._run(self._client.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> "SyncSupervisorClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

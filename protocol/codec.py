@@ -1,0 +1,49 @@
+"""Framing: [protocol id+version frame, msgpack body]; the only module that touches msgpack."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from protocol.errors import BadRequest
+from protocol.messages import Message, from_wire
+
+PROTOCOL = b"LMX/1"
+# Frames above this are refused by ZeroMQ itself (MAXMSGSIZE) and again here after decoding.
+MAX_FRAME_BYTES = 8 * 1024 * 1024
+
+
+class ProtocolMismatch(BadRequest):
+    """The peer speaks another protocol or version; details carry expected/got."""
+
+
+def encode(msg: Message) -> list[bytes]:
+    body = msgpack.packb([msg.TAG, msg.to_wire()], use_bin_type=True)
+    return [PROTOCOL, body]
+
+
+def decode(frames: list[bytes], table: dict[str, type[Message]]) -> Message:
+    """Decode [protocol, body] using the message table of one direction."""
+    if len(frames) != 2:
+        raise BadRequest(f"expected 2 frames (protocol, body), got {len(frames)}")
+    proto, body = frames
+    if proto != PROTOCOL:
+        raise ProtocolMismatch(
+            f"protocol mismatch: expected {PROTOCOL.decode()}, got {proto[:32]!r}",
+            expected=PROTOCOL.decode(),
+            got=proto[:32].decode("utf-8", "replace"),
+        )
+    if len(body) > MAX_FRAME_BYTES:
+        raise BadRequest(f"message of {len(body)} bytes exceeds {MAX_FRAME_BYTES}")
+    try:
+        decoded: Any = msgpack.unpackb(body, raw=False)
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise BadRequest(f"malformed msgpack body: {type(exc).__name__}") from None
+    if not (isinstance(decoded, list) and len(decoded) == 2 and isinstance(decoded[0], str)):
+        raise BadRequest("body must be [tag, fields]")
+    tag, fields = decoded
+    cls = table.get(tag)
+    if cls is None:
+        raise BadRequest(f"unknown or misdirected message type {tag[:64]!r}")
+    return from_wire(cls, fields)

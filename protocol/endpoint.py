@@ -1,0 +1,35 @@
+"""Where the supervisor lives: the state dir and the control-socket endpoint derived from it."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+CONTROL_SOCKET = "control.sock"
+WORKER_SOCKET = "workers.sock"
+
+
+def default_state_dir() -> Path:
+    """LMX_STATE_DIR, else the platform default of BRIEF §5."""
+    env = os.environ.get("LMX_STATE_DIR")
+    if env:
+        return Path(env).expanduser()
+    home = Path.home()
+    if sys.platform == "darwin":
+        return home / "Library" / "Application Support" / "lmx-supervisor"
+    xdg = os.environ.get("XDG_STATE_HOME")
+    base = Path(xdg) if xdg else home / ".local" / "state"
+    return base / "lmx-supervisor"
+
+
+def resolve_state_dir(state_dir: str | os.PathLike | None) -> Path:
+    return Path(state_dir).expanduser() if state_dir else default_state_dir()
+
+
+def control_endpoint(state_dir: str | os.PathLike | None = None) -> str:
+    return f"ipc://{resolve_state_dir(state_dir) / CONTROL_SOCKET}"
+
+
+def worker_endpoint(state_dir: Path) -> str:
+    return f"ipc://{state_dir / WORKER_SOCKET}"

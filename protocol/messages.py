@@ -1,0 +1,242 @@
+"""Typed message structs for both boundaries: client <-> supervisor and supervisor <-> worker."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional
+
+from protocol.errors import BadRequest, LmxError
+
+
+@dataclass
+class Message:
+    """Base: every message has a wire tag (`TAG`) and plain-data fields."""
+
+    TAG: ClassVar[str] = ""
+
+    def to_wire(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+# --- shared by both boundaries -------------------------------------------------------------
+
+
+@dataclass
+class GenerateRequest(Message):
+    """A generation: either `prompt` (raw text) or `messages` (chat, through the chat template)."""
+
+    TAG: ClassVar[str] = "generate"
+    request_id: str
+    model: str
+    prompt: Optional[str] = None
+    messages: Optional[list[dict]] = None
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: Optional[int] = None
+    stop: list[str] = field(default_factory=list)
+    timeout_s: Optional[float] = None
+
+
+@dataclass
+class Chunk(Message):
+    """Streamed text; `tokens` is how many generated tokens this chunk carries."""
+
+    TAG: ClassVar[str] = "chunk"
+    request_id: str
+    text: str
+    tokens: int = 1
+
+
+@dataclass
+class Final(Message):
+    """End of a generation. usage: prompt_tokens, completion_tokens; timings: seconds."""
+
+    TAG: ClassVar[str] = "final"
+    request_id: str
+    text: str
+    finish_reason: str
+    usage: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+
+
+@dataclass
+class Cancel(Message):
+    TAG: ClassVar[str] = "cancel"
+    request_id: str
+
+
+@dataclass
+class Error(Message):
+    """A typed failure of one request (or of the connection when request_id is None)."""
+
+    TAG: ClassVar[str] = "error"
+    request_id: Optional[str]
+    code: str
+    message: str
+    details: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_exc(cls, request_id: Optional[str], exc: LmxError) -> "Error":
+        return cls(request_id, exc.code.code, exc.message, dict(exc.details))
+
+    def to_exc(self) -> LmxError:
+        return LmxError.from_wire(self.code, self.message, self.details)
+
+
+# --- client <-> supervisor -----------------------------------------------------------------
+
+
+@dataclass
+class StatusRequest(Message):
+    TAG: ClassVar[str] = "status"
+    request_id: str
+
+
+@dataclass
+class StatusReply(Message):
+    TAG: ClassVar[str] = "status_reply"
+    request_id: str
+    supervisor: dict
+    models: list[dict]
+
+
+@dataclass
+class LoadRequest(Message):
+    TAG: ClassVar[str] = "load"
+    request_id: str
+    model: str
+
+
+@dataclass
+class UnloadRequest(Message):
+    TAG: ClassVar[str] = "unload"
+    request_id: str
+    model: str
+
+
+@dataclass
+class Ack(Message):
+    """Success of an admin op; `detail` says what happened (e.g. the model's new state)."""
+
+    TAG: ClassVar[str] = "ack"
+    request_id: str
+    detail: dict = field(default_factory=dict)
+
+
+# --- supervisor <-> worker -----------------------------------------------------------------
+
+
+@dataclass
+class Hello(Message):
+    """Worker -> supervisor, first message: who it is (token proves it was spawned by us)."""
+
+    TAG: ClassVar[str] = "hello"
+    token: str
+    pid: int
+    model_id: str
+    versions: dict = field(default_factory=dict)
+
+
+@dataclass
+class Init(Message):
+    """Supervisor -> worker: what to load and how to behave."""
+
+    TAG: ClassVar[str] = "init"
+    model_id: str
+    revision: str
+    path: str
+    heartbeat_interval_s: float
+    orphan_grace_s: float
+    memory_limit_bytes: int = 0
+
+
+@dataclass
+class Ready(Message):
+    """Worker -> supervisor: weights loaded for `revision`; the worker can generate."""
+
+    TAG: ClassVar[str] = "ready"
+    revision: str
+    load_s: float
+    memory: dict = field(default_factory=dict)
+
+
+@dataclass
+class Heartbeat(Message):
+    """Worker -> supervisor. `progress` grows with every prefill chunk and token: stuck vs dead."""
+
+    TAG: ClassVar[str] = "heartbeat"
+    progress: int
+    phase: str
+    memory: dict = field(default_factory=dict)
+
+
+@dataclass
+class Shutdown(Message):
+    TAG: ClassVar[str] = "shutdown"
+    reason: str = ""
+
+
+# --- validation ----------------------------------------------------------------------------
+
+_NONE = type(None)
+
+
+def _check(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin is typing.Union:
+        return any(_check(value, arg) for arg in typing.get_args(hint))
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_check(v, item) for v in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is _NONE:
+        return value is None
+    return isinstance(value, hint)
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def from_wire(cls: type[Message], data: Any) -> Message:
+    """Build `cls` from a decoded map, checking every field's type; BadRequest names the field."""
+    if not isinstance(data, dict):
+        raise BadRequest(f"{cls.TAG}: body must be a map")
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = _HINTS[cls] = {
+            k: v for k, v in typing.get_type_hints(cls).items() if k != "TAG"
+        }
+    unknown = set(data) - set(hints)
+    if unknown:
+        raise BadRequest(f"{cls.TAG}: unknown field(s) {sorted(map(str, unknown))}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise BadRequest(f"{cls.TAG}: missing field {f.name!r}")
+            continue
+        value = data[f.name]
+        if not _check(value, hints[f.name]):
+            raise BadRequest(
+                f"{cls.TAG}: field {f.name!r} has type {type(value).__name__}, "
+                f"expected {hints[f.name]}"
+            )
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def _tags(*classes: type[Message]) -> dict[str, type[Message]]:
+    return {c.TAG: c for c in classes}
+
+
+# One table per direction: a message that may not travel that way is a BAD_REQUEST.
+TO_SUPERVISOR_FROM_CLIENT = _tags(StatusRequest, GenerateRequest, Cancel, LoadRequest, UnloadRequest)
+TO_CLIENT = _tags(StatusReply, Chunk, Final, Error, Ack)
+TO_WORKER = _tags(Init, GenerateRequest, Cancel, Shutdown)
+TO_SUPERVISOR_FROM_WORKER = _tags(Hello, Ready, Heartbeat, Chunk, Final, Error)

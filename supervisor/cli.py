@@ -1,0 +1,49 @@
+"""`lmx-supervisor run`: the daemon in the foreground, as launchd runs it."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+
+from protocol import endpoint as ep
+from supervisor import config as cfg
+from supervisor import logs
+from supervisor.daemon import StateDirError, Supervisor, prepare_state_dir
+
+EXIT_CONFIG = 78  # EX_CONFIG: launchd/systemd see a real failure, not a clean stop
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lmx-supervisor")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the supervisor in the foreground")
+    run.add_argument("--config", default=os.environ.get("LMX_CONFIG"), help="TOML config file")
+    run.add_argument("--state-dir", default=None, help="state dir (default: LMX_STATE_DIR or platform)")
+    run.add_argument("--log-level", default="info")
+    args = parser.parse_args(argv)
+
+    state_dir = ep.resolve_state_dir(args.state_dir)
+    if not args.config:
+        print("lmx-supervisor: --config FILE is required (or set LMX_CONFIG)", file=sys.stderr)
+        return 2
+    try:
+        config = cfg.load(args.config)
+    except cfg.ConfigError as exc:
+        print(f"lmx-supervisor: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        lock_fd = prepare_state_dir(state_dir)
+    except (StateDirError, OSError) as exc:
+        print(f"lmx-supervisor: {exc}", file=sys.stderr)
+        return 1
+    logs.configure(state_dir, args.log_level)
+    try:
+        return asyncio.run(Supervisor(config, state_dir).run())
+    finally:
+        os.close(lock_fd)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

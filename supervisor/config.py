@@ -1,0 +1,202 @@
+"""The TOML config (BRIEF §6): parsed and validated once into frozen dataclasses, hashed into revisions."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(Exception):
+    """A broken config file: names the file, the key and what was expected."""
+
+    def __init__(self, file: str, key: str, problem: str) -> None:
+        super().__init__(f"{file}: {key}: {problem}")
+        self.file, self.key, self.problem = file, key, problem
+
+
+@dataclass(frozen=True)
+class SupervisorSettings:
+    memory_budget_bytes: int = 0
+    model_roots: tuple[str, ...] = ()
+    orphan_grace_s: float = 60.0
+    heartbeat_interval_s: float = 1.0
+    heartbeat_timeout_s: float = 5.0
+    decode_stall_s: float = 60.0
+    prefill_stall_s: float = 120.0
+    drain_grace_s: float = 30.0
+    stop_timeout_s: float = 5.0
+    load_timeout_s: float = 300.0
+
+
+@dataclass(frozen=True)
+class RestartSettings:
+    quarantine_after: int = 3
+    window_s: float = 600.0
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 60.0
+    stable_after_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class CanarySettings:
+    prompt: str = "Say hello."
+    expect: str | None = None
+    max_tokens: int = 8
+    timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    id: str
+    path: str
+    autoload: bool = True
+    memory_limit_bytes: int = 0
+    worker_command: tuple[str, ...] | None = None
+    canary: CanarySettings = field(default_factory=CanarySettings)
+
+    @property
+    def revision(self) -> str:
+        """A stable hash of the resolved section: equal sections, equal revisions."""
+        blob = json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class Config:
+    source: str
+    supervisor: SupervisorSettings
+    restart: RestartSettings
+    models: tuple[ModelConfig, ...]
+
+    def model(self, model_id: str) -> ModelConfig | None:
+        return next((m for m in self.models if m.id == model_id), None)
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "a boolean"}
+
+
+class _Reader:
+    """Pulls typed keys out of one TOML table; leftover keys are an error (typos must not pass)."""
+
+    def __init__(self, file: str, prefix: str, table: Any) -> None:
+        if not isinstance(table, dict):
+            raise ConfigError(file, prefix, "expected a table")
+        self.file, self.prefix, self.table = file, prefix, dict(table)
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def take(self, name: str, kind: type, default: Any = dataclasses.MISSING) -> Any:
+        if name not in self.table:
+            if default is dataclasses.MISSING:
+                raise ConfigError(self.file, self.key(name), "required key is missing")
+            return default
+        value = self.table.pop(name)
+        ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if not ok:
+            raise ConfigError(self.file, self.key(name),
+                              f"expected {_TYPE_NAMES.get(kind, kind.__name__)}, got {value!r}")
+        if name.endswith(("_s", "_bytes")) and value < 0:
+            raise ConfigError(self.file, self.key(name), f"must be >= 0, got {value!r}")
+        return value
+
+    def take_list(self, name: str, kind: type, default: Any) -> tuple | None:
+        if name not in self.table:
+            return default
+        value = self.table.pop(name)
+        if not isinstance(value, list) or not all(isinstance(v, kind) for v in value):
+            raise ConfigError(self.file, self.key(name), f"expected a list of {kind.__name__}s")
+        return tuple(value)
+
+    def finish(self) -> None:
+        if self.table:
+            names = ", ".join(self.key(k) for k in sorted(self.table))
+            raise ConfigError(self.file, names, "unknown key")
+
+
+def _section(file: str, name: str, raw: dict, cls: type) -> Any:
+    reader = _Reader(file, name, raw.pop(name, {}))
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name == "model_roots":
+            values[f.name] = reader.take_list(f.name, str, ())
+        else:
+            values[f.name] = reader.take(f.name, type(f.default), f.default)
+    reader.finish()
+    return cls(**values)
+
+
+def _canary(file: str, prefix: str, raw: Any) -> CanarySettings:
+    reader = _Reader(file, prefix, raw)
+    d = CanarySettings()
+    canary = CanarySettings(
+        prompt=reader.take("prompt", str, d.prompt),
+        expect=reader.take("expect", str, None),
+        max_tokens=reader.take("max_tokens", int, d.max_tokens),
+        timeout_s=reader.take("timeout_s", float, d.timeout_s),
+    )
+    reader.finish()
+    if canary.max_tokens < 1:
+        raise ConfigError(file, f"{prefix}.max_tokens", "must be >= 1")
+    return canary
+
+
+def _model(file: str, index: int, raw: Any, base_dir: Path) -> ModelConfig:
+    prefix = f"models[{index}]"
+    reader = _Reader(file, prefix, raw)
+    model_id = reader.take("id", str)
+    if not model_id or not all(c.isalnum() or c in "-_." for c in model_id):
+        raise ConfigError(file, f"{prefix}.id", f"expected letters, digits, '-', '_', '.', got {model_id!r}")
+    path = reader.take("path", str)
+    model = ModelConfig(
+        id=model_id,
+        path=str((base_dir / os.path.expanduser(path)).resolve()),
+        autoload=reader.take("autoload", bool, True),
+        memory_limit_bytes=reader.take("memory_limit_bytes", int, 0),
+        worker_command=reader.take_list("worker_command", str, None),
+        canary=_canary(file, f"{prefix}.canary", reader.table.pop("canary", {})),
+    )
+    reader.finish()
+    return model
+
+
+def parse(text: str, file: str = "<config>", base_dir: Path | None = None) -> Config:
+    """Validate a whole config. Relative model paths resolve against the config file's directory."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(file, "(syntax)", str(exc)) from None
+    base_dir = base_dir or Path.cwd()
+    supervisor = _section(file, "supervisor", raw, SupervisorSettings)
+    restart = _section(file, "restart", raw, RestartSettings)
+    models_raw = raw.pop("models", [])
+    if not isinstance(models_raw, list):
+        raise ConfigError(file, "models", "expected an array of tables ([[models]])")
+    models = tuple(_model(file, i, m, base_dir) for i, m in enumerate(models_raw))
+    seen: set[str] = set()
+    for i, m in enumerate(models):
+        if m.id in seen:
+            raise ConfigError(file, f"models[{i}].id", f"duplicate model id {m.id!r}")
+        seen.add(m.id)
+    if raw:
+        raise ConfigError(file, ", ".join(sorted(raw)), "unknown key")
+    if supervisor.heartbeat_timeout_s <= supervisor.heartbeat_interval_s:
+        raise ConfigError(file, "supervisor.heartbeat_timeout_s", "must exceed heartbeat_interval_s")
+    return Config(file, supervisor, restart, models)
+
+
+def load(path: str | os.PathLike) -> Config:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(str(p), "(file)", f"cannot read: {exc.strerror}") from None
+    return parse(text, str(p), p.resolve().parent)

@@ -1,0 +1,144 @@
+"""The control API: a ROUTER socket in the state dir serving status, generate, cancel, load, unload."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import zmq
+import zmq.asyncio
+
+from protocol import codec
+from protocol import errors as E
+from protocol.messages import (
+    TO_SUPERVISOR_FROM_CLIENT, Ack, Cancel, Chunk, Error, Final, GenerateRequest, LoadRequest, Message,
+    StatusReply, StatusRequest, UnloadRequest,
+)
+from supervisor import logs
+from supervisor.runtime import ModelRuntime
+
+
+class ControlServer:
+    """Decodes client frames, answers each with a typed reply; never lets one client block another."""
+
+    def __init__(
+        self,
+        ctx: zmq.asyncio.Context,
+        endpoint: str,
+        socket_path: Path,
+        models: dict[str, ModelRuntime],
+        status: Callable[[], dict[str, Any]],
+    ) -> None:
+        self._sock = ctx.socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.MAXMSGSIZE, codec.MAX_FRAME_BYTES)
+        self._sock.setsockopt(zmq.SNDHWM, 100_000)
+        self._sock.bind(endpoint)
+        os.chmod(socket_path, 0o600)
+        self._models = models
+        self._status = status
+        # (client identity, client request id) -> (runtime, worker-side request id)
+        self._routes: dict[tuple[bytes, str], tuple[ModelRuntime, str]] = {}
+        self.draining = False
+        self._task: asyncio.Task | None = None
+        self._bg: set[asyncio.Task] = set()
+        self.log = logs.get()
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._recv_loop(), name="control")
+
+    def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+        self._sock.close(linger=0)
+
+    def send(self, identity: bytes, msg: Message) -> None:
+        try:
+            self._sock.send_multipart([identity, *codec.encode(msg)], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            self.log.warning("client.send_dropped", type=msg.TAG, error=str(exc))
+
+    async def _recv_loop(self) -> None:
+        while True:
+            frames = await self._sock.recv_multipart()
+            identity, rest = frames[0], frames[1:]
+            try:
+                msg = codec.decode(rest, TO_SUPERVISOR_FROM_CLIENT)
+            except E.LmxError as exc:
+                self.log.warning("client.bad_request", code=exc.code.code, message=exc.message)
+                self.send(identity, Error.from_exc(None, exc))
+                continue
+            try:
+                self._handle(identity, msg)
+            except E.LmxError as exc:
+                self.send(identity, Error.from_exc(getattr(msg, "request_id", None), exc))
+            except Exception as exc:
+                self.log.exception("internal.control_failed", type=msg.TAG)
+                self.send(identity, Error.from_exc(getattr(msg, "request_id", None),
+                                                   E.InternalError(f"internal error: {exc!r}")))
+
+    def _runtime(self, model: str) -> ModelRuntime:
+        runtime = self._models.get(model)
+        if runtime is None:
+            raise E.UnknownModel(f"model {model!r} is not declared", model=model)
+        return runtime
+
+    def _handle(self, identity: bytes, msg: Message) -> None:
+        if isinstance(msg, StatusRequest):
+            s = self._status()
+            self.send(identity, StatusReply(msg.request_id, s["supervisor"], s["models"]))
+        elif isinstance(msg, GenerateRequest):
+            self._generate(identity, msg)
+        elif isinstance(msg, Cancel):
+            route = self._routes.get((identity, msg.request_id))
+            if route is not None:
+                route[0].cancel(route[1])
+        elif isinstance(msg, LoadRequest):
+            runtime = self._runtime(msg.model)
+            if self.draining:
+                raise E.ShuttingDown("supervisor is shutting down")
+            started = runtime.start("operator load")
+            self.send(identity, Ack(msg.request_id, {"state": runtime.state.value, "started": started}))
+        elif isinstance(msg, UnloadRequest):
+            runtime = self._runtime(msg.model)
+            self._background(self._unload(identity, msg.request_id, runtime))
+
+    def _generate(self, identity: bytes, req: GenerateRequest) -> None:
+        if self.draining:
+            raise E.ShuttingDown("supervisor is shutting down", retry_after_s=5.0)
+        runtime = self._runtime(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise E.BadRequest("exactly one of prompt or messages is required")
+        if req.max_tokens < 1:
+            raise E.BadRequest(f"max_tokens must be >= 1, got {req.max_tokens}")
+        key = (identity, req.request_id)
+        if key in self._routes:
+            raise E.BadRequest(f"request id {req.request_id!r} is already in flight")
+        client_rid = req.request_id
+        log = self.log.bind(model=req.model, request_id=client_rid)
+
+        def sink(msg: Message) -> None:
+            if isinstance(msg, Chunk):
+                self.send(identity, Chunk(client_rid, msg.text, msg.tokens))
+                return
+            self._routes.pop(key, None)
+            if isinstance(msg, Final):
+                self.send(identity, Final(client_rid, msg.text, msg.finish_reason, msg.usage, msg.timings))
+                log.info("request.done", finish_reason=msg.finish_reason, **msg.usage)
+            elif isinstance(msg, Error):
+                self.send(identity, Error(client_rid, msg.code, msg.message, msg.details))
+                log.info("request.failed", code=msg.code, message=msg.message)
+
+        wrid = runtime.submit(req, sink)
+        self._routes[key] = (runtime, wrid)
+
+    async def _unload(self, identity: bytes, request_id: str, runtime: ModelRuntime) -> None:
+        await runtime.stop("operator unload")
+        self.send(identity, Ack(request_id, {"state": runtime.state.value}))
+
+    def _background(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)

@@ -1,0 +1,171 @@
+"""`lmxctl`: the operator's CLI. Talks to the daemon only through protocol.client."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from typing import Any
+
+from protocol import errors as E
+from protocol.client import SupervisorClient
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+WAIT_STATES = {"ADMITTING", "STARTING", "LOADING", "CANARY", "BACKOFF", "ROLLING_BACK"}
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=None, sort_keys=False, default=str))
+
+
+def _error_obj(exc: E.LmxError) -> dict[str, Any]:
+    return {"error": {"code": exc.code.code, "message": exc.message, "retryable": exc.retryable,
+                      **({"details": exc.details} if exc.details else {})}}
+
+
+def _table(status: dict[str, Any]) -> str:
+    sup = status["supervisor"]
+    lines = [
+        f"supervisor pid {sup['pid']}  version {sup['version']}  rss {sup['rss_bytes'] / 2**20:.0f} MiB"
+        f"  uptime {sup['uptime_s']:.0f}s  mlx imported: {'yes' if sup['mlx_imported'] else 'no'}",
+        f"{'MODEL':<16} {'STATE':<12} {'REVISION':<12} {'PID':>7} {'RESTARTS':>8} {'FAILS':>5}  LAST ERROR",
+    ]
+    for m in status["models"]:
+        err = m.get("last_error")
+        err_s = f"{err['code']}: {err['message']}"[:60] if err else "-"
+        lines.append(
+            f"{m['id'][:16]:<16} {m['state']:<12} {m['revision']:<12} {m['worker_pid'] or '-':>7} "
+            f"{m['restarts']:>8} {m['failures_in_window']:>5}  {err_s}"
+        )
+    return "\n".join(lines)
+
+
+async def _status(client: SupervisorClient, args: argparse.Namespace) -> int:
+    status = await client.status()
+    _print_json(status) if args.json else print(_table(status))
+    return EXIT_OK
+
+
+async def _generate(client: SupervisorClient, args: argparse.Namespace) -> int:
+    kwargs: dict[str, Any] = {"max_tokens": args.max_tokens, "temperature": args.temperature}
+    if args.chat:
+        kwargs["messages"] = [{"role": "user", "content": args.prompt}]
+        prompt = None
+    else:
+        prompt = args.prompt
+    async with client.generate(args.model, prompt, **kwargs) as stream:
+        async for chunk in stream:
+            if not args.json:
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+    result = stream.result
+    assert result is not None
+    if args.json:
+        _print_json({"text": result.text, "finish_reason": result.finish_reason, "usage": result.usage,
+                     "timings": result.timings})
+    else:
+        sys.stdout.write("\n")
+    return EXIT_OK
+
+
+async def _load(client: SupervisorClient, args: argparse.Namespace) -> int:
+    detail = await client.load(args.model)
+    if args.no_wait:
+        _print_json(detail) if args.json else print(f"{args.model}: {detail['state']}")
+        return EXIT_OK
+    start, last = time.monotonic(), None
+    while True:
+        model = next(m for m in (await client.status())["models"] if m["id"] == args.model)
+        if model["state"] != last and not args.json:
+            print(f"{args.model}: {model['state']} ({time.monotonic() - start:.1f}s)", flush=True)
+        last = model["state"]
+        if model["state"] not in WAIT_STATES or (model["state"] == "BACKOFF" and model["last_error"]):
+            break
+        await asyncio.sleep(0.2)
+    if args.json:
+        _print_json(model)
+    if model["state"] == "READY":
+        return EXIT_OK
+    err = model.get("last_error") or {}
+    if not args.json:
+        print(f"{args.model} did not become READY: {err.get('code')}: {err.get('message')}", file=sys.stderr)
+    return EXIT_FAILED
+
+
+async def _unload(client: SupervisorClient, args: argparse.Namespace) -> int:
+    detail = await client.unload(args.model)
+    _print_json(detail) if args.json else print(f"{args.model}: {detail['state']}")
+    return EXIT_OK
+
+
+def _import_gguf(args: argparse.Namespace) -> int:
+    # mlx is imported here, in the lmxctl process, never in the daemon.
+    from worker.gguf import GgufImportError, import_gguf
+
+    try:
+        summary = import_gguf(args.gguf, args.dest)
+    except GgufImportError as exc:
+        _print_json({"error": {"code": "IMPORT_FAILED", "message": str(exc)}}) if args.json else print(
+            f"import-gguf: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    _print_json(summary) if args.json else print(f"wrote {summary['dest']}")
+    return EXIT_OK
+
+
+COMMANDS = {"status": _status, "generate": _generate, "load": _load, "unload": _unload}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lmxctl", description="Operate lmx-supervisor.")
+    p.add_argument("--state-dir", help="supervisor state dir (default: LMX_STATE_DIR or platform)")
+    p.add_argument("--endpoint", help="control endpoint URL (overrides --state-dir)")
+    p.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds")
+    json_flag = argparse.ArgumentParser(add_help=False)
+    json_flag.add_argument("--json", action="store_true", help="machine-readable output")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("status", parents=[json_flag], help="supervisor and per-model state")
+    g = sub.add_parser("generate", parents=[json_flag], help="stream a generation")
+    g.add_argument("model")
+    g.add_argument("prompt")
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--chat", action="store_true", help="send the prompt through the chat template")
+    for name in ("load", "unload"):
+        c = sub.add_parser(name, parents=[json_flag], help=f"{name} a model")
+        c.add_argument("model")
+        if name == "load":
+            c.add_argument("--no-wait", action="store_true", help="return once the load has started")
+    i = sub.add_parser("import-gguf", parents=[json_flag], help="write an MLX snapshot from a llama GGUF")
+    i.add_argument("gguf")
+    i.add_argument("dest")
+    return p
+
+
+async def _run(args: argparse.Namespace) -> int:
+    client = SupervisorClient(args.endpoint, state_dir=args.state_dir, timeout_s=args.timeout)
+    try:
+        return await COMMANDS[args.command](client, args)
+    finally:
+        await client.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "import-gguf":
+        return _import_gguf(args)
+    try:
+        return asyncio.run(_run(args))
+    except E.LmxError as exc:
+        if getattr(args, "json", False):
+            _print_json(_error_obj(exc))
+        else:
+            print(f"lmxctl: {exc.code.code}: {exc.message}", file=sys.stderr)
+        return EXIT_UNREACHABLE if exc.code is E.ErrorCode.SUPERVISOR_UNAVAILABLE else EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

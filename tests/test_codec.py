@@ -1,0 +1,132 @@
+"""The wire: every message round-trips, bad frames are typed BAD_REQUESTs, errors cross intact."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import msgpack
+import pytest
+
+from protocol import codec
+from protocol import errors as E
+from protocol import messages as M
+
+SAMPLES = [
+    M.StatusRequest("r1"),
+    M.StatusReply("r1", {"pid": 1}, [{"id": "a", "state": "READY"}]),
+    M.GenerateRequest("r2", "m", prompt="hi", max_tokens=5, temperature=0.7, top_p=0.9, seed=3,
+                      stop=["\n"], timeout_s=2.5),
+    M.GenerateRequest("r3", "m", messages=[{"role": "user", "content": "héllo"}]),
+    M.Chunk("r2", "tok", 1),
+    M.Final("r2", "text", "stop", {"prompt_tokens": 3, "completion_tokens": 2}, {"total_s": 0.1}),
+    M.Cancel("r2"),
+    M.Error("r2", "WORKER_CRASHED", "died", {"signal": "SIGKILL"}),
+    M.LoadRequest("r4", "m"),
+    M.UnloadRequest("r5", "m"),
+    M.Ack("r4", {"state": "ADMITTING"}),
+    M.Hello("tok", 123, "m", {"python": "3.11"}),
+    M.Init("m", "abc", "/p", 1.0, 60.0, 0),
+    M.Ready("abc", 0.5, {"rss_bytes": 1}),
+    M.Heartbeat(7, "decode", {"rss_bytes": 2}),
+    M.Shutdown("bye"),
+]
+ALL_TABLES = [M.TO_SUPERVISOR_FROM_CLIENT, M.TO_CLIENT, M.TO_WORKER, M.TO_SUPERVISOR_FROM_WORKER]
+
+
+@pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: m.TAG)
+def test_every_message_round_trips_in_each_direction_it_may_travel(msg: M.Message) -> None:
+    tables = [t for t in ALL_TABLES if t.get(msg.TAG) is type(msg)]
+    assert tables, f"{msg.TAG} travels in no direction"
+    for table in tables:
+        assert codec.decode(codec.encode(msg), table) == msg
+
+
+def test_every_message_class_is_sampled() -> None:
+    classes = {c for t in ALL_TABLES for c in t.values()}
+    assert classes == {type(m) for m in SAMPLES}
+
+
+def test_first_frame_names_protocol_and_version() -> None:
+    frames = codec.encode(M.StatusRequest("r"))
+    assert frames[0] == b"LMX/1"
+
+
+def test_other_protocol_version_is_a_typed_mismatch() -> None:
+    frames = codec.encode(M.StatusRequest("r"))
+    with pytest.raises(codec.ProtocolMismatch) as info:
+        codec.decode([b"LMX/2", frames[1]], M.TO_SUPERVISOR_FROM_CLIENT)
+    assert info.value.code is E.ErrorCode.BAD_REQUEST
+    assert info.value.details == {"expected": "LMX/1", "got": "LMX/2"}
+
+
+@pytest.mark.parametrize(
+    "frames, fragment",
+    [
+        ([b"LMX/1"], "expected 2 frames"),
+        ([b"LMX/1", b"\xc1"], "malformed msgpack"),
+        ([b"LMX/1", msgpack.packb({"t": 1})], "body must be [tag, fields]"),
+        ([b"LMX/1", msgpack.packb(["nope", {}])], "unknown or misdirected"),
+        ([b"LMX/1", msgpack.packb(["init", {}])], "unknown or misdirected"),  # worker-bound op
+        ([b"LMX/1", msgpack.packb(["status", {}])], "missing field 'request_id'"),
+        ([b"LMX/1", msgpack.packb(["status", {"request_id": 5}])], "field 'request_id' has type int"),
+        ([b"LMX/1", msgpack.packb(["status", {"request_id": "r", "x": 1}])], "unknown field"),
+        ([b"LMX/1", msgpack.packb(["generate", {"request_id": "r", "model": "m", "max_tokens": True}])],
+         "field 'max_tokens' has type bool"),
+        ([b"LMX/1", msgpack.packb(["generate", {"request_id": "r", "model": "m", "stop": ["a", 1]}])],
+         "field 'stop'"),
+    ],
+)
+def test_bad_frames_are_bad_requests(frames: list[bytes], fragment: str) -> None:
+    with pytest.raises(E.BadRequest) as info:
+        codec.decode(frames, M.TO_SUPERVISOR_FROM_CLIENT)
+    assert fragment in info.value.message
+
+
+def test_oversized_body_is_refused() -> None:
+    body = msgpack.packb(["status", {"request_id": "x" * (codec.MAX_FRAME_BYTES + 1)}])
+    with pytest.raises(E.BadRequest, match="exceeds"):
+        codec.decode([codec.PROTOCOL, body], M.TO_SUPERVISOR_FROM_CLIENT)
+
+
+def test_float_fields_accept_integers_but_int_fields_refuse_floats() -> None:
+    ok = msgpack.packb(["generate", {"request_id": "r", "model": "m", "prompt": "p", "temperature": 1}])
+    assert codec.decode([codec.PROTOCOL, ok], M.TO_SUPERVISOR_FROM_CLIENT).temperature == 1
+    bad = msgpack.packb(["generate", {"request_id": "r", "model": "m", "max_tokens": 1.5}])
+    with pytest.raises(E.BadRequest):
+        codec.decode([codec.PROTOCOL, bad], M.TO_SUPERVISOR_FROM_CLIENT)
+
+
+def test_error_table_matches_the_brief() -> None:
+    expected = {
+        "BAD_REQUEST": (False, 400), "UNAUTHORIZED": (False, 401), "UNKNOWN_MODEL": (False, 404),
+        "SNAPSHOT_NOT_FOUND": (False, 424), "SNAPSHOT_INCOMPLETE": (False, 424),
+        "SNAPSHOT_CORRUPT": (False, 424), "CONFIG_INVALID": (False, 424),
+        "UNSUPPORTED_ARCHITECTURE": (False, 422), "COMPAT_KNOWN_BAD": (False, 422),
+        "INSUFFICIENT_MEMORY": (True, 507), "LOAD_FAILED": (True, 503), "LOAD_TIMEOUT": (True, 503),
+        "CANARY_FAILED": (True, 503), "CANARY_TIMEOUT": (True, 503), "MODEL_NOT_READY": (True, 503),
+        "MODEL_QUARANTINED": (False, 503), "WORKER_CRASHED": (True, 502), "WORKER_OOM": (True, 507),
+        "WORKER_HUNG": (True, 504), "REQUEST_TIMEOUT": (True, 504), "CANCELLED": (False, 499),
+        "OVERLOADED": (True, 429), "SHUTTING_DOWN": (True, 503), "INTERNAL": (False, 500),
+        "SUPERVISOR_UNAVAILABLE": (True, 503),
+    }
+    assert {c.code: (c.retryable, c.http_status) for c in E.ErrorCode} == expected
+
+
+@pytest.mark.parametrize("code", list(E.ErrorCode), ids=lambda c: c.code)
+def test_each_code_has_an_exception_that_survives_the_wire(code: E.ErrorCode) -> None:
+    exc = E.error_class(code)("boom", retry_after_s=1.5)
+    wire = M.Error.from_exc("r", exc)
+    back = codec.decode(codec.encode(wire), M.TO_CLIENT)
+    again = back.to_exc()
+    assert type(again) is type(exc)
+    assert (again.code, again.message, again.retry_after_s) == (code, "boom", 1.5)
+    assert again.retryable == code.retryable and again.http_status == code.http_status
+
+
+def test_unknown_code_from_a_newer_peer_becomes_internal() -> None:
+    assert isinstance(E.LmxError.from_wire("SOMETHING_NEW", "x"), E.InternalError)
+
+
+def test_message_fields_are_plain_data() -> None:
+    for msg in SAMPLES:
+        assert set(msg.to_wire()) == {f.name for f in dataclasses.fields(msg)}

@@ -1,0 +1,1 @@
+"""The worker subprocess: the only package that imports mlx."""

@@ -1,0 +1,114 @@
+"""The worker's life: handshake (HELLO -> INIT -> READY), load, then serve requests one at a time."""
+
+from __future__ import annotations
+
+import os
+import queue
+import sys
+import time
+import traceback
+
+from protocol.errors import ErrorCode
+from protocol.messages import (
+    Cancel, Chunk, Error, Final, GenerateRequest, Hello, Init, Ready, Shutdown,
+)
+from worker.channel import Channel, Progress
+from worker.log import log
+
+EXIT_LOAD_FAILED = 4
+EXIT_HANDSHAKE = 5
+INIT_TIMEOUT_S = 60.0
+
+
+def _apply_memory_limit(limit_bytes: int) -> None:
+    """An address-space cap, set before mlx is imported so its allocations live under it."""
+    if limit_bytes <= 0 or sys.platform != "linux":
+        return
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
+    log("worker.memory_limit", limit_bytes=limit_bytes)
+
+
+def _wait_init(channel: Channel) -> Init:
+    deadline = time.monotonic() + INIT_TIMEOUT_S
+    while True:
+        try:
+            msg = channel.inbox.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            log("worker.handshake_timeout", level="error", timeout_s=INIT_TIMEOUT_S)
+            raise SystemExit(EXIT_HANDSHAKE) from None
+        if isinstance(msg, Init):
+            return msg
+        if isinstance(msg, Shutdown):
+            raise SystemExit(0)
+        log("worker.unexpected_message", level="warning", type=msg.TAG)
+
+
+def _serve(channel: Channel, engine, progress: Progress) -> int:
+    from worker.engine import Cancelled
+
+    while True:
+        msg = channel.inbox.get()
+        if isinstance(msg, Shutdown):
+            log("worker.shutdown", reason=msg.reason)
+            return 0
+        if isinstance(msg, Cancel):
+            continue  # already flagged by the IO thread; a cancel for a finished request is moot
+        if not isinstance(msg, GenerateRequest):
+            continue
+        rid = msg.request_id
+
+        def emit(text: str, tokens: int, rid: str = rid) -> None:
+            channel.send(Chunk(rid, text, tokens))
+
+        try:
+            out = engine.generate(msg, emit)
+        except Cancelled:
+            channel.send(Error(rid, ErrorCode.CANCELLED.code, "cancelled by client"))
+        except Exception as exc:  # a request-level failure: report it, keep serving
+            log("worker.generate_failed", level="error", request_id=rid, error=repr(exc),
+                traceback=traceback.format_exc(limit=5))
+            channel.send(Error(rid, ErrorCode.INTERNAL.code, f"generation failed: {exc!r}"))
+        else:
+            usage = {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens}
+            channel.send(Final(rid, out.text, out.finish_reason, usage, out.timings))
+        finally:
+            progress.cancelled.discard(rid)
+            progress.phase = "idle"
+
+
+def main() -> int:
+    endpoint = os.environ["LMX_WORKER_ENDPOINT"]
+    token = os.environ["LMX_WORKER_TOKEN"]
+    model_id = os.environ.get("LMX_MODEL_ID", "?")
+    death_fd = int(os.environ["LMX_DEATH_FD"]) if os.environ.get("LMX_DEATH_FD") else None
+    progress = Progress()
+    channel = Channel(endpoint, token, death_fd, progress)
+    channel.start(Hello(token, os.getpid(), model_id, {"python": sys.version.split()[0]}))
+    init = _wait_init(channel)
+    channel.heartbeat_interval_s = init.heartbeat_interval_s
+    channel.orphan_grace_s = init.orphan_grace_s
+    _apply_memory_limit(init.memory_limit_bytes)
+    progress.phase = "loading"
+    try:
+        from worker.engine import Engine
+
+        engine = Engine(progress)
+        log("worker.loading", path=init.path, revision=init.revision, **engine.versions())
+        load_s = engine.load(init.path)
+    except Exception as exc:
+        log("worker.load_failed", level="error", error=repr(exc), traceback=traceback.format_exc(limit=8))
+        channel.send(Error(None, ErrorCode.LOAD_FAILED.code, f"load failed: {exc!r}"))
+        _flush_and_exit(EXIT_LOAD_FAILED)
+    progress.memory = engine.memory
+    progress.phase = "idle"
+    log("worker.loaded", revision=init.revision, load_s=round(load_s, 3))
+    channel.send(Ready(init.revision, load_s, engine.memory()))
+    return _serve(channel, engine, progress)
+
+
+def _flush_and_exit(code: int) -> None:
+    # Give the IO thread a moment to put the error on the wire before the process ends.
+    time.sleep(0.2)
+    raise SystemExit(code)
