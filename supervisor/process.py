@@ -16,10 +16,6 @@ from supervisor import logs
 from supervisor.config import ModelConfig
 
 STDERR_TAIL_LINES = 200
-# Exit statuses the worker uses on purpose (worker/main.py, worker/channel.py).
-EXIT_ORPHANED = 3
-EXIT_LOAD_FAILED = 4
-EXIT_HANDSHAKE = 5
 
 
 def describe_exit(returncode: int) -> dict[str, Any]:

@@ -18,7 +18,8 @@ from protocol.messages import (
 from supervisor import logs, policy, states
 from supervisor.config import Config, ModelConfig
 from supervisor.hub import WorkerHub
-from supervisor.process import EXIT_LOAD_FAILED, WorkerProcess, describe_exit
+from protocol.exitcodes import WorkerExit
+from supervisor.process import WorkerProcess, describe_exit
 from supervisor.states import ModelState as S
 
 Sink = Callable[[Message], None]
@@ -248,7 +249,7 @@ class ModelRuntime:
 
     def _classify_exit(self, process: WorkerProcess, rc: int) -> E.LmxError:
         how = describe_exit(rc)
-        if rc == EXIT_LOAD_FAILED:
+        if rc == WorkerExit.LOAD_FAILED:
             last = next((l for l in reversed(process.stderr_tail) if "load_failed" in l), "")
             return E.LoadFailed(f"worker failed to load the snapshot {last[-300:]}".strip(), **how)
         what = f"signal {how['signal']}" if how["signal"] else f"exit code {how['exit_code']}"

@@ -11,11 +11,10 @@ from typing import Callable
 import zmq
 
 from protocol import codec
+from protocol.exitcodes import WorkerExit
 from protocol.messages import TO_WORKER, Cancel, Heartbeat, Message
 from worker.log import log
 
-# How the worker ends when its supervisor is gone for longer than orphan_grace_s.
-EXIT_ORPHANED = 3
 
 
 class Progress:
@@ -72,6 +71,13 @@ class Channel:
         return sock
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:
+            log("worker.io_failed", level="error", error=repr(exc))
+            os._exit(WorkerExit.IO_FAILED)
+
+    def _loop(self) -> None:
         sock = self._socket()
         self._send(sock, self._first)
         poller = zmq.Poller()
@@ -95,7 +101,7 @@ class Channel:
                 next_beat = now + self.heartbeat_interval_s
             if self._orphaned_at is not None and now - self._orphaned_at > self.orphan_grace_s:
                 log("worker.orphan_exit", grace_s=self.orphan_grace_s)
-                os._exit(EXIT_ORPHANED)
+                os._exit(WorkerExit.ORPHANED)
 
     def _receive(self, sock: zmq.Socket) -> None:
         frames = sock.recv_multipart()

@@ -9,14 +9,13 @@ import time
 import traceback
 
 from protocol.errors import ErrorCode
+from protocol.exitcodes import WorkerExit
 from protocol.messages import (
     Cancel, Chunk, Error, Final, GenerateRequest, Hello, Init, Ready, Shutdown,
 )
 from worker.channel import Channel, Progress
 from worker.log import log
 
-EXIT_LOAD_FAILED = 4
-EXIT_HANDSHAKE = 5
 INIT_TIMEOUT_S = 60.0
 
 
@@ -37,7 +36,7 @@ def _wait_init(channel: Channel) -> Init:
             msg = channel.inbox.get(timeout=max(0.0, deadline - time.monotonic()))
         except queue.Empty:
             log("worker.handshake_timeout", level="error", timeout_s=INIT_TIMEOUT_S)
-            raise SystemExit(EXIT_HANDSHAKE) from None
+            raise SystemExit(WorkerExit.HANDSHAKE) from None
         if isinstance(msg, Init):
             return msg
         if isinstance(msg, Shutdown):
@@ -100,7 +99,7 @@ def main() -> int:
     except Exception as exc:
         log("worker.load_failed", level="error", error=repr(exc), traceback=traceback.format_exc(limit=8))
         channel.send(Error(None, ErrorCode.LOAD_FAILED.code, f"load failed: {exc!r}"))
-        _flush_and_exit(EXIT_LOAD_FAILED)
+        _flush_and_exit(WorkerExit.LOAD_FAILED)
     progress.memory = engine.memory
     progress.phase = "idle"
     log("worker.loaded", revision=init.revision, load_s=round(load_s, 3))

@@ -1,0 +1,30 @@
+"""The real model: SmolLM2-135M-Instruct imported from its GGUF, served through the supervisor."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.harness import REPO
+
+PARIS_CANARY = {"prompt": "What is the capital of France?", "expect": "Paris", "max_tokens": 16,
+                "timeout_s": 120.0}
+
+
+def test_smollm2_passes_its_canary_and_answers_paris_through_lmxctl(make_supervisor, smollm2_model: Path) -> None:
+    sup = make_supervisor([{"id": "smollm2", "path": str(smollm2_model), "canary": PARIS_CANARY}])
+    sup.start(timeout_s=180)
+    canary = sup.events("model.canary_passed")[0]
+    assert "Paris" in canary["text"]
+    out = subprocess.run(
+        [sys.executable, "-m", "supervisor.ctl", "--state-dir", str(sup.state_dir), "generate", "smollm2",
+         "What is the capital of France?", "--chat", "--max-tokens", "16", "--json"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    body = json.loads(out.stdout)
+    assert "Paris" in body["text"]
+    assert body["finish_reason"] == "stop"  # it ends its answer with <|im_end|>
+    assert body["usage"]["completion_tokens"] >= 5
