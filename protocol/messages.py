@@ -126,6 +126,38 @@ class Ack(Message):
     detail: dict = field(default_factory=dict)
 
 
+ADMIN_OPS = ("release", "rollback", "reload")
+
+
+@dataclass
+class AdminRequest(Message):
+    """release MODEL | rollback MODEL [revision] | reload (re-read the config, like SIGHUP)."""
+
+    TAG: ClassVar[str] = "admin"
+    request_id: str
+    op: str
+    model: Optional[str] = None
+    revision: Optional[str] = None
+
+
+@dataclass
+class HistoryRequest(Message):
+    TAG: ClassVar[str] = "history"
+    request_id: str
+    model: str
+    limit: int = 50
+
+
+@dataclass
+class HistoryReply(Message):
+    """Crash records, newest first."""
+
+    TAG: ClassVar[str] = "history_reply"
+    request_id: str
+    model: str
+    records: list[dict]
+
+
 # --- supervisor <-> worker -----------------------------------------------------------------
 
 
@@ -236,7 +268,8 @@ def _tags(*classes: type[Message]) -> dict[str, type[Message]]:
 
 
 # One table per direction: a message that may not travel that way is a BAD_REQUEST.
-TO_SUPERVISOR_FROM_CLIENT = _tags(StatusRequest, GenerateRequest, Cancel, LoadRequest, UnloadRequest)
-TO_CLIENT = _tags(StatusReply, Chunk, Final, Error, Ack)
+TO_SUPERVISOR_FROM_CLIENT = _tags(StatusRequest, GenerateRequest, Cancel, LoadRequest, UnloadRequest,
+                                  AdminRequest, HistoryRequest)
+TO_CLIENT = _tags(StatusReply, Chunk, Final, Error, Ack, HistoryReply)
 TO_WORKER = _tags(Init, GenerateRequest, Cancel, Shutdown)
 TO_SUPERVISOR_FROM_WORKER = _tags(Hello, Ready, Heartbeat, Chunk, Final, Error)

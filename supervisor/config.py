@@ -32,6 +32,9 @@ class SupervisorSettings:
     drain_grace_s: float = 30.0
     stop_timeout_s: float = 5.0
     load_timeout_s: float = 300.0
+    # This many starts within the window without a clean shutdown: start in safe mode.
+    crash_loop_starts: int = 5
+    crash_loop_window_s: float = 300.0
 
 
 @dataclass(frozen=True)

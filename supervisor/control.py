@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import zmq
 import zmq.asyncio
@@ -13,9 +13,10 @@ import zmq.asyncio
 from protocol import codec
 from protocol import errors as E
 from protocol.messages import (
-    TO_SUPERVISOR_FROM_CLIENT, Ack, Cancel, Chunk, Error, Final, GenerateRequest, LoadRequest, Message,
-    StatusReply, StatusRequest, UnloadRequest,
+    TO_SUPERVISOR_FROM_CLIENT, Ack, AdminRequest, Cancel, Chunk, Error, Final, GenerateRequest,
+    HistoryReply, HistoryRequest, LoadRequest, Message, StatusReply, StatusRequest, UnloadRequest,
 )
+from supervisor import config as cfg_mod
 from supervisor import logs
 from supervisor.runtime import ModelRuntime
 
@@ -30,6 +31,7 @@ class ControlServer:
         socket_path: Path,
         models: dict[str, ModelRuntime],
         status: Callable[[], dict[str, Any]],
+        reload: Callable[[], Awaitable[dict[str, Any]]],
     ) -> None:
         self._sock = ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -39,6 +41,7 @@ class ControlServer:
         os.chmod(socket_path, 0o600)
         self._models = models
         self._status = status
+        self._reload = reload
         # (client identity, client request id) -> (runtime, worker-side request id)
         self._routes: dict[tuple[bytes, str], tuple[ModelRuntime, str]] = {}
         self.draining = False
@@ -99,11 +102,37 @@ class ControlServer:
             runtime = self._runtime(msg.model)
             if self.draining:
                 raise E.ShuttingDown("supervisor is shutting down")
-            started = runtime.start("operator load")
+            started = runtime.start("operator load", wanted=True)
             self.send(identity, Ack(msg.request_id, {"state": runtime.state.value, "started": started}))
         elif isinstance(msg, UnloadRequest):
             runtime = self._runtime(msg.model)
             self._background(self._unload(identity, msg.request_id, runtime))
+        elif isinstance(msg, HistoryRequest):
+            runtime = self._runtime(msg.model)
+            records = runtime.store.crashes(msg.model, max(1, min(msg.limit, 500)))
+            self.send(identity, HistoryReply(msg.request_id, msg.model, records))
+        elif isinstance(msg, AdminRequest):
+            self._background(self._admin(identity, msg))
+
+    async def _admin(self, identity: bytes, msg: AdminRequest) -> None:
+        try:
+            if msg.op == "reload":
+                detail = await self._reload()
+            elif msg.op in ("release", "rollback"):
+                runtime = self._runtime(msg.model or "")
+                if msg.op == "release":
+                    detail = {"state": await runtime.release()}
+                else:
+                    state = await runtime.rollback(msg.revision, "operator rollback")
+                    detail = {"state": state, "revision": runtime.running.revision}
+            else:
+                raise E.BadRequest(f"unknown admin op {msg.op[:32]!r}")
+            self.log.info("admin.done", op=msg.op, model=msg.model, **detail)
+            self.send(identity, Ack(msg.request_id, detail))
+        except cfg_mod.ConfigError as exc:
+            self.send(identity, Error.from_exc(msg.request_id, E.ConfigInvalid(str(exc), key=exc.key)))
+        except E.LmxError as exc:
+            self.send(identity, Error.from_exc(msg.request_id, exc))
 
     def _generate(self, identity: bytes, req: GenerateRequest) -> None:
         if self.draining:

@@ -18,10 +18,12 @@ import zmq.asyncio
 import supervisor
 from protocol import endpoint as ep
 from supervisor import logs
+from supervisor import config as cfg_mod
 from supervisor.config import Config
 from supervisor.control import ControlServer
 from supervisor.hub import WorkerHub
 from supervisor.runtime import ModelRuntime
+from supervisor.store import Store
 
 LOCK_FILE = "supervisor.lock"
 
@@ -64,14 +66,28 @@ class Supervisor:
         self.log = logs.get()
         self._stop = asyncio.Event()
         self._signal: str | None = None
+        self.store = Store(state_dir)
+        self.boot_id = self.store.boot()
+        sup = config.supervisor
+        unclean = self.store.unclean_boots_since(time.time() - sup.crash_loop_window_s)
+        # Started this often without a clean shutdown: something at start kills us. Serve status
+        # and admin ops, but start no model by ourselves until an operator loads one.
+        self.safe_mode = unclean + 1 >= sup.crash_loop_starts
         self.ctx = zmq.asyncio.Context()
         self.hub = WorkerHub(self.ctx, ep.worker_endpoint(state_dir), state_dir / ep.WORKER_SOCKET)
-        self.models = {
-            m.id: ModelRuntime(m, config, self.hub, ep.worker_endpoint(state_dir)) for m in config.models
-        }
+        self.models = {m.id: self._runtime(m) for m in config.models}
         self.control = ControlServer(
-            self.ctx, ep.control_endpoint(state_dir), state_dir / ep.CONTROL_SOCKET, self.models, self.status
+            self.ctx, ep.control_endpoint(state_dir), state_dir / ep.CONTROL_SOCKET, self.models, self.status,
+            self.reload,
         )
+
+    def _runtime(self, model: cfg_mod.ModelConfig) -> ModelRuntime:
+        return ModelRuntime(model, self.config, self.hub, ep.worker_endpoint(self.state_dir), self.store)
+
+    def _autostart(self, rt: ModelRuntime, reason: str) -> None:
+        wanted = rt.wanted()
+        if wanted or (wanted is None and rt.cfg.autoload):
+            rt.start(reason)
 
     def status(self) -> dict[str, Any]:
         proc = psutil.Process()
@@ -87,6 +103,7 @@ class Supervisor:
                 "state_dir": str(self.state_dir),
                 "config": self.config.source,
                 "draining": self.control.draining,
+                "safe_mode": self.safe_mode,
             },
             "models": [rt.status() for rt in self.models.values()],
         }
@@ -100,16 +117,53 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig.name)
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self._reload_logged()))
         self.hub.start()
         self.control.start()
         self.log.info("supervisor.started", pid=os.getpid(), version=supervisor.__version__,
-                      state_dir=str(self.state_dir), models=list(self.models))
-        for rt in self.models.values():
-            if rt.cfg.autoload:
-                rt.start("autoload")
+                      state_dir=str(self.state_dir), models=list(self.models), safe_mode=self.safe_mode)
+        if self.safe_mode:
+            self.log.error("supervisor.safe_mode", reason="crash loop: too many starts without a clean "
+                           "shutdown", starts=self.config.supervisor.crash_loop_starts,
+                           window_s=self.config.supervisor.crash_loop_window_s)
+        else:
+            for rt in self.models.values():
+                self._autostart(rt, "autoload")
         await self._stop.wait()
         await self.shutdown(self._signal or "stop")
         return 0
+
+    async def _reload_logged(self) -> None:
+        try:
+            await self.reload()
+        except cfg_mod.ConfigError as exc:
+            self.log.error("config.reload_refused", file=exc.file, key=exc.key, problem=exc.problem)
+
+    async def reload(self) -> dict[str, Any]:
+        """Re-read the config: added models start, removed ones stop, changed ones restart on their
+        new revision (which also lifts a quarantine). A broken file changes nothing."""
+        new = cfg_mod.load(self.config.source)
+        old_ids, new_ids = set(self.models), {m.id for m in new.models}
+        changed = [m for m in new.models if m.id in old_ids and m.revision != self.models[m.id].cfg.revision]
+        self.config = new
+        for rt in self.models.values():
+            rt.config = new
+        for model_id in old_ids - new_ids:
+            await self.models.pop(model_id).stop("removed from config")
+        for m in changed:
+            rt = self.models[m.id]
+            await rt.stop("config changed", remember=False)
+            self.store.set_quarantine(m.id, None)
+            self.models[m.id] = self._runtime(m)
+            self._autostart(self.models[m.id], "config changed")
+        for m in new.models:
+            if m.id not in old_ids:
+                self.models[m.id] = self._runtime(m)
+                self._autostart(self.models[m.id], "added to config")
+        summary = {"added": sorted(new_ids - old_ids), "removed": sorted(old_ids - new_ids),
+                   "changed": sorted(m.id for m in changed)}
+        self.log.info("config.reloaded", **summary)
+        return summary
 
     async def shutdown(self, reason: str) -> None:
         """Stop taking work, let in-flight generations finish (drain_grace_s), stop every worker."""
@@ -120,4 +174,6 @@ class Supervisor:
         self.control.close()
         self.hub.close()
         self.ctx.term()
+        self.store.clean_shutdown(self.boot_id)
+        self.store.close()
         self.log.info("supervisor.stopped", reason=reason)

@@ -1,38 +1,29 @@
-"""One model's life in the supervisor: its state, its worker, its request queue and its canary."""
+"""One model's life in the supervisor: its state, its worker, its failures, its canary."""
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import itertools
-import os
 import secrets
+import signal
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from protocol import errors as E
 from protocol.messages import (
-    Cancel, Chunk, Error, Final, GenerateRequest, Heartbeat, Hello, Init, Message, Ready, Shutdown,
+    Chunk, Error, Final, GenerateRequest, Heartbeat, Hello, Init, Message, Ready, Shutdown,
 )
 from supervisor import logs, policy, states
+from supervisor.canary import run_canary
+from supervisor.classify import Verdict, classify
 from supervisor.config import Config, ModelConfig
 from supervisor.hub import WorkerHub
-from protocol.exitcodes import WorkerExit
-from supervisor.process import WorkerProcess, describe_exit
+from supervisor.process import WorkerProcess
+from supervisor.requests import RequestQueue, Sink
 from supervisor.states import ModelState as S
+from supervisor.store import Store
 
-Sink = Callable[[Message], None]
-MAX_QUEUE = 64
 HELLO_TIMEOUT_S = 60.0
-
-
-@dataclass
-class Pending:
-    wrid: str
-    req: GenerateRequest
-    sink: Sink
-    timer: asyncio.TimerHandle | None = None
 
 
 @dataclass
@@ -40,25 +31,26 @@ class Worker:
     """What the supervisor knows about one live worker process."""
 
     process: WorkerProcess
-    revision: str
+    cfg: ModelConfig
     hello: asyncio.Future
     ready: asyncio.Future
     last_heartbeat: float = field(default_factory=time.monotonic)
     progress: int = 0
+    progress_at: float = field(default_factory=time.monotonic)
     phase: str = "starting"
     memory: dict = field(default_factory=dict)
     stopping: bool = False
-    kill_error: E.LmxError | None = None
-
-
-def _discard(_: Message) -> None:
-    pass
+    killed_for: tuple[E.ErrorCode, str] | None = None
+    death: Verdict | None = None
 
 
 class ModelRuntime:
-    def __init__(self, model: ModelConfig, config: Config, hub: WorkerHub, worker_endpoint: str) -> None:
-        self.cfg = model
+    def __init__(self, model: ModelConfig, config: Config, hub: WorkerHub, worker_endpoint: str,
+                 store: Store) -> None:
+        self.cfg = model  # the configured section
+        self.running = model  # the section that runs (differs after a rollback)
         self.config = config
+        self.store = store
         self.state = S.UNLOADED
         self.worker: Worker | None = None
         self.restarts = 0
@@ -66,20 +58,44 @@ class ModelRuntime:
         self.last_error: E.LmxError | None = None
         self.retry_at: float | None = None
         self.ready_since: float | None = None
+        self.requests = RequestQueue(model.id, self._send_to_worker)
         self._hub = hub
         self._endpoint = worker_endpoint
-        self._ids = itertools.count(1)
-        self._active: Pending | None = None
-        self._queue: collections.deque[Pending] = collections.deque()
         self._task: asyncio.Task | None = None
         self._watch: asyncio.Task | None = None
+        self._stable: asyncio.TimerHandle | None = None
         self.log = logs.get(model=model.id)
+        self._restore()
 
     # --- state ---------------------------------------------------------------------------------
 
     def _to(self, to: S, reason: str, **fields: Any) -> None:
         pid = self.worker.process.pid if self.worker else None
-        self.state = states.apply(self.state, to, reason, self.log.info, worker_pid=pid, **fields)
+        self.state = states.apply(self.state, to, reason, self.log.info, worker_pid=pid,
+                                  revision=self.running.revision, **fields)
+
+    def _restore(self) -> None:
+        """Pick up what the store remembers: quarantine, and the revision that was running."""
+        self.store.remember_revision(self.cfg)
+        flags = self.store.model_flags(self.cfg.id)
+        if flags["configured_revision"] != self.cfg.revision:
+            if flags["quarantined"]:
+                self.log.info("model.quarantine_cleared", reason="config changed")
+                self.store.set_quarantine(self.cfg.id, None)
+            return
+        if flags["running_revision"] and flags["running_revision"] != self.cfg.revision:
+            self.running = self.store.revision(self.cfg.id, flags["running_revision"]) or self.cfg
+        if flags["quarantined"]:
+            self.state = S.QUARANTINED
+            q = flags["quarantine"] or {}
+            self.last_error = E.ModelQuarantined(q.get("message", "quarantined"), **q)
+            self.log.warning("model.restored", state="QUARANTINED", **q)
+
+    def wanted(self) -> bool | None:
+        return self.store.model_flags(self.cfg.id)["wanted"]
+
+    def _remember(self, wanted: bool | None) -> None:
+        self.store.set_wanted(self.cfg.id, wanted, self.running.revision, self.cfg.revision)
 
     def retry_after_s(self) -> float:
         if self.retry_at is not None:
@@ -88,19 +104,25 @@ class ModelRuntime:
 
     # --- lifecycle -----------------------------------------------------------------------------
 
-    def start(self, reason: str) -> bool:
+    def start(self, reason: str, wanted: bool | None = None) -> bool:
         """Begin bringing the model to READY; False when it is already on its way or there."""
         if self.state not in (S.UNLOADED, S.REJECTED):
             return False
+        self._remember(wanted if wanted is not None else self.wanted())
         self._to(S.ADMITTING, reason)
-        self._task = asyncio.get_running_loop().create_task(self._bring_up(), name=f"up-{self.cfg.id}")
+        self._spawn_task(self._bring_up())
         return True
 
+    def _spawn_task(self, coro: Any) -> None:
+        self._task = asyncio.get_running_loop().create_task(coro, name=f"model-{self.cfg.id}")
+
     def _admit(self) -> E.LmxError | None:
-        # The full admission gate (integrity, architecture, memory) belongs to issue 4; the
-        # cheapest refusal is here already so a typo'd path never spawns a worker.
-        if not os.path.isdir(self.cfg.path):
-            return E.SnapshotNotFound(f"model path {self.cfg.path} does not exist", path=self.cfg.path)
+        # The full admission gate (integrity, architecture, memory) is its own issue; the cheapest
+        # refusal is here already so a mistyped path never spawns a worker.
+        import os
+
+        if not os.path.isdir(self.running.path):
+            return E.SnapshotNotFound(f"model path {self.running.path} does not exist", path=self.running.path)
         return None
 
     async def _bring_up(self) -> None:
@@ -123,74 +145,98 @@ class ModelRuntime:
     async def _start_worker(self) -> None:
         loop = asyncio.get_running_loop()
         token = secrets.token_hex(16)
-        process = WorkerProcess(self.cfg, self._endpoint, token, loop, self._on_exit)
-        worker = Worker(process, self.cfg.revision, loop.create_future(), loop.create_future())
+        cfg = self.running
+        process = WorkerProcess(cfg, self._endpoint, token, loop, self._on_exit)
+        worker = Worker(process, cfg, loop.create_future(), loop.create_future())
         self.worker = worker
         self._hub.register(token, self)
         self._to(S.STARTING, "spawn")
         process.spawn()
-        self._watch = loop.create_task(self._watch_heartbeats(worker), name=f"hb-{self.cfg.id}")
+        self._watch = loop.create_task(self._watch_worker(worker), name=f"watch-{self.cfg.id}")
         sup = self.config.supervisor
         await self._await(worker.hello, HELLO_TIMEOUT_S, E.LoadTimeout("worker sent no hello"))
-        self._hub.send(token, Init(self.cfg.id, worker.revision, self.cfg.path, sup.heartbeat_interval_s,
-                                   sup.orphan_grace_s, self.cfg.memory_limit_bytes))
+        self._hub.send(token, Init(cfg.id, cfg.revision, cfg.path, sup.heartbeat_interval_s,
+                                   sup.orphan_grace_s, cfg.memory_limit_bytes))
         self._to(S.LOADING, "handshake done")
         await self._await(worker.ready, sup.load_timeout_s,
                           E.LoadTimeout(f"no ready within load_timeout_s={sup.load_timeout_s}"))
         self._to(S.CANARY, "weights loaded")
-        await self._canary()
-        self.consecutive_failures = 0
+        result = await run_canary(cfg.canary, self.requests, self.log)
         self.retry_at = None
         self.ready_since = time.monotonic()
-        self._to(S.READY, "canary passed")
+        self._to(S.READY, "canary passed", canary_tokens=result.usage.get("completion_tokens"))
+        self._stable = loop.call_later(self.config.restart.stable_after_s, self._on_stable, worker)
 
-    async def _await(self, fut: asyncio.Future, timeout_s: float, on_timeout: E.LmxError) -> Any:
+    def _on_stable(self, worker: Worker) -> None:
+        """READY for stable_after_s: the backoff resets and this revision is last-known-good."""
+        if self.worker is not worker or self.state is not S.READY:
+            return
+        self.consecutive_failures = 0
+        self.store.set_lkg(self.running)
+        self.log.info("model.stable", revision=self.running.revision, lkg=True)
+
+    @staticmethod
+    async def _await(fut: asyncio.Future, timeout_s: float, on_timeout: E.LmxError) -> Any:
         try:
             return await asyncio.wait_for(asyncio.shield(fut), timeout_s)
         except asyncio.TimeoutError:
             raise on_timeout from None
 
-    async def _canary(self) -> None:
-        c = self.cfg.canary
-        req = GenerateRequest("", self.cfg.id, messages=[{"role": "user", "content": c.prompt}],
-                              max_tokens=c.max_tokens, temperature=0.0)
-        fut: asyncio.Future = asyncio.get_running_loop().create_future()
-
-        def sink(msg: Message) -> None:
-            if isinstance(msg, (Final, Error)) and not fut.done():
-                fut.set_result(msg)
-
-        wrid = self._enqueue(req, sink)
-        try:
-            out = await asyncio.wait_for(asyncio.shield(fut), c.timeout_s)
-        except asyncio.TimeoutError:
-            self.cancel(wrid)
-            raise E.CanaryTimeout(f"canary produced no result within {c.timeout_s}s") from None
-        if isinstance(out, Error):
-            exc = out.to_exc()
-            if exc.code in (E.ErrorCode.WORKER_CRASHED, E.ErrorCode.WORKER_OOM, E.ErrorCode.WORKER_HUNG):
-                raise exc
-            raise E.CanaryFailed(f"canary failed: {exc.code.code}: {exc.message}")
-        tokens = out.usage.get("completion_tokens", 0)
-        if tokens < 1:
-            raise E.CanaryFailed("canary generated no tokens")
-        if c.expect is not None and c.expect not in out.text:
-            raise E.CanaryFailed(f"canary output lacks {c.expect!r}", output=out.text[:200])
-        self.log.info("model.canary_passed", tokens=tokens, text=out.text[:200],
-                      duration_s=out.timings.get("total_s"))
-
-    async def _failed(self, exc: E.LmxError) -> None:
-        """A start or a READY worker failed: stop what is left, fail its requests, back off."""
+    async def _failed(self, exc: E.LmxError, verdict: Verdict | None = None) -> None:
+        """A start or a READY worker failed: stop what is left, fail its requests, then let the
+        policy say restart (BACKOFF), roll back, or quarantine."""
         self.last_error = exc
         self.restarts += 1
         self.consecutive_failures += 1
-        self.log.warning("model.failed", code=exc.code.code, message=exc.message, **exc.details)
+        worker = self.worker
+        if verdict is None and worker is not None:
+            verdict = worker.death  # a death during start surfaced as the awaited future's error
+        phase = self.state.value
+        self.log.warning("model.failed", code=exc.code.code, message=exc.message, phase=phase, **exc.details)
         await self._stop_worker(f"failed: {exc.code.code}")
-        self._fail_requests(exc)
-        delay = policy.backoff_s(self.consecutive_failures, self.config.restart)
-        self.retry_at = time.monotonic() + delay
-        self._to(S.BACKOFF, exc.code.code, code=exc.code.code, retry_after_s=round(delay, 3))
-        self._task = asyncio.get_running_loop().create_task(self._restart_after(delay))
+        self.requests.fail_all(exc)
+        now = time.time()
+        victim = bool(verdict and verdict.victim)
+        self.store.add_failure(self.cfg.id, policy.Failure(now, self.running.revision, exc.code.code, not victim))
+        self.store.add_crash(self._crash_record(exc, verdict, worker, phase, now))
+        history = self.store.failures(self.cfg.id, now - self.config.restart.window_s)
+        lkg = self.store.model_flags(self.cfg.id)["lkg_revision"]
+        decision = policy.decide(history, now, self.config.restart, self.running.revision, lkg,
+                                 self.consecutive_failures)
+        self.retry_at = time.monotonic() + decision.delay_s
+        self._to(S.BACKOFF, exc.code.code, code=exc.code.code, retry_after_s=round(decision.delay_s, 3),
+                 failures_in_window=decision.failures_in_window)
+        if decision.action is policy.Action.QUARANTINE:
+            self._quarantine(exc, decision)
+        elif decision.action is policy.Action.ROLLBACK:
+            await self.rollback(decision.revision, f"{decision.failures_in_window} failures in window")
+        else:
+            self._spawn_task(self._restart_after(decision.delay_s))
+
+    def _crash_record(self, exc: E.LmxError, verdict: Verdict | None, worker: Worker | None,
+                      phase: str, now: float) -> dict[str, Any]:
+        active = self.requests.active
+        return {
+            "model": self.cfg.id, "revision": self.running.revision, "at": now, "code": exc.code.code,
+            "cause": verdict.cause if verdict else exc.message, "victim": bool(verdict and verdict.victim),
+            "signal": exc.details.get("signal"), "exit_code": exc.details.get("exit_code"), "phase": phase,
+            "request_id": active.req.request_id if active else None,
+            "worker_pid": worker.process.pid if worker else None,
+            "memory": worker.memory if worker else {},
+            "stderr_tail": list(worker.process.stderr_tail) if worker else [],
+        }
+
+    def _quarantine(self, exc: E.LmxError, decision: policy.Decision) -> None:
+        summary = {
+            "failures": decision.failures_in_window, "window_s": self.config.restart.window_s,
+            "last_code": exc.code.code, "revision": self.running.revision,
+            "message": f"{decision.failures_in_window} failures in {self.config.restart.window_s:.0f}s, "
+                       f"last {exc.code.code}: {exc.message}",
+        }
+        self.retry_at = None
+        self.store.set_quarantine(self.cfg.id, summary)
+        self.last_error = E.ModelQuarantined(summary["message"], **summary)
+        self._to(S.QUARANTINED, "too many failures", **{k: v for k, v in summary.items() if k != "message"})
 
     async def _restart_after(self, delay: float) -> None:
         await asyncio.sleep(delay)
@@ -198,23 +244,58 @@ class ModelRuntime:
             self.retry_at = None
             await self._bring_up()
 
-    async def stop(self, reason: str) -> None:
-        """Drain (bounded by drain_grace_s), then stop the worker: READY/... -> DRAINING -> UNLOADED."""
+    async def rollback(self, revision: str | None, reason: str) -> str:
+        """Run `revision` (default: last-known-good) instead of what runs now. From BACKOFF this is
+        the policy's automatic rollback; from any other state an operator's, which also lifts a
+        quarantine."""
+        target = revision or self.store.model_flags(self.cfg.id)["lkg_revision"]
+        cfg = self.store.revision(self.cfg.id, target) if target else None
+        if cfg is None:
+            raise E.BadRequest(f"model {self.cfg.id} has no known revision {target!r}")
+        if self.state is S.BACKOFF:
+            self.running = cfg
+            self._remember(self.wanted())
+            self._to(S.ROLLING_BACK, reason, target_revision=target, configured_revision=self.cfg.revision)
+            self._spawn_task(self._bring_up())
+            return self.state.value
+        await self.stop(f"operator rollback to {target}", remember=False)
+        self.store.set_quarantine(self.cfg.id, None)
+        self.running = cfg
+        self.start(f"operator rollback to {target}", wanted=True)
+        return self.state.value
+
+    async def release(self) -> str:
+        """Operator: leave QUARANTINED (or REJECTED) and try again on the configured revision."""
+        if self.state not in (S.QUARANTINED, S.REJECTED):
+            raise E.BadRequest(f"model {self.cfg.id} is {self.state.value}, not QUARANTINED or REJECTED")
+        self.store.set_quarantine(self.cfg.id, None)
+        self.store.clear_failures(self.cfg.id)
+        self.consecutive_failures = 0
+        self.running = self.cfg
+        self._remember(True)
+        self._to(S.ADMITTING, "operator release")
+        self._spawn_task(self._bring_up())
+        return self.state.value
+
+    async def stop(self, reason: str, remember: bool = True) -> None:
+        """Drain (bounded by drain_grace_s), then stop the worker: ... -> DRAINING -> UNLOADED."""
         if self._task and not self._task.done() and self._task is not asyncio.current_task():
             self._task.cancel()
+        if remember:
+            self._remember(False)
         if self.state in states.WORKER_STATES and self.state is not S.DRAINING:
             self._to(S.DRAINING, reason)
             await self._drain(self.config.supervisor.drain_grace_s)
             await self._stop_worker(reason)
-            self._fail_requests(E.ShuttingDown(f"model stopped: {reason}"))
+            self.requests.fail_all(E.ShuttingDown(f"model stopped: {reason}"))
             self._to(S.UNLOADED, reason)
-        elif self.state in (S.BACKOFF, S.ADMITTING, S.REJECTED):
+        elif self.state in (S.BACKOFF, S.ADMITTING, S.REJECTED, S.ROLLING_BACK, S.QUARANTINED):
             await self._stop_worker(reason)
             self._to(S.UNLOADED, reason)
 
     async def _drain(self, grace_s: float) -> None:
         deadline = time.monotonic() + grace_s
-        while (self._active or self._queue) and time.monotonic() < deadline:
+        while len(self.requests) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
 
     async def _stop_worker(self, reason: str) -> None:
@@ -222,8 +303,9 @@ class ModelRuntime:
         if worker is None:
             return
         worker.stopping = True
-        if self._watch:
-            self._watch.cancel()
+        for handle in (self._watch, self._stable):
+            if handle:
+                handle.cancel()
         token = worker.process.token
         await worker.process.stop(reason, self.config.supervisor.stop_timeout_s,
                                   ask=lambda: self._hub.send(token, Shutdown(reason)))
@@ -238,22 +320,18 @@ class ModelRuntime:
         worker = self.worker
         if worker is None or worker.process is not process or worker.stopping:
             return
-        exc = worker.kill_error or self._classify_exit(process, rc)
+        verdict = classify(rc, process.stderr_tail, killed_for=worker.killed_for, last_memory=worker.memory,
+                           memory_limit_bytes=worker.cfg.memory_limit_bytes)
+        exc = E.error_class(verdict.code)(verdict.message(process.pid), worker_pid=process.pid,
+                                          cause=verdict.cause, **verdict.details)
         for fut in (worker.hello, worker.ready):
             if not fut.done():
                 fut.set_exception(exc)
                 fut.exception()  # whoever awaits it gets exc; nobody awaiting is not an error
-        self._fail_requests(exc)
+        worker.death = verdict
+        self.requests.fail_all(exc)
         if self.state is S.READY:
-            self._task = asyncio.get_running_loop().create_task(self._failed(exc))
-
-    def _classify_exit(self, process: WorkerProcess, rc: int) -> E.LmxError:
-        how = describe_exit(rc)
-        if rc == WorkerExit.LOAD_FAILED:
-            last = next((l for l in reversed(process.stderr_tail) if "load_failed" in l), "")
-            return E.LoadFailed(f"worker failed to load the snapshot {last[-300:]}".strip(), **how)
-        what = f"signal {how['signal']}" if how["signal"] else f"exit code {how['exit_code']}"
-        return E.WorkerCrashed(f"worker pid {process.pid} died: {what}", worker_pid=process.pid, **how)
+            self._spawn_task(self._failed(exc, verdict))
 
     def on_worker_garbage(self, error: Exception) -> None:
         self.log.error("worker.protocol_violation", error=str(error))
@@ -262,16 +340,19 @@ class ModelRuntime:
         worker = self.worker
         if worker is None:
             return
+        now = time.monotonic()
         if isinstance(msg, Heartbeat):
-            worker.last_heartbeat = time.monotonic()
+            worker.last_heartbeat = now
+            if msg.progress != worker.progress or msg.phase != worker.phase:
+                worker.progress_at = now
             worker.progress, worker.phase, worker.memory = msg.progress, msg.phase, msg.memory
         elif isinstance(msg, (Chunk, Final, Error)) and msg.request_id:
-            self._on_result(msg)
+            self.requests.on_result(msg)
         elif isinstance(msg, Hello) and not worker.hello.done():
-            worker.last_heartbeat = time.monotonic()
+            worker.last_heartbeat = now
             worker.hello.set_result(msg)
         elif isinstance(msg, Ready) and not worker.ready.done():
-            if msg.revision != worker.revision:
+            if msg.revision != worker.cfg.revision:
                 worker.ready.set_exception(E.LoadFailed(f"worker loaded revision {msg.revision}"))
             else:
                 worker.memory = msg.memory
@@ -279,118 +360,83 @@ class ModelRuntime:
         elif isinstance(msg, Error) and not worker.ready.done():
             worker.ready.set_exception(msg.to_exc())
 
-    async def _watch_heartbeats(self, worker: Worker) -> None:
+    async def _watch_worker(self, worker: Worker) -> None:
+        """Liveness: heartbeats must keep coming; while prefilling or decoding, progress must move;
+        memory must stay under the model's limit. A verdict kills the worker's process group."""
         sup = self.config.supervisor
-        while worker.process.alive:
+        while worker.process.alive and not worker.stopping:
             await asyncio.sleep(sup.heartbeat_interval_s)
-            silent_s = time.monotonic() - worker.last_heartbeat
-            if silent_s > sup.heartbeat_timeout_s and worker.process.alive and not worker.stopping:
-                worker.kill_error = E.WorkerHung(
-                    f"no heartbeat for {silent_s:.1f}s (heartbeat_timeout_s={sup.heartbeat_timeout_s})",
-                    worker_pid=worker.process.pid)
-                self.log.error("worker.hung", silent_s=round(silent_s, 3), worker_pid=worker.process.pid)
-                worker.process.signal_group(9)
+            verdict = self._liveness_verdict(worker, time.monotonic())
+            if verdict and worker.process.alive and not worker.stopping:
+                worker.killed_for = verdict
+                self.log.error("worker.killed", code=verdict[0].code, reason=verdict[1],
+                               worker_pid=worker.process.pid)
+                worker.process.signal_group(signal.SIGKILL)
                 return
+
+    def _liveness_verdict(self, worker: Worker, now: float) -> tuple[E.ErrorCode, str] | None:
+        sup = self.config.supervisor
+        silent_s = now - worker.last_heartbeat
+        if silent_s > sup.heartbeat_timeout_s:
+            return E.ErrorCode.WORKER_HUNG, f"no heartbeat for {silent_s:.1f}s"
+        stall_s = now - worker.progress_at
+        budget = {"decode": sup.decode_stall_s, "prefill": sup.prefill_stall_s}.get(worker.phase)
+        if budget is not None and stall_s > budget:
+            return E.ErrorCode.WORKER_HUNG, f"no {worker.phase} progress for {stall_s:.1f}s"
+        limit = worker.cfg.memory_limit_bytes
+        used = max(worker.memory.get("rss_bytes", 0), worker.memory.get("mlx_active_bytes", 0))
+        if limit and used > limit:
+            return E.ErrorCode.WORKER_OOM, f"memory {used} bytes over memory_limit_bytes={limit}"
+        return None
 
     # --- requests ------------------------------------------------------------------------------
 
+    def _send_to_worker(self, msg: Message) -> bool:
+        if self.worker is None or not self.worker.process.alive:
+            return False
+        self._hub.send(self.worker.process.token, msg)
+        return True
+
     def submit(self, req: GenerateRequest, sink: Sink) -> str:
         """Queue a client request; raises the typed refusal when the model is not routable."""
-        if self.state is not S.READY:
-            if self.state in states.PENDING_STATES:
-                raise E.ModelNotReady(f"model {self.cfg.id} is {self.state.value}",
-                                      state=self.state.value, retry_after_s=self.retry_after_s())
-            err = self.last_error
-            raise E.ModelNotReady(
-                f"model {self.cfg.id} is {self.state.value}"
-                + (f" (last error {err.code.code}: {err.message})" if err else ""),
-                state=self.state.value)
-        if len(self._queue) >= MAX_QUEUE:
-            raise E.Overloaded(f"model {self.cfg.id} has {len(self._queue)} queued requests",
-                               retry_after_s=1.0)
-        return self._enqueue(req, sink)
-
-    def _enqueue(self, req: GenerateRequest, sink: Sink) -> str:
-        wrid = str(next(self._ids))
-        req = GenerateRequest(**{**req.to_wire(), "request_id": wrid})
-        pending = Pending(wrid, req, sink)
-        if req.timeout_s is not None:
-            pending.timer = asyncio.get_running_loop().call_later(req.timeout_s, self._expire, wrid)
-        self._queue.append(pending)
-        self._dispatch()
-        return wrid
-
-    def _dispatch(self) -> None:
-        if self._active is not None or not self._queue or self.worker is None:
-            return
-        self._active = self._queue.popleft()
-        self._hub.send(self.worker.process.token, self._active.req)
-
-    def _on_result(self, msg: Message) -> None:
-        p = self._active
-        if p is None or p.wrid != msg.request_id:
-            return
-        p.sink(msg)
-        if isinstance(msg, (Final, Error)):
-            if p.timer:
-                p.timer.cancel()
-            self._active = None
-            self._dispatch()
-
-    def _end(self, wrid: str, exc: E.LmxError) -> None:
-        """End one request for its client now; an active one is also cancelled in the worker."""
-        for p in list(self._queue):
-            if p.wrid == wrid:
-                self._queue.remove(p)
-                self._finish(p, exc)
-                return
-        p = self._active
-        if p is not None and p.wrid == wrid and p.sink is not _discard:
-            self._finish(p, exc)
-            if self.worker is not None:
-                self._hub.send(self.worker.process.token, Cancel(wrid))
+        if self.state is S.READY:
+            return self.requests.add(req, sink)
+        if self.state is S.QUARANTINED and self.last_error is not None:
+            raise self.last_error
+        if self.state in states.PENDING_STATES:
+            raise E.ModelNotReady(f"model {self.cfg.id} is {self.state.value}",
+                                  state=self.state.value, retry_after_s=self.retry_after_s())
+        err = self.last_error
+        raise E.ModelNotReady(f"model {self.cfg.id} is {self.state.value}"
+                              + (f" (last error {err.code.code}: {err.message})" if err else ""),
+                              state=self.state.value)
 
     def cancel(self, wrid: str) -> None:
-        self._end(wrid, E.Cancelled("cancelled by client"))
-
-    def _expire(self, wrid: str) -> None:
-        self._end(wrid, E.RequestTimeout("request deadline passed"))
-
-    def _finish(self, p: Pending, exc: E.LmxError) -> None:
-        if p.timer:
-            p.timer.cancel()
-        sink, p.sink = p.sink, _discard
-        sink(Error.from_exc(p.wrid, exc))
-
-    def _fail_requests(self, exc: E.LmxError) -> None:
-        pending = ([self._active] if self._active else []) + list(self._queue)
-        self._active = None
-        self._queue.clear()
-        for p in pending:
-            self._finish(p, exc)
-
-    @property
-    def busy(self) -> bool:
-        return self._active is not None or bool(self._queue)
+        self.requests.cancel(wrid)
 
     # --- status --------------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
         w = self.worker
         err = self.last_error
+        window = self.config.restart.window_s
+        now = time.time()
+        history = self.store.failures(self.cfg.id, now - window)
         return {
             "id": self.cfg.id,
             "state": self.state.value,
-            "revision": self.cfg.revision,
+            "revision": self.running.revision,
+            "configured_revision": self.cfg.revision,
+            "lkg_revision": self.store.model_flags(self.cfg.id)["lkg_revision"],
             "worker_pid": w.process.pid if w else None,
             "restarts": self.restarts,
-            "failures_in_window": self.consecutive_failures,
+            "failures_in_window": policy.failures_in_window(history, now, window),
             "last_error": {"code": err.code.code, "message": err.message} if err else None,
             "quarantined": self.state is S.QUARANTINED,
             "retry_after_s": self.retry_after_s() if self.state in states.PENDING_STATES else None,
             "ready_for_s": round(time.monotonic() - self.ready_since, 3) if self.ready_since else None,
-            "queued": len(self._queue),
-            "active": 1 if self._active else 0,
+            "queued": self.requests.queued,
+            "active": 1 if self.requests.active else 0,
             "phase": w.phase if w else None,
             "memory": dict(w.memory) if w else {},
         }

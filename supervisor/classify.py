@@ -1,0 +1,78 @@
+"""Why a worker died: exit status, what it printed last, and what the supervisor saw, -> one code."""
+
+from __future__ import annotations
+
+import re
+import signal
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from protocol.errors import ErrorCode
+from protocol.exitcodes import WorkerExit
+
+# Lines a dying worker prints, most specific first. (pattern, code, cause, victim)
+PATTERNS: tuple[tuple[re.Pattern[str], ErrorCode, str, bool], ...] = tuple(
+    (re.compile(p), code, cause, victim)
+    for p, code, cause, victim in (
+        (r"kIOGPUCommandBufferCallbackErrorOutOfMemory", ErrorCode.WORKER_OOM, "metal_out_of_memory", False),
+        (r"kIOGPUCommandBufferCallbackErrorInnocentVictim", ErrorCode.WORKER_CRASHED, "metal_innocent_victim", True),
+        (r"kIOGPUCommandBufferCallbackErrorImpactingInteractivity", ErrorCode.WORKER_CRASHED,
+         "metal_impacting_interactivity", False),
+        (r"kIOGPUCommandBufferCallbackErrorPageFault", ErrorCode.WORKER_CRASHED, "metal_page_fault", False),
+        (r"kIOGPUCommandBufferCallbackErrorTimeout", ErrorCode.WORKER_CRASHED, "metal_timeout", False),
+        (r"\[metal::malloc\] Resource limit .* exceeded", ErrorCode.WORKER_OOM, "metal_resource_limit", False),
+        (r"std::bad_alloc", ErrorCode.WORKER_OOM, "bad_alloc", False),
+        (r"\bMemoryError\b", ErrorCode.WORKER_OOM, "python_memory_error", False),
+    )
+)
+# A death with the last reported memory this close to the limit is taken as OOM.
+NEAR_LIMIT = 0.9
+
+
+@dataclass(frozen=True)
+class Verdict:
+    code: ErrorCode
+    cause: str
+    victim: bool = False  # collateral damage of another process's fault: not held against the model
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def message(self, pid: int | None) -> str:
+        how = self.details.get("signal") or f"exit code {self.details.get('exit_code')}"
+        return f"worker pid {pid} died ({how}): {self.cause}"
+
+
+def exit_details(returncode: int) -> dict[str, Any]:
+    if returncode < 0:
+        try:
+            return {"signal": signal.Signals(-returncode).name, "exit_code": None}
+        except ValueError:
+            return {"signal": f"signal {-returncode}", "exit_code": None}
+    return {"signal": None, "exit_code": returncode}
+
+
+def classify(
+    returncode: int,
+    stderr_tail: Iterable[str],
+    *,
+    killed_for: tuple[ErrorCode, str] | None = None,
+    last_memory: dict[str, int] | None = None,
+    memory_limit_bytes: int = 0,
+) -> Verdict:
+    """Pure: the same inputs always give the same verdict (tests feed it the real strings)."""
+    details = exit_details(returncode)
+    if killed_for is not None:  # the supervisor itself killed it (hung, over its memory limit)
+        return Verdict(killed_for[0], killed_for[1], details=details)
+    lines = list(stderr_tail)
+    for pattern, code, cause, victim in PATTERNS:
+        hit = next((line for line in reversed(lines) if pattern.search(line)), None)
+        if hit is not None:
+            return Verdict(code, cause, victim, {**details, "evidence": hit[-300:]})
+    if memory_limit_bytes and last_memory:
+        used = max(last_memory.get("rss_bytes", 0), last_memory.get("mlx_active_bytes", 0))
+        if used >= NEAR_LIMIT * memory_limit_bytes:
+            return Verdict(ErrorCode.WORKER_OOM, "near_memory_limit", details={**details, "used_bytes": used})
+    if returncode == WorkerExit.LOAD_FAILED:
+        return Verdict(ErrorCode.LOAD_FAILED, "load_failed", details=details)
+    if returncode < 0:
+        return Verdict(ErrorCode.WORKER_CRASHED, f"killed by {details['signal']}", details=details)
+    return Verdict(ErrorCode.WORKER_CRASHED, f"unexpected exit {returncode}", details=details)

@@ -1,0 +1,171 @@
+"""The SQLite store in the state dir: failure ledger, crash records, quarantine, revisions and
+last-known-good, which models should run, and the supervisor's own boots. One writer (us)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+from supervisor import logs
+from supervisor.config import CanarySettings, ModelConfig
+from supervisor.policy import Failure
+
+STORE_FILE = "store.sqlite3"
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS failures(
+  id INTEGER PRIMARY KEY, model TEXT NOT NULL, revision TEXT NOT NULL, at REAL NOT NULL,
+  code TEXT NOT NULL, counted INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS crashes(
+  id INTEGER PRIMARY KEY, model TEXT NOT NULL, revision TEXT NOT NULL, at REAL NOT NULL,
+  code TEXT NOT NULL, cause TEXT, victim INTEGER NOT NULL, signal TEXT, exit_code INTEGER,
+  phase TEXT, request_id TEXT, worker_pid INTEGER, memory TEXT, stderr_tail TEXT);
+CREATE TABLE IF NOT EXISTS models(
+  model TEXT PRIMARY KEY, quarantined INTEGER NOT NULL DEFAULT 0, quarantine TEXT,
+  lkg_revision TEXT, running_revision TEXT, configured_revision TEXT, wanted INTEGER);
+CREATE TABLE IF NOT EXISTS revisions(
+  model TEXT NOT NULL, revision TEXT NOT NULL, section TEXT NOT NULL, first_seen REAL NOT NULL,
+  PRIMARY KEY(model, revision));
+CREATE TABLE IF NOT EXISTS boots(id INTEGER PRIMARY KEY, at REAL NOT NULL, clean INTEGER NOT NULL DEFAULT 0);
+"""
+
+
+def section_json(model: ModelConfig) -> str:
+    return json.dumps(dataclasses.asdict(model), sort_keys=True)
+
+
+def section_from_json(text: str) -> ModelConfig:
+    d = json.loads(text)
+    d["canary"] = CanarySettings(**d["canary"])
+    if d.get("worker_command") is not None:
+        d["worker_command"] = tuple(d["worker_command"])
+    return ModelConfig(**d)
+
+
+class Store:
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / STORE_FILE
+        self.log = logs.get()
+        try:
+            self.db = self._open()
+        except sqlite3.DatabaseError as exc:
+            # Never silently reset what operators rely on (quarantine, history): keep the bad
+            # file for inspection and say so loudly.
+            aside = self.path.with_name(f"{STORE_FILE}.corrupt-{int(time.time())}")
+            self.path.rename(aside)
+            self.log.error("store.corrupt_moved_aside", path=str(self.path), moved_to=str(aside),
+                           error=str(exc))
+            self.db = self._open()
+
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript(SCHEMA)
+        db.execute("SELECT count(*) FROM models").fetchone()  # a garbage file fails here, not later
+        self.path.chmod(0o600)
+        return db
+
+    def close(self) -> None:
+        self.db.close()
+
+    # --- failures and crash records ------------------------------------------------------------
+
+    def add_failure(self, model: str, f: Failure) -> None:
+        self.db.execute("INSERT INTO failures(model, revision, at, code, counted) VALUES (?,?,?,?,?)",
+                        (model, f.revision, f.at, f.code, int(f.counted)))
+
+    def failures(self, model: str, since: float) -> list[Failure]:
+        rows = self.db.execute(
+            "SELECT at, revision, code, counted FROM failures WHERE model=? AND at>=? ORDER BY at",
+            (model, since)).fetchall()
+        return [Failure(at, rev, code, bool(counted)) for at, rev, code, counted in rows]
+
+    def add_crash(self, record: dict[str, Any]) -> None:
+        cols = ("model", "revision", "at", "code", "cause", "victim", "signal", "exit_code", "phase",
+                "request_id", "worker_pid", "memory", "stderr_tail")
+        values = [record.get(c) for c in cols]
+        values[cols.index("memory")] = json.dumps(record.get("memory") or {})
+        values[cols.index("stderr_tail")] = "\n".join(record.get("stderr_tail") or [])
+        values[cols.index("victim")] = int(bool(record.get("victim")))
+        self.db.execute(f"INSERT INTO crashes({','.join(cols)}) VALUES ({','.join('?' * len(cols))})", values)
+
+    def crashes(self, model: str, limit: int = 50) -> list[dict[str, Any]]:
+        cur = self.db.execute("SELECT * FROM crashes WHERE model=? ORDER BY at DESC, id DESC LIMIT ?",
+                              (model, limit))
+        names = [d[0] for d in cur.description]
+        out = []
+        for row in cur.fetchall():
+            rec = dict(zip(names, row))
+            rec["memory"] = json.loads(rec["memory"] or "{}")
+            rec["stderr_tail"] = rec["stderr_tail"].split("\n") if rec["stderr_tail"] else []
+            rec["victim"] = bool(rec["victim"])
+            out.append(rec)
+        return out
+
+    # --- per-model flags -----------------------------------------------------------------------
+
+    def _model_row(self, model: str) -> None:
+        self.db.execute("INSERT OR IGNORE INTO models(model) VALUES (?)", (model,))
+
+    def model_flags(self, model: str) -> dict[str, Any]:
+        row = self.db.execute(
+            "SELECT quarantined, quarantine, lkg_revision, running_revision, configured_revision, wanted"
+            " FROM models WHERE model=?", (model,)).fetchone()
+        if row is None:
+            row = (0, None, None, None, None, None)
+        return {"quarantined": bool(row[0]), "quarantine": json.loads(row[1]) if row[1] else None,
+                "lkg_revision": row[2], "running_revision": row[3], "configured_revision": row[4],
+                "wanted": None if row[5] is None else bool(row[5])}
+
+    def set_quarantine(self, model: str, summary: dict[str, Any] | None) -> None:
+        self._model_row(model)
+        self.db.execute("UPDATE models SET quarantined=?, quarantine=? WHERE model=?",
+                        (int(summary is not None), json.dumps(summary) if summary else None, model))
+
+    def set_wanted(self, model: str, wanted: bool | None, running: str | None, configured: str) -> None:
+        """What should run after a restart: whether (None: as the config says) and which revision."""
+        self._model_row(model)
+        self.db.execute(
+            "UPDATE models SET wanted=?, running_revision=?, configured_revision=? WHERE model=?",
+            (None if wanted is None else int(wanted), running, configured, model))
+
+    def clear_failures(self, model: str) -> None:
+        self.db.execute("DELETE FROM failures WHERE model=?", (model,))
+
+    # --- revisions -----------------------------------------------------------------------------
+
+    def remember_revision(self, model: ModelConfig) -> None:
+        self.db.execute("INSERT OR IGNORE INTO revisions(model, revision, section, first_seen) VALUES (?,?,?,?)",
+                        (model.id, model.revision, section_json(model), time.time()))
+
+    def revision(self, model: str, revision: str) -> ModelConfig | None:
+        row = self.db.execute("SELECT section FROM revisions WHERE model=? AND revision=?",
+                              (model, revision)).fetchone()
+        return section_from_json(row[0]) if row else None
+
+    def set_lkg(self, model: ModelConfig) -> None:
+        self.remember_revision(model)
+        self._model_row(model.id)
+        self.db.execute("UPDATE models SET lkg_revision=? WHERE model=?", (model.revision, model.id))
+
+    # --- the supervisor's boots (crash-loop detection) -----------------------------------------
+
+    def boot(self) -> int:
+        return int(self.db.execute("INSERT INTO boots(at) VALUES (?)", (time.time(),)).lastrowid)
+
+    def clean_shutdown(self, boot_id: int) -> None:
+        self.db.execute("UPDATE boots SET clean=1 WHERE id=?", (boot_id,))
+
+    def unclean_boots_since(self, since: float) -> int:
+        """Boots since `since` not followed by a clean shutdown, counting back to the last clean one."""
+        rows = self.db.execute("SELECT clean FROM boots WHERE at>=? ORDER BY id DESC", (since,)).fetchall()
+        n = 0
+        for (clean,) in rows[1:]:  # rows[0] is this boot
+            if clean:
+                break
+            n += 1
+        return n

@@ -1,0 +1,58 @@
+"""Death classification: the real strings a dying worker prints, and exit statuses, -> one code."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from protocol.errors import ErrorCode
+from supervisor.classify import classify
+
+METAL = "[METAL] Command buffer execution failed: {} (00000008:kIOGPUCommandBufferCallbackError{})"
+
+
+@pytest.mark.parametrize(
+    "line, code, cause, victim",
+    [
+        (METAL.format("Insufficient Memory", "OutOfMemory"), ErrorCode.WORKER_OOM, "metal_out_of_memory", False),
+        (METAL.format("Caused GPU Timeout Error", "InnocentVictim"), ErrorCode.WORKER_CRASHED,
+         "metal_innocent_victim", True),
+        (METAL.format("Impacting Interactivity", "ImpactingInteractivity"), ErrorCode.WORKER_CRASHED,
+         "metal_impacting_interactivity", False),
+        (METAL.format("Page Fault", "PageFault"), ErrorCode.WORKER_CRASHED, "metal_page_fault", False),
+        (METAL.format("Timeout", "Timeout"), ErrorCode.WORKER_CRASHED, "metal_timeout", False),
+        ("libc++abi: terminating due to uncaught exception of type std::runtime_error: [metal::malloc] "
+         "Resource limit (499000) exceeded.", ErrorCode.WORKER_OOM, "metal_resource_limit", False),
+        ("terminate called after throwing an instance of 'std::bad_alloc'", ErrorCode.WORKER_OOM, "bad_alloc", False),
+        ("MemoryError", ErrorCode.WORKER_OOM, "python_memory_error", False),
+    ],
+)
+def test_last_words_refine_the_class(line: str, code: ErrorCode, cause: str, victim: bool) -> None:
+    v = classify(-signal.SIGABRT, ["loading", line, "  what():  aborted"])
+    assert (v.code, v.cause, v.victim) == (code, cause, victim)
+    assert v.details["signal"] == "SIGABRT" and v.details["evidence"] == line
+
+
+@pytest.mark.parametrize("sig", [signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGABRT, signal.SIGKILL])
+def test_plain_signals_are_crashes_with_the_signal_name(sig: signal.Signals) -> None:
+    v = classify(-sig, ["nothing special"])
+    assert v.code is ErrorCode.WORKER_CRASHED and v.details == {"signal": sig.name, "exit_code": None}
+    assert not v.victim
+
+
+def test_exit_statuses() -> None:
+    assert classify(4, []).code is ErrorCode.LOAD_FAILED
+    v = classify(1, [])
+    assert v.code is ErrorCode.WORKER_CRASHED and v.details["exit_code"] == 1
+
+
+def test_near_the_memory_limit_is_oom_and_far_from_it_is_not() -> None:
+    near = classify(-signal.SIGKILL, [], last_memory={"rss_bytes": 950}, memory_limit_bytes=1000)
+    far = classify(-signal.SIGKILL, [], last_memory={"rss_bytes": 500}, memory_limit_bytes=1000)
+    assert near.code is ErrorCode.WORKER_OOM and far.code is ErrorCode.WORKER_CRASHED
+
+
+def test_what_the_supervisor_killed_it_for_wins() -> None:
+    v = classify(-signal.SIGKILL, ["std::bad_alloc"], killed_for=(ErrorCode.WORKER_HUNG, "no heartbeat"))
+    assert (v.code, v.cause) == (ErrorCode.WORKER_HUNG, "no heartbeat")
