@@ -18,8 +18,8 @@ from protocol import codec
 from protocol import endpoint as ep
 from protocol import errors as E
 from protocol.messages import (
-    TO_CLIENT, Ack, Cancel, Chunk, Error, Final, GenerateRequest, LoadRequest, Message, StatusReply,
-    StatusRequest, UnloadRequest,
+    TO_CLIENT, Ack, AdminRequest, Cancel, Chunk, Error, Final, GenerateRequest, HistoryReply, HistoryRequest,
+    LoadRequest, Message, StatusReply, StatusRequest, UnloadRequest,
 )
 
 __all__ = ["SupervisorClient", "SyncSupervisorClient", "GenerateStream", "Result", "Chunk"]
@@ -278,6 +278,30 @@ class SupervisorClient:
         return reply.detail
 
 
+    async def history(self, model: str, limit: int = 50, timeout_s: float = 10.0) -> list[dict]:
+        """Crash records of `model`, newest first."""
+        reply = await self._call(HistoryRequest(self._rid(), model, limit), timeout_s)
+        assert isinstance(reply, HistoryReply)
+        return reply.records
+
+    async def _admin(self, op: str, model: str | None, revision: str | None, timeout_s: float) -> dict:
+        reply = await self._call(AdminRequest(self._rid(), op, model, revision), timeout_s)
+        assert isinstance(reply, Ack)
+        return reply.detail
+
+    async def release(self, model: str, timeout_s: float = 30.0) -> dict:
+        """Lift a quarantine and start the model again on its configured revision."""
+        return await self._admin("release", model, None, timeout_s)
+
+    async def rollback(self, model: str, revision: str | None = None, timeout_s: float = 120.0) -> dict:
+        """Run `revision` (default: the last-known-good one)."""
+        return await self._admin("rollback", model, revision, timeout_s)
+
+    async def reload(self, timeout_s: float = 120.0) -> dict:
+        """Re-read the config file (like SIGHUP): {added, removed, changed}."""
+        return await self._admin("reload", None, None, timeout_s)
+
+
 class SyncSupervisorClient:
     """Blocking facade over SupervisorClient: its own event loop on a private thread."""
 
@@ -298,6 +322,18 @@ class SyncSupervisorClient:
 
     def unload(self, model: str, **kw: Any) -> dict:
         return self._run(self._client.unload(model, **kw))
+
+    def history(self, model: str, **kw: Any) -> list[dict]:
+        return self._run(self._client.history(model, **kw))
+
+    def release(self, model: str, **kw: Any) -> dict:
+        return self._run(self._client.release(model, **kw))
+
+    def rollback(self, model: str, revision: str | None = None, **kw: Any) -> dict:
+        return self._run(self._client.rollback(model, revision, **kw))
+
+    def reload(self, **kw: Any) -> dict:
+        return self._run(self._client.reload(**kw))
 
     def complete(self, model: str, prompt: str | None = None, **kw: Any) -> Result:
         return self._run(self._client.complete(model, prompt, **kw))

@@ -23,6 +23,9 @@ PATTERNS: tuple[tuple[re.Pattern[str], ErrorCode, str, bool], ...] = tuple(
         (r"\[metal::malloc\] Resource limit .* exceeded", ErrorCode.WORKER_OOM, "metal_resource_limit", False),
         (r"std::bad_alloc", ErrorCode.WORKER_OOM, "bad_alloc", False),
         (r"\bMemoryError\b", ErrorCode.WORKER_OOM, "python_memory_error", False),
+        # numpy's OpenBLAS under an address-space limit exits 1 with this, before mlx even loads.
+        (r"OpenBLAS error: Memory allocation still failed", ErrorCode.WORKER_OOM, "openblas_alloc", False),
+        (r"Cannot allocate memory", ErrorCode.WORKER_OOM, "enomem", False),
     )
 )
 # A death with the last reported memory this close to the limit is taken as OOM.

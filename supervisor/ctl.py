@@ -100,6 +100,33 @@ async def _unload(client: SupervisorClient, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def _history(client: SupervisorClient, args: argparse.Namespace) -> int:
+    records = await client.history(args.model, limit=args.limit)
+    if args.json:
+        _print_json(records)
+        return EXIT_OK
+    if not records:
+        print(f"{args.model}: no failures recorded")
+    for r in records:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["at"]))
+        how = r["signal"] or (f"exit {r['exit_code']}" if r["exit_code"] is not None else "-")
+        victim = " (innocent victim, not counted)" if r["victim"] else ""
+        print(f"{when}  {r['code']:<16} {how:<8} rev {r['revision']}  during {r['phase']}  "
+              f"pid {r['worker_pid'] or '-'}  {r['cause']}{victim}")
+    return EXIT_OK
+
+
+async def _admin(client: SupervisorClient, args: argparse.Namespace) -> int:
+    if args.command == "reload":
+        detail = await client.reload()
+    elif args.command == "release":
+        detail = await client.release(args.model)
+    else:
+        detail = await client.rollback(args.model, args.revision)
+    _print_json(detail) if args.json else print(f"{args.command}: " + ", ".join(f"{k}={v}" for k, v in detail.items()))
+    return EXIT_OK
+
+
 def _import_gguf(args: argparse.Namespace) -> int:
     # mlx is imported here, in the lmxctl process, never in the daemon.
     from worker.gguf import GgufImportError, import_gguf
@@ -114,7 +141,8 @@ def _import_gguf(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"status": _status, "generate": _generate, "load": _load, "unload": _unload}
+COMMANDS = {"status": _status, "generate": _generate, "load": _load, "unload": _unload,
+            "history": _history, "release": _admin, "rollback": _admin, "reload": _admin}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -137,6 +165,15 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("model")
         if name == "load":
             c.add_argument("--no-wait", action="store_true", help="return once the load has started")
+    h = sub.add_parser("history", parents=[json_flag], help="crash records of a model, newest first")
+    h.add_argument("model")
+    h.add_argument("--limit", type=int, default=20)
+    r = sub.add_parser("release", parents=[json_flag], help="lift a quarantine and start the model again")
+    r.add_argument("model")
+    rb = sub.add_parser("rollback", parents=[json_flag], help="run a known revision (default: last-known-good)")
+    rb.add_argument("model")
+    rb.add_argument("revision", nargs="?")
+    sub.add_parser("reload", parents=[json_flag], help="re-read the config file (like SIGHUP)")
     i = sub.add_parser("import-gguf", parents=[json_flag], help="write an MLX snapshot from a llama GGUF")
     i.add_argument("gguf")
     i.add_argument("dest")

@@ -26,6 +26,7 @@ class Pending:
     wrid: str
     req: GenerateRequest
     sink: Sink
+    origin_id: str  # the client's own request id ("" for the canary), for crash records
     timer: asyncio.TimerHandle | None = None
 
 
@@ -49,7 +50,7 @@ class RequestQueue:
             raise E.Overloaded(f"model {self._model_id} has {len(self._queue)} queued requests",
                                retry_after_s=1.0)
         wrid = str(next(self._ids))
-        pending = Pending(wrid, GenerateRequest(**{**req.to_wire(), "request_id": wrid}), sink)
+        pending = Pending(wrid, GenerateRequest(**{**req.to_wire(), "request_id": wrid}), sink, req.request_id)
         if req.timeout_s is not None:
             pending.timer = asyncio.get_running_loop().call_later(req.timeout_s, self.expire, wrid)
         self._queue.append(pending)

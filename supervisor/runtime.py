@@ -42,6 +42,7 @@ class Worker:
     stopping: bool = False
     killed_for: tuple[E.ErrorCode, str] | None = None
     death: Verdict | None = None
+    death_request: str | None = None  # the request on the worker when it died
 
 
 class ModelRuntime:
@@ -71,8 +72,8 @@ class ModelRuntime:
 
     def _to(self, to: S, reason: str, **fields: Any) -> None:
         pid = self.worker.process.pid if self.worker else None
-        self.state = states.apply(self.state, to, reason, self.log.info, worker_pid=pid,
-                                  revision=self.running.revision, **fields)
+        fields = {"worker_pid": pid, "revision": self.running.revision, **fields}
+        self.state = states.apply(self.state, to, reason, self.log.info, **fields)
 
     def _restore(self) -> None:
         """Pick up what the store remembers: quarantine, and the revision that was running."""
@@ -87,8 +88,8 @@ class ModelRuntime:
             self.running = self.store.revision(self.cfg.id, flags["running_revision"]) or self.cfg
         if flags["quarantined"]:
             self.state = S.QUARANTINED
-            q = flags["quarantine"] or {}
-            self.last_error = E.ModelQuarantined(q.get("message", "quarantined"), **q)
+            q = dict(flags["quarantine"] or {})
+            self.last_error = E.ModelQuarantined(q.pop("message", "quarantined"), **q)
             self.log.warning("model.restored", state="QUARANTINED", **q)
 
     def wanted(self) -> bool | None:
@@ -115,6 +116,13 @@ class ModelRuntime:
 
     def _spawn_task(self, coro: Any) -> None:
         self._task = asyncio.get_running_loop().create_task(coro, name=f"model-{self.cfg.id}")
+        self._task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            self.log.error("internal.task_failed", state=self.state.value, error=repr(exc),
+                           exc_info=(type(exc), exc, exc.__traceback__))
 
     def _admit(self) -> E.LmxError | None:
         # The full admission gate (integrity, architecture, memory) is its own issue; the cheapest
@@ -215,12 +223,11 @@ class ModelRuntime:
 
     def _crash_record(self, exc: E.LmxError, verdict: Verdict | None, worker: Worker | None,
                       phase: str, now: float) -> dict[str, Any]:
-        active = self.requests.active
         return {
             "model": self.cfg.id, "revision": self.running.revision, "at": now, "code": exc.code.code,
             "cause": verdict.cause if verdict else exc.message, "victim": bool(verdict and verdict.victim),
             "signal": exc.details.get("signal"), "exit_code": exc.details.get("exit_code"), "phase": phase,
-            "request_id": active.req.request_id if active else None,
+            "request_id": worker.death_request if worker else None,
             "worker_pid": worker.process.pid if worker else None,
             "memory": worker.memory if worker else {},
             "stderr_tail": list(worker.process.stderr_tail) if worker else [],
@@ -235,8 +242,9 @@ class ModelRuntime:
         }
         self.retry_at = None
         self.store.set_quarantine(self.cfg.id, summary)
-        self.last_error = E.ModelQuarantined(summary["message"], **summary)
-        self._to(S.QUARANTINED, "too many failures", **{k: v for k, v in summary.items() if k != "message"})
+        details = {k: v for k, v in summary.items() if k != "message"}
+        self.last_error = E.ModelQuarantined(summary["message"], **details)
+        self._to(S.QUARANTINED, "too many failures", **details)
 
     async def _restart_after(self, delay: float) -> None:
         await asyncio.sleep(delay)
@@ -329,6 +337,8 @@ class ModelRuntime:
                 fut.set_exception(exc)
                 fut.exception()  # whoever awaits it gets exc; nobody awaiting is not an error
         worker.death = verdict
+        if self.requests.active is not None:
+            worker.death_request = self.requests.active.origin_id or "canary"
         self.requests.fail_all(exc)
         if self.state is S.READY:
             self._spawn_task(self._failed(exc, verdict))

@@ -74,11 +74,20 @@ class RunningSupervisor:
         sections = {"supervisor": {**TEST_SUPERVISOR, **(supervisor or {})},
                     "restart": {**TEST_RESTART, **(restart or {})}}
         self.config_path.write_text(render_config(models, sections))
+        self.models = models
         self.proc: subprocess.Popen | None = None
         self._client: SyncSupervisorClient | None = None
         self.known_worker_pids: set[int] = set()
 
+    def rewrite(self, models: list[dict], supervisor: dict | None = None, restart: dict | None = None) -> None:
+        sections = {"supervisor": {**TEST_SUPERVISOR, **(supervisor or {})},
+                    "restart": {**TEST_RESTART, **(restart or {})}}
+        self.config_path.write_text(render_config(models, sections))
+
     def start(self, wait_ready: bool = True, timeout_s: float = 60.0) -> "RunningSupervisor":
+        if self._client is not None:  # a client of a previous (killed) run of this supervisor
+            self._client.close()
+            self._client = None
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "supervisor.cli", "run", "--config", str(self.config_path),
              "--state-dir", str(self.state_dir)],

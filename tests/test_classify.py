@@ -26,6 +26,9 @@ METAL = "[METAL] Command buffer execution failed: {} (00000008:kIOGPUCommandBuff
          "Resource limit (499000) exceeded.", ErrorCode.WORKER_OOM, "metal_resource_limit", False),
         ("terminate called after throwing an instance of 'std::bad_alloc'", ErrorCode.WORKER_OOM, "bad_alloc", False),
         ("MemoryError", ErrorCode.WORKER_OOM, "python_memory_error", False),
+        ("OpenBLAS error: Memory allocation still failed after 10 retries, giving up.", ErrorCode.WORKER_OOM,
+         "openblas_alloc", False),
+        ("OSError: [Errno 12] Cannot allocate memory", ErrorCode.WORKER_OOM, "enomem", False),
     ],
 )
 def test_last_words_refine_the_class(line: str, code: ErrorCode, cause: str, victim: bool) -> None:

@@ -85,8 +85,10 @@ class Channel:
         poller.register(self._pull, zmq.POLLIN)
         if self._death_fd is not None:
             poller.register(self._death_fd, zmq.POLLIN)
-        next_beat = time.monotonic()
+        last_beat = 0.0
         while True:
+            # Recomputed each turn: INIT changes the interval after the first beats went out.
+            next_beat = last_beat + self.heartbeat_interval_s
             timeout_ms = max(0.0, next_beat - time.monotonic()) * 1000
             for item, _ in poller.poll(timeout_ms):
                 if item is sock:
@@ -98,7 +100,7 @@ class Channel:
             now = time.monotonic()
             if now >= next_beat:
                 self._beat(sock)
-                next_beat = now + self.heartbeat_interval_s
+                last_beat = now
             if self._orphaned_at is not None and now - self._orphaned_at > self.orphan_grace_s:
                 log("worker.orphan_exit", grace_s=self.orphan_grace_s)
                 os._exit(WorkerExit.ORPHANED)

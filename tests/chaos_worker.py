@@ -1,0 +1,56 @@
+"""Test-only worker wrapper, named in a model's `worker_command`: runs the real worker with one fault
+injected from outside the production code (a line on stderr, then a signal to itself)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--at", choices=["start", "load", "generate"], required=True)
+parser.add_argument("--say", default=None, help="a line to print on stderr before dying")
+parser.add_argument("--signal", default="SIGABRT")
+parser.add_argument("--after", type=int, default=1, help="generate: calls that pass first (1 = the canary)")
+parser.add_argument("--unless-exists", default=None, help="no fault once this file exists")
+args = parser.parse_args()
+
+
+def fault() -> None:
+    if args.unless_exists and Path(args.unless_exists).exists():
+        return
+    if args.say:
+        sys.stderr.write(args.say + "\n")
+        sys.stderr.flush()
+    os.kill(os.getpid(), getattr(signal, args.signal))
+
+
+import worker.engine as engine  # noqa: E402
+
+if args.at == "start":
+    fault()
+elif args.at == "load":
+    _load = engine.Engine.load
+
+    def load(self, path):  # type: ignore[no-untyped-def]
+        fault()
+        return _load(self, path)
+
+    engine.Engine.load = load
+else:
+    _generate = engine.Engine.generate
+    calls = [0]
+
+    def generate(self, req, emit):  # type: ignore[no-untyped-def]
+        calls[0] += 1
+        if calls[0] > args.after:
+            fault()
+        return _generate(self, req, emit)
+
+    engine.Engine.generate = generate
+
+from worker.main import main  # noqa: E402
+
+raise SystemExit(main())

@@ -1,0 +1,157 @@
+"""Chaos with real workers and real mlx-lm; every fault comes from outside the production code."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from protocol import errors as E
+from protocol.client import SupervisorClient
+
+METAL_OOM = ("[METAL] Command buffer execution failed: Insufficient Memory "
+             "(00000008:kIOGPUCommandBufferCallbackErrorOutOfMemory)")
+METAL_VICTIM = ("[METAL] Command buffer execution failed: Caused GPU Timeout Error "
+                "(00000002:kIOGPUCommandBufferCallbackErrorInnocentVictim)")
+
+
+def chaos(*args: str) -> list[str]:
+    return [sys.executable, "-m", "tests.chaos_worker", *args]
+
+
+@pytest.mark.parametrize(
+    "fault, code, cause, victim",
+    [
+        (["--say", METAL_OOM, "--signal", "SIGABRT"], "WORKER_OOM", "metal_out_of_memory", False),
+        (["--say", METAL_VICTIM, "--signal", "SIGABRT"], "WORKER_CRASHED", "metal_innocent_victim", True),
+        (["--say", "terminate called after throwing an instance of 'std::bad_alloc'"], "WORKER_OOM", "bad_alloc",
+         False),
+        (["--signal", "SIGSEGV"], "WORKER_CRASHED", "killed by SIGSEGV", False),
+        (["--signal", "SIGBUS"], "WORKER_CRASHED", "killed by SIGBUS", False),
+    ],
+    ids=["metal-oom", "innocent-victim", "bad-alloc", "sigsegv", "sigbus"],
+)
+def test_deaths_during_generation_reach_the_client_classified(
+    make_supervisor, tiny_model: Path, fault: list[str], code: str, cause: str, victim: bool
+) -> None:
+    sup = make_supervisor([
+        {"id": "bad", "path": str(tiny_model), "worker_command": chaos("--at", "generate", *fault)},
+        {"id": "good", "path": str(tiny_model)},
+    ]).start()
+    with pytest.raises(E.LmxError) as info:
+        sup.client.complete("bad", "Hello", max_tokens=50)
+    assert info.value.code.code == code and info.value.details["cause"] == cause
+    assert sup.client.complete("good", "Hello", max_tokens=3).usage["completion_tokens"] >= 1
+    record = sup.client.history("bad")[0]
+    assert (record["code"], record["cause"], record["victim"], record["phase"]) == (code, cause, victim, "READY")
+    assert record["request_id"] and record["stderr_tail"]
+    m = sup.wait_model("bad", lambda m: m["state"] == "READY" and m["restarts"] == 1, 30, "restarted")
+    assert m["failures_in_window"] == (0 if victim else 1)  # a victim is not held against its model
+
+
+def test_a_model_that_crashes_on_every_start_is_quarantined_after_exactly_n_and_stays_so(
+    make_supervisor, tiny_model: Path, tmp_path: Path
+) -> None:
+    fixed = tmp_path / "fixed"
+    sup = make_supervisor(
+        [{"id": "flappy", "path": str(tiny_model),
+          "worker_command": chaos("--at", "load", "--signal", "SIGSEGV", "--unless-exists", str(fixed))},
+         {"id": "good", "path": str(tiny_model)}],
+        restart={"quarantine_after": 3, "backoff_initial_s": 0.05},
+    ).start(wait_ready=False)
+    m = sup.wait_model("flappy", lambda m: m["state"] == "QUARANTINED", 60, "QUARANTINED")
+    assert m["failures_in_window"] == 3 and m["restarts"] == 3
+    assert len([e for e in sup.events("worker.spawned") if e["model"] == "flappy"]) == 3
+    history = sup.client.history("flappy")
+    assert [r["code"] for r in history] == ["WORKER_CRASHED"] * 3
+    assert {r["signal"] for r in history} == {"SIGSEGV"} and {r["phase"] for r in history} == {"LOADING"}
+    with pytest.raises(E.ModelQuarantined) as info:
+        sup.client.complete("flappy", "Hello", max_tokens=2)
+    assert info.value.details["failures"] == 3 and info.value.details["last_code"] == "WORKER_CRASHED"
+    assert not info.value.retryable
+
+    # launchd restarts a SIGKILLed supervisor: the quarantine and the counts are still there.
+    sup.proc.kill()
+    sup.proc.wait()
+    sup.start(wait_ready=False)
+    sup.wait_model("good", lambda m: m["state"] == "READY", 30, "READY after restart")
+    m = sup.model("flappy")
+    assert m["state"] == "QUARANTINED" and m["failures_in_window"] == 3
+    assert len(sup.client.history("flappy")) == 3
+    with pytest.raises(E.ModelQuarantined):
+        sup.client.complete("flappy", "Hello", max_tokens=2)
+
+    fixed.touch()
+    assert sup.client.release("flappy")["state"] == "ADMITTING"
+    m = sup.wait_model("flappy", lambda m: m["state"] == "READY", 30, "READY after release")
+    assert m["failures_in_window"] == 0
+
+
+def test_a_broken_new_revision_rolls_back_to_last_known_good(make_supervisor, tiny_model: Path) -> None:
+    good = {"id": "m", "path": str(tiny_model)}
+    restart = {"quarantine_after": 2, "backoff_initial_s": 0.05, "stable_after_s": 0.3}
+    sup = make_supervisor([good], restart=restart).start()
+    v1 = sup.wait_model("m", lambda m: m["lkg_revision"] == m["revision"], 10, "v1 last-known-good")["revision"]
+    sup.rewrite([{**good, "worker_command": chaos("--at", "load", "--signal", "SIGABRT")}], restart=restart)
+    assert sup.client.reload()["changed"] == ["m"]
+    m = sup.wait_model("m", lambda m: m["state"] == "READY" and m["revision"] == v1 and m["restarts"] == 2,
+                       60, "READY again on v1")
+    assert m["configured_revision"] != v1 and m["lkg_revision"] == v1
+    states = [(e["from"], e["to"]) for e in sup.events("model.state") if e["model"] == "m"]
+    assert ("BACKOFF", "ROLLING_BACK") in states and ("ROLLING_BACK", "STARTING") in states
+    assert sup.client.complete("m", "Hello", max_tokens=2).usage["completion_tokens"] >= 1
+
+
+def test_a_stopped_worker_is_hung_killed_and_restarted(make_supervisor, tiny_model: Path) -> None:
+    sup = make_supervisor([{"id": "m", "path": str(tiny_model)}],
+                          supervisor={"heartbeat_interval_s": 0.1, "heartbeat_timeout_s": 1.5}).start()
+    pid = sup.model("m")["worker_pid"]
+
+    async def stream_then_stop() -> tuple[E.LmxError, float]:
+        async with SupervisorClient(state_dir=sup.state_dir) as client:
+            t0 = None
+            try:
+                async for _ in client.generate("m", "Hello", max_tokens=1500):
+                    if t0 is None:
+                        os.kill(pid, signal.SIGSTOP)
+                        t0 = time.monotonic()
+            except E.LmxError as exc:
+                return exc, time.monotonic() - t0
+        raise AssertionError("no error")
+
+    exc, waited = asyncio.run(stream_then_stop())
+    assert isinstance(exc, E.WorkerHung) and exc.details["signal"] == "SIGKILL"
+    assert 1.4 <= waited < 5.0
+    m = sup.wait_model("m", lambda m: m["state"] == "READY" and m["worker_pid"] != pid, 30, "restarted")
+    assert sup.client.history("m")[0]["code"] == "WORKER_HUNG"
+
+
+def test_a_memory_limit_below_what_the_model_needs_is_a_real_oom(make_supervisor, tiny_model: Path) -> None:
+    sup = make_supervisor([{"id": "small", "path": str(tiny_model), "memory_limit_bytes": 300_000_000}],
+                          restart={"quarantine_after": 2, "backoff_initial_s": 0.05}).start(wait_ready=False)
+    m = sup.wait_model("small", lambda m: m["state"] == "QUARANTINED", 60, "QUARANTINED")
+    records = sup.client.history("small")
+    assert {r["code"] for r in records} == {"WORKER_OOM"}, records
+    assert m["last_error"]["code"] == "MODEL_QUARANTINED"
+
+
+def test_a_snapshot_that_passes_file_checks_but_fails_to_load(make_supervisor, tiny_model: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in tiny_model.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((broken / "config.json").read_text())
+    cfg["hidden_size"] *= 2  # the weights no longer fit the architecture
+    (broken / "config.json").write_text(json.dumps(cfg))
+    sup = make_supervisor([{"id": "broken", "path": str(broken)}],
+                          restart={"quarantine_after": 2, "backoff_initial_s": 0.05}).start(wait_ready=False)
+    sup.wait_model("broken", lambda m: m["state"] == "QUARANTINED", 60, "QUARANTINED")
+    records = sup.client.history("broken")
+    assert [r["code"] for r in records] == ["LOAD_FAILED", "LOAD_FAILED"]
+    assert any("load_failed" in line for line in records[0]["stderr_tail"])
