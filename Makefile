@@ -23,6 +23,7 @@ test: setup
 
 bench: setup
 	$(BIN)/python bench/throughput.py
+	$(BIN)/python bench/crash_latency.py
 
 clean:
 	rm -rf $(VENV) .cache *.egg-info

@@ -149,7 +149,7 @@ class Supervisor:
         for rt in self.models.values():
             rt.config = new
         for model_id in old_ids - new_ids:
-            await self.models.pop(model_id).stop("removed from config")
+            await self.models.pop(model_id).stop("removed from config", remember=False)
         for m in changed:
             rt = self.models[m.id]
             await rt.stop("config changed", remember=False)
@@ -170,7 +170,8 @@ class Supervisor:
         self.control.draining = True
         self.log.info("supervisor.draining", reason=reason,
                       drain_grace_s=self.config.supervisor.drain_grace_s)
-        await asyncio.gather(*(rt.stop(f"supervisor {reason}") for rt in self.models.values()))
+        # remember=False: a shutdown is not an operator's unload; the same models come back next boot.
+        await asyncio.gather(*(rt.stop(f"supervisor {reason}", remember=False) for rt in self.models.values()))
         self.control.close()
         self.hub.close()
         self.ctx.term()

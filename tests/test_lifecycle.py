@@ -125,3 +125,20 @@ def test_client_of_a_supervisor_that_dies_gets_a_typed_error_not_a_hang(make_sup
     assert isinstance(exc, E.SupervisorUnavailable)
     sup.proc.wait()
     wait_until(lambda: _gone(pid), 10, "the orphaned worker to exit")
+
+
+def test_a_crash_looping_supervisor_starts_in_safe_mode_until_a_clean_shutdown(make_supervisor, tiny_model: Path) -> None:
+    sup = make_supervisor([{"id": "a", "path": str(tiny_model)}],
+                          supervisor={"crash_loop_starts": 2, "crash_loop_window_s": 600.0}).start()
+    pid = sup.model("a")["worker_pid"]
+    sup.proc.kill()
+    sup.proc.wait()
+    wait_until(lambda: _gone(pid), 15, "the orphaned worker to exit")
+    sup.start(wait_ready=False)  # second start without a clean shutdown in between
+    status = sup.status()
+    assert status["supervisor"]["safe_mode"] is True
+    assert status["models"][0]["state"] == "UNLOADED"  # nothing started by itself
+    assert sup.events("supervisor.safe_mode")
+    assert sup.stop() == 0
+    sup.start()  # after a clean shutdown: normal again, the model autoloads
+    assert sup.status()["supervisor"]["safe_mode"] is False
