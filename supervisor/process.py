@@ -13,19 +13,10 @@ import threading
 from typing import Any, Callable
 
 from supervisor import logs
+from supervisor.classify import exit_details
 from supervisor.config import ModelConfig
 
 STDERR_TAIL_LINES = 200
-
-
-def describe_exit(returncode: int) -> dict[str, Any]:
-    if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = f"signal {-returncode}"
-        return {"signal": name, "exit_code": None}
-    return {"signal": None, "exit_code": returncode}
 
 
 class WorkerProcess:
@@ -117,7 +108,7 @@ class WorkerProcess:
             os.close(self._death_w)
             self._death_w = None
         self._exited.set()
-        self.log.info("worker.exited", **describe_exit(rc))
+        self.log.info("worker.exited", **exit_details(rc))
         self._on_exit(self, rc)
 
     @property

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import signal
 import time
@@ -18,6 +19,7 @@ from supervisor.canary import run_canary
 from supervisor.classify import Verdict, classify
 from supervisor.config import Config, ModelConfig
 from supervisor.hub import WorkerHub
+from supervisor.liveness import liveness_verdict
 from supervisor.process import WorkerProcess
 from supervisor.requests import RequestQueue, Sink
 from supervisor.states import ModelState as S
@@ -127,8 +129,6 @@ class ModelRuntime:
     def _admit(self) -> E.LmxError | None:
         # The full admission gate (integrity, architecture, memory) is its own issue; the cheapest
         # refusal is here already so a mistyped path never spawns a worker.
-        import os
-
         if not os.path.isdir(self.running.path):
             return E.SnapshotNotFound(f"model path {self.running.path} does not exist", path=self.running.path)
         return None
@@ -376,28 +376,14 @@ class ModelRuntime:
         sup = self.config.supervisor
         while worker.process.alive and not worker.stopping:
             await asyncio.sleep(sup.heartbeat_interval_s)
-            verdict = self._liveness_verdict(worker, time.monotonic())
+            verdict = liveness_verdict(sup, time.monotonic(), worker.last_heartbeat, worker.phase,
+                                       worker.progress_at, worker.memory, worker.cfg.memory_limit_bytes)
             if verdict and worker.process.alive and not worker.stopping:
                 worker.killed_for = verdict
                 self.log.error("worker.killed", code=verdict[0].code, reason=verdict[1],
                                worker_pid=worker.process.pid)
                 worker.process.signal_group(signal.SIGKILL)
                 return
-
-    def _liveness_verdict(self, worker: Worker, now: float) -> tuple[E.ErrorCode, str] | None:
-        sup = self.config.supervisor
-        silent_s = now - worker.last_heartbeat
-        if silent_s > sup.heartbeat_timeout_s:
-            return E.ErrorCode.WORKER_HUNG, f"no heartbeat for {silent_s:.1f}s"
-        stall_s = now - worker.progress_at
-        budget = {"decode": sup.decode_stall_s, "prefill": sup.prefill_stall_s}.get(worker.phase)
-        if budget is not None and stall_s > budget:
-            return E.ErrorCode.WORKER_HUNG, f"no {worker.phase} progress for {stall_s:.1f}s"
-        limit = worker.cfg.memory_limit_bytes
-        used = max(worker.memory.get("rss_bytes", 0), worker.memory.get("mlx_active_bytes", 0))
-        if limit and used > limit:
-            return E.ErrorCode.WORKER_OOM, f"memory {used} bytes over memory_limit_bytes={limit}"
-        return None
 
     # --- requests ------------------------------------------------------------------------------
 
