@@ -170,6 +170,20 @@ class Hello(Message):
     pid: int
     model_id: str
     versions: dict = field(default_factory=dict)
+    # Set by an orphaned worker asking a new supervisor to adopt it: the revision it has loaded
+    # (None: it never finished loading) and its process start time (pid reuse cannot fake both).
+    adopt: bool = False
+    revision: Optional[str] = None
+    start_time: Optional[float] = None
+
+
+@dataclass
+class Adopt(Message):
+    """Supervisor -> orphaned worker: you are ours again; watch this supervisor process from now on."""
+
+    TAG: ClassVar[str] = "adopt"
+    supervisor_pid: int
+    supervisor_start_time: float
 
 
 @dataclass
@@ -271,5 +285,5 @@ def _tags(*classes: type[Message]) -> dict[str, type[Message]]:
 TO_SUPERVISOR_FROM_CLIENT = _tags(StatusRequest, GenerateRequest, Cancel, LoadRequest, UnloadRequest,
                                   AdminRequest, HistoryRequest)
 TO_CLIENT = _tags(StatusReply, Chunk, Final, Error, Ack, HistoryReply)
-TO_WORKER = _tags(Init, GenerateRequest, Cancel, Shutdown)
+TO_WORKER = _tags(Init, GenerateRequest, Cancel, Shutdown, Adopt)
 TO_SUPERVISOR_FROM_WORKER = _tags(Hello, Ready, Heartbeat, Chunk, Final, Error)

@@ -44,7 +44,9 @@ class Verdict:
         return f"worker pid {pid} died ({how}): {self.cause}"
 
 
-def exit_details(returncode: int) -> dict[str, Any]:
+def exit_details(returncode: int | None) -> dict[str, Any]:
+    if returncode is None:  # an adopted worker is not our child: its exit status cannot be read
+        return {"signal": None, "exit_code": None}
     if returncode < 0:
         try:
             return {"signal": signal.Signals(-returncode).name, "exit_code": None}
@@ -54,7 +56,7 @@ def exit_details(returncode: int) -> dict[str, Any]:
 
 
 def classify(
-    returncode: int,
+    returncode: int | None,
     stderr_tail: Iterable[str],
     *,
     killed_for: tuple[ErrorCode, str] | None = None,
@@ -76,6 +78,8 @@ def classify(
             return Verdict(ErrorCode.WORKER_OOM, "near_memory_limit", details={**details, "used_bytes": used})
     if returncode == WorkerExit.LOAD_FAILED:
         return Verdict(ErrorCode.LOAD_FAILED, "load_failed", details=details)
+    if returncode is None:
+        return Verdict(ErrorCode.WORKER_CRASHED, "adopted worker exited (status unknown)", details=details)
     if returncode < 0:
         return Verdict(ErrorCode.WORKER_CRASHED, f"killed by {details['signal']}", details=details)
     return Verdict(ErrorCode.WORKER_CRASHED, f"unexpected exit {returncode}", details=details)

@@ -82,7 +82,8 @@ class Supervisor:
         )
 
     def _runtime(self, model: cfg_mod.ModelConfig) -> ModelRuntime:
-        return ModelRuntime(model, self.config, self.hub, ep.worker_endpoint(self.state_dir), self.store)
+        return ModelRuntime(model, self.config, self.hub, ep.worker_endpoint(self.state_dir), self.store,
+                            self.state_dir / "logs")
 
     def _autostart(self, rt: ModelRuntime, reason: str) -> None:
         wanted = rt.wanted()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 from pathlib import Path
 from typing import Protocol
@@ -31,6 +32,7 @@ class WorkerHub:
         os.chmod(socket_path, 0o600)
         self._peers: dict[bytes, WorkerPeer] = {}
         self._task: asyncio.Task | None = None
+        self._strangers: set[bytes] = set()  # logged once each: an orphan asks every heartbeat
         self.log = logs.get()
 
     def register(self, token: str, peer: WorkerPeer) -> None:
@@ -54,7 +56,10 @@ class WorkerHub:
             identity, rest = frames[0], frames[1:]
             peer = self._peers.get(identity)
             if peer is None:
-                self.log.warning("worker.unknown_peer", identity=identity[:32].hex())
+                if identity not in self._strangers and len(self._strangers) < 10_000:
+                    self._strangers.add(identity)
+                    # The identity is a worker's secret token: log a digest, never the token.
+                    self.log.warning("worker.unknown_peer", identity_sha256=hashlib.sha256(identity).hexdigest()[:12])
                 continue
             try:
                 msg = codec.decode(rest, TO_SUPERVISOR_FROM_WORKER)

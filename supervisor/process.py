@@ -10,17 +10,28 @@ import signal
 import subprocess
 import sys
 import threading
-from typing import Any, Callable
+import time
+from pathlib import Path
+from typing import Callable
+
+import psutil
 
 from supervisor import logs
 from supervisor.classify import exit_details
 from supervisor.config import ModelConfig
 
 STDERR_TAIL_LINES = 200
+ADOPTED_POLL_S = 0.02
+
+
+class AdoptionRefused(Exception):
+    pass
 
 
 class WorkerProcess:
-    """Owns the Popen, the death pipe, the stderr relay and the exit watch. `stop()` is idempotent."""
+    """Owns one worker's OS process: the Popen (or, for a worker adopted from a previous supervisor
+    run, a psutil handle), the death pipe, the stderr relay and the exit watch. `stop()` is
+    idempotent."""
 
     def __init__(
         self,
@@ -28,23 +39,56 @@ class WorkerProcess:
         endpoint: str,
         token: str,
         loop: asyncio.AbstractEventLoop,
-        on_exit: Callable[["WorkerProcess", int], None],
+        on_exit: Callable[["WorkerProcess", int | None], None],
+        log_dir: Path | None = None,
     ) -> None:
         self.model = model
         self.token = token
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
         self.returncode: int | None = None
+        self.start_time: float | None = None
+        self.adopted = False
         self._endpoint = endpoint
+        self._log_dir = log_dir
         self._loop = loop
         self._on_exit = on_exit
         self._exited = asyncio.Event()
         self._death_w: int | None = None
         self._proc: subprocess.Popen | None = None
+        self._ps: psutil.Process | None = None
         self.log = logs.get(model=model.id)
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
+        return self._ps.pid if self._ps else None
+
+    def adopt(self, pid: int, start_time: float) -> None:
+        """Take over a worker a previous supervisor run spawned. pid *and* start time must match,
+        so a stranger that reused the pid is never touched."""
+        try:
+            ps = psutil.Process(pid)
+            if abs(ps.create_time() - start_time) > 0.01:
+                raise AdoptionRefused(f"pid {pid} was reused by another process")
+            if ps.status() == psutil.STATUS_ZOMBIE:
+                raise AdoptionRefused(f"pid {pid} has exited")
+        except psutil.Error as exc:
+            raise AdoptionRefused(f"pid {pid} is gone: {exc}") from None
+        self._ps, self.start_time, self.adopted = ps, start_time, True
+        self.log = logs.get(model=self.model.id, worker_pid=pid)
+        threading.Thread(target=self._wait_adopted, name=f"wait-{self.model.id}", daemon=True).start()
+
+    def _wait_adopted(self) -> None:
+        # Not our child: nothing to wait on, so poll. Its exit status is unknowable, and where
+        # nobody reaps orphans (a container's pid 1) an exited worker lingers as a zombie.
+        while self._ps_running():
+            time.sleep(ADOPTED_POLL_S)
+        self._loop.call_soon_threadsafe(self._exited_cb, None)
+
+    def _ps_running(self) -> bool:
+        try:
+            return self._ps is not None and self._ps.is_running() and self._ps.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
 
     def spawn(self) -> None:
         # The worker holds the read end; we hold the write end. When this process dies for any
@@ -58,6 +102,8 @@ class WorkerProcess:
             LMX_DEATH_FD=str(death_r),
             PYTHONUNBUFFERED="1",
         )
+        if self._log_dir is not None:
+            env["LMX_WORKER_LOG_DIR"] = str(self._log_dir)
         cmd = list(self.model.worker_command or (sys.executable, "-m", "worker"))
         try:
             self._proc = subprocess.Popen(
@@ -66,6 +112,8 @@ class WorkerProcess:
             )
         finally:
             os.close(death_r)
+        self._ps = psutil.Process(self._proc.pid)
+        self.start_time = self._ps.create_time()
         self.log = logs.get(model=self.model.id, worker_pid=self._proc.pid)
         self.log.info("worker.spawned", command=cmd)
         reader = threading.Thread(target=self._relay_output, name=f"stderr-{self.model.id}", daemon=True)
@@ -102,7 +150,7 @@ class WorkerProcess:
         reader.join(timeout=0.5)
         self._loop.call_soon_threadsafe(self._exited_cb, rc)
 
-    def _exited_cb(self, rc: int) -> None:
+    def _exited_cb(self, rc: int | None) -> None:
         self.returncode = rc
         if self._death_w is not None:
             os.close(self._death_w)
@@ -113,8 +161,12 @@ class WorkerProcess:
 
     @property
     def alive(self) -> bool:
-        # Popen.returncode is set the moment the waiter thread reaps the child, before our callback.
-        return self._proc is not None and self._proc.returncode is None and self.returncode is None
+        if self._exited.is_set() or self._ps is None:
+            return False
+        if self._proc is not None:
+            # Popen.returncode is set the moment the waiter thread reaps the child, before our callback.
+            return self._proc.returncode is None
+        return self._ps_running()  # psutil compares the start time too: pid reuse is not "running"
 
     async def wait_exit(self, timeout_s: float) -> bool:
         try:
@@ -124,10 +176,10 @@ class WorkerProcess:
             return False
 
     def signal_group(self, sig: int) -> None:
-        if not self.alive or self._proc is None:
+        if not self.alive or self._ps is None:
             return
         try:
-            os.killpg(self._proc.pid, sig)
+            os.killpg(self._ps.pid, sig)  # its own session: the process group id is its pid
         except ProcessLookupError:
             pass
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import secrets
 from dataclasses import dataclass
 from typing import Callable
 
@@ -35,6 +36,9 @@ class RequestQueue:
         self._model_id = model_id
         self._send = send
         self._ids = itertools.count(1)
+        # Unique across supervisor runs: an adopted worker may still send results for a request
+        # of the previous run, which must never match one of ours.
+        self._prefix = secrets.token_hex(4)
         self.active: Pending | None = None
         self._queue: collections.deque[Pending] = collections.deque()
 
@@ -49,7 +53,7 @@ class RequestQueue:
         if bounded and len(self._queue) >= MAX_QUEUE:
             raise E.Overloaded(f"model {self._model_id} has {len(self._queue)} queued requests",
                                retry_after_s=1.0)
-        wrid = str(next(self._ids))
+        wrid = f"{self._prefix}-{next(self._ids)}"
         pending = Pending(wrid, GenerateRequest(**{**req.to_wire(), "request_id": wrid}), sink, req.request_id)
         if req.timeout_s is not None:
             pending.timer = asyncio.get_running_loop().call_later(req.timeout_s, self.expire, wrid)

@@ -8,19 +8,20 @@ import secrets
 import signal
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from protocol import errors as E
 from protocol.messages import (
     Chunk, Error, Final, GenerateRequest, Heartbeat, Hello, Init, Message, Ready, Shutdown,
 )
-from supervisor import logs, policy, states
+from supervisor import adoption, logs, policy, states
 from supervisor.canary import run_canary
 from supervisor.classify import Verdict, classify
 from supervisor.config import Config, ModelConfig
 from supervisor.hub import WorkerHub
 from supervisor.liveness import liveness_verdict
-from supervisor.process import WorkerProcess
+from supervisor.process import AdoptionRefused, WorkerProcess
 from supervisor.requests import RequestQueue, Sink
 from supervisor.states import ModelState as S
 from supervisor.store import Store
@@ -49,7 +50,7 @@ class Worker:
 
 class ModelRuntime:
     def __init__(self, model: ModelConfig, config: Config, hub: WorkerHub, worker_endpoint: str,
-                 store: Store) -> None:
+                 store: Store, log_dir: Path | None = None) -> None:
         self.cfg = model  # the configured section
         self.running = model  # the section that runs (differs after a rollback)
         self.config = config
@@ -64,6 +65,9 @@ class ModelRuntime:
         self.requests = RequestQueue(model.id, self._send_to_worker)
         self._hub = hub
         self._endpoint = worker_endpoint
+        self._log_dir = log_dir
+        # A worker of a previous supervisor run, still inside its orphan grace: adopted on start.
+        self._orphan: dict[str, Any] | None = store.worker(model.id)
         self._task: asyncio.Task | None = None
         self._watch: asyncio.Task | None = None
         self._stable: asyncio.TimerHandle | None = None
@@ -151,29 +155,97 @@ class ModelRuntime:
             await self._failed(E.InternalError(f"start failed: {exc!r}"))
 
     async def _start_worker(self) -> None:
-        loop = asyncio.get_running_loop()
-        token = secrets.token_hex(16)
         cfg = self.running
-        process = WorkerProcess(cfg, self._endpoint, token, loop, self._on_exit)
-        worker = Worker(process, cfg, loop.create_future(), loop.create_future())
-        self.worker = worker
-        self._hub.register(token, self)
-        self._to(S.STARTING, "spawn")
-        process.spawn()
-        self._watch = loop.create_task(self._watch_worker(worker), name=f"watch-{self.cfg.id}")
-        sup = self.config.supervisor
-        await self._await(worker.hello, HELLO_TIMEOUT_S, E.LoadTimeout("worker sent no hello"))
-        self._hub.send(token, Init(cfg.id, cfg.revision, cfg.path, sup.heartbeat_interval_s,
-                                   sup.orphan_grace_s, cfg.memory_limit_bytes))
-        self._to(S.LOADING, "handshake done")
-        await self._await(worker.ready, sup.load_timeout_s,
-                          E.LoadTimeout(f"no ready within load_timeout_s={sup.load_timeout_s}"))
-        self._to(S.CANARY, "weights loaded")
+        orphan, self._orphan = self._orphan, None
+        if orphan is not None and orphan["revision"] == cfg.revision:
+            self._to(S.STARTING, f"adopting worker pid {orphan['pid']}")
+            worker = await self._adopt(orphan)
+        else:
+            if orphan is not None:
+                self._end_orphan(orphan, f"its revision {orphan['revision']} is no longer wanted")
+            self._to(S.STARTING, "spawn")
+            worker = None
+        if worker is not None:
+            self._to(S.CANARY, "adopted: weights already loaded")
+        else:
+            worker = await self._spawn_and_load(cfg)
         result = await run_canary(cfg.canary, self.requests, self.log)
         self.retry_at = None
         self.ready_since = time.monotonic()
         self._to(S.READY, "canary passed", canary_tokens=result.usage.get("completion_tokens"))
-        self._stable = loop.call_later(self.config.restart.stable_after_s, self._on_stable, worker)
+        p = worker.process
+        self.store.set_worker(self.cfg.id, adoption.worker_record(
+            p.pid, p.start_time, p.token, cfg.revision, self._endpoint, self.store.boot_id))
+        self._stable = asyncio.get_running_loop().call_later(
+            self.config.restart.stable_after_s, self._on_stable, worker)
+
+    def _new_worker(self, cfg: ModelConfig, token: str) -> Worker:
+        loop = asyncio.get_running_loop()
+        process = WorkerProcess(cfg, self._endpoint, token, loop, self._on_exit, self._log_dir)
+        worker = Worker(process, cfg, loop.create_future(), loop.create_future())
+        self.worker = worker
+        self._hub.register(token, self)
+        return worker
+
+    def _watch_it(self, worker: Worker) -> None:
+        self._watch = asyncio.get_running_loop().create_task(self._watch_worker(worker),
+                                                             name=f"watch-{self.cfg.id}")
+
+    async def _spawn_and_load(self, cfg: ModelConfig) -> Worker:
+        worker = self._new_worker(cfg, secrets.token_hex(16))
+        worker.process.spawn()
+        self._watch_it(worker)
+        sup = self.config.supervisor
+        await self._await(worker.hello, HELLO_TIMEOUT_S, E.LoadTimeout("worker sent no hello"))
+        self._hub.send(worker.process.token, Init(cfg.id, cfg.revision, cfg.path, sup.heartbeat_interval_s,
+                                                  sup.orphan_grace_s, cfg.memory_limit_bytes))
+        self._to(S.LOADING, "handshake done")
+        await self._await(worker.ready, sup.load_timeout_s,
+                          E.LoadTimeout(f"no ready within load_timeout_s={sup.load_timeout_s}"))
+        self._to(S.CANARY, "weights loaded")
+        return worker
+
+    async def _adopt(self, record: dict[str, Any]) -> Worker | None:
+        """The worker proves itself with an adoption hello, or is ended and a fresh one spawned.
+        Neither outcome is a model failure: the supervisor, not the model, went away."""
+        worker = self._new_worker(self.running, record["token"])
+        try:
+            worker.process.adopt(record["pid"], record["start_time"])
+        except AdoptionRefused as exc:
+            self._forget(worker)
+            self.log.info("worker.adoption_skipped", reason=str(exc), worker_pid=record["pid"])
+            return None
+        self._watch_it(worker)
+        sup = self.config.supervisor
+        try:
+            hello = await self._await(worker.hello, max(5.0, 3 * sup.heartbeat_interval_s),
+                                      E.LoadTimeout("no adoption hello"))
+            why = adoption.refusal(hello, record, self.running.revision)
+        except E.LmxError as exc:
+            why = exc.message
+        if why is not None:
+            self.log.warning("worker.adoption_refused", reason=why, worker_pid=record["pid"])
+            await self._stop_worker(f"adoption refused: {why}")
+            return None
+        self._hub.send(worker.process.token, adoption.adopt_message())
+        self.log.info("worker.adopted", worker_pid=record["pid"], revision=record["revision"])
+        return worker
+
+    def _forget(self, worker: Worker) -> None:
+        self._hub.unregister(worker.process.token)
+        if self.worker is worker:
+            self.worker = None
+
+    def _end_orphan(self, record: dict[str, Any], why: str) -> None:
+        """A previous run's worker we will not adopt: end it (after proving pid and start time)."""
+        process = WorkerProcess(self.running, self._endpoint, record["token"], asyncio.get_running_loop(),
+                                lambda *_: None, self._log_dir)
+        try:
+            process.adopt(record["pid"], record["start_time"])
+        except AdoptionRefused:
+            return
+        self.log.info("worker.orphan_ended", worker_pid=record["pid"], reason=why)
+        asyncio.get_running_loop().create_task(process.stop(why, self.config.supervisor.stop_timeout_s))
 
     def _on_stable(self, worker: Worker) -> None:
         """READY for stable_after_s: the backoff resets and this revision is last-known-good."""
@@ -318,16 +390,18 @@ class ModelRuntime:
         await worker.process.stop(reason, self.config.supervisor.stop_timeout_s,
                                   ask=lambda: self._hub.send(token, Shutdown(reason)))
         self._hub.unregister(token)
+        self.store.set_worker(self.cfg.id, None)
         if self.worker is worker:
             self.worker = None
             self.ready_since = None
 
     # --- worker events -------------------------------------------------------------------------
 
-    def _on_exit(self, process: WorkerProcess, rc: int) -> None:
+    def _on_exit(self, process: WorkerProcess, rc: int | None) -> None:
         worker = self.worker
         if worker is None or worker.process is not process or worker.stopping:
             return
+        self.store.set_worker(self.cfg.id, None)
         verdict = classify(rc, process.stderr_tail, killed_for=worker.killed_for, last_memory=worker.memory,
                            memory_limit_bytes=worker.cfg.memory_limit_bytes)
         exc = E.error_class(verdict.code)(verdict.message(process.pid), worker_pid=process.pid,

@@ -32,7 +32,8 @@ TRANSITIONS: dict[ModelState, frozenset[ModelState]] = {
     S.UNLOADED: frozenset({S.ADMITTING}),
     S.ADMITTING: frozenset({S.STARTING, S.REJECTED, S.UNLOADED}),  # -> UNLOADED: unload while admitting
     S.REJECTED: frozenset({S.ADMITTING, S.UNLOADED}),  # operator retry or config change
-    S.STARTING: frozenset({S.LOADING, S.BACKOFF, S.DRAINING}),
+    # STARTING -> CANARY: an adopted worker has its weights loaded already; it only re-proves itself.
+    S.STARTING: frozenset({S.LOADING, S.CANARY, S.BACKOFF, S.DRAINING}),
     S.LOADING: frozenset({S.CANARY, S.BACKOFF, S.DRAINING}),
     S.CANARY: frozenset({S.READY, S.BACKOFF, S.DRAINING}),
     S.READY: frozenset({S.DRAINING, S.BACKOFF}),

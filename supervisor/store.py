@@ -29,6 +29,9 @@ CREATE TABLE IF NOT EXISTS models(
 CREATE TABLE IF NOT EXISTS revisions(
   model TEXT NOT NULL, revision TEXT NOT NULL, section TEXT NOT NULL, first_seen REAL NOT NULL,
   PRIMARY KEY(model, revision));
+CREATE TABLE IF NOT EXISTS workers(
+  model TEXT PRIMARY KEY, pid INTEGER NOT NULL, start_time REAL NOT NULL, token TEXT NOT NULL,
+  revision TEXT NOT NULL, socket TEXT NOT NULL, boot_id INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS boots(id INTEGER PRIMARY KEY, at REAL NOT NULL, clean INTEGER NOT NULL DEFAULT 0);
 """
 
@@ -152,10 +155,28 @@ class Store:
         self._model_row(model.id)
         self.db.execute("UPDATE models SET lkg_revision=? WHERE model=?", (model.revision, model.id))
 
+    # --- live workers (for adoption by the next supervisor run) ---------------------------------
+
+    def set_worker(self, model: str, record: dict[str, Any] | None) -> None:
+        if record is None:
+            self.db.execute("DELETE FROM workers WHERE model=?", (model,))
+            return
+        self.db.execute(
+            "INSERT OR REPLACE INTO workers(model, pid, start_time, token, revision, socket, boot_id)"
+            " VALUES (?,?,?,?,?,?,?)",
+            (model, record["pid"], record["start_time"], record["token"], record["revision"],
+             record["socket"], record["boot_id"]))
+
+    def worker(self, model: str) -> dict[str, Any] | None:
+        cur = self.db.execute("SELECT * FROM workers WHERE model=?", (model,))
+        row = cur.fetchone()
+        return dict(zip([d[0] for d in cur.description], row)) if row else None
+
     # --- the supervisor's boots (crash-loop detection) -----------------------------------------
 
     def boot(self) -> int:
-        return int(self.db.execute("INSERT INTO boots(at) VALUES (?)", (time.time(),)).lastrowid)
+        self.boot_id = int(self.db.execute("INSERT INTO boots(at) VALUES (?)", (time.time(),)).lastrowid)
+        return self.boot_id
 
     def clean_shutdown(self, boot_id: int) -> None:
         self.db.execute("UPDATE boots SET clean=1 WHERE id=?", (boot_id,))

@@ -57,6 +57,20 @@ def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str, interv
         time.sleep(interval_s)
 
 
+def workers_of(state_dir: Path) -> set[int]:
+    """Every live worker process serving this state dir, whoever its parent is."""
+    endpoint = f"ipc://{state_dir / 'workers.sock'}"
+    found = set()
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if "worker" in " ".join(proc.info["cmdline"] or []) and \
+                    proc.environ().get("LMX_WORKER_ENDPOINT") == endpoint and proc.status() != psutil.STATUS_ZOMBIE:
+                found.add(proc.pid)
+        except psutil.Error:
+            continue
+    return found
+
+
 # Fast defaults for tests: quick heartbeats, short grace periods, a tiny canary.
 TEST_SUPERVISOR = {"heartbeat_interval_s": 0.2, "heartbeat_timeout_s": 5.0, "orphan_grace_s": 5.0,
                    "drain_grace_s": 10.0, "stop_timeout_s": 3.0}
@@ -165,8 +179,8 @@ class RunningSupervisor:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        leftovers = [pid for pid in self.known_worker_pids if psutil.pid_exists(pid)
-                     and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+        leftovers = {pid for pid in self.known_worker_pids if psutil.pid_exists(pid)
+                     and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE} | workers_of(self.state_dir)
         for pid in leftovers:
             os.kill(pid, signal.SIGKILL)
         assert not leftovers, f"workers outlived their supervisor: {leftovers}"

@@ -14,6 +14,7 @@ import pytest
 
 from protocol import errors as E
 from protocol.client import SupervisorClient
+from tests.harness import workers_of
 
 METAL_OOM = ("[METAL] Command buffer execution failed: Insufficient Memory "
              "(00000008:kIOGPUCommandBufferCallbackErrorOutOfMemory)")
@@ -155,3 +156,47 @@ def test_a_snapshot_that_passes_file_checks_but_fails_to_load(make_supervisor, t
     records = sup.client.history("broken")
     assert [r["code"] for r in records] == ["LOAD_FAILED", "LOAD_FAILED"]
     assert any("load_failed" in line for line in records[0]["stderr_tail"])
+
+
+def test_a_supervisor_sigkilled_mid_stream_adopts_its_workers_without_a_reload(make_supervisor, tiny_model: Path) -> None:
+    sup = make_supervisor([{"id": "a", "path": str(tiny_model)}, {"id": "b", "path": str(tiny_model)}],
+                          supervisor={"orphan_grace_s": 60.0}).start()
+    pids = {m["id"]: m["worker_pid"] for m in sup.status()["models"]}
+
+    async def stream_while_supervisor_dies() -> Exception:
+        async with SupervisorClient(state_dir=sup.state_dir) as client:
+            try:
+                async for _ in client.generate("a", "Hello", max_tokens=1500):
+                    sup.proc.kill()
+            except E.LmxError as exc:
+                return exc
+        raise AssertionError("no error")
+
+    assert isinstance(asyncio.run(stream_while_supervisor_dies()), E.SupervisorUnavailable)
+    sup.proc.wait()
+    sup.start()
+    assert {m["id"]: m["worker_pid"] for m in sup.status()["models"]} == pids
+    assert workers_of(sup.state_dir) == set(pids.values())  # no duplicates
+    for model, pid in pids.items():
+        log = (sup.state_dir / "logs" / f"worker-{model}-{pid}.log").read_text()
+        assert log.count('"worker.loaded"') == 1 and '"worker.adopted"' in log
+    adopted = [e for e in sup.events("model.state") if e["to"] == "CANARY" and "adopted" in e["reason"]]
+    assert {e["model"] for e in adopted} == {"a", "b"}
+    for model in pids:
+        assert sup.client.complete(model, "Hello", max_tokens=3).usage["completion_tokens"] >= 1
+
+
+def test_a_supervisor_restarted_after_the_grace_window_reloads(make_supervisor, tiny_model: Path) -> None:
+    import psutil
+
+    sup = make_supervisor([{"id": "a", "path": str(tiny_model)}], supervisor={"orphan_grace_s": 1.0}).start()
+    pid = sup.model("a")["worker_pid"]
+    sup.proc.kill()
+    sup.proc.wait()
+    from tests.harness import wait_until
+
+    wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
+               10, "the orphan to exit")
+    sup.start()
+    assert sup.model("a")["worker_pid"] != pid
+    assert [e for e in sup.events("worker.adoption_skipped") if e["worker_pid"] == pid]

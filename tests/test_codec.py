@@ -28,6 +28,8 @@ SAMPLES = [
     M.HistoryRequest("r7", "m", 10),
     M.HistoryReply("r7", "m", [{"code": "WORKER_OOM"}]),
     M.Hello("tok", 123, "m", {"python": "3.11"}),
+    M.Hello("tok", 123, "m", {}, adopt=True, revision="abc", start_time=1.5),
+    M.Adopt(42, 1234.5),
     M.Init("m", "abc", "/p", 1.0, 60.0, 0),
     M.Ready("abc", 0.5, {"rss_bytes": 1}),
     M.Heartbeat(7, "decode", {"rss_bytes": 2}),

@@ -12,9 +12,18 @@ import zmq
 
 from protocol import codec
 from protocol.exitcodes import WorkerExit
-from protocol.messages import TO_WORKER, Cancel, Heartbeat, Message
+import psutil
+
+from protocol.messages import TO_WORKER, Adopt, Cancel, Heartbeat, Hello, Message
 from worker.log import log
 
+
+
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 class Progress:
@@ -24,6 +33,8 @@ class Progress:
         self.count = 0
         self.phase = "starting"
         self.cancelled: set[str] = set()
+        self.current: str | None = None  # the request being generated
+        self.revision: str | None = None  # set once the weights are loaded
         self.memory: Callable[[], dict] = dict
 
 
@@ -48,10 +59,12 @@ class Channel:
         self._push.connect(self._inproc)
         self._push_lock = threading.Lock()
         self._orphaned_at: float | None = None
+        self._supervisor: psutil.Process | None = None  # the adopting supervisor, watched by polling
+        self._hello: Hello | None = None
         self._thread = threading.Thread(target=self._run, name="lmx-io", daemon=True)
 
-    def start(self, first: Message) -> None:
-        self._first = first
+    def start(self, first: Hello) -> None:
+        self._hello = first
         self._thread.start()
 
     def send(self, msg: Message) -> None:
@@ -79,7 +92,8 @@ class Channel:
 
     def _loop(self) -> None:
         sock = self._socket()
-        self._send(sock, self._first)
+        assert self._hello is not None
+        self._send(sock, self._hello)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._pull, zmq.POLLIN)
@@ -99,6 +113,7 @@ class Channel:
                     self._on_parent_gone(poller)
             now = time.monotonic()
             if now >= next_beat:
+                self._check_adopter()
                 self._beat(sock)
                 last_beat = now
             if self._orphaned_at is not None and now - self._orphaned_at > self.orphan_grace_s:
@@ -114,14 +129,43 @@ class Channel:
             return
         if isinstance(msg, Cancel):
             self.progress.cancelled.add(msg.request_id)
+        if isinstance(msg, Adopt):
+            self._on_adopt(msg)
+            return
         self.inbox.put(msg)
+
+    def _on_adopt(self, msg: Adopt) -> None:
+        if self._orphaned_at is None:
+            return
+        try:
+            proc = psutil.Process(msg.supervisor_pid)
+            if abs(proc.create_time() - msg.supervisor_start_time) > 1.0:
+                raise psutil.NoSuchProcess(msg.supervisor_pid)
+        except psutil.Error:
+            log("worker.adopt_refused", level="warning", supervisor_pid=msg.supervisor_pid)
+            return
+        self._supervisor = proc
+        self._orphaned_at = None
+        log("worker.adopted", supervisor_pid=msg.supervisor_pid)
+
+    def _check_adopter(self) -> None:
+        # An adopting supervisor is not our parent: no death pipe, so poll it once per beat.
+        if self._supervisor is not None and not _running(self._supervisor):
+            self._supervisor = None
+            self._orphan()
 
     def _on_parent_gone(self, poller: zmq.Poller) -> None:
         # EOF on the death pipe: the supervisor process is gone (crash, SIGKILL, or exit).
         poller.unregister(self._death_fd)
         os.close(self._death_fd)
         self._death_fd = None
+        self._orphan()
+
+    def _orphan(self) -> None:
         self._orphaned_at = time.monotonic()
+        # Its client went with the supervisor: stop generating for nobody.
+        if self.progress.current is not None:
+            self.progress.cancelled.add(self.progress.current)
         log("worker.orphaned", grace_s=self.orphan_grace_s)
 
     def _beat(self, sock: zmq.Socket) -> None:
@@ -130,6 +174,13 @@ class Channel:
         except Exception:  # memory figures are best effort; the beat itself must go out
             memory = {}
         self._send(sock, Heartbeat(self.progress.count, self.progress.phase, memory))
+        if self._orphaned_at is not None and self._hello is not None:
+            # Until a new supervisor adopts us (or the grace runs out), keep asking: ZeroMQ
+            # reconnects by itself once a supervisor binds the socket again.
+            h = self._hello
+            self._send(sock, Hello(h.token, h.pid, h.model_id, h.versions, adopt=True,
+                                   revision=self.progress.revision,
+                                   start_time=psutil.Process().create_time()))
 
     def _forward(self, sock: zmq.Socket) -> None:
         frames = self._pull.recv_multipart(copy=False)

@@ -3,14 +3,31 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
+# The supervisor names a per-worker file too: a worker that outlives its supervisor and is adopted
+# by the next one has lost its stderr pipe, but its log stays readable there.
+_FILE = None
+if os.environ.get("LMX_WORKER_LOG_DIR"):
+    try:
+        _FILE = open(os.path.join(os.environ["LMX_WORKER_LOG_DIR"],
+                                  f"worker-{os.environ.get('LMX_MODEL_ID', 'model')}-{os.getpid()}.log"),
+                     "a", buffering=1)
+    except OSError:
+        _FILE = None
+
 
 def log(event: str, level: str = "info", **fields: object) -> None:
-    line = {"ts": time.time(), "level": level, "event": event, **fields}
+    text = json.dumps({"ts": time.time(), "level": level, "event": event, **fields}, default=str) + "\n"
+    if _FILE is not None:
+        try:
+            _FILE.write(text)
+        except (OSError, ValueError):
+            pass
     try:
-        sys.stderr.write(json.dumps(line, default=str) + "\n")
+        sys.stderr.write(text)
         sys.stderr.flush()
     except (OSError, ValueError):
         # stderr is a pipe to the supervisor; once it is gone (orphaned) a log line must not

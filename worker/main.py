@@ -57,6 +57,7 @@ def _serve(channel: Channel, engine, progress: Progress) -> int:
         if not isinstance(msg, GenerateRequest):
             continue
         rid = msg.request_id
+        progress.current = rid
 
         def emit(text: str, tokens: int, rid: str = rid) -> None:
             channel.send(Chunk(rid, text, tokens))
@@ -74,6 +75,7 @@ def _serve(channel: Channel, engine, progress: Progress) -> int:
             channel.send(Final(rid, out.text, out.finish_reason, usage, out.timings))
         finally:
             progress.cancelled.discard(rid)
+            progress.current = None
             progress.phase = "idle"
 
 
@@ -102,6 +104,7 @@ def main() -> int:
         _flush_and_exit(WorkerExit.LOAD_FAILED)
     progress.memory = engine.memory
     progress.phase = "idle"
+    progress.revision = init.revision
     log("worker.loaded", revision=init.revision, load_s=round(load_s, 3))
     channel.send(Ready(init.revision, load_s, engine.memory()))
     return _serve(channel, engine, progress)
