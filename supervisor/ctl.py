@@ -35,6 +35,8 @@ def _table(status: dict[str, Any]) -> str:
     for m in status["models"]:
         err = m.get("last_error")
         err_s = f"{err['code']}: {err['message']}"[:60] if err else "-"
+        if m.get("configured_revision") not in (None, m["revision"]):
+            err_s = f"running {m['revision']}, configured {m['configured_revision']}; {err_s}"
         lines.append(
             f"{m['id'][:16]:<16} {m['state']:<12} {m['revision']:<12} {m['worker_pid'] or '-':>7} "
             f"{m['restarts']:>8} {m['failures_in_window']:>5}  {err_s}"

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 
 from protocol import errors as E
 from protocol.client import SupervisorClient
-from tests.harness import workers_of
+from tests.harness import REPO, workers_of
 
 METAL_OOM = ("[METAL] Command buffer execution failed: Insufficient Memory "
              "(00000008:kIOGPUCommandBufferCallbackErrorOutOfMemory)")
@@ -107,6 +108,13 @@ def test_a_broken_new_revision_rolls_back_to_last_known_good(make_supervisor, ti
     states = [(e["from"], e["to"]) for e in sup.events("model.state") if e["model"] == "m"]
     assert ("BACKOFF", "ROLLING_BACK") in states and ("ROLLING_BACK", "STARTING") in states
     assert sup.client.complete("m", "Hello", max_tokens=2).usage["completion_tokens"] >= 1
+    # By hand: an operator moves it to a known revision (here the same v1, on a fresh worker).
+    pid = m["worker_pid"]
+    assert sup.client.rollback("m", v1)["revision"] == v1
+    m = sup.wait_model("m", lambda m: m["state"] == "READY" and m["worker_pid"] != pid, 30, "READY by hand")
+    assert m["revision"] == v1
+    with pytest.raises(E.BadRequest):
+        sup.client.rollback("m", "000000000000")
 
 
 def test_a_stopped_worker_is_hung_killed_and_restarted(make_supervisor, tiny_model: Path) -> None:
@@ -200,3 +208,55 @@ def test_a_supervisor_restarted_after_the_grace_window_reloads(make_supervisor, 
     sup.start()
     assert sup.model("a")["worker_pid"] != pid
     assert [e for e in sup.events("worker.adoption_skipped") if e["worker_pid"] == pid]
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGSEGV", "SIGABRT", "SIGBUS"])
+def test_deaths_during_load_are_classified_and_the_other_model_keeps_serving(
+    make_supervisor, tiny_model: Path, sig: str
+) -> None:
+    sup = make_supervisor([
+        {"id": "bad", "path": str(tiny_model), "worker_command": chaos("--at", "load", "--signal", sig)},
+        {"id": "good", "path": str(tiny_model)},
+    ], restart={"quarantine_after": 1}).start(wait_ready=False)
+    sup.wait_model("bad", lambda m: m["state"] == "QUARANTINED", 30, "QUARANTINED")
+    sup.wait_model("good", lambda m: m["state"] == "READY", 30, "READY")
+    (record,) = sup.client.history("bad")
+    assert (record["code"], record["signal"], record["phase"]) == ("WORKER_CRASHED", sig, "LOADING")
+    assert sup.client.complete("good", "Hello", max_tokens=3).usage["completion_tokens"] >= 1
+
+
+def _lmxctl(sup, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "supervisor.ctl", "--state-dir", str(sup.state_dir), *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+
+
+def test_operators_see_and_clear_a_quarantine_with_lmxctl_and_a_config_change_clears_it_too(
+    make_supervisor, tiny_model: Path
+) -> None:
+    crashing = {"id": "m", "path": str(tiny_model), "worker_command": chaos("--at", "load", "--signal", "SIGBUS")}
+    restart = {"quarantine_after": 2, "backoff_initial_s": 0.05}
+    sup = make_supervisor([crashing], restart=restart).start(wait_ready=False)
+    sup.wait_model("m", lambda m: m["state"] == "QUARANTINED", 30, "QUARANTINED")
+    history = _lmxctl(sup, "history", "m")
+    assert history.returncode == 0 and history.stdout.count("WORKER_CRASHED") == 2 and "SIGBUS" in history.stdout
+    status = _lmxctl(sup, "status")
+    assert "QUARANTINED" in status.stdout and "MODEL_QUARANTINED" in status.stdout
+    gen = _lmxctl(sup, "generate", "m", "Hello", "--json")
+    assert gen.returncode == 1 and json.loads(gen.stdout)["error"]["code"] == "MODEL_QUARANTINED"
+    # The operator fixes the config (drops the crashing wrapper) and sends SIGHUP, as launchd users do.
+    sup.rewrite([{k: v for k, v in crashing.items() if k != "worker_command"}], restart=restart)
+    sup.proc.send_signal(signal.SIGHUP)
+    m = sup.wait_model("m", lambda m: m["state"] == "READY", 30, "READY on the new revision")
+    assert m["revision"] == m["configured_revision"] and not m["quarantined"]
+    assert [e for e in sup.events("config.reloaded") if e["changed"] == ["m"]]
+
+
+def test_a_corrupt_store_is_moved_aside_loudly_not_silently_reset(make_supervisor, tiny_model: Path) -> None:
+    sup = make_supervisor([{"id": "m", "path": str(tiny_model)}])
+    sup.state_dir.mkdir(mode=0o700, parents=True)
+    (sup.state_dir / "store.sqlite3").write_bytes(b"this is not a database" * 100)
+    sup.start()
+    aside = list(sup.state_dir.glob("store.sqlite3.corrupt-*"))
+    assert len(aside) == 1 and aside[0].read_bytes().startswith(b"this is not a database")
+    (event,) = sup.events("store.corrupt_moved_aside")
+    assert event["level"] == "error" and event["moved_to"] == str(aside[0])

@@ -61,6 +61,9 @@ class Engine:
             "mlx_peak_bytes": mx.get_peak_memory(),
         }
 
+    def set_memory_limit(self, limit_bytes: int) -> None:
+        self._mx.set_memory_limit(limit_bytes)
+
     def load(self, path: str) -> float:
         start = time.monotonic()
         self.model, self.tokenizer = self._mlx_lm.load(path)

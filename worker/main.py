@@ -96,6 +96,10 @@ def main() -> int:
         from worker.engine import Engine
 
         engine = Engine(progress)
+        if init.memory_limit_bytes > 0 and sys.platform == "darwin":
+            # No address-space cap on macOS (Metal memory is not in it): mlx's own limit instead,
+            # and the supervisor's watchdog on the reported footprint.
+            engine.set_memory_limit(init.memory_limit_bytes)
         log("worker.loading", path=init.path, revision=init.revision, **engine.versions())
         load_s = engine.load(init.path)
     except Exception as exc:
