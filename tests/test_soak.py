@@ -41,10 +41,12 @@ def test_random_faults_keep_every_invariant(make_supervisor, tiny_model: Path) -
         pid = sup.model(target)["worker_pid"]
         async with SupervisorClient(state_dir=sup.state_dir) as client:
             async def stream() -> str:
+                injected_now = FAULTS[fault] is None
                 try:
                     async for _ in client.generate(target, "Hello", max_tokens=400 if fault == "none" else 1500):
-                        if FAULTS[fault] is not None and pid:
+                        if not injected_now:
                             os.kill(pid, FAULTS[fault])
+                            injected_now = True
                     return "text"
                 except E.LmxError as exc:
                     return exc.code.code
