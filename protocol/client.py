@@ -8,7 +8,7 @@ import os
 import threading
 import uuid
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import zmq
 import zmq.asyncio

@@ -5,47 +5,24 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-import signal
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from protocol import errors as E
-from protocol.messages import (
-    Chunk, Error, Final, GenerateRequest, Heartbeat, Hello, Init, Message, Ready, Shutdown,
-)
+from protocol.messages import Chunk, Error, Final, GenerateRequest, Init, Message, Shutdown
 from supervisor import adoption, logs, policy, states
 from supervisor.canary import run_canary
 from supervisor.classify import Verdict, classify
 from supervisor.config import Config, ModelConfig
+from supervisor.handle import Worker, wait_for
 from supervisor.hub import WorkerHub
-from supervisor.liveness import liveness_verdict
 from supervisor.process import AdoptionRefused, WorkerProcess
 from supervisor.requests import RequestQueue, Sink
 from supervisor.states import ModelState as S
 from supervisor.store import Store
 
 HELLO_TIMEOUT_S = 60.0
-
-
-@dataclass
-class Worker:
-    """What the supervisor knows about one live worker process."""
-
-    process: WorkerProcess
-    cfg: ModelConfig
-    hello: asyncio.Future
-    ready: asyncio.Future
-    last_heartbeat: float = field(default_factory=time.monotonic)
-    progress: int = 0
-    progress_at: float = field(default_factory=time.monotonic)
-    phase: str = "starting"
-    memory: dict = field(default_factory=dict)
-    stopping: bool = False
-    killed_for: tuple[E.ErrorCode, str] | None = None
-    death: Verdict | None = None
-    death_request: str | None = None  # the request on the worker when it died
 
 
 class ModelRuntime:
@@ -182,13 +159,13 @@ class ModelRuntime:
     def _new_worker(self, cfg: ModelConfig, token: str) -> Worker:
         loop = asyncio.get_running_loop()
         process = WorkerProcess(cfg, self._endpoint, token, loop, self._on_exit, self._log_dir)
-        worker = Worker(process, cfg, loop.create_future(), loop.create_future())
+        worker = Worker(process, cfg, loop)
         self.worker = worker
         self._hub.register(token, self)
         return worker
 
     def _watch_it(self, worker: Worker) -> None:
-        self._watch = asyncio.get_running_loop().create_task(self._watch_worker(worker),
+        self._watch = asyncio.get_running_loop().create_task(worker.watch(self.config.supervisor, self.log),
                                                              name=f"watch-{self.cfg.id}")
 
     async def _spawn_and_load(self, cfg: ModelConfig) -> Worker:
@@ -196,11 +173,11 @@ class ModelRuntime:
         worker.process.spawn()
         self._watch_it(worker)
         sup = self.config.supervisor
-        await self._await(worker.hello, HELLO_TIMEOUT_S, E.LoadTimeout("worker sent no hello"))
+        await wait_for(worker.hello, HELLO_TIMEOUT_S, E.LoadTimeout("worker sent no hello"))
         self._hub.send(worker.process.token, Init(cfg.id, cfg.revision, cfg.path, sup.heartbeat_interval_s,
                                                   sup.orphan_grace_s, cfg.memory_limit_bytes))
         self._to(S.LOADING, "handshake done")
-        await self._await(worker.ready, sup.load_timeout_s,
+        await wait_for(worker.ready, sup.load_timeout_s,
                           E.LoadTimeout(f"no ready within load_timeout_s={sup.load_timeout_s}"))
         self._to(S.CANARY, "weights loaded")
         return worker
@@ -218,7 +195,7 @@ class ModelRuntime:
         self._watch_it(worker)
         sup = self.config.supervisor
         try:
-            hello = await self._await(worker.hello, max(5.0, 3 * sup.heartbeat_interval_s),
+            hello = await wait_for(worker.hello, max(5.0, 3 * sup.heartbeat_interval_s),
                                       E.LoadTimeout("no adoption hello"))
             why = adoption.refusal(hello, record, self.running.revision)
         except E.LmxError as exc:
@@ -254,13 +231,6 @@ class ModelRuntime:
         self.consecutive_failures = 0
         self.store.set_lkg(self.running)
         self.log.info("model.stable", revision=self.running.revision, lkg=True)
-
-    @staticmethod
-    async def _await(fut: asyncio.Future, timeout_s: float, on_timeout: E.LmxError) -> Any:
-        try:
-            return await asyncio.wait_for(asyncio.shield(fut), timeout_s)
-        except asyncio.TimeoutError:
-            raise on_timeout from None
 
     async def _failed(self, exc: E.LmxError, verdict: Verdict | None = None) -> None:
         """A start or a READY worker failed: stop what is left, fail its requests, then let the
@@ -406,10 +376,7 @@ class ModelRuntime:
                            memory_limit_bytes=worker.cfg.memory_limit_bytes)
         exc = E.error_class(verdict.code)(verdict.message(process.pid), worker_pid=process.pid,
                                           cause=verdict.cause, **verdict.details)
-        for fut in (worker.hello, worker.ready):
-            if not fut.done():
-                fut.set_exception(exc)
-                fut.exception()  # whoever awaits it gets exc; nobody awaiting is not an error
+        worker.fail_handshake(exc)
         worker.death = verdict
         if self.requests.active is not None:
             worker.death_request = self.requests.active.origin_id or "canary"
@@ -422,42 +389,10 @@ class ModelRuntime:
 
     def on_worker_message(self, msg: Message) -> None:
         worker = self.worker
-        if worker is None:
+        if worker is None or worker.on_message(msg):
             return
-        now = time.monotonic()
-        if isinstance(msg, Heartbeat):
-            worker.last_heartbeat = now
-            if msg.progress != worker.progress or msg.phase != worker.phase:
-                worker.progress_at = now
-            worker.progress, worker.phase, worker.memory = msg.progress, msg.phase, msg.memory
-        elif isinstance(msg, (Chunk, Final, Error)) and msg.request_id:
+        if isinstance(msg, (Chunk, Final, Error)) and msg.request_id:
             self.requests.on_result(msg)
-        elif isinstance(msg, Hello) and not worker.hello.done():
-            worker.last_heartbeat = now
-            worker.hello.set_result(msg)
-        elif isinstance(msg, Ready) and not worker.ready.done():
-            if msg.revision != worker.cfg.revision:
-                worker.ready.set_exception(E.LoadFailed(f"worker loaded revision {msg.revision}"))
-            else:
-                worker.memory = msg.memory
-                worker.ready.set_result(msg)
-        elif isinstance(msg, Error) and not worker.ready.done():
-            worker.ready.set_exception(msg.to_exc())
-
-    async def _watch_worker(self, worker: Worker) -> None:
-        """Liveness: heartbeats must keep coming; while prefilling or decoding, progress must move;
-        memory must stay under the model's limit. A verdict kills the worker's process group."""
-        sup = self.config.supervisor
-        while worker.process.alive and not worker.stopping:
-            await asyncio.sleep(sup.heartbeat_interval_s)
-            verdict = liveness_verdict(sup, time.monotonic(), worker.last_heartbeat, worker.phase,
-                                       worker.progress_at, worker.memory, worker.cfg.memory_limit_bytes)
-            if verdict and worker.process.alive and not worker.stopping:
-                worker.killed_for = verdict
-                self.log.error("worker.killed", code=verdict[0].code, reason=verdict[1],
-                               worker_pid=worker.process.pid)
-                worker.process.signal_group(signal.SIGKILL)
-                return
 
     # --- requests ------------------------------------------------------------------------------
 

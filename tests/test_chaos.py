@@ -137,7 +137,7 @@ def test_a_stopped_worker_is_hung_killed_and_restarted(make_supervisor, tiny_mod
     exc, waited = asyncio.run(stream_then_stop())
     assert isinstance(exc, E.WorkerHung) and exc.details["signal"] == "SIGKILL"
     assert 1.4 <= waited < 5.0
-    m = sup.wait_model("m", lambda m: m["state"] == "READY" and m["worker_pid"] != pid, 30, "restarted")
+    sup.wait_model("m", lambda m: m["state"] == "READY" and m["worker_pid"] != pid, 30, "restarted")
     assert sup.client.history("m")[0]["code"] == "WORKER_HUNG"
 
 
