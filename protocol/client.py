@@ -297,6 +297,10 @@ class SupervisorClient:
         """Run `revision` (default: the last-known-good one)."""
         return await self._admin("rollback", model, revision, timeout_s)
 
+    async def verify(self, model: str, timeout_s: float = 60.0) -> dict:
+        """The admission checks on a model's snapshot: {path, findings: [{code, file, message}]}."""
+        return await self._admin("verify", model, None, timeout_s)
+
     async def reload(self, timeout_s: float = 120.0) -> dict:
         """Re-read the config file (like SIGHUP): {added, removed, changed}."""
         return await self._admin("reload", None, None, timeout_s)
@@ -331,6 +335,9 @@ class SyncSupervisorClient:
 
     def rollback(self, model: str, revision: str | None = None, **kw: Any) -> dict:
         return self._run(self._client.rollback(model, revision, **kw))
+
+    def verify(self, model: str, **kw: Any) -> dict:
+        return self._run(self._client.verify(model, **kw))
 
     def reload(self, **kw: Any) -> dict:
         return self._run(self._client.reload(**kw))

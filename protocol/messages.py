@@ -126,12 +126,13 @@ class Ack(Message):
     detail: dict = field(default_factory=dict)
 
 
-ADMIN_OPS = ("release", "rollback", "reload")
+ADMIN_OPS = ("release", "rollback", "reload", "verify")
 
 
 @dataclass
 class AdminRequest(Message):
-    """release MODEL | rollback MODEL [revision] | reload (re-read the config, like SIGHUP)."""
+    """release MODEL | rollback MODEL [revision] | reload (re-read the config, like SIGHUP) |
+    verify MODEL (the admission checks, every finding)."""
 
     TAG: ClassVar[str] = "admin"
     request_id: str

@@ -17,6 +17,7 @@ from protocol.messages import (
     HistoryReply, HistoryRequest, LoadRequest, Message, StatusReply, StatusRequest, UnloadRequest,
 )
 from supervisor import config as cfg_mod
+from supervisor import snapshot
 from supervisor import logs
 from supervisor.runtime import ModelRuntime
 
@@ -118,6 +119,10 @@ class ControlServer:
         try:
             if msg.op == "reload":
                 detail = await self._reload()
+            elif msg.op == "verify":
+                runtime = self._runtime(msg.model or "")
+                findings = snapshot.verify(runtime.running.path)
+                detail = {"path": runtime.running.path, "findings": [f.to_dict() for f in findings]}
             elif msg.op in ("release", "rollback"):
                 runtime = self._runtime(msg.model or "")
                 if msg.op == "release":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -129,6 +130,24 @@ async def _admin(client: SupervisorClient, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def _verify(client: SupervisorClient, args: argparse.Namespace) -> int:
+    if os.path.sep in args.target or os.path.isdir(args.target):
+        # A path: the same checks, here, without a supervisor (they never import mlx).
+        from supervisor import snapshot
+
+        detail = {"path": os.path.abspath(args.target),
+                  "findings": [f.to_dict() for f in snapshot.verify(args.target)]}
+    else:
+        detail = await client.verify(args.target)
+    if args.json:
+        _print_json(detail)
+    else:
+        for f in detail["findings"]:
+            print(f"{f['code']:<22} {f['file']}: {f['message']}")
+        print(f"{detail['path']}: " + (f"{len(detail['findings'])} finding(s)" if detail["findings"] else "ok"))
+    return EXIT_FAILED if detail["findings"] else EXIT_OK
+
+
 def _import_gguf(args: argparse.Namespace) -> int:
     # mlx is imported here, in the lmxctl process, never in the daemon.
     from worker.gguf import GgufImportError, import_gguf
@@ -144,7 +163,7 @@ def _import_gguf(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"status": _status, "generate": _generate, "load": _load, "unload": _unload,
-            "history": _history, "release": _admin, "rollback": _admin, "reload": _admin}
+            "history": _history, "release": _admin, "rollback": _admin, "reload": _admin, "verify": _verify}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -176,6 +195,8 @@ def _parser() -> argparse.ArgumentParser:
     rb.add_argument("model")
     rb.add_argument("revision", nargs="?")
     sub.add_parser("reload", parents=[json_flag], help="re-read the config file (like SIGHUP)")
+    v = sub.add_parser("verify", parents=[json_flag], help="check a model's (or a path's) snapshot, every finding")
+    v.add_argument("target", help="model id, or a snapshot directory")
     i = sub.add_parser("import-gguf", parents=[json_flag], help="write an MLX snapshot from a llama GGUF")
     i.add_argument("gguf")
     i.add_argument("dest")

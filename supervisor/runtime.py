@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 import time
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any
 
 from protocol import errors as E
 from protocol.messages import Chunk, Error, Final, GenerateRequest, Init, Message, Shutdown
-from supervisor import adoption, logs, policy, states
+from supervisor import adoption, architectures, logs, policy, snapshot, states
 from supervisor.canary import run_canary
 from supervisor.classify import Verdict, classify
 from supervisor.config import Config, ModelConfig
@@ -108,10 +107,20 @@ class ModelRuntime:
                            exc_info=(type(exc), exc, exc.__traceback__))
 
     def _admit(self) -> E.LmxError | None:
-        # The full admission gate (integrity, architecture, memory) is its own issue; the cheapest
-        # refusal is here already so a mistyped path never spawns a worker.
-        if not os.path.isdir(self.running.path):
-            return E.SnapshotNotFound(f"model path {self.running.path} does not exist", path=self.running.path)
+        """ADMITTING: the snapshot is complete and intact and mlx-lm implements its architecture,
+        checked from headers and names alone, before any worker is spawned."""
+        findings = snapshot.verify(self.running.path)
+        if findings:
+            first = findings[0]
+            exc = first.to_exc(more=len(findings) - 1)
+            exc.details["findings"] = [f.to_dict() for f in findings]
+            return exc
+        model_type = snapshot.model_type(self.running.path)
+        if model_type is None or not architectures.supported(model_type):
+            version = architectures.installed()[0]
+            return E.UnsupportedArchitecture(
+                f"config.json: model_type {model_type!r} is not supported by the installed mlx-lm {version}",
+                file="config.json", model_type=model_type, mlx_lm=version)
         return None
 
     async def _bring_up(self) -> None:
@@ -119,7 +128,8 @@ class ModelRuntime:
             refusal = self._admit()
             if refusal is not None:
                 self.last_error = refusal
-                self._to(S.REJECTED, refusal.code.code, code=refusal.code.code, message=refusal.message)
+                self._to(S.REJECTED, refusal.code.code, code=refusal.code.code, message=refusal.message,
+                         file=refusal.details.get("file"))
                 return
         try:
             await self._start_worker()
@@ -406,8 +416,8 @@ class ModelRuntime:
         """Queue a client request; raises the typed refusal when the model is not routable."""
         if self.state is S.READY:
             return self.requests.add(req, sink)
-        if self.state is S.QUARANTINED and self.last_error is not None:
-            raise self.last_error
+        if self.state in (S.QUARANTINED, S.REJECTED) and self.last_error is not None:
+            raise self.last_error  # the refusal itself, naming the file or the failure summary
         if self.state in states.PENDING_STATES:
             raise E.ModelNotReady(f"model {self.cfg.id} is {self.state.value}",
                                   state=self.state.value, retry_after_s=self.retry_after_s())
