@@ -119,6 +119,7 @@ class SupervisorClient:
         self.connect_timeout_s = connect_timeout_s
         self._ctx: Optional[zmq.asyncio.Context] = None
         self._sock: Optional[zmq.asyncio.Socket] = None
+        self._monitor: Optional[zmq.asyncio.Socket] = None
         self._pending: dict[str, asyncio.Queue] = {}
         self._tasks: list[asyncio.Task] = []
         self._connected: Optional[asyncio.Event] = None
@@ -138,6 +139,7 @@ class SupervisorClient:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, codec.MAX_FRAME_BYTES)
         monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        self._monitor = monitor
         self._connected = asyncio.Event()
         sock.connect(self.endpoint)
         self._sock = sock
@@ -188,9 +190,14 @@ class SupervisorClient:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
-        self._sock = None
+        # Close through the asyncio wrappers (they unregister their fds from the loop), monitor
+        # first: term() waits for every socket of the context.
+        for sock in (self._monitor, self._sock):
+            if sock is not None:
+                sock.close(linger=0)
+        self._monitor = self._sock = None
         if self._ctx is not None:
-            self._ctx.destroy(linger=0)  # closes the monitor pair too; term() would wait on it
+            self._ctx.term()
             self._ctx = None
 
     async def __aenter__(self) -> "SupervisorClient":
@@ -267,8 +274,8 @@ class SupervisorClient:
         async with self.generate(model, prompt, **kwargs) as stream:
             return await stream.collect()
 
-    async def load(self, model: str, timeout_s: float = 10.0) -> dict:
-        reply = await self._call(LoadRequest(self._rid(), model), timeout_s)
+    async def load(self, model: str, force: bool = False, timeout_s: float = 10.0) -> dict:
+        reply = await self._call(LoadRequest(self._rid(), model, force), timeout_s)
         assert isinstance(reply, Ack)
         return reply.detail
 
@@ -300,6 +307,10 @@ class SupervisorClient:
     async def verify(self, model: str, timeout_s: float = 60.0) -> dict:
         """The admission checks on a model's snapshot: {path, findings: [{code, file, message}]}."""
         return await self._admin("verify", model, None, timeout_s)
+
+    async def compat(self, timeout_s: float = 10.0) -> dict:
+        """The compatibility registry: {backend (this stack), rows: [{model, backend, outcome, evidence, ...}]}."""
+        return await self._admin("compat", None, None, timeout_s)
 
     async def reload(self, timeout_s: float = 120.0) -> dict:
         """Re-read the config file (like SIGHUP): {added, removed, changed}."""
@@ -338,6 +349,9 @@ class SyncSupervisorClient:
 
     def verify(self, model: str, **kw: Any) -> dict:
         return self._run(self._client.verify(model, **kw))
+
+    def compat(self, **kw: Any) -> dict:
+        return self._run(self._client.compat(**kw))
 
     def reload(self, **kw: Any) -> dict:
         return self._run(self._client.reload(**kw))

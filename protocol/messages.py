@@ -108,6 +108,7 @@ class LoadRequest(Message):
     TAG: ClassVar[str] = "load"
     request_id: str
     model: str
+    force: bool = False  # try even when the compatibility registry knows this model x backend failed
 
 
 @dataclass
@@ -126,7 +127,7 @@ class Ack(Message):
     detail: dict = field(default_factory=dict)
 
 
-ADMIN_OPS = ("release", "rollback", "reload", "verify")
+ADMIN_OPS = ("release", "rollback", "reload", "verify", "compat")
 
 
 @dataclass

@@ -17,7 +17,7 @@ from protocol.messages import (
     HistoryReply, HistoryRequest, LoadRequest, Message, StatusReply, StatusRequest, UnloadRequest,
 )
 from supervisor import config as cfg_mod
-from supervisor import snapshot
+from supervisor import compat, snapshot
 from supervisor import logs
 from supervisor.runtime import ModelRuntime
 
@@ -33,6 +33,7 @@ class ControlServer:
         models: dict[str, ModelRuntime],
         status: Callable[[], dict[str, Any]],
         reload: Callable[[], Awaitable[dict[str, Any]]],
+        store: Any,
     ) -> None:
         self._sock = ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -43,6 +44,7 @@ class ControlServer:
         self._models = models
         self._status = status
         self._reload = reload
+        self._store = store
         # (client identity, client request id) -> (runtime, worker-side request id)
         self._routes: dict[tuple[bytes, str], tuple[ModelRuntime, str]] = {}
         self.draining = False
@@ -103,7 +105,7 @@ class ControlServer:
             runtime = self._runtime(msg.model)
             if self.draining:
                 raise E.ShuttingDown("supervisor is shutting down")
-            started = runtime.start("operator load", wanted=True)
+            started = runtime.start("operator load", wanted=True, force=msg.force)
             self.send(identity, Ack(msg.request_id, {"state": runtime.state.value, "started": started}))
         elif isinstance(msg, UnloadRequest):
             runtime = self._runtime(msg.model)
@@ -119,6 +121,8 @@ class ControlServer:
         try:
             if msg.op == "reload":
                 detail = await self._reload()
+            elif msg.op == "compat":
+                detail = {"backend": compat.backend(), "rows": self._store.compat()}
             elif msg.op == "verify":
                 runtime = self._runtime(msg.model or "")
                 findings = snapshot.verify(runtime.running.path)

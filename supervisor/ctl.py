@@ -74,7 +74,7 @@ async def _generate(client: SupervisorClient, args: argparse.Namespace) -> int:
 
 
 async def _load(client: SupervisorClient, args: argparse.Namespace) -> int:
-    detail = await client.load(args.model)
+    detail = await client.load(args.model, force=args.force)
     if args.no_wait:
         _print_json(detail) if args.json else print(f"{args.model}: {detail['state']}")
         return EXIT_OK
@@ -148,6 +148,37 @@ async def _verify(client: SupervisorClient, args: argparse.Namespace) -> int:
     return EXIT_FAILED if detail["findings"] else EXIT_OK
 
 
+async def _compat(client: SupervisorClient, args: argparse.Namespace) -> int:
+    reg = await client.compat()
+    rows = reg["rows"]
+    if args.json:
+        _print_json(reg)
+        return EXIT_OK
+    backends = sorted({r["backend"] for r in rows} | {reg["backend"]})
+    models = sorted({r["model"] for r in rows})
+    cell = {(r["model"], r["backend"]): r for r in rows}
+
+    def show(m: str, b: str) -> str:
+        r = cell.get((m, b))
+        if r is None:
+            return "-"
+        tps = (r["evidence"].get("canary") or {}).get("decode_tokens_per_s")
+        crashes = sum(r["evidence"].get("crashes", {}).values())
+        return r["outcome"] + (f" {tps:.1f} tok/s" if tps else "") + (f" {crashes} crash(es)" if crashes else "")
+
+    if args.markdown:
+        print("| model | " + " | ".join(backends) + " |")
+        print("|---" * (len(backends) + 1) + "|")
+        for m in models:
+            print(f"| {m} | " + " | ".join(show(m, b) for b in backends) + " |")
+    else:
+        for b in backends:
+            print(f"== {b}{'  (this stack)' if b == reg['backend'] else ''}")
+            for m in models:
+                print(f"  {m:<24} {show(m, b)}")
+    return EXIT_OK
+
+
 def _import_gguf(args: argparse.Namespace) -> int:
     # mlx is imported here, in the lmxctl process, never in the daemon.
     from worker.gguf import GgufImportError, import_gguf
@@ -163,7 +194,8 @@ def _import_gguf(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"status": _status, "generate": _generate, "load": _load, "unload": _unload,
-            "history": _history, "release": _admin, "rollback": _admin, "reload": _admin, "verify": _verify}
+            "history": _history, "release": _admin, "rollback": _admin, "reload": _admin, "verify": _verify,
+            "compat": _compat}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -186,6 +218,7 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("model")
         if name == "load":
             c.add_argument("--no-wait", action="store_true", help="return once the load has started")
+            c.add_argument("--force", action="store_true", help="load even if the registry knows it failed here")
     h = sub.add_parser("history", parents=[json_flag], help="crash records of a model, newest first")
     h.add_argument("model")
     h.add_argument("--limit", type=int, default=20)
@@ -195,6 +228,8 @@ def _parser() -> argparse.ArgumentParser:
     rb.add_argument("model")
     rb.add_argument("revision", nargs="?")
     sub.add_parser("reload", parents=[json_flag], help="re-read the config file (like SIGHUP)")
+    cp = sub.add_parser("compat", parents=[json_flag], help="the compatibility registry: models x backends")
+    cp.add_argument("--markdown", action="store_true", help="a markdown table")
     v = sub.add_parser("verify", parents=[json_flag], help="check a model's (or a path's) snapshot, every finding")
     v.add_argument("target", help="model id, or a snapshot directory")
     i = sub.add_parser("import-gguf", parents=[json_flag], help="write an MLX snapshot from a llama GGUF")

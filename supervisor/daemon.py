@@ -78,17 +78,17 @@ class Supervisor:
         self.models = {m.id: self._runtime(m) for m in config.models}
         self.control = ControlServer(
             self.ctx, ep.control_endpoint(state_dir), state_dir / ep.CONTROL_SOCKET, self.models, self.status,
-            self.reload,
+            self.reload, self.store,
         )
 
     def _runtime(self, model: cfg_mod.ModelConfig) -> ModelRuntime:
         return ModelRuntime(model, self.config, self.hub, ep.worker_endpoint(self.state_dir), self.store,
                             self.state_dir / "logs")
 
-    def _autostart(self, rt: ModelRuntime, reason: str) -> None:
+    def _autostart(self, rt: ModelRuntime, reason: str, force: bool = False) -> None:
         wanted = rt.wanted()
         if wanted or (wanted is None and rt.cfg.autoload):
-            rt.start(reason)
+            rt.start(reason, force=force)
 
     def status(self) -> dict[str, Any]:
         proc = psutil.Process()
@@ -156,7 +156,8 @@ class Supervisor:
             await rt.stop("config changed", remember=False)
             self.store.set_quarantine(m.id, None)
             self.models[m.id] = self._runtime(m)
-            self._autostart(self.models[m.id], "config changed")
+            # A changed section is a new attempt: the registry's "failed" was about the old one.
+            self._autostart(self.models[m.id], "config changed", force=True)
         for m in new.models:
             if m.id not in old_ids:
                 self.models[m.id] = self._runtime(m)

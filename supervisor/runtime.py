@@ -14,6 +14,7 @@ from supervisor import adoption, architectures, logs, policy, snapshot, states
 from supervisor.canary import run_canary
 from supervisor.classify import Verdict, classify
 from supervisor.config import Config, ModelConfig
+from supervisor.evidence import Evidence
 from supervisor.handle import Worker, wait_for
 from supervisor.hub import WorkerHub
 from supervisor.process import AdoptionRefused, WorkerProcess
@@ -44,6 +45,8 @@ class ModelRuntime:
         self._log_dir = log_dir
         # A worker of a previous supervisor run, still inside its orphan grace: adopted on start.
         self._orphan: dict[str, Any] | None = store.worker(model.id)
+        self._force = False
+        self.canary: dict[str, Any] | None = None  # the last passing canary's evidence
         self._task: asyncio.Task | None = None
         self._watch: asyncio.Task | None = None
         self._stable: asyncio.TimerHandle | None = None
@@ -87,10 +90,12 @@ class ModelRuntime:
 
     # --- lifecycle -----------------------------------------------------------------------------
 
-    def start(self, reason: str, wanted: bool | None = None) -> bool:
-        """Begin bringing the model to READY; False when it is already on its way or there."""
+    def start(self, reason: str, wanted: bool | None = None, force: bool = False) -> bool:
+        """Begin bringing the model to READY; False when it is already on its way or there.
+        `force`: an operator's word that a combination the registry knows as bad may be tried."""
         if self.state not in (S.UNLOADED, S.REJECTED):
             return False
+        self._force = force
         self._remember(wanted if wanted is not None else self.wanted())
         self._to(S.ADMITTING, reason)
         self._spawn_task(self._bring_up())
@@ -121,7 +126,10 @@ class ModelRuntime:
             return E.UnsupportedArchitecture(
                 f"config.json: model_type {model_type!r} is not supported by the installed mlx-lm {version}",
                 file="config.json", model_type=model_type, mlx_lm=version)
-        return None
+        return None if self._force else self._evidence().known_bad()
+
+    def _evidence(self) -> Evidence:
+        return Evidence(self.store, self.cfg.id, self.running.path, self.running.worker_command)
 
     async def _bring_up(self) -> None:
         if self.state is S.ADMITTING:
@@ -157,6 +165,9 @@ class ModelRuntime:
         else:
             worker = await self._spawn_and_load(cfg)
         result = await run_canary(cfg.canary, self.requests, self.log)
+        ready = worker.ready.result() if worker.ready.done() and not worker.ready.exception() else None
+        self.canary = self._evidence().canary_passed(cfg.canary.prompt, result, ready.load_s if ready else None,
+                                                     worker.memory)
         self.retry_at = None
         self.ready_since = time.monotonic()
         self._to(S.READY, "canary passed", canary_tokens=result.usage.get("completion_tokens"))
@@ -263,6 +274,8 @@ class ModelRuntime:
         lkg = self.store.model_flags(self.cfg.id)["lkg_revision"]
         decision = policy.decide(history, now, self.config.restart, self.running.revision, lkg,
                                  self.consecutive_failures)
+        if decision.action is not policy.Action.QUARANTINE and not victim:
+            self._evidence().failure(exc.code.code)
         self.retry_at = time.monotonic() + decision.delay_s
         self._to(S.BACKOFF, exc.code.code, code=exc.code.code, retry_after_s=round(decision.delay_s, 3),
                  failures_in_window=decision.failures_in_window)
@@ -294,6 +307,7 @@ class ModelRuntime:
         }
         self.retry_at = None
         self.store.set_quarantine(self.cfg.id, summary)
+        self._evidence().failure(exc.code.code, quarantined=True)
         details = {k: v for k, v in summary.items() if k != "message"}
         self.last_error = E.ModelQuarantined(summary["message"], **details)
         self._to(S.QUARANTINED, "too many failures", **details)
@@ -321,7 +335,7 @@ class ModelRuntime:
         await self.stop(f"operator rollback to {target}", remember=False)
         self.store.set_quarantine(self.cfg.id, None)
         self.running = cfg
-        self.start(f"operator rollback to {target}", wanted=True)
+        self.start(f"operator rollback to {target}", wanted=True, force=True)
         return self.state.value
 
     async def release(self) -> str:
@@ -333,6 +347,7 @@ class ModelRuntime:
         self.consecutive_failures = 0
         self.running = self.cfg
         self._remember(True)
+        self._force = True  # the operator asks: a registry verdict of "failed" does not stop it
         self._to(S.ADMITTING, "operator release")
         self._spawn_task(self._bring_up())
         return self.state.value
@@ -454,4 +469,5 @@ class ModelRuntime:
             "active": 1 if self.requests.active else 0,
             "phase": w.phase if w else None,
             "memory": dict(w.memory) if w else {},
+            "canary": self.canary,
         }

@@ -32,6 +32,13 @@ CREATE TABLE IF NOT EXISTS revisions(
 CREATE TABLE IF NOT EXISTS workers(
   model TEXT PRIMARY KEY, pid INTEGER NOT NULL, start_time REAL NOT NULL, token TEXT NOT NULL,
   revision TEXT NOT NULL, socket TEXT NOT NULL, boot_id INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS compat(
+  fingerprint TEXT NOT NULL, backend TEXT NOT NULL, model TEXT NOT NULL, outcome TEXT NOT NULL,
+  evidence TEXT NOT NULL, first_seen REAL NOT NULL, last_seen REAL NOT NULL,
+  PRIMARY KEY(fingerprint, backend));
+CREATE TABLE IF NOT EXISTS canary_outputs(
+  fingerprint TEXT NOT NULL, backend TEXT NOT NULL, template TEXT NOT NULL, prompt TEXT NOT NULL,
+  output_sha256 TEXT NOT NULL, text TEXT NOT NULL, PRIMARY KEY(fingerprint, backend, template, prompt));
 CREATE TABLE IF NOT EXISTS boots(id INTEGER PRIMARY KEY, at REAL NOT NULL, clean INTEGER NOT NULL DEFAULT 0);
 """
 
@@ -154,6 +161,45 @@ class Store:
         self.remember_revision(model)
         self._model_row(model.id)
         self.db.execute("UPDATE models SET lkg_revision=? WHERE model=?", (model.revision, model.id))
+
+    # --- compatibility registry ---------------------------------------------------------------
+
+    def compat_record(self, fingerprint: str, backend: str, model: str, outcome: str | None,
+                      evidence: dict[str, Any]) -> None:
+        """Merge `evidence` into the (model x backend) row; `outcome` None keeps the current one."""
+        now = time.time()
+        row = self.db.execute("SELECT outcome, evidence FROM compat WHERE fingerprint=? AND backend=?",
+                              (fingerprint, backend)).fetchone()
+        if row is None:
+            self.db.execute("INSERT INTO compat VALUES (?,?,?,?,?,?,?)",
+                            (fingerprint, backend, model, outcome or "unknown", json.dumps(evidence), now, now))
+            return
+        merged = {**json.loads(row[1]), **evidence}
+        self.db.execute("UPDATE compat SET outcome=?, evidence=?, model=?, last_seen=? WHERE fingerprint=? AND backend=?",
+                        (outcome or row[0], json.dumps(merged), model, now, fingerprint, backend))
+
+    def compat(self, fingerprint: str | None = None, backend: str | None = None) -> list[dict[str, Any]]:
+        cur = self.db.execute(
+            "SELECT fingerprint, backend, model, outcome, evidence, first_seen, last_seen FROM compat"
+            " WHERE (?1 IS NULL OR fingerprint=?1) AND (?2 IS NULL OR backend=?2) ORDER BY model, backend",
+            (fingerprint, backend))
+        names = [d[0] for d in cur.description]
+        rows = [dict(zip(names, r)) for r in cur.fetchall()]
+        for r in rows:
+            r["evidence"] = json.loads(r["evidence"])
+        return rows
+
+    def canary_outputs(self, fingerprint: str, template: str, prompt: str) -> dict[str, str]:
+        """backend -> sha256 of the greedy canary text, for this model, chat template and prompt."""
+        rows = self.db.execute("SELECT backend, output_sha256 FROM canary_outputs WHERE fingerprint=? AND template=?"
+                               " AND prompt=?", (fingerprint, template, prompt)).fetchall()
+        return dict(rows)
+
+    def set_canary_output(self, fingerprint: str, backend: str, template: str, prompt: str, text: str) -> None:
+        import hashlib
+
+        self.db.execute("INSERT OR REPLACE INTO canary_outputs VALUES (?,?,?,?,?,?)",
+                        (fingerprint, backend, template, prompt, hashlib.sha256(text.encode()).hexdigest(), text))
 
     # --- live workers (for adoption by the next supervisor run) ---------------------------------
 
