@@ -23,6 +23,8 @@ class ConfigError(Exception):
 @dataclass(frozen=True)
 class SupervisorSettings:
     memory_budget_bytes: int = 0
+    memory_reserve_bytes: int = 4 * 2**30  # kept for everything else when the budget is 0 (auto)
+    evict: str = ""  # "lru": make room by unloading the least recently used idle model
     model_roots: tuple[str, ...] = ()
     orphan_grace_s: float = 60.0
     heartbeat_interval_s: float = 1.0
@@ -60,6 +62,7 @@ class ModelConfig:
     path: str
     autoload: bool = True
     memory_limit_bytes: int = 0
+    context_tokens: int = 4096  # the KV cache the memory estimate budgets for
     worker_command: tuple[str, ...] | None = None
     canary: CanarySettings = field(default_factory=CanarySettings)
 
@@ -164,6 +167,7 @@ def _model(file: str, index: int, raw: Any, base_dir: Path) -> ModelConfig:
         path=str((base_dir / os.path.expanduser(path)).resolve()),
         autoload=reader.take("autoload", bool, True),
         memory_limit_bytes=reader.take("memory_limit_bytes", int, 0),
+        context_tokens=reader.take("context_tokens", int, 4096),
         worker_command=reader.take_list("worker_command", str, None),
         canary=_canary(file, f"{prefix}.canary", reader.table.pop("canary", {})),
     )
@@ -191,6 +195,8 @@ def parse(text: str, file: str = "<config>", base_dir: Path | None = None) -> Co
         seen.add(m.id)
     if raw:
         raise ConfigError(file, ", ".join(sorted(raw)), "unknown key")
+    if supervisor.evict not in ("", "lru"):
+        raise ConfigError(file, "supervisor.evict", f"expected \"lru\" or \"\", got {supervisor.evict!r}")
     if supervisor.heartbeat_timeout_s <= supervisor.heartbeat_interval_s:
         raise ConfigError(file, "supervisor.heartbeat_timeout_s", "must exceed heartbeat_interval_s")
     return Config(file, supervisor, restart, models)

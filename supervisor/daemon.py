@@ -22,7 +22,10 @@ from supervisor import config as cfg_mod
 from supervisor.config import Config
 from supervisor.control import ControlServer
 from supervisor.hub import WorkerHub
+from supervisor import memory
+from supervisor.memory import MemoryLedger
 from supervisor.runtime import ModelRuntime
+from supervisor.states import ModelState
 from supervisor.store import Store
 
 LOCK_FILE = "supervisor.lock"
@@ -73,6 +76,7 @@ class Supervisor:
         # Started this often without a clean shutdown: something at start kills us. Serve status
         # and admin ops, but start no model by ourselves until an operator loads one.
         self.safe_mode = unclean + 1 >= sup.crash_loop_starts
+        self.ledger = MemoryLedger(memory.budget_bytes(sup.memory_budget_bytes, sup.memory_reserve_bytes))
         self.ctx = zmq.asyncio.Context()
         self.hub = WorkerHub(self.ctx, ep.worker_endpoint(state_dir), state_dir / ep.WORKER_SOCKET)
         self.models = {m.id: self._runtime(m) for m in config.models}
@@ -83,7 +87,22 @@ class Supervisor:
 
     def _runtime(self, model: cfg_mod.ModelConfig) -> ModelRuntime:
         return ModelRuntime(model, self.config, self.hub, ep.worker_endpoint(self.state_dir), self.store,
-                            self.state_dir / "logs")
+                            self.state_dir / "logs", self.ledger, self._evict_for)
+
+    async def _evict_for(self, model_id: str, need: int) -> bool:
+        """evict = "lru": unload least recently used idle READY models until `need` fits."""
+        if self.config.supervisor.evict != "lru":
+            return False
+        idle = sorted((rt for rt in self.models.values()
+                       if rt.cfg.id != model_id and rt.state is ModelState.READY and not len(rt.requests)),
+                      key=lambda rt: rt.last_used)
+        for rt in idle:
+            if self.ledger.others(model_id) + need <= self.ledger.budget:
+                break
+            self.log.warning("model.evicted", model=rt.cfg.id, for_model=model_id, need_bytes=need,
+                             budget_bytes=self.ledger.budget)
+            await rt.stop(f"evicted (lru) to make room for {model_id}", remember=False)
+        return self.ledger.others(model_id) + need <= self.ledger.budget
 
     def _autostart(self, rt: ModelRuntime, reason: str, force: bool = False) -> None:
         wanted = rt.wanted()
@@ -105,6 +124,8 @@ class Supervisor:
                 "config": self.config.source,
                 "draining": self.control.draining,
                 "safe_mode": self.safe_mode,
+                "memory_budget_bytes": self.ledger.budget,
+                "memory_reserved_bytes": sum(self.ledger.held.values()),
             },
             "models": [rt.status() for rt in self.models.values()],
         }

@@ -6,7 +6,7 @@ import asyncio
 import secrets
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from protocol import errors as E
 from protocol.messages import Chunk, Error, Final, GenerateRequest, Init, Message, Shutdown
@@ -17,6 +17,7 @@ from supervisor.config import Config, ModelConfig
 from supervisor.evidence import Evidence
 from supervisor.handle import Worker, wait_for
 from supervisor.hub import WorkerHub
+from supervisor.memory import MemoryLedger, estimate
 from supervisor.process import AdoptionRefused, WorkerProcess
 from supervisor.requests import RequestQueue, Sink
 from supervisor.states import ModelState as S
@@ -27,7 +28,8 @@ HELLO_TIMEOUT_S = 60.0
 
 class ModelRuntime:
     def __init__(self, model: ModelConfig, config: Config, hub: WorkerHub, worker_endpoint: str,
-                 store: Store, log_dir: Path | None = None) -> None:
+                 store: Store, log_dir: Path | None = None, ledger: MemoryLedger | None = None,
+                 evict: Callable[[str, int], Awaitable[bool]] | None = None) -> None:
         self.cfg = model  # the configured section
         self.running = model  # the section that runs (differs after a rollback)
         self.config = config
@@ -46,6 +48,9 @@ class ModelRuntime:
         # A worker of a previous supervisor run, still inside its orphan grace: adopted on start.
         self._orphan: dict[str, Any] | None = store.worker(model.id)
         self._force = False
+        self._ledger = ledger or MemoryLedger(2**62)
+        self._evict = evict
+        self.last_used = 0.0  # monotonic time of the last request: eviction takes the oldest idle
         self.canary: dict[str, Any] | None = None  # the last passing canary's evidence
         self._task: asyncio.Task | None = None
         self._watch: asyncio.Task | None = None
@@ -59,6 +64,8 @@ class ModelRuntime:
         pid = self.worker.process.pid if self.worker else None
         fields = {"worker_pid": pid, "revision": self.running.revision, **fields}
         self.state = states.apply(self.state, to, reason, self.log.info, **fields)
+        if to in (S.UNLOADED, S.REJECTED, S.QUARANTINED):
+            self._ledger.release(self.cfg.id)  # no worker will hold memory for it
 
     def _restore(self) -> None:
         """Pick up what the store remembers: quarantine, and the revision that was running."""
@@ -111,7 +118,7 @@ class ModelRuntime:
             self.log.error("internal.task_failed", state=self.state.value, error=repr(exc),
                            exc_info=(type(exc), exc, exc.__traceback__))
 
-    def _admit(self) -> E.LmxError | None:
+    async def _admit(self) -> E.LmxError | None:
         """ADMITTING: the snapshot is complete and intact and mlx-lm implements its architecture,
         checked from headers and names alone, before any worker is spawned."""
         findings = snapshot.verify(self.running.path)
@@ -126,14 +133,31 @@ class ModelRuntime:
             return E.UnsupportedArchitecture(
                 f"config.json: model_type {model_type!r} is not supported by the installed mlx-lm {version}",
                 file="config.json", model_type=model_type, mlx_lm=version)
-        return None if self._force else self._evidence().known_bad()
+        known_bad = None if self._force else self._evidence().known_bad()
+        return known_bad or await self._reserve_memory()
+
+    async def _reserve_memory(self) -> E.LmxError | None:
+        row = self._evidence().row()
+        peak = (row or {}).get("evidence", {}).get("peak_memory_bytes")
+        est = estimate(self.running.path, self.running.context_tokens, peak)
+        if self._ledger.try_reserve(self.cfg.id, est["total"]):
+            return None
+        if self._evict is not None and await self._evict(self.cfg.id, est["total"]):
+            if self._ledger.try_reserve(self.cfg.id, est["total"]):
+                return None
+        others, budget = self._ledger.others(self.cfg.id), self._ledger.budget
+        return E.InsufficientMemory(
+            f"needs {est['total']:,} bytes (weights {est['weights']:,} + KV {est['kv_cache']:,} + overhead "
+            f"{est['overhead']:,}{', measured peak ' + format(peak, ',') if peak else ''}); "
+            f"{others:,} of the {budget:,}-byte budget are held by other models",
+            estimate=est, held_by_others=others, budget=budget)
 
     def _evidence(self) -> Evidence:
         return Evidence(self.store, self.cfg.id, self.running.path, self.running.worker_command)
 
     async def _bring_up(self) -> None:
         if self.state is S.ADMITTING:
-            refusal = self._admit()
+            refusal = await self._admit()
             if refusal is not None:
                 self.last_error = refusal
                 self._to(S.REJECTED, refusal.code.code, code=refusal.code.code, message=refusal.message,
@@ -430,6 +454,7 @@ class ModelRuntime:
     def submit(self, req: GenerateRequest, sink: Sink) -> str:
         """Queue a client request; raises the typed refusal when the model is not routable."""
         if self.state is S.READY:
+            self.last_used = time.monotonic()
             return self.requests.add(req, sink)
         if self.state in (S.QUARANTINED, S.REJECTED) and self.last_error is not None:
             raise self.last_error  # the refusal itself, naming the file or the failure summary
