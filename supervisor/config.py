@@ -63,6 +63,7 @@ class ModelConfig:
     autoload: bool = True
     memory_limit_bytes: int = 0
     context_tokens: int = 4096  # the KV cache the memory estimate budgets for
+    checksums: bool = False  # SHA-256 of every file against a manifest at admission
     worker_command: tuple[str, ...] | None = None
     canary: CanarySettings = field(default_factory=CanarySettings)
 
@@ -168,6 +169,7 @@ def _model(file: str, index: int, raw: Any, base_dir: Path) -> ModelConfig:
         autoload=reader.take("autoload", bool, True),
         memory_limit_bytes=reader.take("memory_limit_bytes", int, 0),
         context_tokens=reader.take("context_tokens", int, 4096),
+        checksums=reader.take("checksums", bool, False),
         worker_command=reader.take_list("worker_command", str, None),
         canary=_canary(file, f"{prefix}.canary", reader.table.pop("canary", {})),
     )

@@ -10,7 +10,7 @@ from typing import Any, Awaitable, Callable
 
 from protocol import errors as E
 from protocol.messages import Chunk, Error, Final, GenerateRequest, Init, Message, Shutdown
-from supervisor import adoption, architectures, logs, policy, snapshot, states
+from supervisor import adoption, architectures, checksums, logs, policy, snapshot, states
 from supervisor.canary import run_canary
 from supervisor.classify import Verdict, classify
 from supervisor.config import Config, ModelConfig
@@ -122,6 +122,9 @@ class ModelRuntime:
         """ADMITTING: the snapshot is complete and intact and mlx-lm implements its architecture,
         checked from headers and names alone, before any worker is spawned."""
         findings = snapshot.verify(self.running.path)
+        if not findings and self.running.checksums:
+            # Hashing reads whole files: off the event loop, so status and other models never wait.
+            findings = await asyncio.to_thread(checksums.verify, self.store, self.running.path)
         if findings:
             first = findings[0]
             exc = first.to_exc(more=len(findings) - 1)

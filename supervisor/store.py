@@ -39,6 +39,10 @@ CREATE TABLE IF NOT EXISTS compat(
 CREATE TABLE IF NOT EXISTS canary_outputs(
   fingerprint TEXT NOT NULL, backend TEXT NOT NULL, template TEXT NOT NULL, prompt TEXT NOT NULL,
   output_sha256 TEXT NOT NULL, text TEXT NOT NULL, PRIMARY KEY(fingerprint, backend, template, prompt));
+CREATE TABLE IF NOT EXISTS file_hashes(
+  path TEXT NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, inode INTEGER NOT NULL,
+  sha256 TEXT NOT NULL, PRIMARY KEY(path));
+CREATE TABLE IF NOT EXISTS manifests(snapshot TEXT PRIMARY KEY, files TEXT NOT NULL, at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS boots(id INTEGER PRIMARY KEY, at REAL NOT NULL, clean INTEGER NOT NULL DEFAULT 0);
 """
 
@@ -200,6 +204,23 @@ class Store:
 
         self.db.execute("INSERT OR REPLACE INTO canary_outputs VALUES (?,?,?,?,?,?)",
                         (fingerprint, backend, template, prompt, hashlib.sha256(text.encode()).hexdigest(), text))
+
+    # --- checksums ----------------------------------------------------------------------------
+
+    def cached_hash(self, path: str, size: int, mtime_ns: int, inode: int) -> str | None:
+        row = self.db.execute("SELECT sha256 FROM file_hashes WHERE path=? AND size=? AND mtime_ns=? AND inode=?",
+                              (path, size, mtime_ns, inode)).fetchone()
+        return row[0] if row else None
+
+    def cache_hash(self, path: str, size: int, mtime_ns: int, inode: int, sha256: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO file_hashes VALUES (?,?,?,?,?)", (path, size, mtime_ns, inode, sha256))
+
+    def manifest(self, snapshot: str) -> dict[str, str] | None:
+        row = self.db.execute("SELECT files FROM manifests WHERE snapshot=?", (snapshot,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def set_manifest(self, snapshot: str, files: dict[str, str]) -> None:
+        self.db.execute("INSERT OR REPLACE INTO manifests VALUES (?,?,?)", (snapshot, json.dumps(files), time.time()))
 
     # --- live workers (for adoption by the next supervisor run) ---------------------------------
 

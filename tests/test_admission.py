@@ -181,3 +181,41 @@ def test_write_safetensors_round_trip_guard() -> None:
         write_safetensors(p, {"a": np.zeros((2, 3), np.float16)})
         findings: list = []
         assert snapshot._header(p, p.name, findings) == {"a"} and findings == []
+
+
+def test_checksums_catch_same_size_corruption_and_cache_unchanged_files(
+    make_supervisor, tiny_model: Path, tmp_path: Path
+) -> None:
+    snap = tmp_path / "snap"
+    shutil.copytree(tiny_model, snap)
+    sup = make_supervisor([{"id": "m", "path": str(snap), "checksums": True}]).start()
+    assert sup.stop() == 0
+    weights = snap / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one flipped byte in the last tensor: headers and sizes still check out
+    weights.write_bytes(bytes(data))
+    assert snapshot.verify(snap) == []
+    sup.start(wait_ready=False)
+    m = sup.wait_model("m", lambda m: m["state"] == "REJECTED", 30, "REJECTED")
+    assert m["last_error"]["code"] == "SNAPSHOT_CORRUPT"
+    assert m["last_error"]["message"].startswith("model.safetensors: checksum mismatch")
+
+
+def test_a_shipped_manifest_is_the_reference(tmp_path: Path, tiny_model: Path) -> None:
+    import hashlib
+
+    from supervisor import checksums, logs
+    from supervisor.store import Store
+
+    logs.configure(None)
+    snap = tmp_path / "snap"
+    shutil.copytree(tiny_model, snap)
+    lines = [f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.name}" for p in sorted(snap.iterdir())]
+    lines.append(f"{'0' * 64}  model-00002-of-00002.safetensors")
+    (snap / "sha256sums.txt").write_text("\n".join(lines) + "\n")
+    store = Store(tmp_path)
+    findings = checksums.verify(store, str(snap))
+    assert [(f.code, f.file) for f in findings] == [
+        (E.ErrorCode.SNAPSHOT_INCOMPLETE, "model-00002-of-00002.safetensors")]
+    assert store.cached_hash(str((snap / "config.json").resolve()), *(
+        lambda st: (st.st_size, st.st_mtime_ns, st.st_ino))((snap / "config.json").stat()))
