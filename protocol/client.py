@@ -312,6 +312,10 @@ class SupervisorClient:
         """The compatibility registry: {backend (this stack), rows: [{model, backend, outcome, evidence, ...}]}."""
         return await self._admin("compat", None, None, timeout_s)
 
+    async def repair(self, model: str, timeout_s: float = 3600.0) -> dict:
+        """Fetch a model's missing/corrupt files from its mirror: {fetched, bytes, findings, state}."""
+        return await self._admin("repair", model, None, timeout_s)
+
     async def reload(self, timeout_s: float = 120.0) -> dict:
         """Re-read the config file (like SIGHUP): {added, removed, changed}."""
         return await self._admin("reload", None, None, timeout_s)
@@ -352,6 +356,9 @@ class SyncSupervisorClient:
 
     def compat(self, **kw: Any) -> dict:
         return self._run(self._client.compat(**kw))
+
+    def repair(self, model: str, **kw: Any) -> dict:
+        return self._run(self._client.repair(model, **kw))
 
     def reload(self, **kw: Any) -> dict:
         return self._run(self._client.reload(**kw))

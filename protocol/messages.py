@@ -127,7 +127,7 @@ class Ack(Message):
     detail: dict = field(default_factory=dict)
 
 
-ADMIN_OPS = ("release", "rollback", "reload", "verify", "compat")
+ADMIN_OPS = ("release", "rollback", "reload", "verify", "compat", "repair")
 
 
 @dataclass

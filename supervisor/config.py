@@ -64,6 +64,7 @@ class ModelConfig:
     memory_limit_bytes: int = 0
     context_tokens: int = 4096  # the KV cache the memory estimate budgets for
     checksums: bool = False  # SHA-256 of every file against a manifest at admission
+    mirror: str | None = None  # a local directory with the same snapshot: lmxctl repair's source
     worker_command: tuple[str, ...] | None = None
     canary: CanarySettings = field(default_factory=CanarySettings)
 
@@ -156,6 +157,11 @@ def _canary(file: str, prefix: str, raw: Any) -> CanarySettings:
     return canary
 
 
+def _mirror(reader: _Reader, base_dir: Path) -> str | None:
+    value = reader.take("mirror", str, None)
+    return str((base_dir / os.path.expanduser(value)).resolve()) if value else None
+
+
 def _model(file: str, index: int, raw: Any, base_dir: Path) -> ModelConfig:
     prefix = f"models[{index}]"
     reader = _Reader(file, prefix, raw)
@@ -170,6 +176,7 @@ def _model(file: str, index: int, raw: Any, base_dir: Path) -> ModelConfig:
         memory_limit_bytes=reader.take("memory_limit_bytes", int, 0),
         context_tokens=reader.take("context_tokens", int, 4096),
         checksums=reader.take("checksums", bool, False),
+        mirror=_mirror(reader, base_dir),
         worker_command=reader.take_list("worker_command", str, None),
         canary=_canary(file, f"{prefix}.canary", reader.table.pop("canary", {})),
     )

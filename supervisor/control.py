@@ -123,6 +123,8 @@ class ControlServer:
                 detail = await self._reload()
             elif msg.op == "compat":
                 detail = {"backend": compat.backend(), "rows": self._store.compat()}
+            elif msg.op == "repair":
+                detail = await self._runtime(msg.model or "").repair()
             elif msg.op == "verify":
                 runtime = self._runtime(msg.model or "")
                 findings = snapshot.verify(runtime.running.path)

@@ -124,10 +124,19 @@ async def _admin(client: SupervisorClient, args: argparse.Namespace) -> int:
         detail = await client.reload()
     elif args.command == "release":
         detail = await client.release(args.model)
+    elif args.command == "repair":
+        detail = await client.repair(args.model)
+        if not args.json:
+            print(f"{args.model}: fetched {len(detail['fetched'])} file(s), {detail['bytes']:,} bytes: "
+                  f"{', '.join(detail['fetched']) or '-'}")
+            for f in detail["findings"]:
+                print(f"still {f['code']} {f['file']}: {f['message']}")
+            print(f"{args.model}: {detail['state']}")
+            return EXIT_FAILED if detail["findings"] else EXIT_OK
     else:
         detail = await client.rollback(args.model, args.revision)
     _print_json(detail) if args.json else print(f"{args.command}: " + ", ".join(f"{k}={v}" for k, v in detail.items()))
-    return EXIT_OK
+    return EXIT_FAILED if detail.get("findings") else EXIT_OK
 
 
 async def _verify(client: SupervisorClient, args: argparse.Namespace) -> int:
@@ -195,6 +204,7 @@ def _import_gguf(args: argparse.Namespace) -> int:
 
 COMMANDS = {"status": _status, "generate": _generate, "load": _load, "unload": _unload,
             "history": _history, "release": _admin, "rollback": _admin, "reload": _admin, "verify": _verify,
+            "repair": _admin,
             "compat": _compat}
 
 
@@ -228,6 +238,8 @@ def _parser() -> argparse.ArgumentParser:
     rb.add_argument("model")
     rb.add_argument("revision", nargs="?")
     sub.add_parser("reload", parents=[json_flag], help="re-read the config file (like SIGHUP)")
+    rp = sub.add_parser("repair", parents=[json_flag], help="fetch missing/corrupt files from the model's mirror")
+    rp.add_argument("model")
     cp = sub.add_parser("compat", parents=[json_flag], help="the compatibility registry: models x backends")
     cp.add_argument("--markdown", action="store_true", help="a markdown table")
     v = sub.add_parser("verify", parents=[json_flag], help="check a model's (or a path's) snapshot, every finding")

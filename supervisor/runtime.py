@@ -10,7 +10,7 @@ from typing import Any, Awaitable, Callable
 
 from protocol import errors as E
 from protocol.messages import Chunk, Error, Final, GenerateRequest, Init, Message, Shutdown
-from supervisor import adoption, architectures, checksums, logs, policy, snapshot, states
+from supervisor import adoption, architectures, checksums, logs, policy, repair, snapshot, states
 from supervisor.canary import run_canary
 from supervisor.classify import Verdict, classify
 from supervisor.config import Config, ModelConfig
@@ -364,6 +364,24 @@ class ModelRuntime:
         self.running = cfg
         self.start(f"operator rollback to {target}", wanted=True, force=True)
         return self.state.value
+
+    async def repair(self) -> dict[str, Any]:
+        """Operator: fetch what admission found missing or corrupt from the mirror, verify again, and
+        if the model was REJECTED for it, admit it again."""
+        if not self.running.mirror:
+            raise E.BadRequest(f"model {self.cfg.id} has no mirror configured to repair from")
+        root, mirror = Path(self.running.path), Path(self.running.mirror)
+        findings = snapshot.verify(root)
+        if self.running.checksums and not findings:
+            findings = await asyncio.to_thread(checksums.verify, self.store, str(root))
+        names = repair.wanted_files(findings, mirror)
+        self.log.info("model.repair", files=names, mirror=str(mirror))
+        written = await asyncio.to_thread(repair.fetch, root, mirror, names) if names else 0
+        after = snapshot.verify(root)
+        if self.state is S.REJECTED and not after:
+            self.start("repaired", force=False)
+        return {"fetched": names, "bytes": written, "findings": [f.to_dict() for f in after],
+                "state": self.state.value}
 
     async def release(self) -> str:
         """Operator: leave QUARANTINED (or REJECTED) and try again on the configured revision."""

@@ -219,3 +219,26 @@ def test_a_shipped_manifest_is_the_reference(tmp_path: Path, tiny_model: Path) -
         (E.ErrorCode.SNAPSHOT_INCOMPLETE, "model-00002-of-00002.safetensors")]
     assert store.cached_hash(str((snap / "config.json").resolve()), *(
         lambda st: (st.st_size, st.st_mtime_ns, st.st_ino))((snap / "config.json").stat()))
+
+
+def test_repair_fetches_only_what_is_missing_or_corrupt_from_the_mirror(
+    make_supervisor, tiny_model: Path, tmp_path: Path
+) -> None:
+    mirror = _sharded(tiny_model, tmp_path / "mirror")
+    snap = tmp_path / "snap"
+    shutil.copytree(mirror, snap)
+    (snap / "model-00002-of-00002.safetensors").unlink()
+    shard1 = snap / "model-00001-of-00002.safetensors"
+    os.truncate(shard1, shard1.stat().st_size - 10)
+    config_mtime = (snap / "config.json").stat().st_mtime_ns
+    sup = make_supervisor([{"id": "m", "path": str(snap), "mirror": str(mirror)}]).start(wait_ready=False)
+    sup.wait_model("m", lambda m: m["state"] == "REJECTED", 10, "REJECTED")
+    out = subprocess.run([sys.executable, "-m", "supervisor.ctl", "--state-dir", str(sup.state_dir), "repair", "m",
+                          "--json"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    detail = json.loads(out.stdout)
+    assert sorted(detail["fetched"]) == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert detail["findings"] == []
+    assert (snap / "config.json").stat().st_mtime_ns == config_mtime  # intact files are left alone
+    assert not list(snap.glob(".*lmx-repair"))
+    sup.wait_model("m", lambda m: m["state"] == "READY", 30, "READY after repair")
