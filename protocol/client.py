@@ -291,8 +291,9 @@ class SupervisorClient:
         assert isinstance(reply, HistoryReply)
         return reply.records
 
-    async def _admin(self, op: str, model: str | None, revision: str | None, timeout_s: float) -> dict:
-        reply = await self._call(AdminRequest(self._rid(), op, model, revision), timeout_s)
+    async def _admin(self, op: str, model: str | None, revision: str | None, timeout_s: float,
+                     path: str | None = None) -> dict:
+        reply = await self._call(AdminRequest(self._rid(), op, model, revision, path), timeout_s)
         assert isinstance(reply, Ack)
         return reply.detail
 
@@ -315,6 +316,10 @@ class SupervisorClient:
     async def repair(self, model: str, timeout_s: float = 3600.0) -> dict:
         """Fetch a model's missing/corrupt files from its mirror: {fetched, bytes, findings, state}."""
         return await self._admin("repair", model, None, timeout_s)
+
+    async def probe(self, path: str, timeout_s: float = 900.0) -> dict:
+        """Admit, load and canary the snapshot at `path` in a throwaway worker; the registry keeps it."""
+        return await self._admin("probe", None, None, timeout_s, path=path)
 
     async def reload(self, timeout_s: float = 120.0) -> dict:
         """Re-read the config file (like SIGHUP): {added, removed, changed}."""
@@ -359,6 +364,9 @@ class SyncSupervisorClient:
 
     def repair(self, model: str, **kw: Any) -> dict:
         return self._run(self._client.repair(model, **kw))
+
+    def probe(self, path: str, **kw: Any) -> dict:
+        return self._run(self._client.probe(path, **kw))
 
     def reload(self, **kw: Any) -> dict:
         return self._run(self._client.reload(**kw))

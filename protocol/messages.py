@@ -127,7 +127,7 @@ class Ack(Message):
     detail: dict = field(default_factory=dict)
 
 
-ADMIN_OPS = ("release", "rollback", "reload", "verify", "compat", "repair")
+ADMIN_OPS = ("release", "rollback", "reload", "verify", "compat", "repair", "probe")
 
 
 @dataclass
@@ -140,6 +140,7 @@ class AdminRequest(Message):
     op: str
     model: Optional[str] = None
     revision: Optional[str] = None
+    path: Optional[str] = None  # probe: a snapshot directory
 
 
 @dataclass

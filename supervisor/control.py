@@ -34,6 +34,7 @@ class ControlServer:
         status: Callable[[], dict[str, Any]],
         reload: Callable[[], Awaitable[dict[str, Any]]],
         store: Any,
+        probe: Callable[[str], Awaitable[dict[str, Any]]],
     ) -> None:
         self._sock = ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -45,6 +46,7 @@ class ControlServer:
         self._status = status
         self._reload = reload
         self._store = store
+        self._probe = probe
         # (client identity, client request id) -> (runtime, worker-side request id)
         self._routes: dict[tuple[bytes, str], tuple[ModelRuntime, str]] = {}
         self.draining = False
@@ -123,6 +125,10 @@ class ControlServer:
                 detail = await self._reload()
             elif msg.op == "compat":
                 detail = {"backend": compat.backend(), "rows": self._store.compat()}
+            elif msg.op == "probe":
+                if not msg.path:
+                    raise E.BadRequest("probe needs a path")
+                detail = await self._probe(msg.path)
             elif msg.op == "repair":
                 detail = await self._runtime(msg.model or "").repair()
             elif msg.op == "verify":

@@ -124,6 +124,12 @@ async def _admin(client: SupervisorClient, args: argparse.Namespace) -> int:
         detail = await client.reload()
     elif args.command == "release":
         detail = await client.release(args.model)
+    elif args.command == "probe":
+        detail = await client.probe(os.path.abspath(args.path))
+        if not args.json:
+            err = detail["last_error"]
+            print(f"{detail['path']}: {detail['state']}" + (f" ({err['code']}: {err['message']})" if err else ""))
+            return EXIT_OK if detail["state"] == "READY" else EXIT_FAILED
     elif args.command == "repair":
         detail = await client.repair(args.model)
         if not args.json:
@@ -136,7 +142,8 @@ async def _admin(client: SupervisorClient, args: argparse.Namespace) -> int:
     else:
         detail = await client.rollback(args.model, args.revision)
     _print_json(detail) if args.json else print(f"{args.command}: " + ", ".join(f"{k}={v}" for k, v in detail.items()))
-    return EXIT_FAILED if detail.get("findings") else EXIT_OK
+    failed = detail.get("findings") or (args.command == "probe" and detail["state"] != "READY")
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 async def _verify(client: SupervisorClient, args: argparse.Namespace) -> int:
@@ -204,7 +211,7 @@ def _import_gguf(args: argparse.Namespace) -> int:
 
 COMMANDS = {"status": _status, "generate": _generate, "load": _load, "unload": _unload,
             "history": _history, "release": _admin, "rollback": _admin, "reload": _admin, "verify": _verify,
-            "repair": _admin,
+            "repair": _admin, "probe": _admin,
             "compat": _compat}
 
 
@@ -238,6 +245,8 @@ def _parser() -> argparse.ArgumentParser:
     rb.add_argument("model")
     rb.add_argument("revision", nargs="?")
     sub.add_parser("reload", parents=[json_flag], help="re-read the config file (like SIGHUP)")
+    pr = sub.add_parser("probe", parents=[json_flag], help="admit, load and canary a snapshot in a throwaway worker")
+    pr.add_argument("path")
     rp = sub.add_parser("repair", parents=[json_flag], help="fetch missing/corrupt files from the model's mirror")
     rp.add_argument("model")
     cp = sub.add_parser("compat", parents=[json_flag], help="the compatibility registry: models x backends")

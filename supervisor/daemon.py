@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import fcntl
+import hashlib
 import os
 import signal
 import sys
@@ -21,6 +23,7 @@ from supervisor import logs
 from supervisor import config as cfg_mod
 from supervisor.config import Config
 from supervisor.control import ControlServer
+from supervisor.evidence import Evidence
 from supervisor.hub import WorkerHub
 from supervisor import memory
 from supervisor.memory import MemoryLedger
@@ -82,7 +85,7 @@ class Supervisor:
         self.models = {m.id: self._runtime(m) for m in config.models}
         self.control = ControlServer(
             self.ctx, ep.control_endpoint(state_dir), state_dir / ep.CONTROL_SOCKET, self.models, self.status,
-            self.reload, self.store,
+            self.reload, self.store, self.probe,
         )
 
     def _runtime(self, model: cfg_mod.ModelConfig) -> ModelRuntime:
@@ -154,6 +157,33 @@ class Supervisor:
         await self._stop.wait()
         await self.shutdown(self._signal or "stop")
         return 0
+
+    async def probe(self, path: str) -> dict[str, Any]:
+        """Admit, load and canary a snapshot in a throwaway worker, record the outcome in the
+        registry, stop the worker. The first failure is the verdict (no restarts)."""
+        resolved = str(Path(path).expanduser().resolve())
+        model = cfg_mod.ModelConfig(id=f"probe-{hashlib.sha256(resolved.encode()).hexdigest()[:8]}",
+                                    path=resolved, autoload=False)
+        config = dataclasses.replace(self.config, restart=dataclasses.replace(self.config.restart, quarantine_after=1))
+        # Each probe is a fresh attempt: an earlier probe's verdict lives in the registry, not here.
+        self.store.set_quarantine(model.id, None)
+        self.store.clear_failures(model.id)
+        rt = ModelRuntime(model, config, self.hub, ep.worker_endpoint(self.state_dir), self.store,
+                          self.state_dir / "logs", self.ledger, None)
+        rt.start("probe", force=True)
+        sup = config.supervisor
+        deadline = time.monotonic() + sup.load_timeout_s + model.canary.timeout_s + 60
+        while rt.state not in (ModelState.READY, ModelState.REJECTED, ModelState.QUARANTINED):
+            if time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        outcome = rt.status()
+        await rt.stop("probe done", remember=False)
+        err = outcome["last_error"]
+        rows = Evidence(self.store, model.id, resolved, None).row()
+        self.log.info("model.probed", path=resolved, state=outcome["state"], code=err and err["code"])
+        return {"path": resolved, "state": outcome["state"], "last_error": err, "canary": outcome["canary"],
+                "registry": rows}
 
     async def _reload_logged(self) -> None:
         try:

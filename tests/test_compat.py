@@ -17,7 +17,7 @@ from protocol.messages import Final
 from supervisor import logs
 from supervisor.evidence import Evidence
 from supervisor.store import Store
-from tests.harness import REPO
+from tests.harness import REPO, workers_of
 
 
 def _final(text: str) -> Final:
@@ -95,3 +95,22 @@ def test_corrupt_weights_that_pass_the_file_checks_change_the_canary_and_fail_it
     assert m["last_error"]["code"] == "MODEL_QUARANTINED"
     (record,) = sup.client.history("m")
     assert record["code"] == "CANARY_FAILED" and "differs from this stack" in record["cause"], (before, record)
+
+
+def test_probe_loads_and_canaries_a_snapshot_in_a_throwaway_worker(make_supervisor, tiny_model: Path,
+                                                                   tmp_path: Path) -> None:
+    sup = make_supervisor([{"id": "m", "path": str(tiny_model), "autoload": False}]).start(wait_ready=False)
+    good = subprocess.run([sys.executable, "-m", "supervisor.ctl", "--state-dir", str(sup.state_dir), "probe",
+                           str(tiny_model), "--json"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert good.returncode == 0, good.stdout + good.stderr
+    detail = json.loads(good.stdout)
+    assert detail["state"] == "READY" and detail["registry"]["outcome"] == "verified"
+    assert detail["canary"]["tokens"] >= 1
+    spawned = [e["worker_pid"] for e in sup.events("worker.spawned")]
+    assert len(spawned) == 1 and not workers_of(sup.state_dir)  # the throwaway worker is gone
+    assert [m["id"] for m in sup.status()["models"]] == ["m"]
+    bad_path = str(_unloadable(tiny_model, tmp_path / "bad"))
+    bad = sup.client.probe(bad_path)
+    assert bad["state"] == "QUARANTINED" and bad["registry"]["evidence"]["crashes"] == {"LOAD_FAILED": 1}
+    again = sup.client.probe(bad_path)  # a second probe tries again and adds its evidence
+    assert again["state"] == "QUARANTINED" and again["registry"]["evidence"]["crashes"] == {"LOAD_FAILED": 2}
