@@ -10,14 +10,14 @@ from typing import Any, Awaitable, Callable
 
 from protocol import errors as E
 from protocol.messages import Chunk, Error, Final, GenerateRequest, Init, Message, Shutdown
-from supervisor import adoption, architectures, checksums, logs, policy, repair, snapshot, states
+from supervisor import admission, adoption, checksums, logs, policy, repair, snapshot, states
 from supervisor.canary import run_canary
 from supervisor.classify import Verdict, classify
 from supervisor.config import Config, ModelConfig
 from supervisor.evidence import Evidence
 from supervisor.handle import Worker, wait_for
 from supervisor.hub import WorkerHub
-from supervisor.memory import MemoryLedger, estimate
+from supervisor.memory import MemoryLedger
 from supervisor.process import AdoptionRefused, WorkerProcess
 from supervisor.requests import RequestQueue, Sink
 from supervisor.states import ModelState as S
@@ -118,49 +118,13 @@ class ModelRuntime:
             self.log.error("internal.task_failed", state=self.state.value, error=repr(exc),
                            exc_info=(type(exc), exc, exc.__traceback__))
 
-    async def _admit(self) -> E.LmxError | None:
-        """ADMITTING: the snapshot is complete and intact and mlx-lm implements its architecture,
-        checked from headers and names alone, before any worker is spawned."""
-        findings = snapshot.verify(self.running.path)
-        if not findings and self.running.checksums:
-            # Hashing reads whole files: off the event loop, so status and other models never wait.
-            findings = await asyncio.to_thread(checksums.verify, self.store, self.running.path)
-        if findings:
-            first = findings[0]
-            exc = first.to_exc(more=len(findings) - 1)
-            exc.details["findings"] = [f.to_dict() for f in findings]
-            return exc
-        model_type = snapshot.model_type(self.running.path)
-        if model_type is None or not architectures.supported(model_type):
-            version = architectures.installed()[0]
-            return E.UnsupportedArchitecture(
-                f"config.json: model_type {model_type!r} is not supported by the installed mlx-lm {version}",
-                file="config.json", model_type=model_type, mlx_lm=version)
-        known_bad = None if self._force else self._evidence().known_bad()
-        return known_bad or await self._reserve_memory()
-
-    async def _reserve_memory(self) -> E.LmxError | None:
-        row = self._evidence().row()
-        peak = (row or {}).get("evidence", {}).get("peak_memory_bytes")
-        est = estimate(self.running.path, self.running.context_tokens, peak)
-        if self._ledger.try_reserve(self.cfg.id, est["total"]):
-            return None
-        if self._evict is not None and await self._evict(self.cfg.id, est["total"]):
-            if self._ledger.try_reserve(self.cfg.id, est["total"]):
-                return None
-        others, budget = self._ledger.others(self.cfg.id), self._ledger.budget
-        return E.InsufficientMemory(
-            f"needs {est['total']:,} bytes (weights {est['weights']:,} + KV {est['kv_cache']:,} + overhead "
-            f"{est['overhead']:,}{', measured peak ' + format(peak, ',') if peak else ''}); "
-            f"{others:,} of the {budget:,}-byte budget are held by other models",
-            estimate=est, held_by_others=others, budget=budget)
-
     def _evidence(self) -> Evidence:
         return Evidence(self.store, self.cfg.id, self.running.path, self.running.worker_command)
 
     async def _bring_up(self) -> None:
         if self.state is S.ADMITTING:
-            refusal = await self._admit()
+            refusal = await admission.admit(self.cfg.id, self.running, self.store, self._ledger, self._evict,
+                                            self._force)
             if refusal is not None:
                 self.last_error = refusal
                 self._to(S.REJECTED, refusal.code.code, code=refusal.code.code, message=refusal.message,

@@ -1,0 +1,64 @@
+"""ADMITTING: a model reaches a worker only when its snapshot is complete and intact, mlx-lm
+implements its architecture, the registry does not know it as failed here, and it fits in memory.
+Checked from headers, names and the store alone, before any worker is spawned, never with mlx."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Awaitable, Callable
+
+from protocol import errors as E
+from supervisor import architectures, checksums, snapshot
+from supervisor.config import ModelConfig
+from supervisor.evidence import Evidence
+from supervisor.memory import MemoryLedger, estimate
+from supervisor.store import Store
+
+Evict = Callable[[str, int], Awaitable[bool]]
+
+
+async def integrity(model: ModelConfig, store: Store) -> E.LmxError | None:
+    findings = snapshot.verify(model.path)
+    if not findings and model.checksums:
+        # Hashing reads whole files: off the event loop, so status and other models never wait.
+        findings = await asyncio.to_thread(checksums.verify, store, model.path)
+    if findings:
+        exc = findings[0].to_exc(more=len(findings) - 1)
+        exc.details["findings"] = [f.to_dict() for f in findings]
+        return exc
+    model_type = snapshot.model_type(model.path)
+    if model_type is None or not architectures.supported(model_type):
+        version = architectures.installed()[0]
+        return E.UnsupportedArchitecture(
+            f"config.json: model_type {model_type!r} is not supported by the installed mlx-lm {version}",
+            file="config.json", model_type=model_type, mlx_lm=version)
+    return None
+
+
+async def reserve_memory(model_id: str, model: ModelConfig, evidence: Evidence, ledger: MemoryLedger,
+                         evict: Evict | None) -> E.LmxError | None:
+    row = evidence.row()
+    peak = (row or {}).get("evidence", {}).get("peak_memory_bytes")
+    est = estimate(model.path, model.context_tokens, peak)
+    if ledger.try_reserve(model_id, est["total"]):
+        return None
+    if evict is not None and await evict(model_id, est["total"]) and ledger.try_reserve(model_id, est["total"]):
+        return None
+    others, budget = ledger.others(model_id), ledger.budget
+    return E.InsufficientMemory(
+        f"needs {est['total']:,} bytes (weights {est['weights']:,} + KV {est['kv_cache']:,} + overhead "
+        f"{est['overhead']:,}{', measured peak ' + format(peak, ',') if peak else ''}); "
+        f"{others:,} of the {budget:,}-byte budget are held by other models",
+        estimate=est, held_by_others=others, budget=budget)
+
+
+async def admit(model_id: str, model: ModelConfig, store: Store, ledger: MemoryLedger, evict: Evict | None,
+                force: bool) -> E.LmxError | None:
+    """None: admitted (and its memory reserved). Else the refusal, naming what is wrong.
+    `force` (an operator's word) skips only the registry's verdict."""
+    refusal = await integrity(model, store)
+    if refusal is not None:
+        return refusal
+    evidence = Evidence(store, model_id, model.path, model.worker_command)
+    known_bad = None if force else evidence.known_bad()
+    return known_bad or await reserve_memory(model_id, model, evidence, ledger, evict)
