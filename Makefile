@@ -24,6 +24,7 @@ test: setup
 bench: setup
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/crash_latency.py
+	$(BIN)/python bench/compat_sweep.py
 
 clean:
 	rm -rf $(VENV) .cache *.egg-info
