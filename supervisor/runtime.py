@@ -368,8 +368,10 @@ class ModelRuntime:
         if remember:
             self._remember(False)
         if self.state in states.WORKER_STATES and self.state is not S.DRAINING:
+            was_serving = self.state is S.READY
             self._to(S.DRAINING, reason)
-            await self._drain(self.config.supervisor.drain_grace_s)
+            if was_serving:  # before READY only the canary can be in flight: nobody to wait for
+                await self._drain(self.config.supervisor.drain_grace_s)
             await self._stop_worker(reason)
             self.requests.fail_all(E.ShuttingDown(f"model stopped: {reason}"))
             self._to(S.UNLOADED, reason)

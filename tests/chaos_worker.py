@@ -15,10 +15,16 @@ parser.add_argument("--say", default=None, help="a line to print on stderr befor
 parser.add_argument("--signal", default="SIGABRT")
 parser.add_argument("--after", type=int, default=1, help="generate: calls that pass first (1 = the canary)")
 parser.add_argument("--unless-exists", default=None, help="no fault once this file exists")
+parser.add_argument("--stall-s", type=float, default=0.0, help="generate: sleep this long first (a slow canary)")
 args = parser.parse_args()
 
 
 def fault() -> None:
+    if args.stall_s:
+        import time
+
+        time.sleep(args.stall_s)
+        return
     if args.unless_exists and Path(args.unless_exists).exists():
         return
     if args.say:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -114,3 +113,14 @@ def test_probe_loads_and_canaries_a_snapshot_in_a_throwaway_worker(make_supervis
     assert bad["state"] == "QUARANTINED" and bad["registry"]["evidence"]["crashes"] == {"LOAD_FAILED": 1}
     again = sup.client.probe(bad_path)  # a second probe tries again and adds its evidence
     assert again["state"] == "QUARANTINED" and again["registry"]["evidence"]["crashes"] == {"LOAD_FAILED": 2}
+
+
+def test_a_canary_cut_short_by_an_unload_is_not_a_model_failure(make_supervisor, tiny_model: Path) -> None:
+    slow = [sys.executable, "-m", "tests.chaos_worker", "--at", "generate", "--after", "0", "--stall-s", "30"]
+    sup = make_supervisor([{"id": "m", "path": str(tiny_model), "worker_command": slow}]).start(wait_ready=False)
+    sup.wait_model("m", lambda m: m["state"] == "CANARY", 30, "CANARY")
+    assert sup.client.unload("m")["state"] == "UNLOADED"
+    m = sup.model("m")
+    assert m["restarts"] == 0 and m["failures_in_window"] == 0 and m["last_error"] is None
+    assert sup.client.history("m") == []
+    assert all(r["outcome"] != "failed" for r in sup.client.compat()["rows"])
