@@ -127,9 +127,6 @@ class Ack(Message):
     detail: dict = field(default_factory=dict)
 
 
-ADMIN_OPS = ("release", "rollback", "reload", "verify", "compat", "repair", "probe")
-
-
 @dataclass
 class AdminRequest(Message):
     """release MODEL | rollback MODEL [revision] | reload (re-read the config, like SIGHUP) |

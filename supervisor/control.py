@@ -20,6 +20,7 @@ from supervisor import config as cfg_mod
 from supervisor import compat, snapshot
 from supervisor import logs
 from supervisor.runtime import ModelRuntime
+from supervisor.store import Store
 
 
 class ControlServer:
@@ -33,7 +34,7 @@ class ControlServer:
         models: dict[str, ModelRuntime],
         status: Callable[[], dict[str, Any]],
         reload: Callable[[], Awaitable[dict[str, Any]]],
-        store: Any,
+        store: Store,
         probe: Callable[[str], Awaitable[dict[str, Any]]],
     ) -> None:
         self._sock = ctx.socket(zmq.ROUTER)

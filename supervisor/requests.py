@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import itertools
 import secrets
 from dataclasses import dataclass
@@ -54,7 +55,7 @@ class RequestQueue:
             raise E.Overloaded(f"model {self._model_id} has {len(self._queue)} queued requests",
                                retry_after_s=1.0)
         wrid = f"{self._prefix}-{next(self._ids)}"
-        pending = Pending(wrid, GenerateRequest(**{**req.to_wire(), "request_id": wrid}), sink, req.request_id)
+        pending = Pending(wrid, dataclasses.replace(req, request_id=wrid), sink, req.request_id)
         if req.timeout_s is not None:
             pending.timer = asyncio.get_running_loop().call_later(req.timeout_s, self.expire, wrid)
         self._queue.append(pending)
