@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP gateway: the thinnest correct HTTP front over protocol.client."""
