@@ -34,9 +34,14 @@ class SupervisorSettings:
     drain_grace_s: float = 30.0
     stop_timeout_s: float = 5.0
     load_timeout_s: float = 300.0
+    # After a worker exits, how long the next admission waits for its memory to come back.
+    memory_return_timeout_s: float = 5.0
     # This many starts within the window without a clean shutdown: start in safe mode.
     crash_loop_starts: int = 5
     crash_loop_window_s: float = 300.0
+    # lmxctl repair may download from the Hugging Face hub (models with hub_repo); off by default.
+    hub_downloads: bool = False
+    hub_endpoint: str = ""  # default: huggingface_hub's own (it honours HF_ENDPOINT)
 
 
 @dataclass(frozen=True)
@@ -65,13 +70,19 @@ class ModelConfig:
     context_tokens: int = 4096  # the KV cache the memory estimate budgets for
     checksums: bool = False  # SHA-256 of every file against a manifest at admission
     mirror: str | None = None  # a local directory with the same snapshot: lmxctl repair's source
+    hub_repo: str | None = None  # "org/name": repair's source when there is no mirror
+    hub_revision: str | None = None  # the commit (or tag) the snapshot came from; required with hub_repo
     worker_command: tuple[str, ...] | None = None
     canary: CanarySettings = field(default_factory=CanarySettings)
 
     @property
     def revision(self) -> str:
         """A stable hash of the resolved section: equal sections, equal revisions."""
-        blob = json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
+        fields = dataclasses.asdict(self)
+        for added_later in ("hub_repo", "hub_revision"):  # unset, they leave older revisions unchanged
+            if fields[added_later] is None:
+                del fields[added_later]
+        blob = json.dumps(fields, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -177,10 +188,17 @@ def _model(file: str, index: int, raw: Any, base_dir: Path) -> ModelConfig:
         context_tokens=reader.take("context_tokens", int, 4096),
         checksums=reader.take("checksums", bool, False),
         mirror=_mirror(reader, base_dir),
+        hub_repo=reader.take("hub_repo", str, None),
+        hub_revision=reader.take("hub_revision", str, None),
         worker_command=reader.take_list("worker_command", str, None),
         canary=_canary(file, f"{prefix}.canary", reader.table.pop("canary", {})),
     )
     reader.finish()
+    if model.hub_repo and not model.hub_revision:
+        raise ConfigError(file, f"{prefix}.hub_revision",
+                          "required with hub_repo (pin the commit the snapshot came from)")
+    if model.hub_repo and model.hub_repo.count("/") != 1:
+        raise ConfigError(file, f"{prefix}.hub_repo", f"expected \"org/name\", got {model.hub_repo!r}")
     return model
 
 

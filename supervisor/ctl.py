@@ -247,7 +247,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("reload", parents=[json_flag], help="re-read the config file (like SIGHUP)")
     pr = sub.add_parser("probe", parents=[json_flag], help="admit, load and canary a snapshot in a throwaway worker")
     pr.add_argument("path")
-    rp = sub.add_parser("repair", parents=[json_flag], help="fetch missing/corrupt files from the model's mirror")
+    rp = sub.add_parser("repair", parents=[json_flag], help="fetch missing/corrupt files from the model's mirror or hub")
     rp.add_argument("model")
     cp = sub.add_parser("compat", parents=[json_flag], help="the compatibility registry: models x backends")
     cp.add_argument("--markdown", action="store_true", help="a markdown table")

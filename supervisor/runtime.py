@@ -130,6 +130,8 @@ class ModelRuntime:
                 self._to(S.REJECTED, refusal.code.code, code=refusal.code.code, message=refusal.message,
                          file=refusal.details.get("file"))
                 return
+        else:  # a restart keeps its reservation, but a dead worker's memory must be back first
+            await self._ledger.settle()
         try:
             await self._start_worker()
         except E.LmxError as exc:
@@ -330,22 +332,28 @@ class ModelRuntime:
         return self.state.value
 
     async def repair(self) -> dict[str, Any]:
-        """Operator: fetch what admission found missing or corrupt from the mirror, verify again, and
-        if the model was REJECTED for it, admit it again."""
-        if not self.running.mirror:
-            raise E.BadRequest(f"model {self.cfg.id} has no mirror configured to repair from")
-        root, mirror = Path(self.running.path), Path(self.running.mirror)
+        """Operator: fetch what admission found missing or corrupt from the model's source (mirror or
+        hub), verify again, and if the model was REJECTED for it, admit it again."""
+        source = repair.source_for(self.running, self.config.supervisor)
+        root = Path(self.running.path)
         findings = snapshot.verify(root)
         if self.running.checksums and not findings:
             findings = await asyncio.to_thread(checksums.verify, self.store, str(root))
-        names = repair.wanted_files(findings, mirror)
-        self.log.info("model.repair", files=names, mirror=str(mirror))
-        written = await asyncio.to_thread(repair.fetch, root, mirror, names) if names else 0
+        try:
+            wanted = await asyncio.to_thread(repair.wanted_files, root, findings, source)
+            self.log.info("model.repair", files=sorted(wanted), bytes=sum(wanted.values()),
+                          source=source.description)
+            written = await asyncio.to_thread(repair.fetch, root, source, wanted) if wanted else 0
+        except E.LmxError:
+            raise
+        except Exception as exc:  # the hub or the mirror failed: say which, keep the daemon up
+            self.log.warning("model.repair_failed", source=source.description, error=repr(exc))
+            raise E.SnapshotIncomplete(f"repair from {source.description} failed: {exc}") from None
         after = snapshot.verify(root)
         if self.state is S.REJECTED and not after:
             self.start("repaired", force=False)
-        return {"fetched": names, "bytes": written, "findings": [f.to_dict() for f in after],
-                "state": self.state.value}
+        return {"fetched": sorted(wanted), "bytes": written, "source": source.description,
+                "findings": [f.to_dict() for f in after], "state": self.state.value}
 
     async def release(self) -> str:
         """Operator: leave QUARANTINED (or REJECTED) and try again on the configured revision."""
@@ -405,6 +413,9 @@ class ModelRuntime:
 
     def _on_exit(self, process: WorkerProcess, rc: int | None) -> None:
         worker = self.worker
+        if worker is not None and worker.process is process:
+            self._ledger.worker_exited(self.cfg.id, process.pid, worker.memory.get("rss_bytes", 0),
+                                       worker.available_at_beat)
         if worker is None or worker.process is not process or worker.stopping:
             return
         self.store.set_worker(self.cfg.id, None)

@@ -242,3 +242,42 @@ def test_repair_fetches_only_what_is_missing_or_corrupt_from_the_mirror(
     assert (snap / "config.json").stat().st_mtime_ns == config_mtime  # intact files are left alone
     assert not list(snap.glob(".*lmx-repair"))
     sup.wait_model("m", lambda m: m["state"] == "READY", 30, "READY after repair")
+
+
+def test_repair_from_the_hub_downloads_only_the_bad_files(
+    make_supervisor, tiny_model: Path, tmp_path: Path
+) -> None:
+    """huggingface_hub against a loopback server that answers like the hub's resolve URLs."""
+    from tests.hubserver import FakeHub
+
+    origin = _sharded(tiny_model, tmp_path / "origin")
+    snap = tmp_path / "snap"
+    shutil.copytree(origin, snap)
+    (snap / "model-00002-of-00002.safetensors").unlink()
+    (snap / "tokenizer.json").unlink()
+    revision = "a" * 40
+    with FakeHub("org/tiny", revision, origin) as hub:
+        sup = make_supervisor(
+            [{"id": "m", "path": str(snap), "hub_repo": "org/tiny", "hub_revision": revision}],
+            supervisor={"hub_downloads": True, "hub_endpoint": hub.endpoint},
+        ).start(wait_ready=False)
+        sup.wait_model("m", lambda m: m["state"] == "REJECTED", 10, "REJECTED")
+        detail = sup.client.repair("m")
+        assert detail["fetched"] == ["model-00002-of-00002.safetensors", "tokenizer.json"]
+        assert detail["source"].startswith("hub org/tiny@" + revision)
+        assert detail["findings"] == []
+        assert dict(hub.gets) == {"model-00002-of-00002.safetensors": 1, "tokenizer.json": 1}
+        assert (snap / "tokenizer.json").read_bytes() == (origin / "tokenizer.json").read_bytes()
+        assert not (snap / ".lmx-repair").exists()
+        sup.wait_model("m", lambda m: m["state"] == "READY", 30, "READY after repair")
+
+
+def test_hub_repair_is_refused_while_downloads_are_off(make_supervisor, tiny_model: Path, tmp_path: Path) -> None:
+    snap = _copy(tiny_model, tmp_path / "snap")
+    (snap / "tokenizer.json").unlink()
+    sup = make_supervisor([{"id": "m", "path": str(snap), "hub_repo": "org/tiny", "hub_revision": "main"}]
+                          ).start(wait_ready=False)
+    sup.wait_model("m", lambda m: m["state"] == "REJECTED", 10, "REJECTED")
+    with pytest.raises(E.BadRequest, match="downloads are off: set supervisor.hub_downloads = true"):
+        sup.client.repair("m")
+    assert sup.client.status()["models"][0]["state"] == "REJECTED"

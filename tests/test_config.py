@@ -49,6 +49,8 @@ def test_revision_is_stable_and_changes_with_the_section(tmp_path: Path) -> None
     assert a.revision == b.revision != c.revision
     assert other.revision == a.revision  # another model's change is not this model's revision
     assert len(a.revision) == 12
+    # A key added in a later version, left unset, leaves the revisions of older configs unchanged.
+    assert cfg.parse(GOOD, "x", Path("/srv")).models[0].revision == "f8d99eb03c8b"
 
 
 @pytest.mark.parametrize(
@@ -67,6 +69,9 @@ def test_revision_is_stable_and_changes_with_the_section(tmp_path: Path) -> None
          "must be >= 1"),
         ("[[models]]\nid = 'a'\npath = '/x'\nworker_command = 'python'", "models[0].worker_command",
          "expected a list"),
+        ("[[models]]\nid = 'a'\npath = '/x'\nhub_repo = 'org/a'", "models[0].hub_revision", "required with hub_repo"),
+        ("[[models]]\nid = 'a'\npath = '/x'\nhub_repo = 'a'\nhub_revision = 'main'", "models[0].hub_repo",
+         "expected \"org/name\""),
         ("models = 3", "models", "expected an array"),
         ("bogus = 1", "bogus", "unknown key"),
         ("[supervisor\n", "(syntax)", ""),
