@@ -40,16 +40,18 @@ async def reserve_memory(model_id: str, model: ModelConfig, evidence: Evidence, 
     row = evidence.row()
     peak = (row or {}).get("evidence", {}).get("peak_memory_bytes")
     est = estimate(model.path, model.context_tokens, peak)
+    await ledger.settle()  # a worker that just died must have given its memory back first
     if ledger.try_reserve(model_id, est["total"]):
         return None
     if evict is not None and await evict(model_id, est["total"]) and ledger.try_reserve(model_id, est["total"]):
         return None
-    others, budget = ledger.others(model_id), ledger.budget
+    others, budget, stranded = ledger.others(model_id), ledger.budget, ledger.stranded_bytes()
     return E.InsufficientMemory(
         f"needs {est['total']:,} bytes (weights {est['weights']:,} + KV {est['kv_cache']:,} + overhead "
         f"{est['overhead']:,}{', measured peak ' + format(peak, ',') if peak else ''}); "
-        f"{others:,} of the {budget:,}-byte budget are held by other models",
-        estimate=est, held_by_others=others, budget=budget)
+        f"{others:,} of the {budget:,}-byte budget are held by other models"
+        + (f" and by memory dead workers never gave back ({stranded:,})" if stranded else ""),
+        estimate=est, held_by_others=others, budget=budget, stranded=stranded)
 
 
 async def admit(model_id: str, model: ModelConfig, store: Store, ledger: MemoryLedger, evict: Evict | None,

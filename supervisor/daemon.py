@@ -79,7 +79,8 @@ class Supervisor:
         # Started this often without a clean shutdown: something at start kills us. Serve status
         # and admin ops, but start no model by ourselves until an operator loads one.
         self.safe_mode = unclean + 1 >= sup.crash_loop_starts
-        self.ledger = MemoryLedger(memory.budget_bytes(sup.memory_budget_bytes, sup.memory_reserve_bytes))
+        self.ledger = MemoryLedger(memory.budget_bytes(sup.memory_budget_bytes, sup.memory_reserve_bytes),
+                                   sup.memory_return_timeout_s, self.log)
         self.ctx = zmq.asyncio.Context()
         self.hub = WorkerHub(self.ctx, ep.worker_endpoint(state_dir), state_dir / ep.WORKER_SOCKET)
         self.models = {m.id: self._runtime(m) for m in config.models}
@@ -129,6 +130,8 @@ class Supervisor:
                 "safe_mode": self.safe_mode,
                 "memory_budget_bytes": self.ledger.budget,
                 "memory_reserved_bytes": sum(self.ledger.held.values()),
+                "memory_stranded_bytes": self.ledger.stranded_bytes(),
+                "memory_stranded": list(self.ledger.stranded.values()),
             },
             "models": [rt.status() for rt in self.models.values()],
         }

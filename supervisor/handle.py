@@ -13,6 +13,7 @@ from protocol.messages import Error, Heartbeat, Hello, Message, Ready
 from supervisor.classify import Verdict
 from supervisor.config import ModelConfig, SupervisorSettings
 from supervisor.liveness import liveness_verdict
+from supervisor.memory import available_bytes
 from supervisor.process import WorkerProcess
 
 
@@ -36,6 +37,7 @@ class Worker:
         self.progress_at = now
         self.phase = "starting"
         self.memory: dict = {}
+        self.available_at_beat: int | None = None  # the machine's, when the last figures came
         self.stopping = False
         self.killed_for: tuple[E.ErrorCode, str] | None = None  # why the supervisor killed it
         self.death: Verdict | None = None
@@ -49,6 +51,7 @@ class Worker:
             if msg.progress != self.progress or msg.phase != self.phase:
                 self.progress_at = now
             self.progress, self.phase, self.memory = msg.progress, msg.phase, msg.memory
+            self.available_at_beat = available_bytes()
         elif isinstance(msg, Hello):
             self.last_heartbeat = now
             if not self.hello.done():
@@ -60,6 +63,7 @@ class Worker:
                 self.ready.set_exception(E.LoadFailed(f"worker loaded revision {msg.revision}"))
             else:
                 self.memory = msg.memory
+                self.available_at_beat = available_bytes()
                 self.ready.set_result(msg)
         elif isinstance(msg, Error) and not msg.request_id:
             if not self.ready.done():

@@ -1,10 +1,17 @@
 """Memory admission: what a model will cost, what the machine can give, and who holds what.
-Loads in flight hold their reservation too, so two concurrent loads cannot both squeeze in."""
+Loads in flight hold their reservation too, so two concurrent loads cannot both squeeze in.
+A worker that is gone must also have given its memory back to the machine before the next load is
+admitted against the budget; what stays missing (a hard-killed Metal process can strand wired memory
+until reboot on macOS) is counted as held, reported, and not blamed on the next model."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -37,13 +44,75 @@ def estimate(path: str, context_tokens: int, measured_peak: int | None = None) -
             "measured_peak": measured_peak or 0, "total": model + WORKER_OVERHEAD_BYTES}
 
 
+# A departed worker's memory counts as back once the machine's available memory has risen by all
+# but this share of its last RSS (the rest is noise from everything else on a shared box)...
+RETURN_TOLERANCE = 0.5
+# ...and never flag less than this.
+STRANDED_MIN_BYTES = 128 * 2**20
+
+
+def available_bytes() -> int:
+    return psutil.virtual_memory().available
+
+
+@dataclass
+class Departure:
+    """A worker that exited: its last reported RSS and the machine's available memory then."""
+    model: str
+    pid: int
+    rss_bytes: int
+    available_before: int
+    at: float
+
+    def missing(self, available_now: int) -> int:
+        return max(0, self.rss_bytes - (available_now - self.available_before))
+
+    def returned(self, available_now: int) -> bool:
+        missing = self.missing(available_now)
+        return missing < STRANDED_MIN_BYTES or missing <= self.rss_bytes * RETURN_TOLERANCE
+
+
 class MemoryLedger:
-    def __init__(self, budget: int) -> None:
+    def __init__(self, budget: int, return_timeout_s: float = 5.0, log: Any = None) -> None:
         self.budget = budget
         self.held: dict[str, int] = {}
+        self.return_timeout_s = return_timeout_s
+        self.departures: list[Departure] = []
+        self.stranded: dict[str, dict[str, Any]] = {}  # "model:pid" -> what stayed missing
+        self._log = log
 
     def others(self, model_id: str) -> int:
-        return sum(v for k, v in self.held.items() if k != model_id)
+        stranded = sum(s["bytes"] for s in self.stranded.values())
+        return stranded + sum(v for k, v in self.held.items() if k != model_id)
+
+    def stranded_bytes(self) -> int:
+        return sum(s["bytes"] for s in self.stranded.values())
+
+    def worker_exited(self, model_id: str, pid: int, rss_bytes: int, available_before: int | None) -> None:
+        if rss_bytes > 0 and available_before:
+            self.departures.append(Departure(model_id, pid, rss_bytes, available_before, time.monotonic()))
+
+    async def settle(self) -> None:
+        """Before admitting against the budget: wait (bounded) until every departed worker's memory is
+        back. What is still missing at the deadline is stranded: held from the budget and reported."""
+        while self.departures:
+            d = self.departures[0]
+            deadline = d.at + self.return_timeout_s
+            while not d.returned(available_bytes()) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            self.departures.pop(0)
+            now = available_bytes()
+            if d.returned(now):
+                continue
+            missing = d.missing(now)
+            self.stranded[f"{d.model}:{d.pid}"] = {"model": d.model, "worker_pid": d.pid, "bytes": missing,
+                                                   "worker_rss_bytes": d.rss_bytes, "since": time.time()}
+            if self._log is not None:
+                self._log.error("memory.not_returned", model=d.model, worker_pid=d.pid, missing_bytes=missing,
+                                worker_rss_bytes=d.rss_bytes, available_bytes=now,
+                                hint="memory of a dead worker was not given back to the machine; it is held "
+                                     "from the budget until the supervisor restarts (macOS: wired Metal "
+                                     "memory can stay stranded until reboot)")
 
     def try_reserve(self, model_id: str, need: int) -> bool:
         if self.others(model_id) + need > self.budget:

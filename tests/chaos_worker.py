@@ -10,13 +10,27 @@ import sys
 from pathlib import Path
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--at", choices=["start", "load", "generate"], required=True)
+parser.add_argument("--at", choices=["start", "load", "generate", "never"], required=True)
 parser.add_argument("--say", default=None, help="a line to print on stderr before dying")
 parser.add_argument("--signal", default="SIGABRT")
 parser.add_argument("--after", type=int, default=1, help="generate: calls that pass first (1 = the canary)")
 parser.add_argument("--unless-exists", default=None, help="no fault once this file exists")
 parser.add_argument("--stall-s", type=float, default=0.0, help="generate: sleep this long first (a slow canary)")
+parser.add_argument("--strand", default=None,
+                    help="a tmpfs file to fill and map at start: memory that outlives the worker")
+parser.add_argument("--strand-bytes", type=int, default=0)
 args = parser.parse_args()
+
+if args.strand:
+    # Pages of a tmpfs file count in this process's RSS while mapped and stay in use after it dies,
+    # as wired memory a hard-killed Metal process leaves behind does on macOS.
+    import mmap
+
+    fd = os.open(args.strand, os.O_RDWR | os.O_CREAT, 0o600)
+    os.ftruncate(fd, args.strand_bytes)
+    _stranded = mmap.mmap(fd, args.strand_bytes)
+    for offset in range(0, args.strand_bytes, mmap.PAGESIZE):
+        _stranded[offset] = 1
 
 
 def fault() -> None:
@@ -45,7 +59,7 @@ elif args.at == "load":
         return _load(self, path)
 
     engine.Engine.load = load
-else:
+elif args.at == "generate":
     _generate = engine.Engine.generate
     calls = [0]
 
