@@ -42,6 +42,9 @@ class SupervisorSettings:
     # lmxctl repair may download from the Hugging Face hub (models with hub_repo); off by default.
     hub_downloads: bool = False
     hub_endpoint: str = ""  # default: huggingface_hub's own (it honours HF_ENDPOINT)
+    # STATE_DIR/logs/supervisor.log rotates at this size and keeps this many old files.
+    log_max_bytes: int = 20_000_000
+    log_backups: int = 5
 
 
 @dataclass(frozen=True)
