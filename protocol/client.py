@@ -22,7 +22,7 @@ from protocol.messages import (
     LoadRequest, Message, StatusReply, StatusRequest, UnloadRequest,
 )
 
-__all__ = ["SupervisorClient", "SyncSupervisorClient", "GenerateStream", "Result", "Chunk"]
+__all__ = ["SupervisorClient", "SyncSupervisorClient", "GenerateStream", "EventStream", "Result", "Chunk"]
 
 
 @dataclass
@@ -103,6 +103,71 @@ class GenerateStream:
         return self.result
 
 
+class EventStream:
+    """The supervisor's lifecycle events (model.state, model.failed, ...), each a dict with `event`,
+    `ts`, `seq` and its fields. Only events published after subscribing arrive (ZeroMQ PUB/SUB); a
+    gap in `seq` means events were dropped because this reader fell behind."""
+
+    def __init__(self, endpoint: str, prefixes: tuple[str, ...]) -> None:
+        if endpoint.startswith("ipc://") and not os.path.exists(endpoint[6:]):
+            raise E.SupervisorUnavailable(f"no events socket at {endpoint[6:]} (is lmx-supervisor running?)",
+                                          endpoint=endpoint)
+        self._ctx = zmq.asyncio.Context()
+        self._sock = self._ctx.socket(zmq.SUB)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.MAXMSGSIZE, codec.MAX_FRAME_BYTES)
+        for prefix in prefixes or ("",):
+            self._sock.setsockopt(zmq.SUBSCRIBE, prefix.encode())
+        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        self._sock.connect(endpoint)
+
+    async def connected(self, timeout_s: float = 5.0) -> None:
+        """Wait until the connection is up (subscriptions go out right after the handshake), so
+        events published from now on arrive: PUB/SUB drops what is sent before that."""
+        if self._monitor is None:
+            return
+        try:
+            await asyncio.wait_for(self._monitor.recv_multipart(), timeout_s)
+        except asyncio.TimeoutError:
+            raise E.SupervisorUnavailable(f"events socket did not answer within {timeout_s}s") from None
+        finally:
+            self._sock.disable_monitor()
+            self._monitor.close(linger=0)
+            self._monitor = None
+
+    def __aiter__(self) -> "EventStream":
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        while True:
+            if self._sock.closed:
+                raise StopAsyncIteration
+            frames = await self._sock.recv_multipart()
+            try:
+                return codec.decode_event(frames)
+            except E.LmxError:
+                continue  # not ours: skip it rather than end the stream
+
+    async def next(self, timeout_s: float) -> dict[str, Any]:
+        """The next event within `timeout_s`, else REQUEST_TIMEOUT."""
+        try:
+            return await asyncio.wait_for(self.__anext__(), timeout_s)
+        except asyncio.TimeoutError:
+            raise E.RequestTimeout(f"no event within {timeout_s}s") from None
+
+    async def aclose(self) -> None:
+        if self._monitor is not None:
+            self._monitor.close(linger=0)
+        self._sock.close(linger=0)
+        self._ctx.term()
+
+    async def __aenter__(self) -> "EventStream":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+
 class SupervisorClient:
     """One DEALER socket multiplexing any number of concurrent requests by request id."""
 
@@ -113,8 +178,12 @@ class SupervisorClient:
         state_dir: str | os.PathLike | None = None,
         timeout_s: float = 300.0,
         connect_timeout_s: float = 3.0,
+        events_endpoint: str | None = None,
     ) -> None:
         self.endpoint = endpoint or ep.control_endpoint(state_dir)
+        if events_endpoint is None and self.endpoint.startswith("ipc://"):
+            events_endpoint = f"ipc://{os.path.join(os.path.dirname(self.endpoint[6:]), ep.EVENTS_SOCKET)}"
+        self.events_endpoint = events_endpoint
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
         self._ctx: Optional[zmq.asyncio.Context] = None
@@ -325,6 +394,16 @@ class SupervisorClient:
         """Re-read the config file (like SIGHUP): {added, removed, changed}."""
         return await self._admin("reload", None, None, timeout_s)
 
+    async def metrics(self, timeout_s: float = 10.0) -> str:
+        """The Prometheus text exposition, as the metrics port would serve it."""
+        return (await self._admin("metrics", None, None, timeout_s))["text"]
+
+    def events(self, *prefixes: str) -> EventStream:
+        """Follow lifecycle events whose name starts with one of `prefixes` (default: all)."""
+        if not self.events_endpoint:
+            raise E.BadRequest("no events endpoint: pass events_endpoint= with a tcp:// control endpoint")
+        return EventStream(self.events_endpoint, prefixes)
+
 
 class SyncSupervisorClient:
     """Blocking facade over SupervisorClient: its own event loop on a private thread."""
@@ -370,6 +449,9 @@ class SyncSupervisorClient:
 
     def reload(self, **kw: Any) -> dict:
         return self._run(self._client.reload(**kw))
+
+    def metrics(self, **kw: Any) -> str:
+        return self._run(self._client.metrics(**kw))
 
     def complete(self, model: str, prompt: str | None = None, **kw: Any) -> Result:
         return self._run(self._client.complete(model, prompt, **kw))

@@ -47,3 +47,20 @@ def decode(frames: list[bytes], table: dict[str, type[Message]]) -> Message:
     if cls is None:
         raise BadRequest(f"unknown or misdirected message type {tag[:64]!r}")
     return from_wire(cls, fields)
+
+
+def encode_event(name: str, fields: dict[str, Any]) -> list[bytes]:
+    """An event on the PUB socket: [name (the subscription prefix), protocol, msgpack fields]."""
+    return [name.encode(), PROTOCOL, msgpack.packb(fields, use_bin_type=True, default=str)]
+
+
+def decode_event(frames: list[bytes]) -> dict[str, Any]:
+    if len(frames) != 3 or frames[1] != PROTOCOL:
+        raise ProtocolMismatch(f"not an {PROTOCOL.decode()} event", expected=PROTOCOL.decode())
+    try:
+        fields = msgpack.unpackb(frames[2], raw=False)
+    except Exception as exc:
+        raise BadRequest(f"malformed msgpack event: {type(exc).__name__}") from None
+    if not isinstance(fields, dict):
+        raise BadRequest("event body must be a map")
+    return {"event": frames[0].decode("utf-8", "replace"), **fields}

@@ -8,6 +8,7 @@ from pathlib import Path
 
 CONTROL_SOCKET = "control.sock"
 WORKER_SOCKET = "workers.sock"
+EVENTS_SOCKET = "events.sock"  # PUB: lifecycle events, one [name, msgpack fields] message each
 
 
 def default_state_dir() -> Path:
@@ -33,3 +34,7 @@ def control_endpoint(state_dir: str | os.PathLike | None = None) -> str:
 
 def worker_endpoint(state_dir: Path) -> str:
     return f"ipc://{state_dir / WORKER_SOCKET}"
+
+
+def events_endpoint(state_dir: str | os.PathLike | None = None) -> str:
+    return f"ipc://{resolve_state_dir(state_dir) / EVENTS_SOCKET}"

@@ -45,6 +45,8 @@ class SupervisorSettings:
     # STATE_DIR/logs/supervisor.log rotates at this size and keeps this many old files.
     log_max_bytes: int = 20_000_000
     log_backups: int = 5
+    # Prometheus /metrics on 127.0.0.1:PORT; 0 = off (lmxctl metrics works either way).
+    metrics_port: int = 0
 
 
 @dataclass(frozen=True)
@@ -227,6 +229,8 @@ def parse(text: str, file: str = "<config>", base_dir: Path | None = None) -> Co
         raise ConfigError(file, ", ".join(sorted(raw)), "unknown key")
     if supervisor.evict not in ("", "lru"):
         raise ConfigError(file, "supervisor.evict", f"expected \"lru\" or \"\", got {supervisor.evict!r}")
+    if not 0 <= supervisor.metrics_port <= 65535:
+        raise ConfigError(file, "supervisor.metrics_port", f"expected 0 (off) or a TCP port, got {supervisor.metrics_port}")
     if supervisor.heartbeat_timeout_s <= supervisor.heartbeat_interval_s:
         raise ConfigError(file, "supervisor.heartbeat_timeout_s", "must exceed heartbeat_interval_s")
     return Config(file, supervisor, restart, models)

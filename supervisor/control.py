@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from protocol import codec
 from protocol import errors as E
@@ -19,6 +21,7 @@ from protocol.messages import (
 from supervisor import config as cfg_mod
 from supervisor import compat, snapshot
 from supervisor import logs
+from supervisor.metrics import Metrics, RequestTimer
 from supervisor.runtime import ModelRuntime
 from supervisor.store import Store
 
@@ -36,6 +39,7 @@ class ControlServer:
         reload: Callable[[], Awaitable[dict[str, Any]]],
         store: Store,
         probe: Callable[[str], Awaitable[dict[str, Any]]],
+        metrics: Metrics | None = None,
     ) -> None:
         self._sock = ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -48,6 +52,9 @@ class ControlServer:
         self._reload = reload
         self._store = store
         self._probe = probe
+        self._metrics = metrics or Metrics()
+        self.connections = 0  # open client connections, from the socket's monitor
+        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         # (client identity, client request id) -> (runtime, worker-side request id)
         self._routes: dict[tuple[bytes, str], tuple[ModelRuntime, str]] = {}
         self.draining = False
@@ -56,12 +63,22 @@ class ControlServer:
         self.log = logs.get()
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._recv_loop(), name="control")
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._recv_loop(), name="control")
+        self._background(self._count_connections())
 
     def close(self) -> None:
         if self._task:
             self._task.cancel()
+        for task in self._bg:
+            task.cancel()
+        self._monitor.close(linger=0)
         self._sock.close(linger=0)
+
+    async def _count_connections(self) -> None:
+        while True:
+            event = parse_monitor_message(await self._monitor.recv_multipart())["event"]
+            self.connections = max(0, self.connections + (1 if event == zmq.EVENT_ACCEPTED else -1))
 
     def send(self, identity: bytes, msg: Message) -> None:
         try:
@@ -82,6 +99,9 @@ class ControlServer:
             try:
                 self._handle(identity, msg)
             except E.LmxError as exc:
+                if isinstance(msg, GenerateRequest):
+                    self._metrics.requests.labels(msg.model if msg.model in self._models else "",
+                                                  exc.code.code).inc()
                 self.send(identity, Error.from_exc(getattr(msg, "request_id", None), exc))
             except Exception as exc:
                 self.log.exception("internal.control_failed", type=msg.TAG)
@@ -124,6 +144,8 @@ class ControlServer:
         try:
             if msg.op == "reload":
                 detail = await self._reload()
+            elif msg.op == "metrics":
+                detail = {"text": self._metrics.render().decode()}
             elif msg.op == "compat":
                 detail = {"backend": compat.backend(), "rows": self._store.compat()}
             elif msg.op == "probe":
@@ -145,7 +167,8 @@ class ControlServer:
                     detail = {"state": state, "revision": runtime.running.revision}
             else:
                 raise E.BadRequest(f"unknown admin op {msg.op[:32]!r}")
-            self.log.info("admin.done", op=msg.op, model=msg.model, **detail)
+            if msg.op != "metrics":
+                self.log.info("admin.done", op=msg.op, model=msg.model, **detail)
             self.send(identity, Ack(msg.request_id, detail))
         except cfg_mod.ConfigError as exc:
             self.send(identity, Error.from_exc(msg.request_id, E.ConfigInvalid(str(exc), key=exc.key)))
@@ -165,18 +188,25 @@ class ControlServer:
             raise E.BadRequest(f"request id {req.request_id!r} is already in flight")
         client_rid = req.request_id
         log = self.log.bind(model=req.model, request_id=client_rid)
+        metrics, timer = self._metrics, RequestTimer(self._metrics, req.model)
 
         def sink(msg: Message) -> None:
             if isinstance(msg, Chunk):
+                timer.chunk()
                 self.send(identity, Chunk(client_rid, msg.text, msg.tokens))
                 return
             self._routes.pop(key, None)
             if isinstance(msg, Final):
                 self.send(identity, Final(client_rid, msg.text, msg.finish_reason, msg.usage, msg.timings))
-                log.info("request.done", finish_reason=msg.finish_reason, **msg.usage)
+                metrics.requests.labels(req.model, "ok").inc()
+                metrics.tokens.labels(req.model).inc(msg.usage.get("completion_tokens", 0))
+                log.info("request.done", finish_reason=msg.finish_reason,
+                         duration_s=round(time.monotonic() - timer.start, 4), **msg.usage)
             elif isinstance(msg, Error):
                 self.send(identity, Error(client_rid, msg.code, msg.message, msg.details))
-                log.info("request.failed", code=msg.code, message=msg.message)
+                metrics.requests.labels(req.model, msg.code).inc()
+                log.info("request.failed", code=msg.code, message=msg.message,
+                         duration_s=round(time.monotonic() - timer.start, 4))
 
         wrid = runtime.submit(req, sink)
         self._routes[key] = (runtime, wrid)

@@ -23,10 +23,12 @@ from supervisor import logs
 from supervisor import config as cfg_mod
 from supervisor.config import Config
 from supervisor.control import ControlServer
+from supervisor.events import EventPublisher
 from supervisor.evidence import Evidence
 from supervisor.hub import WorkerHub
 from supervisor import memory
 from supervisor.memory import MemoryLedger
+from supervisor.metrics import Metrics, serve_http
 from supervisor.runtime import ModelRuntime
 from supervisor.states import ModelState
 from supervisor.store import Store
@@ -56,7 +58,7 @@ def prepare_state_dir(state_dir: Path) -> int:
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     # Sockets left by a supervisor that died: we hold the lock, so nobody is listening on them.
-    for name in (ep.CONTROL_SOCKET, ep.WORKER_SOCKET):
+    for name in (ep.CONTROL_SOCKET, ep.WORKER_SOCKET, ep.EVENTS_SOCKET):
         try:
             (state_dir / name).unlink()
         except FileNotFoundError:
@@ -79,19 +81,33 @@ class Supervisor:
         # Started this often without a clean shutdown: something at start kills us. Serve status
         # and admin ops, but start no model by ourselves until an operator loads one.
         self.safe_mode = unclean + 1 >= sup.crash_loop_starts
-        self.ledger = MemoryLedger(memory.budget_bytes(sup.memory_budget_bytes, sup.memory_reserve_bytes),
-                                   sup.memory_return_timeout_s, self.log)
         self.ctx = zmq.asyncio.Context()
+        self.metrics = Metrics()
+        self.store.db.on_write = self.metrics.store_write.observe
+        # PUB never blocks, so a plain (sync) socket on the same context is safe from the loop.
+        self.events = EventPublisher(zmq.Context.shadow(self.ctx.underlying), ep.events_endpoint(state_dir),
+                                     state_dir / ep.EVENTS_SOCKET)
+        self.ledger = MemoryLedger(memory.budget_bytes(sup.memory_budget_bytes, sup.memory_reserve_bytes),
+                                   sup.memory_return_timeout_s, self.log, self.events)
         self.hub = WorkerHub(self.ctx, ep.worker_endpoint(state_dir), state_dir / ep.WORKER_SOCKET)
         self.models = {m.id: self._runtime(m) for m in config.models}
         self.control = ControlServer(
             self.ctx, ep.control_endpoint(state_dir), state_dir / ep.CONTROL_SOCKET, self.models, self.status,
-            self.reload, self.store, self.probe,
+            self.reload, self.store, self.probe, self.metrics,
         )
+        self.metrics.watch_status(self.status, lambda: self.control.connections)
+        self._metrics_server: asyncio.AbstractServer | None = None
 
-    def _runtime(self, model: cfg_mod.ModelConfig) -> ModelRuntime:
-        return ModelRuntime(model, self.config, self.hub, ep.worker_endpoint(self.state_dir), self.store,
-                            self.state_dir / "logs", self.ledger, self._evict_for)
+    def _runtime(self, model: cfg_mod.ModelConfig, evict: bool = True) -> ModelRuntime:
+        rt = ModelRuntime(model, self.config, self.hub, ep.worker_endpoint(self.state_dir), self.store,
+                          self.state_dir / "logs", self.ledger, self._evict_for if evict else None)
+        rt.events, rt.metrics = self.events, self.metrics
+        return rt
+
+    def _note(self, level: str, event: str, **fields: Any) -> None:
+        """Log a supervisor-level event and publish it on the events socket."""
+        getattr(self.log, level)(event, **fields)
+        self.events.publish(event, **fields)
 
     async def _evict_for(self, model_id: str, need: int) -> bool:
         """evict = "lru": unload least recently used idle READY models until `need` fits."""
@@ -103,8 +119,8 @@ class Supervisor:
         for rt in idle:
             if self.ledger.others(model_id) + need <= self.ledger.budget:
                 break
-            self.log.warning("model.evicted", model=rt.cfg.id, for_model=model_id, need_bytes=need,
-                             budget_bytes=self.ledger.budget)
+            self._note("warning", "model.evicted", model=rt.cfg.id, for_model=model_id, need_bytes=need,
+                       budget_bytes=self.ledger.budget)
             await rt.stop(f"evicted (lru) to make room for {model_id}", remember=False)
         return self.ledger.others(model_id) + need <= self.ledger.budget
 
@@ -148,12 +164,14 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self._reload_logged()))
         self.hub.start()
         self.control.start()
-        self.log.info("supervisor.started", pid=os.getpid(), version=supervisor.__version__,
-                      state_dir=str(self.state_dir), models=list(self.models), safe_mode=self.safe_mode)
+        if self.config.supervisor.metrics_port:
+            self._metrics_server = await serve_http(self.metrics, self.config.supervisor.metrics_port, self.log)
+        self._note("info", "supervisor.started", pid=os.getpid(), version=supervisor.__version__,
+                   state_dir=str(self.state_dir), models=list(self.models), safe_mode=self.safe_mode)
         if self.safe_mode:
-            self.log.error("supervisor.safe_mode", reason="crash loop: too many starts without a clean "
-                           "shutdown", starts=self.config.supervisor.crash_loop_starts,
-                           window_s=self.config.supervisor.crash_loop_window_s)
+            self._note("error", "supervisor.safe_mode", reason="crash loop: too many starts without a clean "
+                       "shutdown", starts=self.config.supervisor.crash_loop_starts,
+                       window_s=self.config.supervisor.crash_loop_window_s)
         else:
             for rt in self.models.values():
                 self._autostart(rt, "autoload")
@@ -171,8 +189,8 @@ class Supervisor:
         # Each probe is a fresh attempt: an earlier probe's verdict lives in the registry, not here.
         self.store.set_quarantine(model.id, None)
         self.store.clear_failures(model.id)
-        rt = ModelRuntime(model, config, self.hub, ep.worker_endpoint(self.state_dir), self.store,
-                          self.state_dir / "logs", self.ledger, None)
+        rt = self._runtime(model, evict=False)
+        rt.config = config
         rt.start("probe", force=True)
         sup = config.supervisor
         deadline = time.monotonic() + sup.load_timeout_s + model.canary.timeout_s + 60
@@ -218,18 +236,21 @@ class Supervisor:
                 self._autostart(self.models[m.id], "added to config")
         summary = {"added": sorted(new_ids - old_ids), "removed": sorted(old_ids - new_ids),
                    "changed": sorted(m.id for m in changed)}
-        self.log.info("config.reloaded", **summary)
+        self._note("info", "config.reloaded", **summary)
         return summary
 
     async def shutdown(self, reason: str) -> None:
         """Stop taking work, let in-flight generations finish (drain_grace_s), stop every worker."""
         self.control.draining = True
-        self.log.info("supervisor.draining", reason=reason,
-                      drain_grace_s=self.config.supervisor.drain_grace_s)
+        self._note("info", "supervisor.draining", reason=reason, drain_grace_s=self.config.supervisor.drain_grace_s)
         # remember=False: a shutdown is not an operator's unload; the same models come back next boot.
         await asyncio.gather(*(rt.stop(f"supervisor {reason}", remember=False) for rt in self.models.values()))
+        if self._metrics_server is not None:
+            self._metrics_server.close()
+        self._note("info", "supervisor.stopping", reason=reason)
         self.control.close()
         self.hub.close()
+        self.events.close()
         self.ctx.term()
         self.store.clean_shutdown(self.boot_id)
         self.store.close()

@@ -73,13 +73,14 @@ class Departure:
 
 
 class MemoryLedger:
-    def __init__(self, budget: int, return_timeout_s: float = 5.0, log: Any = None) -> None:
+    def __init__(self, budget: int, return_timeout_s: float = 5.0, log: Any = None, events: Any = None) -> None:
         self.budget = budget
         self.held: dict[str, int] = {}
         self.return_timeout_s = return_timeout_s
         self.departures: list[Departure] = []
         self.stranded: dict[str, dict[str, Any]] = {}  # "model:pid" -> what stayed missing
         self._log = log
+        self._events = events
 
     def others(self, model_id: str) -> int:
         stranded = sum(s["bytes"] for s in self.stranded.values())
@@ -107,6 +108,8 @@ class MemoryLedger:
             missing = d.missing(now)
             self.stranded[f"{d.model}:{d.pid}"] = {"model": d.model, "worker_pid": d.pid, "bytes": missing,
                                                    "worker_rss_bytes": d.rss_bytes, "since": time.time()}
+            if self._events is not None:
+                self._events.publish("memory.not_returned", model=d.model, worker_pid=d.pid, missing_bytes=missing)
             if self._log is not None:
                 self._log.error("memory.not_returned", model=d.model, worker_pid=d.pid, missing_bytes=missing,
                                 worker_rss_bytes=d.rss_bytes, available_bytes=now,

@@ -14,10 +14,12 @@ from supervisor import admission, adoption, checksums, logs, policy, repair, sna
 from supervisor.canary import run_canary
 from supervisor.classify import Verdict, classify
 from supervisor.config import Config, ModelConfig
+from supervisor.events import EventPublisher, NoEvents
 from supervisor.evidence import Evidence
 from supervisor.handle import Worker, wait_for
 from supervisor.hub import WorkerHub
 from supervisor.memory import MemoryLedger
+from supervisor.metrics import Metrics
 from supervisor.process import AdoptionRefused, WorkerProcess
 from supervisor.requests import RequestQueue, Sink
 from supervisor.states import ModelState as S
@@ -56,6 +58,8 @@ class ModelRuntime:
         self._watch: asyncio.Task | None = None
         self._stable: asyncio.TimerHandle | None = None
         self.log = logs.get(model=model.id)
+        self.events: EventPublisher | NoEvents = NoEvents()  # the daemon gives us its own
+        self.metrics = Metrics()
         self._restore()
 
     # --- state ---------------------------------------------------------------------------------
@@ -63,7 +67,10 @@ class ModelRuntime:
     def _to(self, to: S, reason: str, **fields: Any) -> None:
         pid = self.worker.process.pid if self.worker else None
         fields = {"worker_pid": pid, "revision": self.running.revision, **fields}
+        previous = self.state
         self.state = states.apply(self.state, to, reason, self.log.info, **fields)
+        self.events.publish("model.state", model=self.cfg.id, **{"from": previous.value, "to": to.value},
+                            reason=reason, **fields)
         if to in (S.UNLOADED, S.REJECTED, S.QUARANTINED):
             self._ledger.release(self.cfg.id)  # no worker will hold memory for it
 
@@ -251,6 +258,7 @@ class ModelRuntime:
         policy say restart (BACKOFF), roll back, or quarantine."""
         self.last_error = exc
         self.restarts += 1
+        self.metrics.restarts.labels(self.cfg.id).inc()
         self.consecutive_failures += 1
         worker = self.worker
         if verdict is None and worker is not None:
@@ -262,7 +270,10 @@ class ModelRuntime:
         now = time.time()
         victim = bool(verdict and verdict.victim)
         self.store.add_failure(self.cfg.id, policy.Failure(now, self.running.revision, exc.code.code, not victim))
-        self.store.add_crash(self._crash_record(exc, verdict, worker, phase, now))
+        record = self._crash_record(exc, verdict, worker, phase, now)
+        self.store.add_crash(record)
+        self.metrics.crashes.labels(self.cfg.id, exc.code.code).inc()
+        self.events.publish("model.failed", **{k: v for k, v in record.items() if k != "at"})
         history = self.store.failures(self.cfg.id, now - self.config.restart.window_s)
         lkg = self.store.model_flags(self.cfg.id)["lkg_revision"]
         decision = policy.decide(history, now, self.config.restart, self.running.revision, lkg,
@@ -343,7 +354,13 @@ class ModelRuntime:
             wanted = await asyncio.to_thread(repair.wanted_files, root, findings, source)
             self.log.info("model.repair", files=sorted(wanted), bytes=sum(wanted.values()),
                           source=source.description)
-            written = await asyncio.to_thread(repair.fetch, root, source, wanted) if wanted else 0
+            loop, total = asyncio.get_running_loop(), sum(wanted.values())
+
+            def progress(name: str, done: int) -> None:  # runs in the fetching thread
+                loop.call_soon_threadsafe(lambda: self.events.publish(
+                    "model.repair_progress", model=self.cfg.id, file=name, done_bytes=done, total_bytes=total))
+
+            written = await asyncio.to_thread(repair.fetch, root, source, wanted, progress) if wanted else 0
         except E.LmxError:
             raise
         except Exception as exc:  # the hub or the mirror failed: say which, keep the daemon up
@@ -351,6 +368,7 @@ class ModelRuntime:
             raise E.SnapshotIncomplete(f"repair from {source.description} failed: {exc}") from None
         after = snapshot.verify(root)
         if self.state is S.REJECTED and not after:
+            self.last_error = None  # the refusal was about what repair fixed
             self.start("repaired", force=False)
         return {"fetched": sorted(wanted), "bytes": written, "source": source.description,
                 "findings": [f.to_dict() for f in after], "state": self.state.value}
@@ -362,6 +380,7 @@ class ModelRuntime:
         self.store.set_quarantine(self.cfg.id, None)
         self.store.clear_failures(self.cfg.id)
         self.consecutive_failures = 0
+        self.last_error = None  # the operator fixed the cause; a new failure will say its own
         self.running = self.cfg
         self._remember(True)
         self._force = True  # the operator asks: a registry verdict of "failed" does not stop it

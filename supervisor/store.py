@@ -8,7 +8,7 @@ import json
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from supervisor import logs
 from supervisor.config import CanarySettings, ModelConfig
@@ -59,6 +59,29 @@ def section_from_json(text: str) -> ModelConfig:
     return ModelConfig(**d)
 
 
+_WRITES = ("INSERT", "UPDATE", "DELETE", "REPLACE")
+
+
+class _TimedConnection:
+    """The sqlite3 connection, with every write statement's latency reported to `on_write`."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+        self.on_write: Callable[[float], None] | None = None
+
+    def execute(self, sql: str, params: Any = ()) -> sqlite3.Cursor:
+        if self.on_write is None or not sql.lstrip().upper().startswith(_WRITES):
+            return self._db.execute(sql, params)
+        start = time.perf_counter()
+        try:
+            return self._db.execute(sql, params)
+        finally:
+            self.on_write(time.perf_counter() - start)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._db, name)
+
+
 class Store:
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / STORE_FILE
@@ -74,14 +97,14 @@ class Store:
                            error=str(exc))
             self.db = self._open()
 
-    def _open(self) -> sqlite3.Connection:
+    def _open(self) -> _TimedConnection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.executescript(SCHEMA)
         db.execute("SELECT count(*) FROM models").fetchone()  # a garbage file fails here, not later
         self.path.chmod(0o600)
-        return db
+        return _TimedConnection(db)
 
     def close(self) -> None:
         self.db.close()

@@ -1,0 +1,145 @@
+"""Prometheus metrics: counters and histograms the supervisor updates as things happen, and gauges
+read from status at scrape time (so a gauge can never disagree with `lmxctl status`). Served by
+`lmxctl metrics` and, when `metrics_port` is set, on 127.0.0.1:PORT/metrics. Names are the contract
+of docs/alerts.yaml; tests/test_metrics.py checks every rule there names one of them."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from supervisor.states import ModelState
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_STORE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
+
+
+class _StatusCollector(Collector):
+    def __init__(self, status: Callable[[], dict[str, Any]], connections: Callable[[], int]) -> None:
+        self._status = status
+        self._connections = connections
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        s = self._status()
+        sup = s["supervisor"]
+        yield GaugeMetricFamily("lmx_supervisor_uptime_seconds", "Seconds since the supervisor started.",
+                                value=sup["uptime_s"])
+        yield GaugeMetricFamily("lmx_supervisor_rss_bytes", "Resident memory of the supervisor process.",
+                                value=sup["rss_bytes"])
+        yield GaugeMetricFamily("lmx_supervisor_client_connections", "Open client connections.",
+                                value=self._connections())
+        yield GaugeMetricFamily("lmx_supervisor_safe_mode", "1 when started in crash-loop safe mode.",
+                                value=1 if sup["safe_mode"] else 0)
+        yield GaugeMetricFamily("lmx_memory_budget_bytes", "Memory budget for models.",
+                                value=sup["memory_budget_bytes"])
+        yield GaugeMetricFamily("lmx_memory_reserved_bytes", "Memory reserved by admitted models.",
+                                value=sup["memory_reserved_bytes"])
+        yield GaugeMetricFamily("lmx_memory_stranded_bytes",
+                                "Memory dead workers did not give back (held from the budget).",
+                                value=sup["memory_stranded_bytes"])
+        state = GaugeMetricFamily("lmx_model_state", "1 for the state the model is in, 0 for the others.",
+                                  labels=["model", "state"])
+        gauges = {
+            "quarantined": GaugeMetricFamily("lmx_model_quarantined", "1 when the model is QUARANTINED.",
+                                             labels=["model"]),
+            "failures": GaugeMetricFamily("lmx_model_failures_in_window",
+                                          "Counted failures within the restart window.", labels=["model"]),
+            "queued": GaugeMetricFamily("lmx_model_queued_requests", "Requests waiting for the worker.",
+                                        labels=["model"]),
+            "rss_bytes": GaugeMetricFamily("lmx_worker_rss_bytes", "Worker resident memory (last heartbeat).",
+                                           labels=["model"]),
+            "mlx_active_bytes": GaugeMetricFamily("lmx_worker_mlx_active_bytes",
+                                                  "mlx active memory in the worker (last heartbeat).",
+                                                  labels=["model"]),
+            "mlx_peak_bytes": GaugeMetricFamily("lmx_worker_mlx_peak_bytes",
+                                                "mlx peak memory in the worker (last heartbeat).",
+                                                labels=["model"]),
+        }
+        for m in s["models"]:
+            mid = m["id"]
+            for st in ModelState:
+                state.add_metric([mid, st.value], 1 if m["state"] == st.value else 0)
+            gauges["quarantined"].add_metric([mid], 1 if m["quarantined"] else 0)
+            gauges["failures"].add_metric([mid], m["failures_in_window"])
+            gauges["queued"].add_metric([mid], m["queued"])
+            memory = m.get("memory") or {}
+            for key in ("rss_bytes", "mlx_active_bytes", "mlx_peak_bytes"):
+                if key in memory:
+                    gauges[key].add_metric([mid], memory[key])
+        yield state
+        yield from gauges.values()
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        r = self.registry
+        self.requests = Counter("lmx_requests", "Generate requests by outcome (ok or the error code).",
+                                ["model", "outcome"], registry=r)
+        self.tokens = Counter("lmx_generated_tokens", "Tokens generated for clients.", ["model"], registry=r)
+        self.ttft = Histogram("lmx_time_to_first_token_seconds", "From request arrival to its first token.",
+                              ["model"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("lmx_inter_token_latency_seconds", "Between consecutive chunks of a stream.",
+                             ["model"], buckets=_ITL_BUCKETS, registry=r)
+        self.restarts = Counter("lmx_model_restarts", "Restarts after a failure.", ["model"], registry=r)
+        self.crashes = Counter("lmx_worker_crashes", "Model failures by classification (the error code).",
+                               ["model", "classification"], registry=r)
+        self.store_write = Histogram("lmx_store_write_seconds", "Latency of writes to the SQLite store.",
+                                     buckets=_STORE_BUCKETS, registry=r)
+        self.events = Counter("lmx_events", "Lifecycle events published.", ["event"], registry=r)
+
+    def watch_status(self, status: Callable[[], dict[str, Any]], connections: Callable[[], int]) -> None:
+        self.registry.register(_StatusCollector(status, connections))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class RequestTimer:
+    """Per-stream timing for TTFT and inter-token latency, kept in the request's sink."""
+
+    __slots__ = ("metrics", "model", "start", "last")
+
+    def __init__(self, metrics: Metrics, model: str) -> None:
+        self.metrics, self.model = metrics, model
+        self.start = time.monotonic()
+        self.last: float | None = None
+
+    def chunk(self) -> None:
+        now = time.monotonic()
+        if self.last is None:
+            self.metrics.ttft.labels(self.model).observe(now - self.start)
+        else:
+            self.metrics.itl.labels(self.model).observe(now - self.last)
+        self.last = now
+
+
+async def serve_http(metrics: Metrics, port: int, log: Any) -> asyncio.AbstractServer:
+    """GET /metrics on 127.0.0.1:PORT, answered on the event loop (no thread reads our state)."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+            line = request.split(b"\r\n", 1)[0].split()
+            if len(line) >= 2 and line[0] == b"GET" and line[1].split(b"?")[0] == b"/metrics":
+                body, status, ctype = metrics.render(), b"200 OK", CONTENT_TYPE.encode()
+            else:
+                body, status, ctype = b"not found: GET /metrics\n", b"404 Not Found", b"text/plain"
+            writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: " + ctype + b"\r\nContent-Length: "
+                         + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+            await writer.drain()
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", port)
+    log.info("metrics.listening", address=f"http://127.0.0.1:{port}/metrics")
+    return server
