@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     except (StateDirError, OSError) as exc:
         print(f"lmx-supervisor: {exc}", file=sys.stderr)
         return 1
-    logs.configure(state_dir, args.log_level)
+    logs.configure(state_dir, args.log_level, max_bytes=config.supervisor.log_max_bytes,
+                   backups=config.supervisor.log_backups)
     try:
         return asyncio.run(Supervisor(config, state_dir).run())
     finally:

@@ -1,4 +1,5 @@
-"""Structured JSON logs: one object per line to stderr and to a file in the state dir."""
+"""Structured JSON logs: one object per line to stderr and to a size-rotated file in the state dir,
+with secret values redacted before anything is rendered."""
 
 from __future__ import annotations
 
@@ -11,18 +12,48 @@ from typing import Any
 import structlog
 
 LOG_FILE = "supervisor.log"
+DEFAULT_MAX_BYTES = 20_000_000
+DEFAULT_BACKUPS = 5
+
+# Exact key names, compared case-insensitively. Never substrings: matching "token" once hid
+# max_tokens, prompt_tokens and tokens_per_s, the very numbers an operator reads the log for.
+SECRET_KEYS = frozenset({
+    "token", "secret", "password", "api_key", "authorization", "secret_key", "curve_secret_key",
+    "private_key", "hf_token",
+})
+REDACTED = "[redacted]"
 
 
-def configure(state_dir: Path | None, level: str = "info") -> None:
-    """Route structlog through one JSON renderer to stderr and (when given) the state dir's log."""
+def _redact(value: Any) -> Any:
+    # New containers, never edits in place: the dicts logged are often the caller's own state.
+    if isinstance(value, dict):
+        return {k: REDACTED if isinstance(k, str) and k.lower() in SECRET_KEYS else _redact(v)
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_redact(v) for v in value)
+    return value
+
+
+def redact_secrets(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    """structlog processor: the value of every secret key, at any depth, becomes "[redacted]"."""
+    return _redact(event_dict)
+
+
+def configure(state_dir: Path | None, level: str = "info", max_bytes: int = DEFAULT_MAX_BYTES,
+              backups: int = DEFAULT_BACKUPS) -> None:
+    """Route structlog through one JSON renderer to stderr and (when given) the state dir's log,
+    which rotates at `max_bytes` and keeps `backups` old files (supervisor.log.1 is the newest)."""
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if state_dir is not None:
         log_dir = state_dir / "logs"
         log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        handlers.append(
-            logging.handlers.RotatingFileHandler(log_dir / LOG_FILE, maxBytes=20_000_000, backupCount=5)
-        )
+        handlers.append(logging.handlers.RotatingFileHandler(
+            log_dir / LOG_FILE, maxBytes=max_bytes, backupCount=backups, encoding="utf-8"))
     root = logging.getLogger("lmx")
+    for old in root.handlers:
+        old.close()
     root.handlers.clear()
     for h in handlers:
         h.setFormatter(logging.Formatter("%(message)s"))
@@ -34,6 +65,7 @@ def configure(state_dir: Path | None, level: str = "info") -> None:
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
             structlog.processors.format_exc_info,
+            redact_secrets,
             structlog.processors.JSONRenderer(sort_keys=False),
         ],
         logger_factory=structlog.stdlib.LoggerFactory(),
