@@ -1,0 +1,624 @@
+"""`lmxctl service`: the launchd plist / systemd unit that runs the daemon — rendered, checked, installed."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import plistlib
+import pwd
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from protocol import endpoint as ep
+from supervisor import config as cfg_mod
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+DEFAULT_LABEL = {"launchd": "local.lmx-supervisor", "systemd": "lmx-supervisor"}
+RESTART_DELAY_S = 10  # ThrottleInterval / RestartSec: a crash loop costs one start per 10 s, not a spin
+NOFILE = 8192  # launchd's default soft limit is 256: a busy ROUTER socket plus SQLite plus logs outgrow it
+STOP_MARGIN_S = 15  # after the last rung: store close, context term, interpreter exit
+SOCKET_PATH_MAX = {"launchd": 103, "systemd": 107}  # sun_path: 104 bytes on macOS, 108 on Linux, NUL included
+QUERY_TIMEOUT_S = 30.0
+COMMAND_TIMEOUT_S = 600.0  # bootout / disable --now wait for the drain (ExitTimeOut / TimeoutStopSec)
+PLIST_TYPES: dict[str, type] = {
+    "Label": str, "ProgramArguments": list, "RunAtLoad": bool, "KeepAlive": dict, "ThrottleInterval": int,
+    "ExitTimeOut": int, "ProcessType": str, "StandardOutPath": str, "StandardErrorPath": str,
+    "EnvironmentVariables": dict, "SoftResourceLimits": dict, "HardResourceLimits": dict, "UserName": str,
+}
+UNIT_KEYS = ("Type", "ExecStart", "Restart", "RestartSec", "TimeoutStopSec", "KillMode", "KillSignal",
+             "LimitNOFILE", "StandardOutput", "StandardError", "Environment")
+
+
+class UsageError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Target:
+    """One service definition: which manager, whose, where its file goes, and what it runs."""
+
+    kind: str  # "launchd" | "systemd"
+    system: bool  # LaunchDaemon / system unit running as user_name, else the user's agent / user unit
+    label: str
+    user_name: str
+    uid: int
+    gid: int
+    home: Path
+    path: Path  # where the plist / unit file is installed
+    argv: tuple[str, ...] = ()  # the daemon's whole command line, absolute paths only
+    state_dir: Path | None = None
+    stop_budget_s: int = 0  # ExitTimeOut / TimeoutStopSec
+
+    @property
+    def domain(self) -> str:
+        return "system" if self.system else f"gui/{self.uid}"
+
+    @property
+    def service_target(self) -> str:
+        return f"{self.domain}/{self.label}"
+
+    @property
+    def unit(self) -> str:
+        return f"{self.label}.service"
+
+
+# --- what to run --------------------------------------------------------------------------------
+
+def daemon_argv(config: Path, state_dir: Path) -> tuple[str, ...]:
+    """The installed `lmx-supervisor` script beside this interpreter, else this interpreter with -m.
+    sys.executable is not resolved: a venv's python is a symlink, and resolving it leaves the venv."""
+    python = os.path.abspath(sys.executable)
+    script = os.path.join(os.path.dirname(python), "lmx-supervisor")
+    head = [script] if os.access(script, os.X_OK) else [python, "-m", "supervisor.cli"]
+    return (*head, "run", "--config", str(config), "--state-dir", str(state_dir))
+
+
+def stop_budget_s(settings: cfg_mod.SupervisorSettings) -> int:
+    """Longest clean shutdown: every model drains (drain_grace_s) and then climbs the stop ladder
+    (ask, SIGTERM, SIGKILL: stop_timeout_s each) concurrently with the others, plus a margin."""
+    return math.ceil(settings.drain_grace_s + 3 * settings.stop_timeout_s) + STOP_MARGIN_S
+
+
+def environment(t: Target) -> dict[str, str]:
+    bin_dir = os.path.dirname(t.argv[0])  # the environment's bin/ first: worker_command names resolve there
+    tail = ["/usr/local/bin", "/opt/homebrew/bin", "/usr/bin", "/bin", "/usr/sbin", "/sbin"]
+    if t.kind == "systemd":
+        tail = ["/usr/local/bin", "/usr/bin", "/bin"]
+    env = {"LMX_STATE_DIR": str(t.state_dir), "PATH": ":".join([bin_dir, *tail])}
+    if t.system:
+        env["HOME"] = str(t.home)
+    return env
+
+
+# --- rendering ----------------------------------------------------------------------------------
+
+def plist_dict(t: Target) -> dict[str, Any]:
+    logs = t.state_dir / "logs"
+    d: dict[str, Any] = {
+        "Label": t.label,
+        "ProgramArguments": list(t.argv),
+        "RunAtLoad": True,
+        "KeepAlive": {"SuccessfulExit": False},  # restart after a crash or a failure, not after a drain
+        "ThrottleInterval": RESTART_DELAY_S,
+        "ExitTimeOut": t.stop_budget_s,
+        "ProcessType": "Interactive",  # Standard is lightly throttled, Background heavily: tokens are interactive
+        "StandardOutPath": str(logs / "launchd.stdout.log"),
+        "StandardErrorPath": str(logs / "launchd.stderr.log"),
+        "EnvironmentVariables": environment(t),
+        "SoftResourceLimits": {"NumberOfFiles": NOFILE},
+        "HardResourceLimits": {"NumberOfFiles": NOFILE},
+    }
+    if t.system:
+        d["UserName"] = t.user_name  # its primary group follows (launchd.plist(5): GroupName)
+    return d
+
+
+def render_plist(t: Target) -> bytes:
+    return plistlib.dumps(plist_dict(t), fmt=plistlib.FMT_XML, sort_keys=False)
+
+
+def _sd_quote(arg: str, dollar: bool = True) -> str:
+    """One word for a systemd unit: % is a specifier, $ expands in ExecStart, quotes group words."""
+    text = arg.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
+    if dollar:
+        text = text.replace("$", "$$")
+    plain = arg and not any(c.isspace() or c in "\"'\\;" for c in arg)
+    return text if plain else f'"{text}"'
+
+
+def render_unit(t: Target) -> str:
+    env = "".join(f"Environment={_sd_quote(f'{k}={v}', dollar=False)}\n" for k, v in environment(t).items())
+    user = f"User={t.user_name}\n" if t.system else ""
+    return (
+        "# Rendered by `lmxctl service install`; docs/service.md says why each key is set as it is.\n"
+        "[Unit]\nDescription=lmx-supervisor: MLX inference workers supervised over ZeroMQ\n\n"
+        "[Service]\nType=exec\n"
+        f"ExecStart={' '.join(_sd_quote(a) for a in t.argv)}\n{user}{env}"
+        f"Restart=on-failure\nRestartSec={RESTART_DELAY_S}\nTimeoutStopSec={t.stop_budget_s}\n"
+        # mixed: SIGTERM to the supervisor alone (it drains and stops its workers by the ladder);
+        # the SIGKILL after TimeoutStopSec reaches the whole cgroup, workers' own sessions included.
+        "KillMode=mixed\nKillSignal=SIGTERM\n"
+        f"LimitNOFILE={NOFILE}\nStandardOutput=journal\nStandardError=journal\nSyslogIdentifier={t.label}\n\n"
+        f"[Install]\nWantedBy={'multi-user.target' if t.system else 'default.target'}\n"
+    )
+
+
+def render(t: Target) -> bytes:
+    return render_plist(t) if t.kind == "launchd" else render_unit(t).encode()
+
+
+def parse_unit(text: str) -> dict[str, dict[str, list[str]]]:
+    """[Section] -> key -> every value (Environment= repeats)."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line[0] in "#;":
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], {})
+        else:
+            key, _, value = line.partition("=")
+            current.setdefault(key.strip(), []).append(value.strip())
+    return sections
+
+
+# --- checks -------------------------------------------------------------------------------------
+
+def _common_problems(t: Target) -> list[str]:
+    problems = []
+    if not (os.path.isabs(t.argv[0]) and os.access(t.argv[0], os.X_OK)):
+        problems.append(f"program {t.argv[0]} is not an absolute path to an executable")
+    sock = str(t.state_dir / ep.WORKER_SOCKET)
+    if len(sock.encode()) > SOCKET_PATH_MAX[t.kind]:
+        problems.append(f"state dir too long for a unix socket path ({len(sock.encode())} > "
+                        f"{SOCKET_PATH_MAX[t.kind]} bytes): {sock}")
+    return problems
+
+
+def check_plist(t: Target, data: bytes) -> tuple[list[str], list[str]]:
+    """(problems, notes): plistlib round trip, key types, plutil -lint where there is one."""
+    problems, notes = _common_problems(t), []
+    parsed = plistlib.loads(data)
+    if parsed != plist_dict(t):
+        problems.append("the plist does not parse back to what was rendered")
+    for key, value in parsed.items():
+        kind = PLIST_TYPES.get(key)
+        if kind is None or type(value) is not kind:
+            problems.append(f"plist key {key}: unexpected key or type {type(value).__name__}")
+    if parsed.get("ProcessType") not in ("Interactive", "Standard"):
+        problems.append("ProcessType must not throttle the job (Interactive or Standard)")
+    plutil = shutil.which("plutil")
+    if plutil is None:
+        notes.append("plutil not found: lint skipped (plistlib round trip only)")
+        return problems, notes
+    with tempfile.NamedTemporaryFile(suffix=".plist") as f:
+        f.write(data)
+        f.flush()
+        lint = subprocess.run([plutil, "-lint", f.name], capture_output=True, text=True, timeout=QUERY_TIMEOUT_S)
+    if lint.returncode != 0:
+        problems.append(f"plutil -lint: {(lint.stdout + lint.stderr).strip()}")
+    else:
+        notes.append("plutil -lint: OK")
+    return problems, notes
+
+
+def check_unit(t: Target, text: str) -> tuple[list[str], list[str]]:
+    """(problems, notes): our own parse, then `systemd-analyze verify` where there is one."""
+    problems, notes = _common_problems(t), []
+    service = parse_unit(text).get("Service", {})
+    problems += [f"unit lacks {key}=" for key in UNIT_KEYS if key not in service]
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        notes.append("systemd-analyze not found: verify skipped")
+        return problems, notes
+    with tempfile.TemporaryDirectory() as tmp:
+        unit = Path(tmp) / t.unit
+        unit.write_text(text)
+        # System mode: --user needs a running user manager, which a build machine may not have.
+        run = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=QUERY_TIMEOUT_S)
+    output = (run.stdout + run.stderr).strip()
+    mine = [line for line in output.splitlines() if t.unit in line]
+    if mine or (run.returncode != 0 and "Failed to initialize manager" not in output):
+        problems.append(f"systemd-analyze verify: {output}")
+    else:
+        notes.append("systemd-analyze verify: " + ("OK" if run.returncode == 0 else "skipped: " + output[:200]))
+    return problems, notes
+
+
+def check(t: Target, data: bytes) -> tuple[list[str], list[str]]:
+    return check_plist(t, data) if t.kind == "launchd" else check_unit(t, data.decode())
+
+
+# --- where and for whom -------------------------------------------------------------------------
+
+def place(args: argparse.Namespace, need_user: bool = True) -> Target:
+    """Which manager, whose service, where its file goes. `need_user`: --system must name the account
+    it runs as (uninstall and status only need the path)."""
+    kind = args.kind or {"darwin": "launchd", "linux": "systemd"}.get(sys.platform)
+    if kind is None:
+        raise UsageError(f"no service manager known for {sys.platform}; pass --kind launchd|systemd")
+    if args.user_name and not args.system:
+        raise UsageError("--user-name goes with --system (a user agent/unit runs as you)")
+    if args.system:
+        name = args.user_name or os.environ.get("SUDO_USER")
+        if not name and not need_user:
+            name = pwd.getpwuid(os.getuid()).pw_name
+        if not name:
+            raise UsageError("--system needs --user-name NAME: the account the supervisor runs as")
+        try:
+            pw = pwd.getpwnam(name)
+        except KeyError:
+            raise UsageError(f"no such user {name!r}") from None
+        if pw.pw_uid == 0 and need_user:
+            raise UsageError("refusing to run the supervisor as root: name an unprivileged --user-name")
+        home = Path(pw.pw_dir)
+    else:
+        pw = pwd.getpwuid(os.getuid())
+        home = Path.home()  # honours HOME
+    label = args.label or DEFAULT_LABEL[kind]
+    if not label or not all(c.isalnum() or c in "-_." for c in label):
+        raise UsageError(f"--label: letters, digits, '-', '_', '.' only, got {label!r}")
+    if kind == "launchd":
+        folder = Path("/Library/LaunchDaemons") if args.system else home / "Library" / "LaunchAgents"
+        path = folder / f"{label}.plist"
+    elif args.system:
+        path = Path("/etc/systemd/system") / f"{label}.service"
+    else:
+        xdg = os.environ.get("XDG_CONFIG_HOME")
+        path = (Path(xdg) if xdg else home / ".config") / "systemd" / "user" / f"{label}.service"
+    return Target(kind, bool(args.system), label, pw.pw_name, pw.pw_uid, pw.pw_gid, home, path)
+
+
+def _state_dir(t: Target, explicit: str | None) -> Path:
+    if explicit:
+        return Path(os.path.abspath(os.path.expanduser(explicit)))
+    if not t.system:
+        return Path(os.path.abspath(ep.default_state_dir()))  # LMX_STATE_DIR, else this platform's default
+    if t.kind == "launchd":
+        return t.home / "Library" / "Application Support" / "lmx-supervisor"
+    return t.home / ".local" / "state" / "lmx-supervisor"
+
+
+def complete(t: Target, args: argparse.Namespace) -> tuple[Target, cfg_mod.ConfigError | None]:
+    """Add what the service runs; a config that does not load leaves the default stop budget."""
+    config = args.config or os.environ.get("LMX_CONFIG")
+    if not config:
+        raise UsageError("--config FILE is required (or set LMX_CONFIG)")
+    config_path = Path(config).expanduser().resolve()
+    state_dir = _state_dir(t, args.service_state_dir or getattr(args, "state_dir", None))
+    try:
+        settings, error = cfg_mod.load(config_path).supervisor, None
+    except cfg_mod.ConfigError as exc:
+        settings, error = cfg_mod.SupervisorSettings(), exc
+    return dataclasses.replace(t, argv=daemon_argv(config_path, state_dir), state_dir=state_dir,
+                               stop_budget_s=stop_budget_s(settings)), error
+
+
+# --- running commands, writing files ------------------------------------------------------------
+
+class Report:
+    """Says every command and file as it goes (or, with --json, once at the end, as one object)."""
+
+    def __init__(self, as_json: bool, dry_run: bool = False, notes_to: Any = None) -> None:
+        self.as_json, self.dry_run, self.notes_to = as_json, dry_run, notes_to
+        self.data: dict[str, Any] = {"ok": True, "dry_run": dry_run, "commands": [], "files": [], "notes": []}
+
+    def say(self, text: str, stream: Any = None) -> None:
+        if not self.as_json:
+            print(text, file=stream or sys.stdout, flush=True)
+
+    def note(self, text: str) -> None:
+        self.data["notes"].append(text)
+        self.say(f"note: {text}", self.notes_to)
+
+    def fail(self, message: str) -> int:
+        self.data.update(ok=False, error=message)
+        self.say(f"lmxctl service: {message}", sys.stderr)
+        return EXIT_FAILED
+
+    def run(self, argv: list[str], query: bool = False, echo: bool = False) -> subprocess.CompletedProcess:
+        """Run one command (a read-only query runs in a dry run too); echo its output when it changed
+        something, failed, or was asked for."""
+        line = shlex.join(argv)
+        if self.dry_run and not query:
+            self.data["commands"].append({"argv": argv, "ran": False})
+            self.say(f"would run: {line}")
+            return subprocess.CompletedProcess(argv, 0, "", "")
+        self.say(f"$ {line}")
+        exe = shutil.which(argv[0])
+        try:
+            if exe is None:
+                raise FileNotFoundError(f"{argv[0]}: not found")
+            proc = subprocess.run([exe, *argv[1:]], capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                                  timeout=QUERY_TIMEOUT_S if query else COMMAND_TIMEOUT_S)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            proc = subprocess.CompletedProcess(argv, 127, "", str(exc))
+        output = (proc.stdout + proc.stderr).strip()
+        self.data["commands"].append({"argv": argv, "ran": True, "rc": proc.returncode, "output": output[-4000:]})
+        if output and (echo or not query):
+            self.say("\n".join(f"  {x}" for x in output.splitlines()))
+        return proc
+
+    def run_all(self, commands: list[list[str]]) -> bool:
+        for argv in commands:
+            if self.run(argv).returncode != 0:
+                self.fail(f"`{shlex.join(argv)}` failed (exit {self.data['commands'][-1]['rc']})")
+                return False
+        return True
+
+    def mkdir(self, path: Path, owner: tuple[int, int] | None) -> None:
+        if path.is_dir():
+            return
+        self.data["files"].append({"path": str(path), "action": "mkdir", "done": not self.dry_run})
+        if self.dry_run:
+            self.say(f"would create {path}/ (0700)")
+            return
+        path.mkdir(mode=0o700, parents=True)
+        if owner:
+            os.chown(path, *owner)
+        self.say(f"created {path}/")
+
+    def write(self, path: Path, data: bytes, root_owned: bool) -> None:
+        self.data["files"].append({"path": str(path), "action": "write", "bytes": len(data),
+                                   "done": not self.dry_run})
+        if self.dry_run:
+            self.say(f"would write {path} ({len(data)} bytes):\n{data.decode()}")
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)  # launchd refuses a plist that is group/world-writable
+        if root_owned:
+            os.chown(tmp, 0, 0)
+        os.replace(tmp, path)  # never a half-written file where the manager looks
+        self.say(f"wrote {path} ({len(data)} bytes)")
+
+    def remove(self, path: Path) -> None:
+        if not path.exists():
+            return
+        self.data["files"].append({"path": str(path), "action": "remove", "done": not self.dry_run})
+        if self.dry_run:
+            self.say(f"would remove {path}")
+            return
+        path.unlink()
+        self.say(f"removed {path}")
+
+
+# --- the manager --------------------------------------------------------------------------------
+
+def _tool(t: Target) -> str:
+    return "launchctl" if t.kind == "launchd" else "systemctl"
+
+
+def _systemctl(t: Target) -> list[str]:
+    return ["systemctl"] if t.system else ["systemctl", "--user"]
+
+
+def query_running(t: Target, report: Report, echo: bool = False) -> bool | None:
+    """launchd: loaded (`launchctl print` succeeds); systemd: active. None: cannot tell here."""
+    if shutil.which(_tool(t)) is None:
+        report.note(f"{_tool(t)} not found: cannot tell whether {t.label} is running")
+        return None
+    argv = ["launchctl", "print", t.service_target] if t.kind == "launchd" else [*_systemctl(t), "is-active", t.unit]
+    proc = report.run(argv, query=True, echo=echo)
+    if proc.returncode == 0:
+        return True
+    if "Failed to connect to bus" in proc.stderr:
+        report.note(f"no systemd {'system' if t.system else 'user'} manager reachable: cannot tell whether "
+                    f"{t.unit} is running")
+        return None
+    return False
+
+
+def _wait_unloaded(t: Target, report: Report, timeout_s: float) -> bool:
+    """bootout can return before launchd has forgotten the job, and bootstrapping a label that is
+    still being torn down fails: poll `launchctl print` until it no longer knows it."""
+    report.say(f"waiting for launchd to unload {t.service_target}")
+    deadline = time.monotonic() + timeout_s
+    argv = [shutil.which("launchctl") or "launchctl", "print", t.service_target]
+    while subprocess.run(argv, capture_output=True, timeout=QUERY_TIMEOUT_S).returncode == 0:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
+
+
+def start_commands(t: Target, was_running: bool) -> list[list[str]]:
+    if t.kind == "launchd":  # RunAtLoad starts it; enable clears an earlier `launchctl disable`
+        return [["launchctl", "enable", t.service_target], ["launchctl", "bootstrap", t.domain, str(t.path)]]
+    commands = [[*_systemctl(t), "daemon-reload"], [*_systemctl(t), "enable", "--now", t.unit]]
+    if was_running:  # enable --now leaves a running unit on its old definition
+        commands.append([*_systemctl(t), "restart", t.unit])
+    return commands
+
+
+def stop_commands(t: Target) -> list[list[str]]:
+    if t.kind == "launchd":  # SIGTERM, ExitTimeOut for the drain, then SIGKILL
+        return [["launchctl", "bootout", t.service_target]]
+    return [[*_systemctl(t), "disable", "--now", t.unit]]  # SIGTERM, TimeoutStopSec, then SIGKILL
+
+
+def _describe(t: Target) -> dict[str, Any]:
+    return {"kind": t.kind, "system": t.system, "label": t.label, "user": t.user_name, "path": str(t.path),
+            "target": t.service_target if t.kind == "launchd" else t.unit}
+
+
+def _linger_note(t: Target, report: Report) -> None:
+    if t.kind == "systemd" and not t.system and not Path(f"/var/lib/systemd/linger/{t.user_name}").exists():
+        report.note(f"user services stop when {t.user_name}'s last session ends; "
+                    f"`loginctl enable-linger {t.user_name}` keeps this one running")
+
+
+# --- commands -----------------------------------------------------------------------------------
+
+def _preflight(t: Target, data: bytes, config_error: Exception | None, args: argparse.Namespace,
+               report: Report) -> tuple[bool, bool | None] | int:
+    """Refusals before anything changes; else (needs_start, running)."""
+    problems, notes = check(t, data)
+    for n in notes:
+        report.note(n)
+    if problems:
+        return report.fail("the rendered file fails its checks: " + "; ".join(problems))
+    if config_error is not None:
+        if not args.force:
+            return report.fail(f"the config does not load ({config_error}): the service would exit 78 and be "
+                               f"restarted every {RESTART_DELAY_S}s; fix it, or --force")
+        report.note(f"installing with a config that does not load: {config_error}")
+    manage = not args.no_start
+    if manage and not args.dry_run and shutil.which(_tool(t)) is None:
+        return report.fail(f"{_tool(t)} not found; --no-start writes the file without starting it")
+    if t.system and not args.dry_run and os.geteuid() != 0:
+        return report.fail(f"installing into {t.path.parent} needs root (sudo)")
+    running = query_running(t, report)
+    report.data["running"] = running
+    if running is None and manage and not args.dry_run:
+        return report.fail(f"cannot tell whether {t.label} runs; --no-start writes the file without starting it")
+    existing = t.path.read_bytes() if t.path.exists() else None
+    if existing == data and (running or not manage):
+        report.say(f"{t.path} is up to date{' and running' if running else ''}; nothing to do")
+        return EXIT_OK
+    if (running or (existing is not None and existing != data)) and not args.force:
+        what = "is running" if running else f"is installed at {t.path} with other content"
+        return report.fail(f"{t.label} {what}; --force replaces it (a running copy is drained and stopped first)")
+    return manage, running
+
+
+def install(args: argparse.Namespace, report: Report) -> int:
+    t, config_error = complete(place(args), args)
+    data = render(t)
+    report.data.update(_describe(t), content=data.decode(), command=list(t.argv))
+    verdict = _preflight(t, data, config_error, args, report)
+    if isinstance(verdict, int):
+        return verdict
+    manage, running = verdict
+    if manage and running and t.kind == "launchd":
+        if not report.run_all(stop_commands(t)):
+            return EXIT_FAILED
+        if not report.dry_run and not _wait_unloaded(t, report, t.stop_budget_s + 30):
+            return report.fail(f"{t.service_target} still loaded after bootout")
+    owner = (t.uid, t.gid) if t.system and os.geteuid() == 0 else None
+    report.mkdir(t.state_dir, owner)  # prepare_state_dir wants it 0700 and ours
+    report.mkdir(t.state_dir / "logs", owner)  # launchd opens StandardOutPath before the daemon runs
+    report.write(t.path, data, root_owned=t.system and os.geteuid() == 0)
+    if not manage:
+        report.note(f"--no-start: {t.path} written, nothing started" + (" (the running copy keeps its old "
+                    "definition until restarted)" if running else ""))
+        return EXIT_OK
+    if not report.run_all(start_commands(t, bool(running) and t.kind == "systemd")):
+        return EXIT_FAILED
+    _linger_note(t, report)
+    return EXIT_OK
+
+
+def uninstall(args: argparse.Namespace, report: Report) -> int:
+    t = place(args, need_user=False)
+    report.data.update(_describe(t))
+    if t.system and not args.dry_run and os.geteuid() != 0:
+        return report.fail(f"removing {t.path} needs root (sudo)")
+    manage = not args.no_stop
+    if manage and not args.dry_run and shutil.which(_tool(t)) is None:
+        return report.fail(f"{_tool(t)} not found; --no-stop removes the file without stopping anything")
+    running = query_running(t, report)
+    report.data["running"] = running
+    if not t.path.exists() and not running:
+        report.say(f"{t.label} is not installed ({t.path} absent)")
+        return EXIT_OK
+    if manage and (running is not False or t.kind == "systemd") and not report.run_all(stop_commands(t)):
+        return EXIT_FAILED
+    report.remove(t.path)
+    if manage and t.kind == "systemd" and not report.run_all([[*_systemctl(t), "daemon-reload"]]):
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _installed_command(t: Target) -> list[str] | None:
+    try:
+        if t.kind == "launchd":
+            return list(plistlib.loads(t.path.read_bytes()).get("ProgramArguments", []))
+        exec_start = parse_unit(t.path.read_text()).get("Service", {}).get("ExecStart", [""])[0]
+        return shlex.split(exec_start.replace("%%", "%").replace("$$", "$"))
+    except (OSError, ValueError, plistlib.InvalidFileException):
+        return None
+
+
+def status(args: argparse.Namespace, report: Report) -> int:
+    """Exit 0 when installed and running (launchd: loaded), 1 otherwise."""
+    t = place(args, need_user=False)
+    installed = t.path.exists()
+    report.data.update(_describe(t), installed=installed, command=_installed_command(t) if installed else None)
+    report.say(f"{t.kind} {'system' if t.system else 'user'} service {t.label}: "
+               f"{'installed at ' + str(t.path) if installed else 'not installed (' + str(t.path) + ' absent)'}")
+    running = query_running(t, report, echo=t.kind == "launchd")
+    if t.kind == "systemd" and running is not None:
+        report.run([*_systemctl(t), "status", "--no-pager", t.unit], query=True, echo=True)
+    report.data["running"] = running
+    report.say(f"running: {'unknown' if running is None else 'yes' if running else 'no'}")
+    return EXIT_OK if installed and running else EXIT_FAILED
+
+
+def render_command(args: argparse.Namespace, report: Report) -> int:
+    t, config_error = complete(place(args), args)
+    data = render(t)
+    report.data.update(_describe(t), content=data.decode(), command=list(t.argv))
+    if config_error is not None:
+        report.note(f"the config does not load ({config_error}); ExitTimeOut/TimeoutStopSec use the defaults")
+    problems, notes = check(t, data)
+    for n in notes:
+        report.note(n)
+    if not report.as_json:
+        sys.stdout.write(data.decode())
+    return report.fail("; ".join(problems)) if problems else EXIT_OK
+
+
+def add_parser(sub: Any, json_flag: argparse.ArgumentParser) -> None:
+    svc = sub.add_parser("service", help="install lmx-supervisor as a launchd agent/daemon or systemd unit")
+    verbs = svc.add_subparsers(dest="service_command", required=True)
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument("--kind", choices=("launchd", "systemd"), help="default: launchd on macOS, systemd on Linux")
+    where.add_argument("--system", action="store_true",
+                       help="a LaunchDaemon (system domain) / system unit running as --user-name")
+    where.add_argument("--user-name", help="with --system: the account it runs as (default: SUDO_USER)")
+    where.add_argument("--label", help=f"launchd label / unit name (default: {', '.join(DEFAULT_LABEL.values())})")
+    what = argparse.ArgumentParser(add_help=False)
+    what.add_argument("--config", help="TOML config the daemon runs with (default: LMX_CONFIG)")
+    what.add_argument("--state-dir", dest="service_state_dir", help="state dir (default: LMX_STATE_DIR or platform)")
+    ins = verbs.add_parser("install", parents=[json_flag, where, what], help="render, check, write, start")
+    ins.add_argument("--force", action="store_true", help="replace an installed or running copy")
+    ins.add_argument("--dry-run", action="store_true", help="print the file and the commands; change nothing")
+    ins.add_argument("--no-start", action="store_true", help="write the file; run no launchctl/systemctl command")
+    un = verbs.add_parser("uninstall", parents=[json_flag, where], help="stop (with a drain) and remove")
+    un.add_argument("--dry-run", action="store_true", help="print the commands; change nothing")
+    un.add_argument("--no-stop", action="store_true", help="remove the file; run no launchctl/systemctl command")
+    verbs.add_parser("status", parents=[json_flag, where], help="installed? running? (exit 0 only if both)")
+    verbs.add_parser("render", parents=[json_flag, where, what], help="print the rendered plist/unit")
+
+
+def main(args: argparse.Namespace) -> int:
+    dry_run = getattr(args, "dry_run", False)
+    report = Report(args.json, dry_run, notes_to=sys.stderr if args.service_command == "render" else None)
+    handler = {"install": install, "uninstall": uninstall, "status": status, "render": render_command}
+    try:
+        rc = handler[args.service_command](args, report)
+    except UsageError as exc:
+        report.data.update(ok=False, error=str(exc))
+        report.say(f"lmxctl service: {exc}", sys.stderr)
+        rc = EXIT_USAGE
+    except OSError as exc:
+        rc = report.fail(str(exc))
+    report.data["ok"] = rc == EXIT_OK
+    if args.json:
+        print(json.dumps(report.data, default=str))
+    return rc
+
