@@ -12,6 +12,8 @@ from typing import Any
 
 from protocol import errors as E
 from protocol.client import SupervisorClient
+from supervisor import ctlview, logview
+from supervisor import service
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 WAIT_STATES = {"ADMITTING", "STARTING", "LOADING", "CANARY", "BACKOFF", "ROLLING_BACK"}
@@ -26,28 +28,9 @@ def _error_obj(exc: E.LmxError) -> dict[str, Any]:
                       **({"details": exc.details} if exc.details else {})}}
 
 
-def _table(status: dict[str, Any]) -> str:
-    sup = status["supervisor"]
-    lines = [
-        f"supervisor pid {sup['pid']}  version {sup['version']}  rss {sup['rss_bytes'] / 2**20:.0f} MiB"
-        f"  uptime {sup['uptime_s']:.0f}s  mlx imported: {'yes' if sup['mlx_imported'] else 'no'}",
-        f"{'MODEL':<16} {'STATE':<12} {'REVISION':<12} {'PID':>7} {'RESTARTS':>8} {'FAILS':>5}  LAST ERROR",
-    ]
-    for m in status["models"]:
-        err = m.get("last_error")
-        err_s = f"{err['code']}: {err['message']}"[:60] if err else "-"
-        if m.get("configured_revision") not in (None, m["revision"]):
-            err_s = f"running {m['revision']}, configured {m['configured_revision']}; {err_s}"
-        lines.append(
-            f"{m['id'][:16]:<16} {m['state']:<12} {m['revision']:<12} {m['worker_pid'] or '-':>7} "
-            f"{m['restarts']:>8} {m['failures_in_window']:>5}  {err_s}"
-        )
-    return "\n".join(lines)
-
-
 async def _status(client: SupervisorClient, args: argparse.Namespace) -> int:
     status = await client.status()
-    _print_json(status) if args.json else print(_table(status))
+    _print_json(status) if args.json else print(ctlview.status_table(status, ctlview.use_colour()))
     return EXIT_OK
 
 
@@ -79,10 +62,12 @@ async def _load(client: SupervisorClient, args: argparse.Namespace) -> int:
         _print_json(detail) if args.json else print(f"{args.model}: {detail['state']}")
         return EXIT_OK
     start, last = time.monotonic(), None
+    colour = ctlview.use_colour()
     while True:
         model = next(m for m in (await client.status())["models"] if m["id"] == args.model)
-        if model["state"] != last and not args.json:
-            print(f"{args.model}: {model['state']} ({time.monotonic() - start:.1f}s)", flush=True)
+        if model["state"] != last and not args.json and not args.quiet:
+            state = ctlview.paint(model["state"], ctlview.STATE_COLOUR.get(model["state"]), colour)
+            print(f"{args.model}: {state} ({time.monotonic() - start:.1f}s)", flush=True)
         last = model["state"]
         if model["state"] not in WAIT_STATES or (model["state"] == "BACKOFF" and model["last_error"]):
             break
@@ -94,6 +79,9 @@ async def _load(client: SupervisorClient, args: argparse.Namespace) -> int:
     err = model.get("last_error") or {}
     if not args.json:
         print(f"{args.model} did not become READY: {err.get('code')}: {err.get('message')}", file=sys.stderr)
+        step = ctlview.next_step(err.get("code") or "", args.model)
+        if step:
+            print(f"next: {step}", file=sys.stderr)
     return EXIT_FAILED
 
 
@@ -119,6 +107,19 @@ async def _history(client: SupervisorClient, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def _repair_progress(client: SupervisorClient, model: str) -> None:
+    """Byte progress of a repair, from the supervisor's model.repair_progress events (on stderr)."""
+    try:
+        async with client.events("model.repair_progress") as stream:
+            async for ev in stream:
+                if ev.get("model") == model:
+                    pct = 100 * ev["done_bytes"] / max(1, ev["total_bytes"])
+                    print(f"  {ev['file']}: {ev['done_bytes']:,}/{ev['total_bytes']:,} bytes ({pct:.0f}%)",
+                          file=sys.stderr, flush=True)
+    except E.LmxError:
+        pass  # progress is a nicety; the repair's answer is what counts
+
+
 async def _admin(client: SupervisorClient, args: argparse.Namespace) -> int:
     if args.command == "reload":
         detail = await client.reload()
@@ -131,7 +132,12 @@ async def _admin(client: SupervisorClient, args: argparse.Namespace) -> int:
             print(f"{detail['path']}: {detail['state']}" + (f" ({err['code']}: {err['message']})" if err else ""))
             return EXIT_OK if detail["state"] == "READY" else EXIT_FAILED
     elif args.command == "repair":
-        detail = await client.repair(args.model)
+        follow = None if args.json else asyncio.create_task(_repair_progress(client, args.model))
+        try:
+            detail = await client.repair(args.model)
+        finally:
+            if follow is not None:
+                follow.cancel()
         if not args.json:
             print(f"{args.model}: fetched {len(detail['fetched'])} file(s), {detail['bytes']:,} bytes: "
                   f"{', '.join(detail['fetched']) or '-'}")
@@ -209,10 +215,45 @@ def _import_gguf(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def _events(client: SupervisorClient, args: argparse.Namespace) -> int:
+    """Follow lifecycle events until Ctrl-C (or --count events, or --idle-timeout without one)."""
+    colour = ctlview.use_colour()
+    seen = 0
+    async with client.events(*args.prefix) as stream:
+        await stream.connected()
+        print(f"following events from {client.events_endpoint} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+        while args.count is None or seen < args.count:
+            ev = await stream.next(args.idle_timeout) if args.idle_timeout else await stream.__anext__()
+            if args.model and ev.get("model") != args.model:
+                continue
+            seen += 1
+            if args.json:
+                _print_json(ev)
+                continue
+            when = time.strftime("%H:%M:%S", time.localtime(ev["ts"]))
+            name = ev["event"]
+            rest = {k: v for k, v in ev.items() if k not in ("event", "ts", "seq", "model")}
+            if name == "model.state":
+                to = rest.pop("to")
+                line = (f"{rest.pop('from')} -> {ctlview.paint(to, ctlview.STATE_COLOUR.get(to), colour)} "
+                        f"({rest.pop('reason')})")
+            else:
+                line = ""
+            line += " " + " ".join(f"{k}={v}" for k, v in rest.items() if v not in (None, "", [], {}))
+            print(f"{when} {name:<20} {ev.get('model') or '-':<12} {line.strip()}", flush=True)
+    return EXIT_OK
+
+
+async def _metrics(client: SupervisorClient, args: argparse.Namespace) -> int:
+    text = await client.metrics()
+    _print_json({"text": text}) if args.json else sys.stdout.write(text)
+    return EXIT_OK
+
+
 COMMANDS = {"status": _status, "generate": _generate, "load": _load, "unload": _unload,
             "history": _history, "release": _admin, "rollback": _admin, "reload": _admin, "verify": _verify,
             "repair": _admin, "probe": _admin,
-            "compat": _compat}
+            "compat": _compat, "events": _events, "metrics": _metrics}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -234,7 +275,10 @@ def _parser() -> argparse.ArgumentParser:
         c = sub.add_parser(name, parents=[json_flag], help=f"{name} a model")
         c.add_argument("model")
         if name == "load":
-            c.add_argument("--no-wait", action="store_true", help="return once the load has started")
+            c.add_argument("--wait", dest="no_wait", action="store_false", default=False,
+                           help="follow the model until READY or a failure code (the default)")
+            c.add_argument("--no-wait", dest="no_wait", action="store_true", help="return once the load has started")
+            c.add_argument("-q", "--quiet", action="store_true", help="print nothing; the exit status says it")
             c.add_argument("--force", action="store_true", help="load even if the registry knows it failed here")
     h = sub.add_parser("history", parents=[json_flag], help="crash records of a model, newest first")
     h.add_argument("model")
@@ -256,6 +300,14 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("import-gguf", parents=[json_flag], help="write an MLX snapshot from a llama GGUF")
     i.add_argument("gguf")
     i.add_argument("dest")
+    ev = sub.add_parser("events", parents=[json_flag], help="follow lifecycle events (state changes, crashes, ...)")
+    ev.add_argument("prefix", nargs="*", help="only events whose name starts with one of these (e.g. model.)")
+    ev.add_argument("--model", help="only this model's events")
+    ev.add_argument("--count", type=int, help="exit after this many events")
+    ev.add_argument("--idle-timeout", type=float, help="fail (exit 1) when no event comes within this many seconds")
+    sub.add_parser("metrics", parents=[json_flag], help="Prometheus metrics (text exposition)")
+    logview.add_parser(sub, json_flag)
+    service.add_parser(sub, json_flag)
     return p
 
 
@@ -271,6 +323,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "import-gguf":
         return _import_gguf(args)
+    if args.command == "logs":
+        return logview.main(args)
+    if args.command == "service":
+        return service.main(args)
     try:
         return asyncio.run(_run(args))
     except E.LmxError as exc:
@@ -278,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
             _print_json(_error_obj(exc))
         else:
             print(f"lmxctl: {exc.code.code}: {exc.message}", file=sys.stderr)
+            step = ctlview.next_step(exc.code.code, getattr(args, "model", None))
+            if step:
+                print(f"next: {step}", file=sys.stderr)
         return EXIT_UNREACHABLE if exc.code is E.ErrorCode.SUPERVISOR_UNAVAILABLE else EXIT_FAILED
     except KeyboardInterrupt:
         return 130
