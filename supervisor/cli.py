@@ -10,7 +10,7 @@ import sys
 from protocol import endpoint as ep
 from supervisor import config as cfg
 from supervisor import logs
-from supervisor.daemon import StateDirError, Supervisor, prepare_state_dir
+from supervisor.daemon import EXIT_SOFTWARE, StateDirError, Supervisor, prepare_state_dir
 
 EXIT_CONFIG = 78  # EX_CONFIG: launchd/systemd see a real failure, not a clean stop
 
@@ -42,6 +42,11 @@ def main(argv: list[str] | None = None) -> int:
                    backups=config.supervisor.log_backups)
     try:
         return asyncio.run(Supervisor(config, state_dir).run())
+    except Exception as exc:  # never a clean-looking exit after a failure: the manager must restart us
+        logs.get().critical("supervisor.fatal", task="main", error=repr(exc),
+                            exc_info=(type(exc), exc, exc.__traceback__))
+        print(f"lmx-supervisor: fatal: {exc!r}", file=sys.stderr)
+        return EXIT_SOFTWARE
     finally:
         os.close(lock_fd)
 

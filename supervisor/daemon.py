@@ -34,6 +34,7 @@ from supervisor.states import ModelState
 from supervisor.store import Store
 
 LOCK_FILE = "supervisor.lock"
+EXIT_SOFTWARE = 70  # EX_SOFTWARE: an internal failure; the service manager restarts us
 
 
 class StateDirError(Exception):
@@ -97,6 +98,7 @@ class Supervisor:
         )
         self.metrics.watch_status(self.status, lambda: self.control.connections)
         self._metrics_server: asyncio.AbstractServer | None = None
+        self._exit_code = 0
 
     def _runtime(self, model: cfg_mod.ModelConfig, evict: bool = True) -> ModelRuntime:
         rt = ModelRuntime(model, self.config, self.hub, ep.worker_endpoint(self.state_dir), self.store,
@@ -164,6 +166,10 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self._reload_logged()))
         self.hub.start()
         self.control.start()
+        # A dead receive loop leaves a supervisor that is up but deaf: exit non-zero instead, so
+        # launchd/systemd restart it (a clean 0 would be taken as a deliberate stop).
+        for task in (self.hub._task, self.control._task):
+            task.add_done_callback(self._fatal_if_failed)
         if self.config.supervisor.metrics_port:
             self._metrics_server = await serve_http(self.metrics, self.config.supervisor.metrics_port, self.log)
         self._note("info", "supervisor.started", pid=os.getpid(), version=supervisor.__version__,
@@ -177,7 +183,17 @@ class Supervisor:
                 self._autostart(rt, "autoload")
         await self._stop.wait()
         await self.shutdown(self._signal or "stop")
-        return 0
+        return self._exit_code
+
+    def _fatal_if_failed(self, task: asyncio.Task) -> None:
+        if task.cancelled() or self._stop.is_set():
+            return
+        exc = task.exception()
+        self.log.critical("supervisor.fatal", task=task.get_name(), error=repr(exc),
+                          exc_info=(type(exc), exc, exc.__traceback__) if exc else None)
+        self._exit_code = EXIT_SOFTWARE
+        self._signal = f"fatal: {task.get_name()} stopped"
+        self._stop.set()
 
     async def probe(self, path: str) -> dict[str, Any]:
         """Admit, load and canary a snapshot in a throwaway worker, record the outcome in the

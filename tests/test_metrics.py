@@ -84,3 +84,22 @@ def test_metrics_endpoint_and_alert_rules(make_supervisor, tiny_model: Path) -> 
         assert names, rule["alert"]
         missing = names - exposed
         assert not missing, f"{rule['alert']} names metrics the supervisor does not expose: {missing}"
+
+
+def test_a_metrics_port_in_use_is_a_fatal_non_zero_exit(tmp_path: Path, tiny_model: Path) -> None:
+    """Never a clean-looking exit after a failure: launchd/systemd must see it and restart us."""
+    from tests.harness import render_config
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "lmx.toml"
+        config.write_text(render_config([{"id": "m", "path": str(tiny_model)}],
+                                        {"supervisor": {"metrics_port": port}}))
+        proc = subprocess.run([sys.executable, "-m", "supervisor.cli", "run", "--config", str(config),
+                               "--state-dir", str(tmp_path / "state")],
+                              cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 70, proc.stderr[-2000:]
+    assert "lmx-supervisor: fatal:" in proc.stderr
+    assert '"event": "supervisor.fatal"' in (tmp_path / "state" / "logs" / "supervisor.log").read_text()
