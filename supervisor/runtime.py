@@ -134,6 +134,8 @@ class ModelRuntime:
                                             self._force)
             if refusal is not None:
                 self.last_error = refusal
+                self.log.warning("model.rejected", code=refusal.code.code, message=refusal.message,
+                                 file=refusal.details.get("file"), revision=self.running.revision)
                 self._to(S.REJECTED, refusal.code.code, code=refusal.code.code, message=refusal.message,
                          file=refusal.details.get("file"))
                 return
@@ -314,6 +316,8 @@ class ModelRuntime:
         self._evidence().failure(exc.code.code, quarantined=True)
         details = {k: v for k, v in summary.items() if k != "message"}
         self.last_error = E.ModelQuarantined(summary["message"], **details)
+        self.log.error("model.quarantined", code=exc.code.code, message=summary["message"],
+                       hint=f"lmxctl history {self.cfg.id}; after fixing the cause: lmxctl release {self.cfg.id}")
         self._to(S.QUARANTINED, "too many failures", **details)
 
     async def _restart_after(self, delay: float) -> None:
