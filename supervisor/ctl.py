@@ -205,8 +205,13 @@ def _import_gguf(args: argparse.Namespace) -> int:
     # mlx is imported here, in the lmxctl process, never in the daemon.
     from worker.gguf import GgufImportError, import_gguf
 
+    def progress(done: int, total: int) -> None:
+        if not args.json:
+            print(f"  weights: {done:,}/{total:,} bytes ({100 * done / max(1, total):.0f}%)",
+                  file=sys.stderr, flush=True)
+
     try:
-        summary = import_gguf(args.gguf, args.dest)
+        summary = import_gguf(args.gguf, args.dest, progress=progress)
     except GgufImportError as exc:
         _print_json({"error": {"code": "IMPORT_FAILED", "message": str(exc)}}) if args.json else print(
             f"import-gguf: {exc}", file=sys.stderr)
