@@ -197,6 +197,8 @@ class Init(Message):
     heartbeat_interval_s: float
     orphan_grace_s: float
     memory_limit_bytes: int = 0
+    max_batch_size: int = 1  # > 1: continuous batching (mlx-lm BatchGenerator)
+    prefill_step_size: int = 512  # prompt tokens per batch step, so prefill cannot starve decoding
 
 
 @dataclass

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from supervisor import auth, confinement
+
 
 class ConfigError(Exception):
     """A broken config file: names the file, the key and what was expected."""
@@ -47,6 +49,15 @@ class SupervisorSettings:
     log_backups: int = 5
     # Prometheus /metrics on 127.0.0.1:PORT; 0 = off (lmxctl metrics works either way).
     metrics_port: int = 0
+    # Every request has a deadline: the client's, capped by this (and this when it sets none).
+    request_timeout_s: float = 600.0
+    # Requests in the supervisor (running + queued) over all models, and per client connection.
+    max_requests: int = 1024
+    max_requests_per_client: int = 256
+    # Optional remote control endpoint, "tcp://HOST:PORT", only with CURVE: this server secret key
+    # file (lmxctl keys new NAME) and the [[clients]] allow-list. "" = ipc only.
+    listen: str = ""
+    curve_secret_key_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -66,6 +77,11 @@ class CanarySettings:
     timeout_s: float = 60.0
 
 
+# Model keys added after revisions were first recorded, with their defaults.
+_ADDED_LATER = {"hub_repo": None, "hub_revision": None, "max_batch_size": 8, "prefill_step_size": 512,
+                "max_queue": 64}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     id: str
@@ -78,15 +94,18 @@ class ModelConfig:
     hub_repo: str | None = None  # "org/name": repair's source when there is no mirror
     hub_revision: str | None = None  # the commit (or tag) the snapshot came from; required with hub_repo
     worker_command: tuple[str, ...] | None = None
+    max_batch_size: int = 8  # requests decoded together in the worker (1 = one at a time)
+    prefill_step_size: int = 512  # prompt tokens per batch step: bounds how long prefill holds decoding up
+    max_queue: int = 64  # requests waiting beyond the batch; past it: OVERLOADED
     canary: CanarySettings = field(default_factory=CanarySettings)
 
     @property
     def revision(self) -> str:
         """A stable hash of the resolved section: equal sections, equal revisions."""
         fields = dataclasses.asdict(self)
-        for added_later in ("hub_repo", "hub_revision"):  # unset, they leave older revisions unchanged
-            if fields[added_later] is None:
-                del fields[added_later]
+        for key, default in _ADDED_LATER.items():  # at their defaults, they leave older revisions unchanged
+            if fields[key] == default:
+                del fields[key]
         blob = json.dumps(fields, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -97,6 +116,7 @@ class Config:
     supervisor: SupervisorSettings
     restart: RestartSettings
     models: tuple[ModelConfig, ...]
+    clients: tuple[auth.ClientKey, ...] = ()  # [[clients]]: who may use the tcp endpoint, and as what
 
     def model(self, model_id: str) -> ModelConfig | None:
         return next((m for m in self.models if m.id == model_id), None)
@@ -195,10 +215,18 @@ def _model(file: str, index: int, raw: Any, base_dir: Path) -> ModelConfig:
         mirror=_mirror(reader, base_dir),
         hub_repo=reader.take("hub_repo", str, None),
         hub_revision=reader.take("hub_revision", str, None),
+        max_batch_size=reader.take("max_batch_size", int, 8),
+        prefill_step_size=reader.take("prefill_step_size", int, 512),
+        max_queue=reader.take("max_queue", int, 64),
         worker_command=reader.take_list("worker_command", str, None),
         canary=_canary(file, f"{prefix}.canary", reader.table.pop("canary", {})),
     )
     reader.finish()
+    for key in ("max_batch_size", "prefill_step_size"):
+        if getattr(model, key) < 1:
+            raise ConfigError(file, f"{prefix}.{key}", "must be >= 1")
+    if model.max_queue < 0:
+        raise ConfigError(file, f"{prefix}.max_queue", "must be >= 0")
     if model.hub_repo and not model.hub_revision:
         raise ConfigError(file, f"{prefix}.hub_revision",
                           "required with hub_repo (pin the commit the snapshot came from)")
@@ -225,6 +253,13 @@ def parse(text: str, file: str = "<config>", base_dir: Path | None = None) -> Co
         if m.id in seen:
             raise ConfigError(file, f"models[{i}].id", f"duplicate model id {m.id!r}")
         seen.add(m.id)
+    try:
+        clients = auth.parse_clients(raw.pop("clients", []), base_dir)
+        supervisor = auth.check_listen(supervisor, base_dir)
+    except auth.Problem as exc:
+        raise ConfigError(file, exc.key, exc.problem) from None
+    for key, problem in confinement.config_problems(supervisor.model_roots, models)[:1]:
+        raise ConfigError(file, key, problem)
     if raw:
         raise ConfigError(file, ", ".join(sorted(raw)), "unknown key")
     if supervisor.evict not in ("", "lru"):
@@ -233,7 +268,7 @@ def parse(text: str, file: str = "<config>", base_dir: Path | None = None) -> Co
         raise ConfigError(file, "supervisor.metrics_port", f"expected 0 (off) or a TCP port, got {supervisor.metrics_port}")
     if supervisor.heartbeat_timeout_s <= supervisor.heartbeat_interval_s:
         raise ConfigError(file, "supervisor.heartbeat_timeout_s", "must exceed heartbeat_interval_s")
-    return Config(file, supervisor, restart, models)
+    return Config(file, supervisor, restart, models, clients)
 
 
 def load(path: str | os.PathLike) -> Config:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import collections
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -21,7 +23,9 @@ from protocol.messages import (
 from supervisor import config as cfg_mod
 from supervisor import compat, snapshot
 from supervisor import logs
+from supervisor.auth import Access
 from supervisor.metrics import Metrics, RequestTimer
+from supervisor.ratelimit import LogLimit
 from supervisor.runtime import ModelRuntime
 from supervisor.store import Store
 
@@ -33,20 +37,28 @@ class ControlServer:
         self,
         ctx: zmq.asyncio.Context,
         endpoint: str,
-        socket_path: Path,
+        socket_path: Path | None,
         models: dict[str, ModelRuntime],
         status: Callable[[], dict[str, Any]],
         reload: Callable[[], Awaitable[dict[str, Any]]],
         store: Store,
         probe: Callable[[str], Awaitable[dict[str, Any]]],
         metrics: Metrics | None = None,
+        configure: Callable[[zmq.Socket], None] | None = None,
+        access: Access | None = None,
     ) -> None:
         self._sock = ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.MAXMSGSIZE, codec.MAX_FRAME_BYTES)
         self._sock.setsockopt(zmq.SNDHWM, 100_000)
+        if configure is not None:  # the tcp endpoint: CURVE server options, before bind
+            configure(self._sock)
         self._sock.bind(endpoint)
-        os.chmod(socket_path, 0o600)
+        if socket_path is not None:
+            os.chmod(socket_path, 0o600)
+        # None: the ipc socket, where only the owner can connect (the owner is admin); else the
+        # roles of the tcp endpoint's CURVE clients.
+        self._access = access
         self._models = models
         self._status = status
         self._reload = reload
@@ -57,10 +69,13 @@ class ControlServer:
         self._monitor = self._sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         # (client identity, client request id) -> (runtime, worker-side request id)
         self._routes: dict[tuple[bytes, str], tuple[ModelRuntime, str]] = {}
+        self._per_client: collections.Counter[bytes] = collections.Counter()
+        self.limits = cfg_mod.SupervisorSettings()  # the daemon sets its own (and again on reload)
         self.draining = False
         self._task: asyncio.Task | None = None
         self._bg: set[asyncio.Task] = set()
         self.log = logs.get()
+        self._log_limit = LogLimit(self.log)  # what a peer can make us log, it cannot make us log forever
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -88,15 +103,23 @@ class ControlServer:
 
     async def _recv_loop(self) -> None:
         while True:
-            frames = await self._sock.recv_multipart()
+            user = None
+            if self._access is None:
+                frames = await self._sock.recv_multipart()
+            else:  # the ZAP handler's User-Id (the client's name) rides on every frame it sent
+                raw = await self._sock.recv_multipart(copy=False)
+                user = raw[-1].get("User-Id") if len(raw) > 1 else None
+                frames = [f.bytes for f in raw]
             identity, rest = frames[0], frames[1:]
             try:
                 msg = codec.decode(rest, TO_SUPERVISOR_FROM_CLIENT)
             except E.LmxError as exc:
-                self.log.warning("client.bad_request", code=exc.code.code, message=exc.message)
+                self._log_limit.log("warning", "client.bad_request", code=exc.code.code, message=exc.message[:500])
                 self.send(identity, Error.from_exc(None, exc))
                 continue
             try:
+                if self._access is not None:
+                    self._access.check(user, msg)
                 self._handle(identity, msg)
             except E.LmxError as exc:
                 if isinstance(msg, GenerateRequest):
@@ -174,6 +197,9 @@ class ControlServer:
             self.send(identity, Error.from_exc(msg.request_id, E.ConfigInvalid(str(exc), key=exc.key)))
         except E.LmxError as exc:
             self.send(identity, Error.from_exc(msg.request_id, exc))
+        except Exception as exc:  # a bug: the client still gets an answer, never a silent wait
+            self.log.exception("internal.control_failed", type=msg.TAG, op=msg.op[:64])
+            self.send(identity, Error.from_exc(msg.request_id, E.InternalError(f"internal error: {exc!r}")))
 
     def _generate(self, identity: bytes, req: GenerateRequest) -> None:
         if self.draining:
@@ -186,6 +212,20 @@ class ControlServer:
         key = (identity, req.request_id)
         if key in self._routes:
             raise E.BadRequest(f"request id {req.request_id!r} is already in flight")
+        limits = self.limits
+        if len(self._routes) >= limits.max_requests:
+            raise E.Overloaded(f"the supervisor has {len(self._routes)} requests in flight (max_requests)",
+                               retry_after_s=1.0)
+        if self._per_client[identity] >= limits.max_requests_per_client:
+            raise E.Overloaded(f"this client has {self._per_client[identity]} requests in flight "
+                               "(max_requests_per_client)", retry_after_s=1.0)
+        # Every request has a deadline: the client's, capped by request_timeout_s.
+        cap = limits.request_timeout_s
+        if req.timeout_s is None or not 0 < req.timeout_s <= cap:
+            req = dataclasses.replace(req, timeout_s=cap if req.timeout_s is None or req.timeout_s > cap
+                                      else req.timeout_s)
+        if req.timeout_s <= 0:
+            raise E.BadRequest(f"timeout_s must be > 0, got {req.timeout_s}")
         client_rid = req.request_id
         log = self.log.bind(model=req.model, request_id=client_rid)
         metrics, timer = self._metrics, RequestTimer(self._metrics, req.model)
@@ -195,7 +235,10 @@ class ControlServer:
                 timer.chunk()
                 self.send(identity, Chunk(client_rid, msg.text, msg.tokens))
                 return
-            self._routes.pop(key, None)
+            if self._routes.pop(key, None) is not None:
+                self._per_client[identity] -= 1
+                if not self._per_client[identity]:
+                    del self._per_client[identity]
             if isinstance(msg, Final):
                 self.send(identity, Final(client_rid, msg.text, msg.finish_reason, msg.usage, msg.timings))
                 metrics.requests.labels(req.model, "ok").inc()
@@ -209,7 +252,9 @@ class ControlServer:
                          duration_s=round(time.monotonic() - timer.start, 4))
 
         wrid = runtime.submit(req, sink)
-        self._routes[key] = (runtime, wrid)
+        if key not in self._routes and runtime.requests.knows(wrid):  # not already ended (by the sink)
+            self._routes[key] = (runtime, wrid)
+            self._per_client[identity] += 1
 
     async def _unload(self, identity: bytes, request_id: str, runtime: ModelRuntime) -> None:
         await runtime.stop("operator unload")

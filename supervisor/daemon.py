@@ -19,7 +19,8 @@ import zmq.asyncio
 
 import supervisor
 from protocol import endpoint as ep
-from supervisor import logs
+from protocol import errors as E
+from supervisor import confinement, logs
 from supervisor import config as cfg_mod
 from supervisor.config import Config
 from supervisor.control import ControlServer
@@ -29,6 +30,7 @@ from supervisor.hub import WorkerHub
 from supervisor import memory
 from supervisor.memory import MemoryLedger
 from supervisor.metrics import Metrics, serve_http
+from supervisor.remote import RemoteListener
 from supervisor.runtime import ModelRuntime
 from supervisor.states import ModelState
 from supervisor.store import Store
@@ -43,14 +45,20 @@ class StateDirError(Exception):
 
 def prepare_state_dir(state_dir: Path) -> int:
     """Create the 0700 state dir and take its lock; returns the lock fd (held for our lifetime).
-    The lock comes before anything else is touched: two supervisors on one dir is impossible."""
+    Nothing in it is touched before it proves ours and closed to others, and then the lock comes
+    before anything else: two supervisors on one dir is impossible."""
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     st = state_dir.stat()
     if st.st_uid != os.getuid():
-        raise StateDirError(f"state dir {state_dir} is owned by uid {st.st_uid}, not by us")
+        raise StateDirError(f"state dir {state_dir} is owned by uid {st.st_uid}, not by us (uid {os.getuid()}): "
+                            "use a state dir of our own (--state-dir or LMX_STATE_DIR)")
+    if st.st_mode & 0o022:
+        # Someone else could have planted a socket, a lock or a store there: refuse, never repair.
+        raise StateDirError(f"state dir {state_dir} is writable by group or others (mode "
+                            f"{st.st_mode & 0o777:04o}); check what is in it, then chmod 700 {state_dir}")
     if st.st_mode & 0o077:
-        os.chmod(state_dir, 0o700)
-    fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        os.chmod(state_dir, 0o700)  # readable by others, but nobody else could write: just close it
+    fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -96,6 +104,9 @@ class Supervisor:
             self.ctx, ep.control_endpoint(state_dir), state_dir / ep.CONTROL_SOCKET, self.models, self.status,
             self.reload, self.store, self.probe, self.metrics,
         )
+        self.control.limits = config.supervisor
+        # Optional tcp endpoint: CURVE clients of the [[clients]] allow-list, each with its role.
+        self.remote = RemoteListener(config, self._remote_server) if config.supervisor.listen else None
         self.metrics.watch_status(self.status, lambda: self.control.connections)
         self._metrics_server: asyncio.AbstractServer | None = None
         self._exit_code = 0
@@ -105,6 +116,12 @@ class Supervisor:
                           self.state_dir / "logs", self.ledger, self._evict_for if evict else None)
         rt.events, rt.metrics = self.events, self.metrics
         return rt
+
+    def _remote_server(self, ctx: zmq.asyncio.Context, endpoint: str, configure: Any, access: Any) -> ControlServer:
+        server = ControlServer(ctx, endpoint, None, self.models, self.status, self.reload, self.store, self.probe,
+                               self.metrics, configure=configure, access=access)
+        server.limits = self.config.supervisor
+        return server
 
     def _note(self, level: str, event: str, **fields: Any) -> None:
         """Log a supervisor-level event and publish it on the events socket."""
@@ -166,9 +183,13 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self._reload_logged()))
         self.hub.start()
         self.control.start()
+        if self.remote is not None:
+            self.remote.start()
         # A dead receive loop leaves a supervisor that is up but deaf: exit non-zero instead, so
         # launchd/systemd restart it (a clean 0 would be taken as a deliberate stop).
-        for task in (self.hub._task, self.control._task):
+        for task in (self.hub._task, self.control._task, self.remote and self.remote.server._task):
+            if task is None:
+                continue
             task.add_done_callback(self._fatal_if_failed)
         if self.config.supervisor.metrics_port:
             self._metrics_server = await serve_http(self.metrics, self.config.supervisor.metrics_port, self.log)
@@ -198,7 +219,11 @@ class Supervisor:
     async def probe(self, path: str) -> dict[str, Any]:
         """Admit, load and canary a snapshot in a throwaway worker, record the outcome in the
         registry, stop the worker. The first failure is the verdict (no restarts)."""
-        resolved = str(Path(path).expanduser().resolve())
+        try:  # a path from a request: inside model_roots (when set), no FIFO or device in it
+            resolved = confinement.check_path(path, self.config.supervisor.model_roots)
+            confinement.check_tree(resolved, self.config.supervisor.model_roots)
+        except confinement.Refused as exc:
+            raise E.BadRequest(f"probe {exc}", path=path[:4096]) from None
         model = cfg_mod.ModelConfig(id=f"probe-{hashlib.sha256(resolved.encode()).hexdigest()[:8]}",
                                     path=resolved, autoload=False)
         config = dataclasses.replace(self.config, restart=dataclasses.replace(self.config.restart, quarantine_after=1))
@@ -235,6 +260,10 @@ class Supervisor:
         old_ids, new_ids = set(self.models), {m.id for m in new.models}
         changed = [m for m in new.models if m.id in old_ids and m.revision != self.models[m.id].cfg.revision]
         self.config = new
+        self.control.limits = new.supervisor
+        if self.remote is not None:
+            self.remote.update(new)
+            self.remote.server.limits = new.supervisor
         for rt in self.models.values():
             rt.config = new
         for model_id in old_ids - new_ids:
@@ -258,6 +287,8 @@ class Supervisor:
     async def shutdown(self, reason: str) -> None:
         """Stop taking work, let in-flight generations finish (drain_grace_s), stop every worker."""
         self.control.draining = True
+        if self.remote is not None:
+            self.remote.server.draining = True
         self._note("info", "supervisor.draining", reason=reason, drain_grace_s=self.config.supervisor.drain_grace_s)
         # remember=False: a shutdown is not an operator's unload; the same models come back next boot.
         await asyncio.gather(*(rt.stop(f"supervisor {reason}", remember=False) for rt in self.models.values()))
@@ -265,6 +296,8 @@ class Supervisor:
             self._metrics_server.close()
         self._note("info", "supervisor.stopping", reason=reason)
         self.control.close()
+        if self.remote is not None:
+            self.remote.close()
         self.hub.close()
         self.events.close()
         self.ctx.term()

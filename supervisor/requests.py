@@ -1,5 +1,5 @@
-"""One model's request queue: at most one request on the worker, the rest waiting, each with a sink
-(the client's stream or the canary) and an optional deadline."""
+"""One model's requests: those on the worker (up to its batch size), the rest waiting, each with a
+sink (the client's stream or the canary) and a deadline."""
 
 from __future__ import annotations
 
@@ -33,27 +33,32 @@ class Pending:
 
 
 class RequestQueue:
-    def __init__(self, model_id: str, send: Send) -> None:
+    """Up to `max_active` requests on the worker (its batch), up to `max_queue` more waiting; past
+    that, OVERLOADED at once with a retry hint. Never an unbounded queue."""
+
+    def __init__(self, model_id: str, send: Send, max_active: int = 1, max_queue: int = MAX_QUEUE) -> None:
         self._model_id = model_id
         self._send = send
+        self.max_active = max(1, max_active)
+        self.max_queue = max_queue
         self._ids = itertools.count(1)
         # Unique across supervisor runs: an adopted worker may still send results for a request
         # of the previous run, which must never match one of ours.
         self._prefix = secrets.token_hex(4)
-        self.active: Pending | None = None
+        self.active: dict[str, Pending] = {}
         self._queue: collections.deque[Pending] = collections.deque()
 
     def __len__(self) -> int:
-        return len(self._queue) + (1 if self.active else 0)
+        return len(self._queue) + len(self.active)
 
     @property
     def queued(self) -> int:
         return len(self._queue)
 
     def add(self, req: GenerateRequest, sink: Sink, bounded: bool = True) -> str:
-        if bounded and len(self._queue) >= MAX_QUEUE:
-            raise E.Overloaded(f"model {self._model_id} has {len(self._queue)} queued requests",
-                               retry_after_s=1.0)
+        if bounded and len(self.active) >= self.max_active and len(self._queue) >= self.max_queue:
+            raise E.Overloaded(f"model {self._model_id} has {len(self.active)} running and {len(self._queue)} "
+                               f"queued requests (max_queue {self.max_queue})", retry_after_s=1.0)
         wrid = f"{self._prefix}-{next(self._ids)}"
         pending = Pending(wrid, dataclasses.replace(req, request_id=wrid), sink, req.request_id)
         if req.timeout_s is not None:
@@ -63,33 +68,33 @@ class RequestQueue:
         return wrid
 
     def dispatch(self) -> None:
-        if self.active is not None or not self._queue:
-            return
-        nxt = self._queue[0]
-        if self._send(nxt.req):
-            self.active = self._queue.popleft()
+        while len(self.active) < self.max_active and self._queue:
+            if not self._send(self._queue[0].req):
+                return
+            p = self._queue.popleft()
+            self.active[p.wrid] = p
 
     def on_result(self, msg: Message) -> None:
-        p = self.active
-        if p is None or p.wrid != getattr(msg, "request_id", None):
+        p = self.active.get(getattr(msg, "request_id", None) or "")
+        if p is None:
             return
         p.sink(msg)
         if isinstance(msg, (Final, Error)):
             if p.timer:
                 p.timer.cancel()
-            self.active = None
+            del self.active[p.wrid]
             self.dispatch()
 
     def end(self, wrid: str, exc: E.LmxError) -> None:
-        """End one request for its client now; an active one is also cancelled in the worker
-        (which stays busy with it until it answers, so the next request waits for that)."""
+        """End one request for its client now; an active one is also cancelled in the worker, and
+        keeps its slot until the worker confirms (within one decode step)."""
         for p in list(self._queue):
             if p.wrid == wrid:
                 self._queue.remove(p)
                 self._finish(p, exc)
                 return
-        p = self.active
-        if p is not None and p.wrid == wrid and p.sink is not _discard:
+        p = self.active.get(wrid)
+        if p is not None and p.sink is not _discard:
             self._finish(p, exc)
             self._send(Cancel(wrid))
 
@@ -99,6 +104,14 @@ class RequestQueue:
     def expire(self, wrid: str) -> None:
         self.end(wrid, E.RequestTimeout("request deadline passed"))
 
+    def knows(self, wrid: str) -> bool:
+        return wrid in self.active or any(p.wrid == wrid for p in self._queue)
+
+    def first_active_origin(self) -> str | None:
+        """For a crash record: which request the worker was serving (the canary's id is "")."""
+        p = next(iter(self.active.values()), None)
+        return None if p is None else (p.origin_id or "canary")
+
     @staticmethod
     def _finish(p: Pending, exc: E.LmxError) -> None:
         if p.timer:
@@ -107,8 +120,8 @@ class RequestQueue:
         sink(Error.from_exc(p.wrid, exc))
 
     def fail_all(self, exc: E.LmxError) -> None:
-        pending = ([self.active] if self.active else []) + list(self._queue)
-        self.active = None
+        pending = list(self.active.values()) + list(self._queue)
+        self.active.clear()
         self._queue.clear()
         for p in pending:
             self._finish(p, exc)

@@ -43,7 +43,7 @@ class ModelRuntime:
         self.last_error: E.LmxError | None = None
         self.retry_at: float | None = None
         self.ready_since: float | None = None
-        self.requests = RequestQueue(model.id, self._send_to_worker)
+        self.requests = RequestQueue(model.id, self._send_to_worker, model.max_batch_size, model.max_queue)
         self._hub = hub
         self._endpoint = worker_endpoint
         self._log_dir = log_dir
@@ -181,7 +181,8 @@ class ModelRuntime:
 
     def _new_worker(self, cfg: ModelConfig, token: str) -> Worker:
         loop = asyncio.get_running_loop()
-        process = WorkerProcess(cfg, self._endpoint, token, loop, self._on_exit, self._log_dir)
+        process = WorkerProcess(cfg, self._endpoint, token, loop, self._on_exit, self._log_dir,
+                                hub_downloads=self.config.supervisor.hub_downloads)
         worker = Worker(process, cfg, loop)
         self.worker = worker
         self._hub.register(token, self)
@@ -198,7 +199,8 @@ class ModelRuntime:
         sup = self.config.supervisor
         await wait_for(worker.hello, HELLO_TIMEOUT_S, E.LoadTimeout("worker sent no hello"))
         self._hub.send(worker.process.token, Init(cfg.id, cfg.revision, cfg.path, sup.heartbeat_interval_s,
-                                                  sup.orphan_grace_s, cfg.memory_limit_bytes))
+                                                  sup.orphan_grace_s, cfg.memory_limit_bytes,
+                                                  cfg.max_batch_size, cfg.prefill_step_size))
         self._to(S.LOADING, "handshake done")
         await wait_for(worker.ready, sup.load_timeout_s,
                           E.LoadTimeout(f"no ready within load_timeout_s={sup.load_timeout_s}"))
@@ -448,14 +450,19 @@ class ModelRuntime:
                                           cause=verdict.cause, **verdict.details)
         worker.fail_handshake(exc)
         worker.death = verdict
-        if self.requests.active is not None:
-            worker.death_request = self.requests.active.origin_id or "canary"
+        worker.death_request = self.requests.first_active_origin()
         self.requests.fail_all(exc)
         if self.state is S.READY:
             self._spawn_task(self._failed(exc, verdict))
 
     def on_worker_garbage(self, error: Exception) -> None:
-        self.log.error("worker.protocol_violation", error=str(error))
+        """A frame from our own worker's identity that breaks the protocol: the worker is no longer
+        trusted. It is killed; its death is a counted WORKER_CRASHED, cause "protocol violation"."""
+        worker = self.worker
+        if worker is None or worker.killed_for is not None:
+            return  # already on its way out: its further frames change nothing
+        self.log.error("worker.protocol_violation", error=str(error)[:500], worker_pid=worker.process.pid)
+        worker.kill_for(E.ErrorCode.WORKER_CRASHED, f"protocol violation: {str(error)[:200]}")
 
     def on_worker_message(self, msg: Message) -> None:
         worker = self.worker
@@ -512,7 +519,7 @@ class ModelRuntime:
             "retry_after_s": self.retry_after_s() if self.state in states.PENDING_STATES else None,
             "ready_for_s": round(time.monotonic() - self.ready_since, 3) if self.ready_since else None,
             "queued": self.requests.queued,
-            "active": 1 if self.requests.active else 0,
+            "active": len(self.requests.active),
             "phase": w.phase if w else None,
             "memory": dict(w.memory) if w else {},
             "canary": self.canary,

@@ -60,7 +60,10 @@ elif args.at == "load":
 
     engine.Engine.load = load
 elif args.at == "generate":
-    _generate = engine.Engine.generate
+    import worker.batch as batch
+
+    # Both serving paths: one request at a time (Engine.generate) and the batch (Batcher.add).
+    _generate, _add = engine.Engine.generate, batch.Batcher.add
     calls = [0]
 
     def generate(self, req, emit):  # type: ignore[no-untyped-def]
@@ -69,7 +72,14 @@ elif args.at == "generate":
             fault()
         return _generate(self, req, emit)
 
+    def add(self, req):  # type: ignore[no-untyped-def]
+        calls[0] += 1
+        if calls[0] > args.after:
+            fault()
+        return _add(self, req)
+
     engine.Engine.generate = generate
+    batch.Batcher.add = add
 
 from worker.main import main  # noqa: E402
 

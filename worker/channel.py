@@ -33,7 +33,8 @@ class Progress:
         self.count = 0
         self.phase = "starting"
         self.cancelled: set[str] = set()
-        self.current: str | None = None  # the request being generated
+        self.current: str | None = None  # the request being generated (one at a time)
+        self.cancel_all = False  # orphaned: every client is gone (the batched loop reads this)
         self.revision: str | None = None  # set once the weights are loaded
         self.memory: Callable[[], dict] = dict
 
@@ -166,6 +167,7 @@ class Channel:
         # Its client went with the supervisor: stop generating for nobody.
         if self.progress.current is not None:
             self.progress.cancelled.add(self.progress.current)
+        self.progress.cancel_all = True
         log("worker.orphaned", grace_s=self.orphan_grace_s)
 
     def _beat(self, sock: zmq.Socket) -> None:

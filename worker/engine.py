@@ -25,7 +25,7 @@ class Outcome:
     timings: dict
 
 
-def _stop_holdback(text: str, stops: list[str]) -> int:
+def stop_holdback(text: str, stops: list[str]) -> int:
     """Length of the longest tail of `text` that could still grow into a stop string."""
     best = 0
     for stop in stops:
@@ -34,6 +34,13 @@ def _stop_holdback(text: str, stops: list[str]) -> int:
                 best = n
                 break
     return best
+
+
+def find_stop(text: str, stops: list[str], emitted: int) -> int | None:
+    """Where the first stop string starts in `text`, looking only where a new one could be."""
+    hits = [text.find(s, max(0, emitted - len(s))) for s in stops if s]
+    hits = [h for h in hits if h >= 0]
+    return min(hits) if hits else None
 
 
 class Engine:
@@ -69,7 +76,7 @@ class Engine:
         self.model, self.tokenizer = self._mlx_lm.load(path)
         return time.monotonic() - start
 
-    def _prompt_tokens(self, req: GenerateRequest) -> list[int]:
+    def prompt_tokens(self, req: GenerateRequest) -> list[int]:
         tok = self.tokenizer
         if req.messages is not None:
             if getattr(tok, "chat_template", None):
@@ -88,7 +95,7 @@ class Engine:
 
         if req.seed is not None:
             self._mx.random.seed(req.seed)
-        prompt = self._prompt_tokens(req)
+        prompt = self.prompt_tokens(req)
         sampler = make_sampler(temp=req.temperature, top_p=req.top_p if req.top_p < 1.0 else 0.0)
         progress = self._progress
         start = time.monotonic()
@@ -112,13 +119,13 @@ class Engine:
             real_token = not (resp.finish_reason == "stop")
             text += resp.text
             tokens += int(real_token)
-            cut = self._find_stop(text, req.stop, emitted)
+            cut = find_stop(text, req.stop, emitted)
             if cut is not None:
                 text, finish = text[:cut], "stop"
                 emit(text[emitted:], int(real_token))
                 emitted = len(text)
                 break
-            safe = len(text) - _stop_holdback(text, req.stop) if resp.finish_reason is None else len(text)
+            safe = len(text) - stop_holdback(text, req.stop) if resp.finish_reason is None else len(text)
             if real_token or safe > emitted:
                 emit(text[emitted:safe], int(real_token))
                 emitted = safe
@@ -138,9 +145,3 @@ class Engine:
                 if first_token_s is not None and tokens > 1 and total_s > first_token_s else 0.0,
             },
         )
-
-    @staticmethod
-    def _find_stop(text: str, stops: list[str], emitted: int) -> int | None:
-        hits = [text.find(s, max(0, emitted - len(s))) for s in stops if s]
-        hits = [h for h in hits if h >= 0]
-        return min(hits) if hits else None

@@ -79,6 +79,34 @@ def _serve(channel: Channel, engine, progress: Progress) -> int:
             progress.phase = "idle"
 
 
+def _serve_batched(channel: Channel, batcher, progress: Progress) -> int:
+    """Continuous batching: between steps, take every waiting message (new requests join the batch,
+    cancels leave it before the next step); block only when nothing is generating."""
+    while True:
+        try:
+            msg = channel.inbox.get() if not len(batcher) else channel.inbox.get_nowait()
+        except queue.Empty:
+            msg = None
+        if progress.cancel_all:  # orphaned: nobody is left to read the streams begun before
+            progress.cancel_all = False
+            batcher.cancel_all()
+        while msg is not None:
+            if isinstance(msg, Shutdown):
+                log("worker.shutdown", reason=msg.reason)
+                return 0
+            if isinstance(msg, Cancel):
+                progress.cancelled.discard(msg.request_id)
+                batcher.cancel(msg.request_id)
+            elif isinstance(msg, GenerateRequest):
+                batcher.add(msg)
+            try:
+                msg = channel.inbox.get_nowait()
+            except queue.Empty:
+                msg = None
+        if len(batcher):
+            batcher.step()
+
+
 def main() -> int:
     endpoint = os.environ["LMX_WORKER_ENDPOINT"]
     token = os.environ["LMX_WORKER_TOKEN"]
@@ -111,6 +139,11 @@ def main() -> int:
     progress.revision = init.revision
     log("worker.loaded", revision=init.revision, load_s=round(load_s, 3))
     channel.send(Ready(init.revision, load_s, engine.memory()))
+    if init.max_batch_size > 1:
+        from worker.batch import Batcher
+
+        batcher = Batcher(engine, progress, channel.send, init.max_batch_size, init.prefill_step_size)
+        return _serve_batched(channel, batcher, progress)
     return _serve(channel, engine, progress)
 
 

@@ -1,0 +1,121 @@
+"""Serving under load on a real worker: continuous batching (streams interleave), cancellation and
+deadlines that leave the rest of the batch alone, and bounded queues that say OVERLOADED at once."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from protocol import errors as E
+from protocol.client import SupervisorClient
+from tests.harness import RunningSupervisor
+
+
+@pytest.fixture(scope="module")
+def sup(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path):
+    s = RunningSupervisor(
+        tmp_path_factory.mktemp("batching"),
+        [{"id": "b", "path": str(tiny_model), "max_batch_size": 8},
+         {"id": "one", "path": str(tiny_model), "max_batch_size": 1, "max_queue": 1}],
+        supervisor={"max_requests_per_client": 12},
+    ).start()
+    yield s
+    s.cleanup()
+
+
+async def _collect(client: SupervisorClient, model: str, tag: int, log: list, **kw):
+    stream = client.generate(model, f"Hello number {tag}", **kw)
+    async for _ in stream:
+        log.append((time.monotonic(), tag))
+    return stream.result
+
+
+def _interleaved(log: list, a: int, b: int) -> bool:
+    a_times = [t for t, tag in log if tag == a]
+    return any(a_times[0] < t < a_times[-1] for t, tag in log if tag == b)
+
+
+def test_concurrent_streams_are_decoded_together(sup: RunningSupervisor) -> None:
+    async def run(model: str) -> tuple[list, list]:
+        log: list = []
+        async with SupervisorClient(state_dir=sup.state_dir) as client:
+            results = await asyncio.gather(*(_collect(client, model, i, log, max_tokens=40) for i in range(6)))
+        return results, log
+
+    results, log = asyncio.run(run("b"))
+    assert [r.usage["completion_tokens"] for r in results] == [40] * 6
+    assert all(r.finish_reason == "length" and r.text for r in results)
+    assert sum(_interleaved(log, 0, i) for i in range(1, 6)) >= 3  # batched, not one after another
+
+    # The same prompts one at a time (max_batch_size 1) never interleave, and give the same greedy text.
+    serial_results = []
+    for i in range(2):
+        serial_results.append(sup.client.complete("one", f"Hello number {i}", max_tokens=40))
+    assert [r.text for r in serial_results] == [r.text for r in results[:2]]
+
+
+def test_a_cancel_leaves_the_rest_of_the_batch_alone(sup: RunningSupervisor) -> None:
+    async def run() -> tuple[list, int]:
+        async with SupervisorClient(state_dir=sup.state_dir) as client:
+            log: list = []
+            others = [asyncio.create_task(_collect(client, "b", i, log, max_tokens=60)) for i in range(3)]
+            victim = client.generate("b", "Hello victim", max_tokens=2000)
+            seen = 0
+            async for _ in victim:
+                seen += 1
+                if seen == 5:
+                    break
+            await victim.aclose()
+            return await asyncio.gather(*others), seen
+
+    results, seen = asyncio.run(run())
+    assert seen == 5
+    assert [r.usage["completion_tokens"] for r in results] == [60] * 3
+    cancelled = [e for e in sup.events("request.failed") if e["model"] == "b" and e["code"] == "CANCELLED"]
+    assert cancelled
+    assert sup.model("b")["active"] == 0 and sup.model("b")["failures_in_window"] == 0
+
+
+def test_a_deadline_ends_one_request_not_the_batch(sup: RunningSupervisor) -> None:
+    async def run() -> tuple[object, list]:
+        async with SupervisorClient(state_dir=sup.state_dir) as client:
+            log: list = []
+            others = [asyncio.create_task(_collect(client, "b", i, log, max_tokens=50)) for i in range(2)]
+            late = asyncio.create_task(_collect(client, "b", 9, log, max_tokens=5000, timeout_s=0.5))
+            done = await asyncio.gather(late, return_exceptions=True)
+            return done[0], await asyncio.gather(*others)
+
+    late, results = asyncio.run(run())
+    assert isinstance(late, E.RequestTimeout)
+    assert [r.usage["completion_tokens"] for r in results] == [50] * 2
+    m = sup.model("b")
+    assert m["state"] == "READY" and m["failures_in_window"] == 0
+
+
+def test_a_full_queue_is_overloaded_at_once(sup: RunningSupervisor) -> None:
+    async def run() -> list:
+        async with SupervisorClient(state_dir=sup.state_dir) as client:
+            tasks = [asyncio.create_task(client.complete("one", "Hello", max_tokens=200)) for _ in range(4)]
+            return await asyncio.gather(*tasks, return_exceptions=True)
+
+    start = time.monotonic()
+    outcomes = asyncio.run(run())
+    overloaded = [o for o in outcomes if isinstance(o, E.Overloaded)]
+    assert len(overloaded) == 2  # one running + one queued (max_queue 1); the rest turned away
+    assert all(o.details["retry_after_s"] > 0 for o in overloaded)
+    assert sum(1 for o in outcomes if not isinstance(o, Exception)) == 2
+    assert time.monotonic() - start < 60
+
+
+def test_a_client_past_its_limit_is_overloaded(sup: RunningSupervisor) -> None:
+    async def run() -> list:
+        async with SupervisorClient(state_dir=sup.state_dir) as client:
+            tasks = [asyncio.create_task(client.complete("b", "Hello", max_tokens=30)) for _ in range(14)]
+            return await asyncio.gather(*tasks, return_exceptions=True)
+
+    outcomes = asyncio.run(run())
+    assert sum(isinstance(o, E.Overloaded) for o in outcomes) == 2  # max_requests_per_client = 12
+    assert sum(not isinstance(o, Exception) for o in outcomes) == 12
