@@ -1,7 +1,12 @@
 """Continuous batching in the worker with mlx-lm's own BatchGenerator: requests join the running batch
 between decode steps, each streams its own tokens and ends on its own stop condition (EOS, max_tokens,
 a stop string), with its own sampler. A cancel removes its sequence before the next step. Prompt work
-is bounded per step (prefill_step_size tokens), so a long prompt cannot starve running streams."""
+is bounded per step (prefill_step_size tokens), so a long prompt cannot starve running streams.
+
+A request that arrives to an idle worker runs alone on mlx-lm's generate_step (the path of
+stream_generate, whose pipelining a batch of one cannot match); when a second request arrives, the
+solo sequence moves into the batch with its KV cache (less its last token, which the batch re-feeds)
+and nothing is recomputed."""
 
 from __future__ import annotations
 
@@ -13,6 +18,16 @@ from protocol.errors import ErrorCode
 from protocol.messages import Chunk, Error, Final, GenerateRequest, Message
 from worker.channel import Progress
 from worker.engine import Engine, find_stop, stop_holdback
+
+
+@dataclass
+class _Solo:
+    """The one request running on generate_step, with the cache it fills."""
+    req: GenerateRequest
+    tokens_gen: Any
+    cache: list
+    last_token: int | None = None
+    yielded: int = 0
 
 
 @dataclass
@@ -36,8 +51,13 @@ class Batcher:
         self._max = max_batch_size
         self._prefill_step = prefill_step_size
         self._streams: dict[int, _Stream] = {}
-        self._uids: dict[str, int] = {}  # request id -> BatchGenerator uid
+        self._uids: dict[str, int] = {}  # request id -> BatchGenerator uid (or the solo's -1)
         self._gen = self._new_generator()
+        self._solo: _Solo | None = None
+        self._eos = set(engine.tokenizer.eos_token_ids)
+        from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
+
+        self._solo_ok = can_trim_prompt_cache(make_prompt_cache(engine.model))
 
     def _new_generator(self) -> Any:
         from mlx_lm.generate import BatchGenerator
@@ -59,7 +79,14 @@ class Batcher:
 
         try:
             prompt = self._engine.prompt_tokens(req)
+            if not prompt:
+                raise ValueError("the prompt is empty")
             sampler = make_sampler(temp=req.temperature, top_p=req.top_p if req.top_p < 1.0 else 0.0)
+            if self._solo_ok and not self._streams and req.max_tokens > 1:
+                self._start_solo(req, prompt, sampler)
+                return
+            if self._solo is not None:
+                self._solo_to_batch()
             (uid,) = self._gen.insert([prompt], [req.max_tokens], samplers=[sampler])
         except Exception as exc:  # this request's input is unusable; the batch goes on
             self._send(Error(req.request_id, ErrorCode.BAD_REQUEST.code, f"cannot start generation: {exc}"))
@@ -67,11 +94,68 @@ class Batcher:
         self._streams[uid] = _Stream(req, self._engine.tokenizer.detokenizer, len(prompt))
         self._uids[req.request_id] = uid
 
+    # --- a request alone: generate_step, then into the batch when company comes --------------
+
+    _SOLO = -1  # the solo stream's key in _streams
+
+    def _start_solo(self, req: GenerateRequest, prompt: list[int], sampler: Any) -> None:
+        import mlx.core as mx
+        from mlx_lm.generate import generate_step
+        from mlx_lm.models.cache import make_prompt_cache
+
+        if req.seed is not None:
+            mx.random.seed(req.seed)  # alone, a seed gives the exact sequence
+        cache = make_prompt_cache(self._engine.model)
+        tokens_gen = generate_step(mx.array(prompt), self._engine.model, prompt_cache=cache, sampler=sampler,
+                                   max_tokens=req.max_tokens, prefill_step_size=self._prefill_step)
+        self._solo = _Solo(req, tokens_gen, cache)
+        self._streams[self._SOLO] = _Stream(req, self._engine.tokenizer.detokenizer, len(prompt))
+        self._uids[req.request_id] = self._SOLO
+
+    def _solo_step(self) -> None:
+        solo = self._solo
+        assert solo is not None
+        token, _ = next(solo.tokens_gen)
+        solo.last_token, solo.yielded = token, solo.yielded + 1
+        reason = "stop" if token in self._eos else ("length" if solo.yielded >= solo.req.max_tokens else None)
+        if reason is not None:
+            self._drop_solo()
+        self._on_token(self._SOLO, self._streams[self._SOLO], token, reason, time.monotonic())
+
+    def _drop_solo(self) -> None:
+        if self._solo is not None:
+            self._solo.tokens_gen.close()
+            self._solo = None
+
+    def _solo_to_batch(self) -> None:
+        """The solo sequence joins the batch: its cache less the last token, which the batch feeds
+        next (generate_step had already fed it). Nothing is recomputed."""
+        from mlx_lm.models.cache import trim_prompt_cache
+
+        solo, stream = self._solo, self._streams.pop(self._SOLO)
+        assert solo is not None
+        self._drop_solo()
+        if solo.yielded == 0:  # nothing generated yet: start it in the batch from its prompt
+            uid_prompt, cache = self._engine.prompt_tokens(solo.req), None
+        else:
+            trim_prompt_cache(solo.cache, 1)
+            uid_prompt, cache = [solo.last_token], solo.cache
+        from mlx_lm.sample_utils import make_sampler
+
+        sampler = make_sampler(temp=solo.req.temperature, top_p=solo.req.top_p if solo.req.top_p < 1.0 else 0.0)
+        (uid,) = self._gen.insert([uid_prompt], [solo.req.max_tokens - solo.yielded],
+                                  caches=[cache] if cache is not None else None, samplers=[sampler])
+        self._streams[uid] = stream
+        self._uids[solo.req.request_id] = uid
+
     def cancel(self, request_id: str) -> None:
         uid = self._uids.pop(request_id, None)
         if uid is None:
             return  # finished already: its Final is on the wire
-        self._gen.remove([uid])
+        if uid == self._SOLO:
+            self._drop_solo()
+        else:
+            self._gen.remove([uid])
         del self._streams[uid]
         self._send(Error(request_id, ErrorCode.CANCELLED.code, "cancelled by client"))
 
@@ -83,6 +167,15 @@ class Batcher:
         """One BatchGenerator step: a decode step for running streams and a bounded slice of prompt
         work for new ones. Fails the whole batch (not the worker) if mlx raises."""
         progress = self._progress
+        if self._solo is not None:
+            try:
+                self._solo_step()
+            except Exception as exc:
+                self._fail_all(exc)
+                return
+            progress.count += 1
+            progress.phase = "decode" if self._streams else "idle"
+            return
         try:
             prompt_responses, responses = self._gen.next()
         except Exception as exc:
@@ -114,7 +207,10 @@ class Batcher:
             s.text = s.text[:cut]
             self._chunk(rid, s.text[s.emitted:], int(real))
             s.emitted = len(s.text)
-            self._gen.remove([uid])
+            if uid == self._SOLO:
+                self._drop_solo()
+            else:
+                self._gen.remove([uid])
             self._finish(uid, s, "stop", now)
             return
         safe = len(s.text) if finish_reason else len(s.text) - stop_holdback(s.text, s.req.stop)
@@ -146,5 +242,6 @@ class Batcher:
             self._send(Error(s.req.request_id, ErrorCode.INTERNAL.code, f"generation failed: {exc!r}"))
         self._streams.clear()
         self._uids.clear()
+        self._drop_solo()
         self._gen = self._new_generator()
         self._progress.phase = "idle"
