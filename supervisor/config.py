@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -99,7 +100,7 @@ class ModelConfig:
     max_queue: int = 64  # requests waiting beyond the batch; past it: OVERLOADED
     canary: CanarySettings = field(default_factory=CanarySettings)
 
-    @property
+    @functools.cached_property
     def revision(self) -> str:
         """A stable hash of the resolved section: equal sections, equal revisions."""
         fields = dataclasses.asdict(self)

@@ -80,6 +80,7 @@ class Supervisor:
         self.config = config
         self.state_dir = state_dir
         self.started = time.monotonic()
+        self._proc = psutil.Process()
         self.log = logs.get()
         self._stop = asyncio.Event()
         self._signal: str | None = None
@@ -149,7 +150,7 @@ class Supervisor:
             rt.start(reason, force=force)
 
     def status(self) -> dict[str, Any]:
-        proc = psutil.Process()
+        proc = self._proc
         return {
             "supervisor": {
                 "pid": os.getpid(),
@@ -157,8 +158,7 @@ class Supervisor:
                 "rss_bytes": proc.memory_info().rss,
                 "uptime_s": round(time.monotonic() - self.started, 3),
                 # The point of the process split: mlx lives only in workers.
-                "mlx_imported": any(m == "mlx" or m.startswith("mlx.") or m.startswith("mlx_lm")
-                                    for m in sys.modules),
+                "mlx_imported": "mlx" in sys.modules or "mlx_lm" in sys.modules,  # any submodule imports these
                 "state_dir": str(self.state_dir),
                 "config": self.config.source,
                 "draining": self.control.draining,

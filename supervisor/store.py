@@ -47,6 +47,12 @@ CREATE TABLE IF NOT EXISTS boots(id INTEGER PRIMARY KEY, at REAL NOT NULL, clean
 """
 
 
+def _copy_flags(flags: dict[str, Any]) -> dict[str, Any]:
+    """Callers may change what they get (the quarantine summary too); the cache must not change."""
+    q = flags["quarantine"]
+    return {**flags, "quarantine": dict(q) if q else None}
+
+
 def section_json(model: ModelConfig) -> str:
     return json.dumps(dataclasses.asdict(model), sort_keys=True)
 
@@ -86,6 +92,8 @@ class Store:
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / STORE_FILE
         self.log = logs.get()
+        self._flags: dict[str, dict[str, Any]] = {}  # model -> its models row (read cache)
+        self._failures: dict[str, tuple[float, list[Failure]]] = {}  # model -> (since, failures since)
         try:
             self.db = self._open()
         except sqlite3.DatabaseError as exc:
@@ -112,14 +120,20 @@ class Store:
     # --- failures and crash records ------------------------------------------------------------
 
     def add_failure(self, model: str, f: Failure) -> None:
+        self._failures.pop(model, None)
         self.db.execute("INSERT INTO failures(model, revision, at, code, counted) VALUES (?,?,?,?,?)",
                         (model, f.revision, f.at, f.code, int(f.counted)))
 
     def failures(self, model: str, since: float) -> list[Failure]:
-        rows = self.db.execute(
-            "SELECT at, revision, code, counted FROM failures WHERE model=? AND at>=? ORDER BY at",
-            (model, since)).fetchall()
-        return [Failure(at, rev, code, bool(counted)) for at, rev, code, counted in rows]
+        """Read through a per-model cache (status asks on every call; we are the only writer)."""
+        cached = self._failures.get(model)
+        if cached is None or cached[0] > since:
+            rows = self.db.execute(
+                "SELECT at, revision, code, counted FROM failures WHERE model=? AND at>=? ORDER BY at",
+                (model, since)).fetchall()
+            cached = (since, [Failure(at, rev, code, bool(counted)) for at, rev, code, counted in rows])
+            self._failures[model] = cached
+        return [f for f in cached[1] if f.at >= since]
 
     def add_crash(self, record: dict[str, Any]) -> None:
         cols = ("model", "revision", "at", "code", "cause", "victim", "signal", "exit_code", "phase",
@@ -146,17 +160,24 @@ class Store:
     # --- per-model flags -----------------------------------------------------------------------
 
     def _model_row(self, model: str) -> None:
+        """Every write to a model's row comes through here first: the read cache forgets it."""
+        self._flags.pop(model, None)
         self.db.execute("INSERT OR IGNORE INTO models(model) VALUES (?)", (model,))
 
     def model_flags(self, model: str) -> dict[str, Any]:
+        cached = self._flags.get(model)
+        if cached is not None:
+            return _copy_flags(cached)
         row = self.db.execute(
             "SELECT quarantined, quarantine, lkg_revision, running_revision, configured_revision, wanted"
             " FROM models WHERE model=?", (model,)).fetchone()
         if row is None:
             row = (0, None, None, None, None, None)
-        return {"quarantined": bool(row[0]), "quarantine": json.loads(row[1]) if row[1] else None,
-                "lkg_revision": row[2], "running_revision": row[3], "configured_revision": row[4],
-                "wanted": None if row[5] is None else bool(row[5])}
+        flags = {"quarantined": bool(row[0]), "quarantine": json.loads(row[1]) if row[1] else None,
+                 "lkg_revision": row[2], "running_revision": row[3], "configured_revision": row[4],
+                 "wanted": None if row[5] is None else bool(row[5])}
+        self._flags[model] = flags
+        return _copy_flags(flags)
 
     def set_quarantine(self, model: str, summary: dict[str, Any] | None) -> None:
         self._model_row(model)
@@ -171,6 +192,7 @@ class Store:
             (None if wanted is None else int(wanted), running, configured, model))
 
     def clear_failures(self, model: str) -> None:
+        self._failures.pop(model, None)
         self.db.execute("DELETE FROM failures WHERE model=?", (model,))
 
     # --- revisions -----------------------------------------------------------------------------
