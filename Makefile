@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo gateway-demo test bench clean
 
 setup: $(VENV)/.installed
 
@@ -18,12 +18,17 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	BIN=$(BIN) sh scripts/demo.sh
 
+gateway-demo: setup
+	BIN=$(BIN) sh scripts/gateway_demo.sh
+
 test: setup
 	$(BIN)/python -m pytest -q
 
 bench: setup
+	$(BIN)/python bench/serving.py
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/crash_latency.py
+	$(BIN)/python bench/gateway_overhead.py
 	$(BIN)/python bench/compat_sweep.py
 
 clean:

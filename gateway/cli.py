@@ -1,0 +1,95 @@
+"""`lmx-gateway`: parse arguments, bind the listening socket, run the app on uvicorn until SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import socket
+import sys
+
+import structlog
+import uvicorn
+
+from gateway.app import GatewayConfig, create_app
+
+EXIT_OK, EXIT_BIND = 0, 3  # argparse exits 2 on a usage error
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lmx-gateway", description="OpenAI-compatible HTTP gateway over lmx-supervisor.")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: there is no auth)")
+    p.add_argument("--port", type=int, default=8000, help="port to bind; 0 picks a free one (printed)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--state-dir", default=None, help="the supervisor's state dir (else LMX_STATE_DIR, else "
+                                                         "the platform default)")
+    where.add_argument("--endpoint", default=None, help="the supervisor's control endpoint, e.g. ipc:///path/control.sock")
+    p.add_argument("--request-timeout-s", type=float, default=300.0, help="deadline of each generation")
+    p.add_argument("--require-model", action="append", default=[], metavar="ID",
+                   help="/readyz: these models must be READY (repeatable; default: every model that should run)")
+    p.add_argument("--drain-grace-s", type=float, default=5.0,
+                   help="on SIGTERM, how long responses in flight may finish before they are cancelled")
+    p.add_argument("--access-log", action="store_true", help="one uvicorn access-log line per request")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def _configure_logging(level: str) -> None:
+    """JSON lines on stderr, like the supervisor's."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger("lmx")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False
+    structlog.configure(
+        processors=[structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
+                    structlog.processors.format_exc_info, structlog.processors.JSONRenderer()],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+    )
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    # We bind, not uvicorn, so that --port 0 has a port to print before the first request.
+    # proto must say TCP: asyncio sets TCP_NODELAY only on sockets that do, and without it Nagle
+    # holds each response's body behind its headers until the client's delayed ACK (40 ms).
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    return sock
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _configure_logging(args.log_level)
+    config = GatewayConfig(endpoint=args.endpoint, state_dir=args.state_dir, request_timeout_s=args.request_timeout_s,
+                           required_models=tuple(args.require_model))
+    try:
+        sock = _bind(args.host, args.port)
+    except OSError as exc:
+        print(f"lmx-gateway: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return EXIT_BIND
+    host, port = sock.getsockname()[:2]
+    url_host = f"[{host}]" if ":" in host else host
+    # One line on stdout, the only one: scripts and tests read the URL from it.
+    print(f"lmx-gateway listening on http://{url_host}:{port}", flush=True)
+    server = uvicorn.Server(uvicorn.Config(
+        create_app(config), log_level=args.log_level, access_log=args.access_log, lifespan="on",
+        timeout_graceful_shutdown=args.drain_grace_s,
+    ))
+    # uvicorn handles SIGINT/SIGTERM: stop accepting, let responses in flight end (those still
+    # running after --drain-grace-s are cancelled, which cancels their generations), run the
+    # lifespan's exit.
+    # Then it raises the signal again for the handler it found; with these no-ops a stop on
+    # request is exit 0 (launchd and scripts read anything else as a failure).
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    server.run(sockets=[sock])
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
