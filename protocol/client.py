@@ -17,6 +17,7 @@ from zmq.utils.monitor import parse_monitor_message
 from protocol import codec
 from protocol import endpoint as ep
 from protocol import errors as E
+from protocol import keys
 from protocol.messages import (
     TO_CLIENT, Ack, AdminRequest, Cancel, Chunk, Error, Final, GenerateRequest, HistoryReply, HistoryRequest,
     LoadRequest, Message, StatusReply, StatusRequest, UnloadRequest,
@@ -45,6 +46,7 @@ class GenerateStream:
         self._deadline = 0.0
         self.result: Optional[Result] = None
         self._done = False
+        self._held: Optional[Message] = None  # a Final/Error read while coalescing chunks
 
     @property
     def request_id(self) -> str:
@@ -64,14 +66,22 @@ class GenerateStream:
         if self._queue is None:
             await self._open()
         assert self._queue is not None
-        remaining = self._deadline - asyncio.get_running_loop().time()
-        try:
-            msg = await asyncio.wait_for(self._queue.get(), max(0.0, remaining))
-        except asyncio.TimeoutError:
-            await self.aclose()
-            raise E.RequestTimeout(f"no result within {self._timeout_s}s") from None
+        msg = self._held
+        self._held = None
+        if msg is None and not self._queue.empty():
+            msg = self._queue.get_nowait()  # no timer needed for what is already here
+        if msg is None:
+            remaining = self._deadline - asyncio.get_running_loop().time()
+            try:
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that arrives
+                # with a chunk (CPython gh-86296), and a cancelled reader must cancel the request.
+                async with asyncio.timeout(max(0.0, remaining)):
+                    msg = await self._queue.get()
+            except TimeoutError:
+                await self.aclose()
+                raise E.RequestTimeout(f"no result within {self._timeout_s}s") from None
         if isinstance(msg, Chunk):
-            return msg
+            return self._coalesce(msg)
         self._finish()
         if isinstance(msg, Final):
             self.result = Result(msg.text, msg.finish_reason, msg.usage, msg.timings)
@@ -79,6 +89,21 @@ class GenerateStream:
         if isinstance(msg, Error):
             raise msg.to_exc()
         raise E.InternalError(f"unexpected reply {msg.TAG}")
+
+    def _coalesce(self, chunk: Chunk) -> Chunk:
+        """A reader slower than the tokens gets one chunk with everything that arrived meanwhile,
+        not a backlog of tiny ones."""
+        if self._queue is None or self._queue.empty():
+            return chunk
+        texts, tokens = [chunk.text], chunk.tokens
+        while not self._queue.empty():
+            nxt = self._queue.get_nowait()
+            if not isinstance(nxt, Chunk):
+                self._held = nxt  # the end of the stream: returned by the next call
+                break
+            texts.append(nxt.text)
+            tokens += nxt.tokens
+        return Chunk(chunk.request_id, "".join(texts), tokens)
 
     def _finish(self) -> None:
         self._done = True
@@ -179,8 +204,18 @@ class SupervisorClient:
         timeout_s: float = 300.0,
         connect_timeout_s: float = 3.0,
         events_endpoint: str | None = None,
+        curve_server_key: str | bytes | None = None,
+        curve_public_key: str | bytes | None = None,
+        curve_secret_key: str | bytes | None = None,
+        client_cert: str | os.PathLike | None = None,
+        server_key_file: str | os.PathLike | None = None,
     ) -> None:
+        """A tcp:// endpoint takes CURVE keys: the server's public key and this client's keypair,
+        as z85 text (curve_*) or as files (`server_key_file`: the server's .key, `client_cert`:
+        this client's .key_secret, from `lmxctl keys new`)."""
         self.endpoint = endpoint or ep.control_endpoint(state_dir)
+        self._curve = keys.client_keys(curve_server_key, curve_public_key, curve_secret_key, client_cert,
+                                       server_key_file)
         if events_endpoint is None and self.endpoint.startswith("ipc://"):
             events_endpoint = f"ipc://{os.path.join(os.path.dirname(self.endpoint[6:]), ep.EVENTS_SOCKET)}"
         self.events_endpoint = events_endpoint
@@ -193,6 +228,7 @@ class SupervisorClient:
         self._tasks: list[asyncio.Task] = []
         self._connected: Optional[asyncio.Event] = None
         self._lost: Optional[E.LmxError] = None
+        self._refused: Optional[E.LmxError] = None
 
     # --- connection ----------------------------------------------------------------------------
 
@@ -207,9 +243,19 @@ class SupervisorClient:
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, codec.MAX_FRAME_BYTES)
-        monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        events = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+        if self._curve is not None:
+            server, public, secret = self._curve
+            sock.setsockopt(zmq.CURVE_SERVERKEY, server)
+            sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
+            sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
+            # Connected means the CURVE handshake passed (the server knows our key), not just tcp.
+            events |= zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH \
+                | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+        monitor = sock.get_monitor_socket(events)
         self._monitor = monitor
         self._connected = asyncio.Event()
+        self._refused = None
         sock.connect(self.endpoint)
         self._sock = sock
         loop = asyncio.get_running_loop()
@@ -219,12 +265,18 @@ class SupervisorClient:
         except asyncio.TimeoutError:
             await self.close()
             raise E.SupervisorUnavailable(
-                f"could not connect to {self.endpoint} within {self.connect_timeout_s}s",
+                f"could not connect to {self.endpoint} within {self.connect_timeout_s}s"
+                + (" (no CURVE handshake: wrong server key, or not a CURVE endpoint?)" if self._curve else ""),
                 endpoint=self.endpoint) from None
+        if self._refused is not None:
+            await self.close()
+            raise self._refused
 
     async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
         while True:
             event = parse_monitor_message(await monitor.recv_multipart())
+            if self._curve is not None and self._handshake(event["event"]):
+                continue
             if event["event"] == zmq.EVENT_CONNECTED:
                 self._lost = None
                 assert self._connected is not None
@@ -236,6 +288,32 @@ class SupervisorClient:
                                                      endpoint=self.endpoint)
                 for q in self._pending.values():
                     q.put_nowait(Error.from_exc(None, self._lost))
+
+    def _handshake(self, event: int) -> bool:
+        """CURVE: the handshake's outcome decides `connected`; True when the event is handled."""
+        assert self._connected is not None
+        if event == zmq.EVENT_CONNECTED:
+            return True  # tcp only: wait for the handshake
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self._lost = None
+            self._connected.set()
+            return True
+        if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            self._refused = E.Unauthorized(f"{self.endpoint} refused this client's CURVE key "
+                                           "(not in the supervisor's [[clients]])", endpoint=self.endpoint)
+        elif event in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+            self._refused = E.SupervisorUnavailable(f"CURVE handshake with {self.endpoint} failed "
+                                                    "(wrong server key, or not a CURVE endpoint?)",
+                                                    endpoint=self.endpoint)
+        else:
+            return False
+        if not self._connected.is_set():
+            self._connected.set()  # wakes connect(), which raises _refused
+        else:  # refused on a reconnect (the key was taken off the list): fail what waits
+            self._lost = self._refused
+            for q in self._pending.values():
+                q.put_nowait(Error.from_exc(None, self._refused))
+        return True
 
     async def _recv_loop(self) -> None:
         assert self._sock is not None
@@ -300,8 +378,9 @@ class SupervisorClient:
         q = await self._begin(msg)
         rid = getattr(msg, "request_id")
         try:
-            reply = await asyncio.wait_for(q.get(), timeout_s or self.timeout_s)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(timeout_s or self.timeout_s):
+                reply = await q.get()
+        except TimeoutError:
             raise E.RequestTimeout(f"{msg.TAG}: no reply within {timeout_s or self.timeout_s}s") from None
         finally:
             self._end(rid)

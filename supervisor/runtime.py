@@ -508,6 +508,8 @@ class ModelRuntime:
         return {
             "id": self.cfg.id,
             "state": self.state.value,
+            "autoload": self.cfg.autoload,
+            "wanted": self.wanted(),  # the operator's last load/unload (None: as the config says)
             "revision": self.running.revision,
             "configured_revision": self.cfg.revision,
             "lkg_revision": self.store.model_flags(self.cfg.id)["lkg_revision"],
