@@ -440,8 +440,8 @@ class SupervisorClient:
         return reply.records
 
     async def _admin(self, op: str, model: str | None, revision: str | None, timeout_s: float,
-                     path: str | None = None) -> dict:
-        reply = await self._call(AdminRequest(self._rid(), op, model, revision, path), timeout_s)
+                     path: str | None = None, target: str | None = None) -> dict:
+        reply = await self._call(AdminRequest(self._rid(), op, model, revision, path, target), timeout_s)
         assert isinstance(reply, Ack)
         return reply.detail
 
@@ -472,6 +472,11 @@ class SupervisorClient:
     async def reload(self, timeout_s: float = 120.0) -> dict:
         """Re-read the config file (like SIGHUP): {added, removed, changed}."""
         return await self._admin("reload", None, None, timeout_s)
+
+    async def swap(self, old: str, new: str, timeout_s: float = 900.0) -> dict:
+        """NEW takes over OLD's requests: NEW READY first when memory allows, else OLD drained
+        first. Requests for OLD go to NEW from then on: {mode, old, new, state}."""
+        return await self._admin("swap", old, None, timeout_s, target=new)
 
     async def metrics(self, timeout_s: float = 10.0) -> str:
         """The Prometheus text exposition, as the metrics port would serve it."""
@@ -531,6 +536,9 @@ class SyncSupervisorClient:
 
     def metrics(self, **kw: Any) -> str:
         return self._run(self._client.metrics(**kw))
+
+    def swap(self, old: str, new: str, **kw: Any) -> dict:
+        return self._run(self._client.swap(old, new, **kw))
 
     def complete(self, model: str, prompt: str | None = None, **kw: Any) -> Result:
         return self._run(self._client.complete(model, prompt, **kw))

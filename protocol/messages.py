@@ -138,6 +138,7 @@ class AdminRequest(Message):
     model: Optional[str] = None
     revision: Optional[str] = None
     path: Optional[str] = None  # probe: a snapshot directory
+    target: Optional[str] = None  # swap: the model that takes over `model`'s requests
 
 
 @dataclass

@@ -80,7 +80,7 @@ class CanarySettings:
 
 # Model keys added after revisions were first recorded, with their defaults.
 _ADDED_LATER = {"hub_repo": None, "hub_revision": None, "max_batch_size": 8, "prefill_step_size": 512,
-                "max_queue": 64}
+                "max_queue": 64, "idle_ttl_s": 0.0, "pinned": False}
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,8 @@ class ModelConfig:
     max_batch_size: int = 8  # requests decoded together in the worker (1 = one at a time)
     prefill_step_size: int = 512  # prompt tokens per batch step: bounds how long prefill holds decoding up
     max_queue: int = 64  # requests waiting beyond the batch; past it: OVERLOADED
+    idle_ttl_s: float = 0.0  # READY and unused this long: unload (0 = never); the next request loads it
+    pinned: bool = False  # never evicted, never unloaded for idleness
     canary: CanarySettings = field(default_factory=CanarySettings)
 
     @functools.cached_property
@@ -219,6 +221,8 @@ def _model(file: str, index: int, raw: Any, base_dir: Path) -> ModelConfig:
         max_batch_size=reader.take("max_batch_size", int, 8),
         prefill_step_size=reader.take("prefill_step_size", int, 512),
         max_queue=reader.take("max_queue", int, 64),
+        idle_ttl_s=reader.take("idle_ttl_s", float, 0.0),
+        pinned=reader.take("pinned", bool, False),
         worker_command=reader.take_list("worker_command", str, None),
         canary=_canary(file, f"{prefix}.canary", reader.table.pop("canary", {})),
     )

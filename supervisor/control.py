@@ -71,6 +71,8 @@ class ControlServer:
         self._routes: dict[tuple[bytes, str], tuple[ModelRuntime, str]] = {}
         self._per_client: collections.Counter[bytes] = collections.Counter()
         self.limits = cfg_mod.SupervisorSettings()  # the daemon sets its own (and again on reload)
+        self.aliases: dict[str, str] = {}  # after `swap OLD NEW`: requests for OLD go to NEW
+        self.swap: Callable[[str, str], Awaitable[dict[str, Any]]] | None = None
         self.draining = False
         self._task: asyncio.Task | None = None
         self._bg: set[asyncio.Task] = set()
@@ -132,7 +134,7 @@ class ControlServer:
                                                    E.InternalError(f"internal error: {exc!r}")))
 
     def _runtime(self, model: str) -> ModelRuntime:
-        runtime = self._models.get(model)
+        runtime = self._models.get(self.aliases.get(model, model))
         if runtime is None:
             raise E.UnknownModel(f"model {model!r} is not declared", model=model)
         return runtime
@@ -148,6 +150,7 @@ class ControlServer:
             if route is not None:
                 route[0].cancel(route[1])
         elif isinstance(msg, LoadRequest):
+            self.aliases.pop(msg.model, None)  # loading a swapped-out model by name takes its name back
             runtime = self._runtime(msg.model)
             if self.draining:
                 raise E.ShuttingDown("supervisor is shutting down")
@@ -167,6 +170,10 @@ class ControlServer:
         try:
             if msg.op == "reload":
                 detail = await self._reload()
+            elif msg.op == "swap":
+                if not msg.model or not msg.target or self.swap is None:
+                    raise E.BadRequest("swap needs the old and the new model")
+                detail = await self.swap(msg.model, msg.target)
             elif msg.op == "metrics":
                 detail = {"text": self._metrics.render().decode()}
             elif msg.op == "compat":

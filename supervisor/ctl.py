@@ -11,9 +11,10 @@ import time
 from typing import Any
 
 from protocol import errors as E
+from protocol import keys
 from protocol.client import SupervisorClient
 from supervisor import ctlview, logview
-from supervisor import service
+from supervisor import keyctl, service
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 WAIT_STATES = {"ADMITTING", "STARTING", "LOADING", "CANARY", "BACKOFF", "ROLLING_BACK"}
@@ -125,6 +126,8 @@ async def _admin(client: SupervisorClient, args: argparse.Namespace) -> int:
         detail = await client.reload()
     elif args.command == "release":
         detail = await client.release(args.model)
+    elif args.command == "swap":
+        detail = await client.swap(args.old, args.new)
     elif args.command == "probe":
         detail = await client.probe(os.path.abspath(args.path))
         if not args.json:
@@ -257,14 +260,16 @@ async def _metrics(client: SupervisorClient, args: argparse.Namespace) -> int:
 
 COMMANDS = {"status": _status, "generate": _generate, "load": _load, "unload": _unload,
             "history": _history, "release": _admin, "rollback": _admin, "reload": _admin, "verify": _verify,
-            "repair": _admin, "probe": _admin,
+            "repair": _admin, "probe": _admin, "swap": _admin,
             "compat": _compat, "events": _events, "metrics": _metrics}
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lmxctl", description="Operate lmx-supervisor.")
     p.add_argument("--state-dir", help="supervisor state dir (default: LMX_STATE_DIR or platform)")
-    p.add_argument("--endpoint", help="control endpoint URL (overrides --state-dir)")
+    p.add_argument("--endpoint", help="control endpoint URL, e.g. tcp://host:5555 with CURVE keys (overrides "
+                   f"--state-dir; env {keyctl.ENV_ENDPOINT})")
+    keyctl.add_global_options(p)
     p.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds")
     json_flag = argparse.ArgumentParser(add_help=False)
     json_flag.add_argument("--json", action="store_true", help="machine-readable output")
@@ -294,6 +299,9 @@ def _parser() -> argparse.ArgumentParser:
     rb.add_argument("model")
     rb.add_argument("revision", nargs="?")
     sub.add_parser("reload", parents=[json_flag], help="re-read the config file (like SIGHUP)")
+    sw = sub.add_parser("swap", parents=[json_flag], help="NEW takes over OLD's requests (NEW READY first if memory allows)")
+    sw.add_argument("old")
+    sw.add_argument("new")
     pr = sub.add_parser("probe", parents=[json_flag], help="admit, load and canary a snapshot in a throwaway worker")
     pr.add_argument("path")
     rp = sub.add_parser("repair", parents=[json_flag], help="fetch missing/corrupt files from the model's mirror or hub")
@@ -313,11 +321,12 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("metrics", parents=[json_flag], help="Prometheus metrics (text exposition)")
     logview.add_parser(sub, json_flag)
     service.add_parser(sub, json_flag)
+    keyctl.add_parser(sub, json_flag)
     return p
 
 
 async def _run(args: argparse.Namespace) -> int:
-    client = SupervisorClient(args.endpoint, state_dir=args.state_dir, timeout_s=args.timeout)
+    client = SupervisorClient(state_dir=args.state_dir, timeout_s=args.timeout, **keyctl.client_options(args))
     try:
         return await COMMANDS[args.command](client, args)
     finally:
@@ -332,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         return logview.main(args)
     if args.command == "service":
         return service.main(args)
+    if args.command == "keys":
+        return keyctl.main(args)
     try:
         return asyncio.run(_run(args))
     except E.LmxError as exc:
@@ -343,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
             if step:
                 print(f"next: {step}", file=sys.stderr)
         return EXIT_UNREACHABLE if exc.code is E.ErrorCode.SUPERVISOR_UNAVAILABLE else EXIT_FAILED
+    except keys.KeyFileError as exc:
+        print(f"lmxctl: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
 

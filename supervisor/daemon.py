@@ -106,6 +106,7 @@ class Supervisor:
             self.reload, self.store, self.probe, self.metrics,
         )
         self.control.limits = config.supervisor
+        self.control.swap = self.swap
         # Optional tcp endpoint: CURVE clients of the [[clients]] allow-list, each with its role.
         self.remote = RemoteListener(config, self._remote_server) if config.supervisor.listen else None
         self.metrics.watch_status(self.status, lambda: self.control.connections)
@@ -134,7 +135,8 @@ class Supervisor:
         if self.config.supervisor.evict != "lru":
             return False
         idle = sorted((rt for rt in self.models.values()
-                       if rt.cfg.id != model_id and rt.state is ModelState.READY and not len(rt.requests)),
+                       if rt.cfg.id != model_id and rt.state is ModelState.READY and not len(rt.requests)
+                       and not rt.cfg.pinned),
                       key=lambda rt: rt.last_used)
         for rt in idle:
             if self.ledger.others(model_id) + need <= self.ledger.budget:
@@ -143,6 +145,59 @@ class Supervisor:
                        budget_bytes=self.ledger.budget)
             await rt.stop(f"evicted (lru) to make room for {model_id}", remember=False)
         return self.ledger.others(model_id) + need <= self.ledger.budget
+
+    async def _unload_idle(self) -> None:
+        """idle_ttl_s: a READY model nobody used for that long is unloaded (pinned ones never); the
+        next request for it loads it again."""
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for rt in list(self.models.values()):
+                ttl = rt.cfg.idle_ttl_s
+                if (ttl <= 0 or rt.cfg.pinned or rt.state is not ModelState.READY or len(rt.requests)
+                        or now - max(rt.last_used, rt.ready_since or now) < ttl):
+                    continue
+                self._note("info", "model.idle_unloaded", model=rt.cfg.id, idle_ttl_s=ttl)
+                await rt.stop(f"idle for {ttl:.0f}s", remember=False)
+                rt.idled_out = True
+
+    async def swap(self, old_id: str, new_id: str) -> dict[str, Any]:
+        """NEW takes over OLD's requests. When memory allows, NEW reaches READY first and requests
+        move over in one step (no moment where neither serves); else OLD is drained first. A NEW
+        that fails to come up leaves OLD as it was."""
+        old, new = self.models.get(old_id), self.models.get(new_id)
+        for model_id, rt in ((old_id, old), (new_id, new)):
+            if rt is None:
+                raise E.UnknownModel(f"model {model_id!r} is not declared", model=model_id)
+        assert old is not None and new is not None
+        if old is new:
+            raise E.BadRequest("swap needs two different models")
+        need = memory.estimate(new.running.path, new.running.context_tokens)["total"]
+        fits = new.state is ModelState.READY or self.ledger.others(new_id) + need <= self.ledger.budget
+        mode = "new first" if fits else "old drained first"
+        self._note("info", "model.swap_started", model=old_id, new_model=new_id, mode=mode)
+        if fits:
+            await self._bring_to_ready(new, f"swap for {old_id}")
+            self.control.aliases[old_id] = new_id  # one step: the next request for OLD goes to NEW
+            await old.stop(f"swapped for {new_id}")
+        else:
+            await old.stop(f"swapped for {new_id}")
+            self.control.aliases[old_id] = new_id
+            await self._bring_to_ready(new, f"swap for {old_id}")
+        self._note("info", "model.swapped", model=old_id, new_model=new_id, mode=mode)
+        return {"mode": mode, "old": old_id, "new": new_id, "state": new.state.value}
+
+    async def _bring_to_ready(self, rt: ModelRuntime, reason: str) -> None:
+        if rt.state is ModelState.READY:
+            return
+        rt.start(reason, wanted=True)
+        sup = self.config.supervisor
+        deadline = time.monotonic() + sup.load_timeout_s + rt.cfg.canary.timeout_s + 60
+        while rt.state is not ModelState.READY:
+            if rt.state in (ModelState.REJECTED, ModelState.QUARANTINED, ModelState.UNLOADED) or \
+                    time.monotonic() > deadline:
+                raise rt.last_error or E.ModelNotReady(f"model {rt.cfg.id} did not become READY ({rt.state.value})")
+            await asyncio.sleep(0.05)
 
     def _autostart(self, rt: ModelRuntime, reason: str, force: bool = False) -> None:
         wanted = rt.wanted()
@@ -202,7 +257,9 @@ class Supervisor:
         else:
             for rt in self.models.values():
                 self._autostart(rt, "autoload")
+        idle = loop.create_task(self._unload_idle(), name="idle-ttl")
         await self._stop.wait()
+        idle.cancel()
         await self.shutdown(self._signal or "stop")
         return self._exit_code
 

@@ -53,6 +53,7 @@ class ModelRuntime:
         self._ledger = ledger or MemoryLedger(2**62)
         self._evict = evict
         self.last_used = 0.0  # monotonic time of the last request: eviction takes the oldest idle
+        self.idled_out = False  # unloaded by idle_ttl_s: the next request brings it back
         self.canary: dict[str, Any] | None = None  # the last passing canary's evidence
         self._task: asyncio.Task | None = None
         self._watch: asyncio.Task | None = None
@@ -109,6 +110,7 @@ class ModelRuntime:
         `force`: an operator's word that a combination the registry knows as bad may be tried."""
         if self.state not in (S.UNLOADED, S.REJECTED):
             return False
+        self.idled_out = False
         self._force = force
         self._remember(wanted if wanted is not None else self.wanted())
         self._to(S.ADMITTING, reason)
@@ -484,6 +486,10 @@ class ModelRuntime:
         if self.state is S.READY:
             self.last_used = time.monotonic()
             return self.requests.add(req, sink)
+        if self.state is S.UNLOADED and self.idled_out:  # unloaded for idleness: a request loads it
+            self.start("request for a model unloaded for idleness", wanted=True)
+            raise E.ModelNotReady(f"model {self.cfg.id} was unloaded for idleness and is loading",
+                                  state=self.state.value, retry_after_s=self.retry_after_s())
         if self.state in (S.QUARANTINED, S.REJECTED) and self.last_error is not None:
             raise self.last_error  # the refusal itself, naming the file or the failure summary
         if self.state in states.PENDING_STATES:
@@ -509,6 +515,8 @@ class ModelRuntime:
             "id": self.cfg.id,
             "state": self.state.value,
             "autoload": self.cfg.autoload,
+            "pinned": self.cfg.pinned,
+            "idled_out": self.idled_out,
             "wanted": self.wanted(),  # the operator's last load/unload (None: as the config says)
             "revision": self.running.revision,
             "configured_revision": self.cfg.revision,
