@@ -32,6 +32,7 @@ from supervisor.memory import MemoryLedger
 from supervisor.metrics import Metrics, serve_http
 from supervisor.remote import RemoteListener
 from supervisor.runtime import ModelRuntime
+from supervisor.spares import SparePool
 from supervisor.states import ModelState
 from supervisor.store import Store
 
@@ -100,6 +101,8 @@ class Supervisor:
         self.ledger = MemoryLedger(memory.budget_bytes(sup.memory_budget_bytes, sup.memory_reserve_bytes),
                                    sup.memory_return_timeout_s, self.log, self.events)
         self.hub = WorkerHub(self.ctx, ep.worker_endpoint(state_dir), state_dir / ep.WORKER_SOCKET)
+        self.spares = SparePool(sup.warm_spares, self.hub, ep.worker_endpoint(state_dir), state_dir / "logs",
+                                sup.hub_downloads) if sup.warm_spares > 0 else None
         self.models = {m.id: self._runtime(m) for m in config.models}
         self.control = ControlServer(
             self.ctx, ep.control_endpoint(state_dir), state_dir / ep.CONTROL_SOCKET, self.models, self.status,
@@ -116,7 +119,7 @@ class Supervisor:
     def _runtime(self, model: cfg_mod.ModelConfig, evict: bool = True) -> ModelRuntime:
         rt = ModelRuntime(model, self.config, self.hub, ep.worker_endpoint(self.state_dir), self.store,
                           self.state_dir / "logs", self.ledger, self._evict_for if evict else None)
-        rt.events, rt.metrics = self.events, self.metrics
+        rt.events, rt.metrics, rt.spares = self.events, self.metrics, self.spares
         return rt
 
     def _remote_server(self, ctx: zmq.asyncio.Context, endpoint: str, configure: Any, access: Any) -> ControlServer:
@@ -222,6 +225,7 @@ class Supervisor:
                 "memory_reserved_bytes": sum(self.ledger.held.values()),
                 "memory_stranded_bytes": self.ledger.stranded_bytes(),
                 "memory_stranded": list(self.ledger.stranded.values()),
+                "warm_spares": {"configured": self.spares.size, "ready": self.spares.ready} if self.spares else None,
             },
             "models": [rt.status() for rt in self.models.values()],
         }
@@ -257,6 +261,8 @@ class Supervisor:
         else:
             for rt in self.models.values():
                 self._autostart(rt, "autoload")
+        if self.spares is not None:
+            self.spares.fill()
         idle = loop.create_task(self._unload_idle(), name="idle-ttl")
         await self._stop.wait()
         idle.cancel()
@@ -349,6 +355,8 @@ class Supervisor:
         self._note("info", "supervisor.draining", reason=reason, drain_grace_s=self.config.supervisor.drain_grace_s)
         # remember=False: a shutdown is not an operator's unload; the same models come back next boot.
         await asyncio.gather(*(rt.stop(f"supervisor {reason}", remember=False) for rt in self.models.values()))
+        if self.spares is not None:
+            await self.spares.close(self.config.supervisor.stop_timeout_s)
         if self._metrics_server is not None:
             self._metrics_server.close()
         self._note("info", "supervisor.stopping", reason=reason)

@@ -16,7 +16,7 @@ from typing import Callable
 
 import psutil
 
-from supervisor import logs
+from supervisor import logs, workerenv
 from supervisor.classify import exit_details
 from supervisor.config import ModelConfig
 
@@ -41,8 +41,12 @@ class WorkerProcess:
         loop: asyncio.AbstractEventLoop,
         on_exit: Callable[["WorkerProcess", int | None], None],
         log_dir: Path | None = None,
+        hub_downloads: bool = False,
+        spare: bool = False,
     ) -> None:
         self.model = model
+        self._hub_downloads = hub_downloads
+        self._spare = spare  # a warm spare: imports mlx-lm before its hello, gets a model later
         self.token = token
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
         self.returncode: int | None = None
@@ -57,6 +61,11 @@ class WorkerProcess:
         self._proc: subprocess.Popen | None = None
         self._ps: psutil.Process | None = None
         self.log = logs.get(model=model.id)
+
+    def assign(self, model: ModelConfig, on_exit: Callable[["WorkerProcess", int | None], None]) -> None:
+        """A warm spare becomes this model's worker: its exit and its log lines are the model's now."""
+        self.model, self._on_exit, self._spare = model, on_exit, False
+        self.log = logs.get(model=model.id, worker_pid=self.pid)
 
     @property
     def pid(self) -> int | None:
@@ -94,16 +103,18 @@ class WorkerProcess:
         # The worker holds the read end; we hold the write end. When this process dies for any
         # reason the kernel closes it and the worker sees EOF at once (Linux and macOS alike).
         death_r, self._death_w = os.pipe()
-        env = dict(os.environ)
-        env.update(
+        # An allow-list of ours, never os.environ whole: the supervisor's secrets stay here.
+        env = workerenv.build(os.environ, dict(
             LMX_WORKER_ENDPOINT=self._endpoint,
             LMX_WORKER_TOKEN=self.token,
             LMX_MODEL_ID=self.model.id,
             LMX_DEATH_FD=str(death_r),
             PYTHONUNBUFFERED="1",
-        )
+        ), self._hub_downloads)
         if self._log_dir is not None:
             env["LMX_WORKER_LOG_DIR"] = str(self._log_dir)
+        if self._spare:
+            env["LMX_WORKER_SPARE"] = "1"
         cmd = list(self.model.worker_command or (sys.executable, "-m", "worker"))
         try:
             self._proc = subprocess.Popen(

@@ -22,6 +22,7 @@ from supervisor.memory import MemoryLedger
 from supervisor.metrics import Metrics
 from supervisor.process import AdoptionRefused, WorkerProcess
 from supervisor.requests import RequestQueue, Sink
+from supervisor.spares import SparePool
 from supervisor.states import ModelState as S
 from supervisor.store import Store
 
@@ -61,6 +62,7 @@ class ModelRuntime:
         self.log = logs.get(model=model.id)
         self.events: EventPublisher | NoEvents = NoEvents()  # the daemon gives us its own
         self.metrics = Metrics()
+        self.spares: SparePool | None = None  # the daemon's warm spares, when configured
         self._restore()
 
     # --- state ---------------------------------------------------------------------------------
@@ -194,9 +196,26 @@ class ModelRuntime:
         self._watch = asyncio.get_running_loop().create_task(worker.watch(self.config.supervisor, self.log),
                                                              name=f"watch-{self.cfg.id}")
 
+    def _from_spare(self, cfg: ModelConfig) -> Worker | None:
+        """A warm spare (interpreter up, mlx-lm imported) becomes this model's worker, if the pool
+        has one and the model runs the standard worker."""
+        spare = self.spares.take() if self.spares is not None and cfg.worker_command is None else None
+        if spare is None or spare.hello is None:
+            return None
+        process = spare.process
+        process.assign(cfg, self._on_exit)
+        worker = Worker(process, cfg, asyncio.get_running_loop())
+        worker.hello.set_result(spare.hello)
+        self.worker = worker
+        self._hub.register(process.token, self)
+        self.log.info("worker.from_spare", worker_pid=process.pid)
+        return worker
+
     async def _spawn_and_load(self, cfg: ModelConfig) -> Worker:
-        worker = self._new_worker(cfg, secrets.token_hex(16))
-        worker.process.spawn()
+        worker = self._from_spare(cfg)
+        if worker is None:
+            worker = self._new_worker(cfg, secrets.token_hex(16))
+            worker.process.spawn()
         self._watch_it(worker)
         sup = self.config.supervisor
         await wait_for(worker.hello, HELLO_TIMEOUT_S, E.LoadTimeout("worker sent no hello"))

@@ -19,6 +19,20 @@ if os.environ.get("LMX_WORKER_LOG_DIR"):
         _FILE = None
 
 
+def assign(model_id: str) -> None:
+    """A warm spare that was given a model: its log file takes the model's name."""
+    global _FILE
+    if _FILE is None:
+        return
+    new = os.path.join(os.path.dirname(_FILE.name), f"worker-{model_id}-{os.getpid()}.log")
+    try:
+        os.replace(_FILE.name, new)
+        _FILE.close()
+        _FILE = open(new, "a", buffering=1)
+    except OSError:
+        pass
+
+
 def log(event: str, level: str = "info", **fields: object) -> None:
     text = json.dumps({"ts": time.time(), "level": level, "event": event, **fields}, default=str) + "\n"
     if _FILE is not None:

@@ -114,8 +114,20 @@ def main() -> int:
     death_fd = int(os.environ["LMX_DEATH_FD"]) if os.environ.get("LMX_DEATH_FD") else None
     progress = Progress()
     channel = Channel(endpoint, token, death_fd, progress)
+    if os.environ.get("LMX_WORKER_SPARE"):
+        # A warm spare: pay the interpreter's and mlx-lm's imports now, then say hello; a model
+        # assigned later costs only its load and canary.
+        start = time.monotonic()
+        import mlx.core  # noqa: F401
+        import mlx_lm  # noqa: F401
+
+        log("worker.spare_ready", import_s=round(time.monotonic() - start, 3))
     channel.start(Hello(token, os.getpid(), model_id, {"python": sys.version.split()[0]}))
     init = _wait_init(channel)
+    if model_id != init.model_id:
+        from worker import log as worker_log
+
+        worker_log.assign(init.model_id)
     channel.heartbeat_interval_s = init.heartbeat_interval_s
     channel.orphan_grace_s = init.orphan_grace_s
     _apply_memory_limit(init.memory_limit_bytes)
