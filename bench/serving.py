@@ -138,8 +138,9 @@ async def concurrent(client: SupervisorClient, model: str, n: int, sup: psutil.P
             "itl_p99_ms": _pct(gaps, 0.99) * 1e3, "supervisor_cpu_us_per_token": cpu / tokens * 1e6}
 
 
-def _config(path: Path, models: list[tuple[str, int]]) -> str:
-    lines = ["[supervisor]", "max_requests_per_client = 1024"]
+def _config(path: Path, models: list[tuple[str, int]], warm_spares: int = 0) -> str:
+    lines = ["[supervisor]", "max_requests_per_client = 1024", f"warm_spares = {warm_spares}",
+             "[restart]", "quarantine_after = 1000", "backoff_initial_s = 0.0"]
     for model_id, batch in models:
         lines += ["[[models]]", f'id = "{model_id}"', f'path = "{path}"', f"max_batch_size = {batch}",
                   "max_queue = 256"]
@@ -195,6 +196,30 @@ async def _status_reply(client: SupervisorClient):
     return StatusReply("r1", s["supervisor"], s["models"])
 
 
+async def restart_to_ready(state: Path, kills: int = 5) -> list[float]:
+    """SIGKILL the model's worker; time until its READY event (load + canary, + spawn when cold)."""
+    out = []
+    async with SupervisorClient(state_dir=state) as client:
+        for _ in range(kills):
+            while True:  # a warm pool refills between kills
+                s = await client.status()
+                spares = s["supervisor"]["warm_spares"]
+                if s["models"][0]["state"] == "READY" and (spares is None or spares["ready"] >= 1):
+                    break
+                await asyncio.sleep(0.05)
+            pid = s["models"][0]["worker_pid"]
+            async with client.events("model.state") as events:
+                await events.connected()
+                t0 = time.perf_counter()
+                os.kill(pid, signal.SIGKILL)
+                while True:
+                    ev = await events.next(120)
+                    if ev["to"] == "READY":
+                        out.append(time.perf_counter() - t0)
+                        break
+    return out
+
+
 async def idle_cost(state: Path, sup: psutil.Process, seconds: float = 10.0) -> dict:
     cpu0 = sum(sup.cpu_times()[:2])
     await asyncio.sleep(seconds)
@@ -216,6 +241,14 @@ def main() -> None:
         finally:
             s.stop()
         floor = zmq_floor(sv["reply_bytes"])
+        restarts = {}
+        for name, spares in (("cold", 0), ("warm_spare", 1)):
+            r = Supervisor(root / f"r-{name}", _config(tiny, [("m", 8)], warm_spares=spares))
+            try:
+                asyncio.run(r.ready())
+                restarts[name] = statistics.median(asyncio.run(restart_to_ready(r.state)))
+            finally:
+                r.stop()
         eight = Supervisor(root / "b", _config(tiny, [(f"idle{i}", 8) for i in range(8)]))
         try:
             asyncio.run(eight.ready())
@@ -241,6 +274,7 @@ def main() -> None:
         "concurrency": [{k: {kk: round(vv, 2) for kk, vv in v.items()} for k, v in row.items()}
                         for row in sv["concurrency"]],
         "idle_8_workers": {k: round(v, 2) for k, v in idle.items()},
+        "restart_to_ready_ms": {k: round(v * 1e3, 1) for k, v in restarts.items()},
     }
     print(json.dumps(result))
     print(f"tiny random llama, {machine}")
@@ -262,6 +296,8 @@ def main() -> None:
         print(f"{b['streams']:>7} {b['aggregate_tok_s']:>14} {s_['aggregate_tok_s']:>13} "
               f"{b['aggregate_tok_s'] / base:>7.2f}x {b['itl_p50_ms']:>12}/{b['itl_p99_ms']:<13} "
               f"{b['supervisor_cpu_us_per_token']:>17}")
+    r = result["restart_to_ready_ms"]
+    print(f"\nrestart-to-READY after SIGKILL (median of 5): cold {r['cold']} ms, warm spare {r['warm_spare']} ms")
     i = result["idle_8_workers"]
     print(f"\nsupervisor with 8 idle workers: RSS {i['rss_mb']} MB, CPU {i['idle_cpu_pct']} % of a core")
 
