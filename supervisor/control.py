@@ -50,7 +50,7 @@ class ControlServer:
         self._sock = ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.MAXMSGSIZE, codec.MAX_FRAME_BYTES)
-        self._sock.setsockopt(zmq.SNDHWM, 100_000)
+        self._sock.setsockopt(zmq.SNDHWM, 10_000)  # per client: a slow reader is cancelled past it
         if configure is not None:  # the tcp endpoint: CURVE server options, before bind
             configure(self._sock)
         self._sock.bind(endpoint)
@@ -97,11 +97,13 @@ class ControlServer:
             event = parse_monitor_message(await self._monitor.recv_multipart())["event"]
             self.connections = max(0, self.connections + (1 if event == zmq.EVENT_ACCEPTED else -1))
 
-    def send(self, identity: bytes, msg: Message) -> None:
+    def send(self, identity: bytes, msg: Message) -> bool:
         try:
             self._sock.send_multipart([identity, *codec.encode(msg)], zmq.NOBLOCK)
+            return True
         except zmq.ZMQError as exc:
             self.log.warning("client.send_dropped", type=msg.TAG, error=str(exc))
+            return False
 
     async def _recv_loop(self) -> None:
         while True:
@@ -240,7 +242,14 @@ class ControlServer:
         def sink(msg: Message) -> None:
             if isinstance(msg, Chunk):
                 timer.chunk()
-                self.send(identity, Chunk(client_rid, msg.text, msg.tokens))
+                if not self.send(identity, Chunk(client_rid, msg.text, msg.tokens)):
+                    # The client's buffer (ZeroMQ's, bounded by SNDHWM) is full: it stopped reading.
+                    # Cancel rather than drop a chunk: never a stream with a hole in it, and the
+                    # slot goes back to readers that keep up.
+                    route = self._routes.get(key)
+                    if route is not None:
+                        log.warning("client.slow_reader_cancelled", code="CANCELLED")
+                        route[0].cancel(route[1])
                 return
             if self._routes.pop(key, None) is not None:
                 self._per_client[identity] -= 1
