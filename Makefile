@@ -29,6 +29,7 @@ bench: setup
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/crash_latency.py
 	$(BIN)/python bench/gateway_overhead.py
+	$(BIN)/python bench/admission.py
 	$(BIN)/python bench/compat_sweep.py
 
 clean:
