@@ -6,8 +6,9 @@ from typing import Any
 
 import msgpack
 
+from protocol import limits
 from protocol.errors import BadRequest
-from protocol.messages import Message, from_wire
+from protocol.messages import TO_CLIENT, TO_SUPERVISOR_FROM_WORKER, Message, from_wire
 
 PROTOCOL = b"LMX/1"
 # Frames above this are refused by ZeroMQ itself (MAXMSGSIZE) and again here after decoding.
@@ -37,16 +38,20 @@ def decode(frames: list[bytes], table: dict[str, type[Message]]) -> Message:
     if len(body) > MAX_FRAME_BYTES:
         raise BadRequest(f"message of {len(body)} bytes exceeds {MAX_FRAME_BYTES}")
     try:
-        decoded: Any = msgpack.unpackb(body, raw=False)
+        decoded: Any = msgpack.unpackb(body, raw=False, **limits.UNPACK_OPTIONS)
     except Exception as exc:  # msgpack raises several unrelated types for bad input
         raise BadRequest(f"malformed msgpack body: {type(exc).__name__}") from None
+    if table is not TO_CLIENT:  # peers we serve; the client trusts its (authenticated) supervisor's shapes
+        limits.check_depth(decoded)
     if not (isinstance(decoded, list) and len(decoded) == 2 and isinstance(decoded[0], str)):
         raise BadRequest("body must be [tag, fields]")
     tag, fields = decoded
     cls = table.get(tag)
     if cls is None:
         raise BadRequest(f"unknown or misdirected message type {tag[:64]!r}")
-    return from_wire(cls, fields)
+    msg = from_wire(cls, fields)
+    limits.check(msg, from_worker=table is TO_SUPERVISOR_FROM_WORKER)
+    return msg
 
 
 def encode_event(name: str, fields: dict[str, Any]) -> list[bytes]:

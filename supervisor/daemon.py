@@ -246,7 +246,8 @@ class Supervisor:
             self.remote.start()
         # A dead receive loop leaves a supervisor that is up but deaf: exit non-zero instead, so
         # launchd/systemd restart it (a clean 0 would be taken as a deliberate stop).
-        for task in (self.hub._task, self.control._task, self.remote and self.remote.server._task):
+        remote = (self.remote.server._task, self.remote._task) if self.remote is not None else ()
+        for task in (self.hub._task, self.control._task, *remote):
             if task is None:
                 continue
             task.add_done_callback(self._fatal_if_failed)

@@ -78,6 +78,12 @@ class Worker:
                 fut.set_exception(exc)
                 fut.exception()  # whoever awaits it gets exc; nobody awaiting is not an error
 
+    def kill_for(self, code: E.ErrorCode, reason: str) -> None:
+        """The supervisor's own verdict: SIGKILL the process group; the death is classified as `code`."""
+        if self.process.alive and not self.stopping:
+            self.killed_for = (code, reason)
+            self.process.signal_group(signal.SIGKILL)
+
     async def watch(self, sup: SupervisorSettings, log: Any) -> None:
         """Heartbeats must keep coming; while prefilling or decoding, progress must move; memory
         must stay under the model's limit. A verdict kills the worker's process group."""

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from protocol import errors as E
+from supervisor import confinement
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tiktoken.model", "vocab.json")
 _SHARD = re.compile(r"-(\d{5})-of-(\d{5})\.safetensors$")
@@ -118,6 +119,10 @@ def verify(path: str | os.PathLike) -> list[Finding]:
     root = Path(path)
     if not root.is_dir():
         return [Finding(E.ErrorCode.SNAPSHOT_NOT_FOUND, str(root), "model path does not exist")]
+    try:  # before any open: a FIFO named config.json would block the supervisor forever
+        confinement.check_tree(root)
+    except confinement.Refused as exc:
+        return [Finding(E.ErrorCode.SNAPSHOT_CORRUPT, exc.name, exc.problem)]
     findings: list[Finding] = []
     _hub_cache(root, findings)
     _config(root, findings)

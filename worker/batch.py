@@ -17,6 +17,7 @@ from typing import Any, Callable
 from protocol.errors import ErrorCode
 from protocol.messages import Chunk, Error, Final, GenerateRequest, Message
 from worker.channel import Progress
+from worker import sampling
 from worker.engine import Engine, find_stop, stop_holdback
 
 
@@ -75,13 +76,11 @@ class Batcher:
         return len(self._streams) >= self._max
 
     def add(self, req: GenerateRequest) -> None:
-        from mlx_lm.sample_utils import make_sampler
-
         try:
             prompt = self._engine.prompt_tokens(req)
             if not prompt:
                 raise ValueError("the prompt is empty")
-            sampler = make_sampler(temp=req.temperature, top_p=req.top_p if req.top_p < 1.0 else 0.0)
+            sampler = sampling.make(req.temperature, req.top_p)
             if self._solo_ok and not self._streams and req.max_tokens > 1:
                 self._start_solo(req, prompt, sampler)
                 return
@@ -140,9 +139,8 @@ class Batcher:
         else:
             trim_prompt_cache(solo.cache, 1)
             uid_prompt, cache = [solo.last_token], solo.cache
-        from mlx_lm.sample_utils import make_sampler
 
-        sampler = make_sampler(temp=solo.req.temperature, top_p=solo.req.top_p if solo.req.top_p < 1.0 else 0.0)
+        sampler = sampling.make(solo.req.temperature, solo.req.top_p)
         (uid,) = self._gen.insert([uid_prompt], [solo.req.max_tokens - solo.yielded],
                                   caches=[cache] if cache is not None else None, samplers=[sampler])
         self._streams[uid] = stream

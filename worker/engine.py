@@ -10,6 +10,7 @@ import psutil
 
 from protocol.messages import GenerateRequest
 from worker.channel import Progress
+from worker import sampling
 
 
 class Cancelled(Exception):
@@ -91,12 +92,10 @@ class Engine:
         self, req: GenerateRequest, emit: Callable[[str, int], None]
     ) -> Outcome:
         """Stream one request; `emit(text, tokens)` per generated token. Raises Cancelled."""
-        from mlx_lm.sample_utils import make_sampler
-
         if req.seed is not None:
             self._mx.random.seed(req.seed)
         prompt = self.prompt_tokens(req)
-        sampler = make_sampler(temp=req.temperature, top_p=req.top_p if req.top_p < 1.0 else 0.0)
+        sampler = sampling.make(req.temperature, req.top_p)
         progress = self._progress
         start = time.monotonic()
         first_token_s = None

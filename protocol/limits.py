@@ -1,0 +1,211 @@
+"""Bounds on decoded messages, past the field types: sizes, nesting, finite numbers. A peer that
+breaks one gets BAD_REQUEST naming the field; nothing oversized or non-finite reaches a worker, a
+timer or a log line."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+from protocol.errors import BadRequest
+
+# msgpack itself stops at these (cheap, in C) before a Python object is built.
+MAX_ARRAY_LEN = 100_000
+MAX_MAP_LEN = 10_000
+# No message of ours nests deeper than ~8 (a status reply's model -> memory map); msgpack's own
+# limit is ~1000, deep enough to exhaust recursion in whoever walks the value later (a chat
+# template, the JSON log renderer).
+MAX_DEPTH = 32
+
+MAX_ID_CHARS = 128  # request ids, tokens
+MAX_NAME_CHARS = 256  # model ids, ops, revisions, phases
+MAX_PATH_CHARS = 4096
+MAX_PROMPT_CHARS = 2_000_000  # prompt, or every message's text together
+MAX_MESSAGES = 4096
+MAX_STOP = 16
+MAX_STOP_CHARS = 1024
+MAX_TOKENS = 1 << 20
+MAX_TIMEOUT_S = 7 * 86_400.0
+MAX_TEMPERATURE = 100.0
+MAX_SEED = (1 << 64) - 1
+MAX_ERROR_CHARS = 1_000_000  # an error message is for people; this only bounds the absurd
+MAX_FIGURES = 64  # entries of a worker's memory / usage / timings maps
+
+
+UNPACK_OPTIONS = {"max_array_len": MAX_ARRAY_LEN, "max_map_len": MAX_MAP_LEN}
+
+
+def check_depth(value: Any) -> None:
+    if not _depth_ok(value, 1):
+        raise BadRequest(f"message nests deeper than {MAX_DEPTH} levels")
+
+
+def _depth_ok(value: Any, depth: int) -> bool:
+    # Recursion is safe here: it stops at MAX_DEPTH, whatever the input's depth.
+    kind = type(value)
+    if kind is dict:
+        items: Any = value.values()
+    elif kind is list:
+        items = value
+    else:
+        return True
+    if depth > MAX_DEPTH:
+        return False
+    for item in items:
+        if type(item) in _CONTAINERS and not _depth_ok(item, depth + 1):
+            return False
+    return True
+
+
+_CONTAINERS = (dict, list)  # what msgpack decodes to (use_list=True)
+
+
+def _text(tag: str, name: str, value: Any, limit: int, empty: bool = True) -> None:
+    if value is None:
+        return
+    if len(value) > limit:
+        raise BadRequest(f"{tag}: field {name!r} has {len(value)} characters, more than {limit}")
+    if not empty and not value:
+        raise BadRequest(f"{tag}: field {name!r} must not be empty")
+
+
+def _number(tag: str, name: str, value: Any, lo: float, hi: float) -> None:
+    if value is None:
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise BadRequest(f"{tag}: field {name!r} must be a finite number, got {value!r}")
+    if not lo <= value <= hi:
+        raise BadRequest(f"{tag}: field {name!r} must be within [{lo}, {hi}], got {value!r}")
+
+
+def _figures(tag: str, name: str, value: dict, lo: float = 0.0) -> None:
+    """A map of named numbers (memory, usage): the supervisor does arithmetic on them."""
+    if len(value) > MAX_FIGURES:
+        raise BadRequest(f"{tag}: field {name!r} has {len(value)} entries, more than {MAX_FIGURES}")
+    for k, v in value.items():
+        if not isinstance(k, str) or len(k) > MAX_NAME_CHARS:
+            raise BadRequest(f"{tag}: field {name!r} has a key that is not a short string")
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            raise BadRequest(f"{tag}: {name}[{k[:64]!r}] must be a number, got {type(v).__name__}")
+        _number(tag, f"{name}[{k[:64]!r}]", v, lo, float(1 << 63))
+
+
+def _messages(tag: str, messages: list) -> int:
+    if not messages or len(messages) > MAX_MESSAGES:
+        raise BadRequest(f"{tag}: messages must hold 1..{MAX_MESSAGES} entries, got {len(messages)}")
+    chars = 0
+    for i, m in enumerate(messages):
+        if not isinstance(m.get("role"), str) or len(m["role"]) > MAX_NAME_CHARS:
+            raise BadRequest(f"{tag}: messages[{i}].role must be a short string")
+        for k, v in m.items():
+            if not isinstance(k, str):
+                raise BadRequest(f"{tag}: messages[{i}] has a key that is not a string")
+            if isinstance(v, str):
+                chars += len(v)
+            elif isinstance(v, list):
+                chars += sum(len(s) for part in v if isinstance(part, dict)
+                             for s in part.values() if isinstance(s, str))
+            elif v is not None:
+                raise BadRequest(f"{tag}: messages[{i}].{k[:64]} must be a string, a list of parts or null")
+    return chars
+
+
+def _generate(m: Any) -> None:
+    t = m.TAG
+    _text(t, "request_id", m.request_id, MAX_ID_CHARS)
+    _text(t, "model", m.model, MAX_NAME_CHARS)
+    chars = len(m.prompt) if m.prompt is not None else 0
+    if m.messages is not None:
+        chars += _messages(t, m.messages)
+    if chars > MAX_PROMPT_CHARS:
+        raise BadRequest(f"{t}: the prompt has {chars} characters, more than {MAX_PROMPT_CHARS}")
+    _number(t, "max_tokens", m.max_tokens, 1, MAX_TOKENS)
+    _number(t, "temperature", m.temperature, 0.0, MAX_TEMPERATURE)
+    _number(t, "top_p", m.top_p, 0.0, 1.0)
+    _number(t, "seed", m.seed, 0, MAX_SEED)
+    if len(m.stop) > MAX_STOP:
+        raise BadRequest(f"{t}: {len(m.stop)} stop strings, more than {MAX_STOP}")
+    for s in m.stop:
+        _text(t, "stop", s, MAX_STOP_CHARS)
+    if m.timeout_s is not None and not (isinstance(m.timeout_s, (int, float)) and m.timeout_s > 0):
+        raise BadRequest(f"{t}: field 'timeout_s' must be > 0, got {m.timeout_s!r}")
+    _number(t, "timeout_s", m.timeout_s, 0.0, MAX_TIMEOUT_S)
+
+
+def _admin(m: Any) -> None:
+    t = m.TAG
+    _text(t, "request_id", m.request_id, MAX_ID_CHARS)
+    _text(t, "op", m.op, MAX_NAME_CHARS)
+    _text(t, "model", m.model, MAX_NAME_CHARS)
+    _text(t, "revision", m.revision, MAX_NAME_CHARS)
+    _text(t, "path", m.path, MAX_PATH_CHARS)
+    if m.path is not None and "\x00" in m.path:
+        raise BadRequest(f"{t}: field 'path' contains a NUL byte")
+
+
+def _ids(m: Any) -> None:
+    """Status, cancel, load, unload, history: a request id and maybe a model id."""
+    _text(m.TAG, "request_id", m.request_id, MAX_ID_CHARS)
+    _text(m.TAG, "model", getattr(m, "model", None), MAX_NAME_CHARS)
+
+
+def _hello(m: Any) -> None:
+    t = m.TAG
+    _text(t, "token", m.token, MAX_ID_CHARS)
+    _text(t, "model_id", m.model_id, MAX_NAME_CHARS)
+    _text(t, "revision", m.revision, MAX_NAME_CHARS)
+    _number(t, "pid", m.pid, 1, (1 << 31) - 1)
+    _number(t, "start_time", m.start_time, 0.0, float(1 << 40))
+    if len(m.versions) > MAX_FIGURES:
+        raise BadRequest(f"{t}: field 'versions' has {len(m.versions)} entries, more than {MAX_FIGURES}")
+
+
+def _ready(m: Any) -> None:
+    _text(m.TAG, "revision", m.revision, MAX_NAME_CHARS)
+    _number(m.TAG, "load_s", m.load_s, 0.0, MAX_TIMEOUT_S)
+    _figures(m.TAG, "memory", m.memory)
+
+
+def _heartbeat(m: Any) -> None:
+    _number(m.TAG, "progress", m.progress, 0, (1 << 63) - 1)
+    _text(m.TAG, "phase", m.phase, MAX_NAME_CHARS)
+    _figures(m.TAG, "memory", m.memory)
+
+
+def _chunk(m: Any) -> None:
+    _text(m.TAG, "request_id", m.request_id, MAX_ID_CHARS)
+    _number(m.TAG, "tokens", m.tokens, 0, MAX_TOKENS)
+
+
+def _final(m: Any) -> None:
+    _text(m.TAG, "request_id", m.request_id, MAX_ID_CHARS)
+    _text(m.TAG, "finish_reason", m.finish_reason, MAX_NAME_CHARS)
+    _figures(m.TAG, "usage", m.usage)
+    # Timings are for people (a rate may come out as inf when a clock did not move): only types.
+    if len(m.timings) > MAX_FIGURES or not all(isinstance(v, (int, float)) for v in m.timings.values()):
+        raise BadRequest(f"{m.TAG}: field 'timings' must be a short map of numbers")
+
+
+def _error(m: Any) -> None:
+    _text(m.TAG, "request_id", m.request_id, MAX_ID_CHARS)
+    _text(m.TAG, "code", m.code, MAX_NAME_CHARS)
+    _text(m.TAG, "message", m.message, MAX_ERROR_CHARS)
+
+
+# By wire tag. Only what a supervisor or a worker decodes from a peer; replies to a client are
+# bounded by the frame size alone (a long generation's text is legitimate). A worker message out of
+# these bounds is a protocol violation: the supervisor kills that worker. Widen a bound here
+# before a worker starts sending more.
+_CHECKS: dict[str, Callable[[Any], None]] = {
+    "generate": _generate, "admin": _admin, "status": _ids, "cancel": _ids, "load": _ids, "unload": _ids,
+    "history": _ids, "hello": _hello, "ready": _ready, "heartbeat": _heartbeat,
+}
+# Worker -> supervisor only: the client decodes the same tags from the supervisor, unbounded.
+_FROM_WORKER: dict[str, Callable[[Any], None]] = {"chunk": _chunk, "final": _final, "error": _error}
+
+
+def check(msg: Any, from_worker: bool = False) -> None:
+    """Raise BadRequest when a decoded message is out of bounds."""
+    fn = _CHECKS.get(msg.TAG) or (_FROM_WORKER.get(msg.TAG) if from_worker else None)
+    if fn is not None:
+        fn(msg)

@@ -1,0 +1,187 @@
+"""Who may do what. Over ipc the socket is 0600 in a 0700 dir, so only the owner connects and the
+owner is admin. Over the optional tcp endpoint every client proves a CURVE key from the allow-list
+(`[[clients]]`) in the ZAP handshake, and its key's role decides which ops it may use."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import zmq
+import zmq.asyncio
+import zmq.utils.z85
+
+from protocol import errors as E
+from protocol import keys
+from protocol.messages import AdminRequest, Message
+from supervisor.ratelimit import LogLimit
+
+ROLES = ("read", "admin")
+# Everything else needs admin, including ops added later: new ops are denied until listed here.
+READ_MESSAGES = frozenset({"status", "generate", "cancel", "history"})
+READ_ADMIN_OPS = frozenset({"verify", "compat", "metrics"})
+ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+ZAP_DOMAIN = b"lmx"
+
+
+class Problem(Exception):
+    """A config problem at `key` (turned into a ConfigError by the config loader)."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key, self.problem = key, problem
+
+
+@dataclass(frozen=True)
+class ClientKey:
+    """One allowed remote client. The public key is public; the name is what logs show."""
+
+    name: str
+    role: str
+    public_key: str  # z85
+    public_key_file: str
+
+
+def parse_clients(raw: Any, base_dir: Path) -> tuple[ClientKey, ...]:
+    """`[[clients]]`: name (default: the key file's stem), public_key_file, role ("read" | "admin")."""
+    if not isinstance(raw, list):
+        raise Problem("clients", "expected an array of tables ([[clients]])")
+    out: list[ClientKey] = []
+    for i, table in enumerate(raw):
+        prefix = f"clients[{i}]"
+        if not isinstance(table, dict):
+            raise Problem(prefix, "expected a table")
+        unknown = sorted(set(table) - {"name", "public_key_file", "role"})
+        if unknown:
+            raise Problem(", ".join(f"{prefix}.{k}" for k in unknown), "unknown key")
+        path, role = table.get("public_key_file"), table.get("role")
+        if not isinstance(path, str) or not path:
+            raise Problem(f"{prefix}.public_key_file", "required: a CURVE public key file (lmxctl keys new NAME)")
+        if role not in ROLES:
+            raise Problem(f"{prefix}.role", f"expected one of {', '.join(map(repr, ROLES))}, got {role!r}")
+        resolved = (base_dir / os.path.expanduser(path)).resolve()
+        name = table.get("name", resolved.name.split(".")[0])
+        if not isinstance(name, str) or not name or not all(c.isalnum() or c in "-_." for c in name):
+            raise Problem(f"{prefix}.name", f"expected letters, digits, '-', '_', '.', got {name!r}")
+        try:
+            public = keys.load_public(resolved).decode()
+        except keys.KeyFileError as exc:
+            raise Problem(f"{prefix}.public_key_file", str(exc)) from None
+        for other in out:
+            if other.name == name:
+                raise Problem(f"{prefix}.name", f"duplicate client name {name!r}")
+            if other.public_key == public:
+                raise Problem(f"{prefix}.public_key_file", f"the same key as client {other.name!r}")
+        out.append(ClientKey(name, role, public, str(resolved)))
+    return tuple(out)
+
+
+def check_listen(settings: Any, base_dir: Path) -> Any:
+    """Validate `listen` + `curve_secret_key_file`; returns the settings with the key file resolved.
+    Plain tcp is refused: a listener without a server key would serve anyone who can reach it."""
+    if not settings.curve_secret_key_file and not settings.listen:
+        return settings
+    key_file = str((base_dir / os.path.expanduser(settings.curve_secret_key_file)).resolve()) \
+        if settings.curve_secret_key_file else ""
+    settings = replace(settings, curve_secret_key_file=key_file)
+    if not settings.listen:
+        return settings
+    url = urlsplit(settings.listen)
+    try:
+        port = url.port
+    except ValueError:
+        port = None
+    if url.scheme != "tcp" or not url.hostname or not port or url.path or url.query:
+        raise Problem("supervisor.listen", f"expected tcp://HOST:PORT, got {settings.listen!r}")
+    if not key_file:
+        raise Problem("supervisor.curve_secret_key_file",
+                      "required with supervisor.listen: plain tcp is refused, the endpoint needs CURVE "
+                      "(lmxctl keys new server, then name server.key_secret here)")
+    try:
+        keys.load_secret(key_file)
+    except keys.KeyFileError as exc:
+        raise Problem("supervisor.curve_secret_key_file", str(exc)) from None
+    return settings
+
+
+def op_name(msg: Message) -> str:
+    return msg.op if isinstance(msg, AdminRequest) else msg.TAG
+
+
+def allowed(role: str | None, msg: Message) -> bool:
+    if role == "admin":
+        return True
+    if role != "read":
+        return False
+    return msg.op in READ_ADMIN_OPS if isinstance(msg, AdminRequest) else msg.TAG in READ_MESSAGES
+
+
+def key_digest(public_key_z85: bytes) -> str:
+    """How logs name a key they must not print: the first 12 hex digits of its SHA-256."""
+    return hashlib.sha256(public_key_z85).hexdigest()[:12]
+
+
+class Access:
+    """Roles of the remote endpoint's clients, by the ZAP User-Id (the client's name)."""
+
+    def __init__(self, clients: tuple[ClientKey, ...], log: Any) -> None:
+        self.roles = {c.name: c.role for c in clients}
+        self._limit = LogLimit(log)
+
+    def check(self, user_id: str | None, msg: Message) -> None:
+        """Raise UNAUTHORIZED (and log auth.denied, rate-limited) unless the client's role allows msg."""
+        role = self.roles.get(user_id or "")
+        if allowed(role, msg):
+            return
+        op = op_name(msg)[:64]
+        self._limit.log("warning", "auth.denied", op=op, client=user_id, role=role)
+        raise E.Unauthorized(f"{op} needs the admin role" if role else "this client is no longer allowed",
+                             op=op, role=role)
+
+
+class ZapHandler:
+    """ZeroMQ's authentication hook (RFC 27) for one context: CURVE keys on the allow-list pass,
+    with their client name as User-Id; anything else is refused inside the handshake, so a
+    refused peer never gets a message through."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, clients: tuple[ClientKey, ...], log: Any) -> None:
+        self._sock = ctx.socket(zmq.REP)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.bind(ZAP_ENDPOINT)
+        self._limit = LogLimit(log)
+        self.update(clients)
+
+    def update(self, clients: tuple[ClientKey, ...]) -> None:
+        self.keys = {c.public_key.encode(): c for c in clients}
+
+    async def run(self) -> None:
+        while True:
+            frames = await self._sock.recv_multipart()
+            await self._sock.send_multipart(self.reply(frames))
+
+    def reply(self, frames: list[bytes]) -> list[bytes]:
+        # [version, request id, domain, address, routing id, mechanism, credentials...]
+        rid = frames[1] if len(frames) > 1 else b""
+        if len(frames) < 6 or frames[0] != b"1.0":
+            return [b"1.0", rid, b"500", b"malformed ZAP request", b"", b""]
+        address, mechanism, creds = frames[3], frames[5], frames[6:]
+        if frames[2] != ZAP_DOMAIN or mechanism != b"CURVE" or len(creds) != 1 or len(creds[0]) != 32:
+            self._limit.log("warning", "auth.refused", address=address.decode("utf-8", "replace"),
+                            reason=f"mechanism {mechanism.decode('ascii', 'replace')[:16]}, not CURVE")
+            return [b"1.0", rid, b"400", b"CURVE required", b"", b""]
+        key = zmq.utils.z85.encode(creds[0])
+        client = self.keys.get(key)
+        if client is None:
+            self._limit.log("warning", "auth.refused", address=address.decode("utf-8", "replace"),
+                            key_sha256=key_digest(key), reason="key not in [[clients]]")
+            return [b"1.0", rid, b"400", b"unknown key", b"", b""]
+        self._limit.log("info", "auth.accepted", address=address.decode("utf-8", "replace"), client=client.name,
+                        role=client.role)
+        return [b"1.0", rid, b"200", b"OK", client.name.encode(), b""]
+
+    def close(self) -> None:
+        self._sock.close(linger=0)
