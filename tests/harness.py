@@ -57,6 +57,14 @@ def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str, interv
         time.sleep(interval_s)
 
 
+def process_gone(pid: int) -> bool:
+    """Exited (or a zombie nobody reaped yet); a pid reaped between two checks counts as gone."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def workers_of(state_dir: Path) -> set[int]:
     """Every live worker process serving this state dir, whoever its parent is."""
     endpoint = f"ipc://{state_dir / 'workers.sock'}"

@@ -15,7 +15,7 @@ import pytest
 
 from protocol import errors as E
 from protocol.client import SupervisorClient
-from tests.harness import REPO, workers_of
+from tests.harness import REPO, process_gone, workers_of
 
 METAL_OOM = ("[METAL] Command buffer execution failed: Insufficient Memory "
              "(00000008:kIOGPUCommandBufferCallbackErrorOutOfMemory)")
@@ -195,7 +195,6 @@ def test_a_supervisor_sigkilled_mid_stream_adopts_its_workers_without_a_reload(m
 
 
 def test_a_supervisor_restarted_after_the_grace_window_reloads(make_supervisor, tiny_model: Path) -> None:
-    import psutil
 
     sup = make_supervisor([{"id": "a", "path": str(tiny_model)}], supervisor={"orphan_grace_s": 1.0}).start()
     pid = sup.model("a")["worker_pid"]
@@ -203,7 +202,7 @@ def test_a_supervisor_restarted_after_the_grace_window_reloads(make_supervisor, 
     sup.proc.wait()
     from tests.harness import wait_until
 
-    wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
+    wait_until(lambda: process_gone(pid),
                10, "the orphan to exit")
     sup.start()
     assert sup.model("a")["worker_pid"] != pid

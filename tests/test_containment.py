@@ -8,11 +8,11 @@ import signal
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from protocol import errors as E
 from protocol.client import SupervisorClient
+from tests.harness import process_gone
 
 
 def test_sigkill_mid_stream_gives_worker_crashed_and_the_other_model_keeps_serving(
@@ -47,7 +47,7 @@ def test_sigkill_mid_stream_gives_worker_crashed_and_the_other_model_keeps_servi
     restarted = sup.wait_model("victim", lambda m: m["state"] == "READY" and m["worker_pid"] != victim_pid,
                                30, "READY on a new worker")
     assert restarted["restarts"] == 1 and restarted["last_error"]["code"] == "WORKER_CRASHED"
-    assert not psutil.pid_exists(victim_pid) or psutil.Process(victim_pid).status() == psutil.STATUS_ZOMBIE
+    assert process_gone(victim_pid)
     assert sup.client.complete("victim", "Hello", max_tokens=4).usage["completion_tokens"] >= 1
     assert sup.model("bystander")["restarts"] == 0
     states = [(e["from"], e["to"]) for e in sup.events("model.state") if e["model"] == "victim"]
@@ -76,7 +76,7 @@ def test_requests_to_a_model_that_is_not_ready_fail_at_once(make_supervisor, tin
     assert sup.client.complete("lazy", "Hello", max_tokens=2).usage["completion_tokens"] >= 1
     pid = sup.model("lazy")["worker_pid"]
     assert sup.client.unload("lazy")["state"] == "UNLOADED"
-    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert process_gone(pid)
 
 
 def test_a_failing_canary_keeps_the_model_unroutable(make_supervisor, tiny_model: Path) -> None:

@@ -19,7 +19,7 @@ import zmq
 from protocol import codec
 from protocol import errors as E
 from protocol.messages import TO_CLIENT, TO_SUPERVISOR_FROM_CLIENT, TO_SUPERVISOR_FROM_WORKER, Error
-from tests.harness import RunningSupervisor, wait_until
+from tests.harness import RunningSupervisor, process_gone, wait_until
 
 PROTO = codec.PROTOCOL
 
@@ -293,8 +293,7 @@ def test_a_worker_that_sends_garbage_is_killed_and_counted(sup: RunningSuperviso
     g = sup.wait_model("g", lambda m: m["state"] == "READY", 60, "READY")
     before = len(sup.client.history("g"))
     sup.trigger.write_text(kind)
-    wait_until(lambda: not psutil.pid_exists(g["worker_pid"]) or
-               psutil.Process(g["worker_pid"]).status() == psutil.STATUS_ZOMBIE, 15, "the worker killed")
+    wait_until(lambda: process_gone(g["worker_pid"]), 15, "the worker killed")
     records = wait_until(lambda: (r := sup.client.history("g")) and len(r) > before and r, 15, "a crash record")
     rec = records[0]
     assert rec["code"] == "WORKER_CRASHED" and rec["cause"].startswith("protocol violation"), rec

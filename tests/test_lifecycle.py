@@ -10,14 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 
 from protocol.client import SupervisorClient
-from tests.harness import REPO, wait_until
-
-
-def _gone(pid: int) -> bool:
-    return not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+from tests.harness import REPO, process_gone, wait_until
 
 
 def test_sigterm_drains_in_flight_streams_then_exits_0_with_no_worker_left(make_supervisor, tiny_model: Path) -> None:
@@ -27,18 +22,19 @@ def test_sigterm_drains_in_flight_streams_then_exits_0_with_no_worker_left(make_
     async def stream_through_shutdown() -> tuple[object, int]:
         async with SupervisorClient(state_dir=sup.state_dir) as client:
             stream = client.generate("a", "Hello", max_tokens=300)
-            chunks = 0
-            async for _ in stream:
+            chunks = tokens = 0
+            async for chunk in stream:
                 chunks += 1
+                tokens += chunk.tokens  # a slow reader gets chunks coalesced: count tokens, not chunks
                 if chunks == 2:
                     sup.proc.send_signal(signal.SIGTERM)
-            return stream.result, chunks
+            return stream.result, tokens
 
-    result, chunks = asyncio.run(stream_through_shutdown())
-    assert result is not None and result.usage["completion_tokens"] == chunks
+    result, tokens = asyncio.run(stream_through_shutdown())
+    assert result is not None and result.usage["completion_tokens"] == tokens == 300
     assert sup.proc.wait(timeout=30) == 0
     for pid in pids:
-        assert _gone(pid), f"worker {pid} outlived a clean shutdown"
+        assert process_gone(pid), f"worker {pid} outlived a clean shutdown"
     events = [e["event"] for e in sup.events()]
     assert events.index("supervisor.draining") < events.index("supervisor.stopped")
 
@@ -50,8 +46,8 @@ def test_workers_of_a_sigkilled_supervisor_exit_after_orphan_grace(make_supervis
     sup.proc.kill()
     sup.proc.wait()
     killed = time.monotonic()
-    assert not _gone(pid)  # inside the grace window a restarted supervisor could still adopt it
-    wait_until(lambda: _gone(pid), grace_s + 5, "the orphaned worker to exit")
+    assert not process_gone(pid)  # inside the grace window a restarted supervisor could still adopt it
+    wait_until(lambda: process_gone(pid), grace_s + 5, "the orphaned worker to exit")
     assert time.monotonic() - killed >= grace_s * 0.9
 
 
@@ -124,7 +120,7 @@ def test_client_of_a_supervisor_that_dies_gets_a_typed_error_not_a_hang(make_sup
     exc = asyncio.run(asyncio.wait_for(stream_while_supervisor_dies(), 20))
     assert isinstance(exc, E.SupervisorUnavailable)
     sup.proc.wait()
-    wait_until(lambda: _gone(pid), 10, "the orphaned worker to exit")
+    wait_until(lambda: process_gone(pid), 10, "the orphaned worker to exit")
 
 
 def test_a_crash_looping_supervisor_starts_in_safe_mode_until_a_clean_shutdown(make_supervisor, tiny_model: Path) -> None:
@@ -133,7 +129,7 @@ def test_a_crash_looping_supervisor_starts_in_safe_mode_until_a_clean_shutdown(m
     pid = sup.model("a")["worker_pid"]
     sup.proc.kill()
     sup.proc.wait()
-    wait_until(lambda: _gone(pid), 15, "the orphaned worker to exit")
+    wait_until(lambda: process_gone(pid), 15, "the orphaned worker to exit")
     sup.start(wait_ready=False)  # second start without a clean shutdown in between
     status = sup.status()
     assert status["supervisor"]["safe_mode"] is True
