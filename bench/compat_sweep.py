@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from protocol.client import SupervisorClient  # noqa: E402
-from tests.snapshots import write_tiny_llama  # noqa: E402
+from tests.snapshots import smollm2_gguf_path, write_tiny_llama  # noqa: E402
 
 ARCHS = ["llama", "qwen3", "qwen3_moe", "mistral3", "gemma3_text", "glm4_moe", "glm_moe_dsa", "deepseek_v3",
          "kimi_k25", "minimax"]
@@ -81,7 +81,7 @@ async def probe_all(state: Path, paths: dict[str, Path]) -> dict[str, dict]:
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
-        tiny = write_tiny_llama(tmp / "tokenizer-source")
+        tiny = write_tiny_llama(tmp / "tiny-llama")
         built, unbuildable = {}, {}
         for arch in ARCHS:
             why = write_arch(arch, tmp / arch, tiny)
@@ -89,6 +89,12 @@ def main() -> None:
                 built[arch] = tmp / arch
             else:
                 unbuildable[arch] = why
+        # The test suite's own models, so the matrix has them beside the sweep's.
+        built["llama (tests' tiny)"] = tiny
+        from worker.gguf import import_gguf
+
+        import_gguf(smollm2_gguf_path(), tmp / "smollm2")
+        built["llama (SmolLM2)"] = tmp / "smollm2"
         cfg = tmp / "sweep.toml"
         cfg.write_text("[supervisor]\nload_timeout_s = 120.0\n")
         state = tmp / "state"
@@ -98,11 +104,13 @@ def main() -> None:
             while not (state / "control.sock").exists():
                 time.sleep(0.05)
             results = asyncio.run(probe_all(state, built))
+            matrix = subprocess.run([sys.executable, "-m", "supervisor.ctl", "--state-dir", str(state), "compat",
+                                     "--markdown"], cwd=REPO, capture_output=True, text=True, timeout=60).stdout
         finally:
             sup.send_signal(signal.SIGTERM)
             sup.wait(timeout=60)
     rows = []
-    for arch in ARCHS:
+    for arch in [*ARCHS, "llama (tests' tiny)", "llama (SmolLM2)"]:
         if arch in unbuildable:
             rows.append({"arch": arch, "outcome": "unbuilt", "detail": unbuildable[arch]})
             continue
@@ -113,9 +121,11 @@ def main() -> None:
                      f"canary {r['canary']['tokens']} tokens",
                      "backend": (r.get("registry") or {}).get("backend")})
     print(json.dumps({"bench": "compat_sweep", "rows": rows}))
-    print(f"{'architecture':<14} {'outcome':<9} detail")
+    print(f"{'architecture':<20} {'outcome':<9} detail")
     for row in rows:
-        print(f"{row['arch']:<14} {row['outcome']:<9} {row['detail'][:110]}")
+        print(f"{row['arch']:<20} {row['outcome']:<9} {row['detail'][:110]}")
+    print("\nlmxctl compat --markdown (the registry these probes wrote; rows are snapshot fingerprints):")
+    print(matrix)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from protocol.messages import StatusRequest  # noqa: E402
 from tests.snapshots import write_tiny_llama  # noqa: E402
 
 TOKENS = int(os.environ.get("LMX_BENCH_TOKENS", "256"))
-RUNS = 3
+RUNS = 5
 CONCURRENCY = [int(n) for n in os.environ.get("LMX_BENCH_CONCURRENCY", "1,4,16,64").split(",")]
 STREAM_TOKENS = 64
 PROMPT = "Once upon a time"
@@ -47,18 +47,22 @@ def _pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(len(values) * q))] if values else 0.0
 
 
-def in_process(path: Path) -> dict:
-    import mlx_lm
+class InProcess:
+    """The baseline: mlx_lm.stream_generate in this process, same model, prompt and token count."""
 
-    model, tok = mlx_lm.load(str(path))
-    prompt = tok.encode(PROMPT)
-    runs = []
-    for _ in range(RUNS + 1):  # the first run warms up
+    def __init__(self, path: Path) -> None:
+        import mlx_lm
+
+        self._mlx_lm = mlx_lm
+        self.model, self.tok = mlx_lm.load(str(path))
+        self.prompt = self.tok.encode(PROMPT)
+
+    def run(self) -> dict:
         t0 = time.perf_counter()
-        stamps = [time.perf_counter() for _ in mlx_lm.stream_generate(model, tok, prompt, max_tokens=TOKENS)]
-        runs.append({"ttft_s": stamps[0] - t0, "tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
-                     "tokens": len(stamps)})
-    return _median(runs[1:])
+        stamps = [time.perf_counter() for _ in self._mlx_lm.stream_generate(self.model, self.tok, self.prompt,
+                                                                             max_tokens=TOKENS)]
+        return {"ttft_s": stamps[0] - t0, "tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
+                "tokens": len(stamps)}
 
 
 def _median(runs: list[dict]) -> dict:
@@ -74,13 +78,19 @@ async def _stream(client: SupervisorClient, model: str, max_tokens: int) -> tupl
     return t0, stamps
 
 
-async def single_stream(client: SupervisorClient, model: str) -> dict:
-    runs = []
-    for _ in range(RUNS + 1):
-        t0, stamps = await _stream(client, model, TOKENS)
-        runs.append({"ttft_s": stamps[0] - t0, "tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
-                     "tokens": len(stamps)})
-    return _median(runs[1:])
+async def _single(client: SupervisorClient, model: str) -> dict:
+    t0, stamps = await _stream(client, model, TOKENS)
+    return {"ttft_s": stamps[0] - t0, "tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]), "tokens": len(stamps)}
+
+
+async def single_streams(client: SupervisorClient, base: InProcess) -> dict[str, dict]:
+    """Baseline and supervised runs interleaved, so drift of a shared machine hits both alike."""
+    runs: dict[str, list] = {"in_process": [], "batched": [], "serial": []}
+    for _ in range(RUNS + 1):  # the first round warms up
+        runs["in_process"].append(base.run())
+        runs["batched"].append(await _single(client, "tiny"))
+        runs["serial"].append(await _single(client, "tiny1"))
+    return {k: _median(v[1:]) for k, v in runs.items()}
 
 
 async def status_rtt(client: SupervisorClient, n: int = 1000) -> list[float]:
@@ -173,10 +183,11 @@ class Supervisor:
         self.proc.wait(timeout=120)
 
 
-async def supervised(state: Path, sup: psutil.Process) -> dict:
+async def supervised(state: Path, sup: psutil.Process, base: InProcess) -> dict:
     async with SupervisorClient(state_dir=state, timeout_s=600) as client:
-        out = {"single_batched": await single_stream(client, "tiny"),
-               "single_serial": await single_stream(client, "tiny1")}
+        singles = await single_streams(client, base)
+        out = {"single_batched": singles["batched"], "single_serial": singles["serial"],
+               "in_process": singles["in_process"]}
         rtts = await status_rtt(client)
         reply_bytes = len(codec.encode(await _status_reply(client))[1])
         out["status_rtt_ms"] = {"p50": _pct(rtts, 0.5) * 1e3, "p99": _pct(rtts, 0.99) * 1e3}
@@ -232,12 +243,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         tiny = write_tiny_llama(root / "tiny")
-        baseline = in_process(tiny)
+        base = InProcess(tiny)
         s = Supervisor(root / "a", _config(tiny, [("tiny", 64), ("tiny1", 1)]))
         try:
             asyncio.run(s.ready())
             proc = psutil.Process(s.proc.pid)
-            sv = asyncio.run(supervised(s.state, proc))
+            sv = asyncio.run(supervised(s.state, proc, base))
         finally:
             s.stop()
         floor = zmq_floor(sv["reply_bytes"])
@@ -256,7 +267,7 @@ def main() -> None:
         finally:
             eight.stop()
 
-    single = sv["single_batched"]
+    single, baseline = sv["single_batched"], sv["in_process"]
     result = {
         "bench": "serving", "model": "tiny random llama", "machine": machine, "tokens": TOKENS,
         "in_process_tok_s": round(baseline["tok_s"], 1),

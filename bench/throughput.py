@@ -37,10 +37,11 @@ def in_process(snapshot: Path) -> list[dict]:
     import mlx_lm
 
     model, tok = mlx_lm.load(str(snapshot))
-    prompt = tok.apply_chat_template(PROMPT, add_generation_prompt=True)
     out = []
     for _ in range(RUNS + 1):  # the first run warms up
         t0 = time.perf_counter()
+        # The chat template is part of the request, here as in the worker.
+        prompt = tok.apply_chat_template(PROMPT, add_generation_prompt=True)
         stamps = [time.perf_counter() for _ in mlx_lm.stream_generate(model, tok, prompt, max_tokens=MAX_TOKENS)]
         out.append(_figures(t0, stamps))
     return out[1:]

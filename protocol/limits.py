@@ -177,6 +177,19 @@ def _chunk(m: Any) -> None:
     _number(m.TAG, "tokens", m.tokens, 0, MAX_TOKENS)
 
 
+MAX_BATCH_ITEMS = 4096  # chunks in one batch step's message (a batch is far smaller)
+
+
+def _chunks(m: Any) -> None:
+    if len(m.items) > MAX_BATCH_ITEMS:
+        raise BadRequest(f"{m.TAG}: {len(m.items)} items, more than {MAX_BATCH_ITEMS}")
+    for item in m.items:
+        if not (len(item) == 3 and type(item[0]) is str and type(item[1]) is str and type(item[2]) is int):
+            raise BadRequest(f"{m.TAG}: every item must be [request_id, text, tokens]")
+        _text(m.TAG, "request_id", item[0], MAX_ID_CHARS)
+        _number(m.TAG, "tokens", item[2], 0, MAX_TOKENS)
+
+
 def _final(m: Any) -> None:
     _text(m.TAG, "request_id", m.request_id, MAX_ID_CHARS)
     _text(m.TAG, "finish_reason", m.finish_reason, MAX_NAME_CHARS)
@@ -201,7 +214,8 @@ _CHECKS: dict[str, Callable[[Any], None]] = {
     "history": _ids, "hello": _hello, "ready": _ready, "heartbeat": _heartbeat,
 }
 # Worker -> supervisor only: the client decodes the same tags from the supervisor, unbounded.
-_FROM_WORKER: dict[str, Callable[[Any], None]] = {"chunk": _chunk, "final": _final, "error": _error}
+_FROM_WORKER: dict[str, Callable[[Any], None]] = {"chunk": _chunk, "chunks": _chunks, "final": _final,
+                                                  "error": _error}
 
 
 def check(msg: Any, from_worker: bool = False) -> None:

@@ -51,6 +51,18 @@ class Chunk(Message):
 
 
 @dataclass
+class Chunks(Message):
+    """Worker -> supervisor: what one batch step produced, a chunk per stream, in one message:
+    `items` = [[request_id, text, tokens], ...]. The supervisor hands each on as a Chunk."""
+
+    TAG: ClassVar[str] = "chunks"
+    items: list[list]
+
+    def chunks(self) -> list[Chunk]:
+        return [Chunk(rid, text, tokens) for rid, text, tokens in self.items]
+
+
+@dataclass
 class Final(Message):
     """End of a generation. usage: prompt_tokens, completion_tokens; timings: seconds."""
 
@@ -289,4 +301,4 @@ TO_SUPERVISOR_FROM_CLIENT = _tags(StatusRequest, GenerateRequest, Cancel, LoadRe
                                   AdminRequest, HistoryRequest)
 TO_CLIENT = _tags(StatusReply, Chunk, Final, Error, Ack, HistoryReply)
 TO_WORKER = _tags(Init, GenerateRequest, Cancel, Shutdown, Adopt)
-TO_SUPERVISOR_FROM_WORKER = _tags(Hello, Ready, Heartbeat, Chunk, Final, Error)
+TO_SUPERVISOR_FROM_WORKER = _tags(Hello, Ready, Heartbeat, Chunk, Chunks, Final, Error)

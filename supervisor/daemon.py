@@ -7,6 +7,7 @@ import dataclasses
 import fcntl
 import hashlib
 import os
+import re
 import signal
 import sys
 import time
@@ -288,7 +289,9 @@ class Supervisor:
             confinement.check_tree(resolved, self.config.supervisor.model_roots)
         except confinement.Refused as exc:
             raise E.BadRequest(f"probe {exc}", path=path[:4096]) from None
-        model = cfg_mod.ModelConfig(id=f"probe-{hashlib.sha256(resolved.encode()).hexdigest()[:8]}",
+        # Named after the directory (the registry's model column), unique by the path's hash.
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(resolved).name)[:40]
+        model = cfg_mod.ModelConfig(id=f"probe-{name}-{hashlib.sha256(resolved.encode()).hexdigest()[:6]}",
                                     path=resolved, autoload=False)
         config = dataclasses.replace(self.config, restart=dataclasses.replace(self.config.restart, quarantine_after=1))
         # Each probe is a fresh attempt: an earlier probe's verdict lives in the registry, not here.

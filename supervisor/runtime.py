@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from protocol import errors as E
-from protocol.messages import Chunk, Error, Final, GenerateRequest, Init, Message, Shutdown
+from protocol.messages import Chunk, Chunks, Error, Final, GenerateRequest, Init, Message, Shutdown
 from supervisor import admission, adoption, checksums, logs, policy, repair, snapshot, states
 from supervisor.canary import run_canary
 from supervisor.classify import Verdict, classify
@@ -489,7 +489,10 @@ class ModelRuntime:
         worker = self.worker
         if worker is None or worker.on_message(msg):
             return
-        if isinstance(msg, (Chunk, Final, Error)) and msg.request_id:
+        if isinstance(msg, Chunks):
+            for chunk in msg.chunks():
+                self.requests.on_result(chunk)
+        elif isinstance(msg, (Chunk, Final, Error)) and msg.request_id:
             self.requests.on_result(msg)
 
     # --- requests ------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ SAMPLES = [
                       stop=["\n"], timeout_s=2.5),
     M.GenerateRequest("r3", "m", messages=[{"role": "user", "content": "héllo"}]),
     M.Chunk("r2", "tok", 1),
+    M.Chunks([["r2", "tok", 1], ["r3", " more", 2]]),
     M.Final("r2", "text", "stop", {"prompt_tokens": 3, "completion_tokens": 2}, {"total_s": 0.1}),
     M.Cancel("r2"),
     M.Error("r2", "WORKER_CRASHED", "died", {"signal": "SIGKILL"}),

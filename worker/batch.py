@@ -15,10 +15,14 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from protocol.errors import ErrorCode
-from protocol.messages import Chunk, Error, Final, GenerateRequest, Message
+from protocol.messages import Chunk, Chunks, Error, Final, GenerateRequest, Message
 from worker.channel import Progress
 from worker import sampling
 from worker.engine import Engine, find_stop, stop_holdback
+
+
+# Tokens that come faster than this after the last send wait for the next steps' and go together.
+COALESCE_S = 0.002
 
 
 @dataclass
@@ -52,6 +56,10 @@ class Batcher:
         self._max = max_batch_size
         self._prefill_step = prefill_step_size
         self._streams: dict[int, _Stream] = {}
+        # Chunks not sent yet: request id -> [request_id, text, tokens], merged per stream.
+        self._out: dict[str, list] = {}
+        self._first: set[str] = set()  # streams whose first chunk is waiting: never held back
+        self._flushed_at = 0.0
         self._uids: dict[str, int] = {}  # request id -> BatchGenerator uid (or the solo's -1)
         self._gen = self._new_generator()
         self._solo: _Solo | None = None
@@ -92,6 +100,7 @@ class Batcher:
             return
         self._streams[uid] = _Stream(req, self._engine.tokenizer.detokenizer, len(prompt))
         self._uids[req.request_id] = uid
+        self._first.add(req.request_id)
 
     # --- a request alone: generate_step, then into the batch when company comes --------------
 
@@ -110,6 +119,7 @@ class Batcher:
         self._solo = _Solo(req, tokens_gen, cache)
         self._streams[self._SOLO] = _Stream(req, self._engine.tokenizer.detokenizer, len(prompt))
         self._uids[req.request_id] = self._SOLO
+        self._first.add(req.request_id)
 
     def _solo_step(self) -> None:
         solo = self._solo
@@ -155,6 +165,8 @@ class Batcher:
         else:
             self._gen.remove([uid])
         del self._streams[uid]
+        self._out.pop(request_id, None)  # its client is gone: what it had not been sent stays here
+        self._first.discard(request_id)
         self._send(Error(request_id, ErrorCode.CANCELLED.code, "cancelled by client"))
 
     def cancel_all(self) -> None:
@@ -171,6 +183,7 @@ class Batcher:
             except Exception as exc:
                 self._fail_all(exc)
                 return
+            self._flush(step_end=True)
             progress.count += 1
             progress.phase = "decode" if self._streams else "idle"
             return
@@ -186,6 +199,7 @@ class Batcher:
             s = self._streams.get(r.uid)
             if s is not None:
                 self._on_token(r.uid, s, r.token, r.finish_reason, now)
+        self._flush(step_end=True)
         if not self._streams:
             progress.phase = "idle"
 
@@ -219,8 +233,30 @@ class Batcher:
             self._finish(uid, s, finish_reason, now)
 
     def _chunk(self, rid: str, text: str, tokens: int) -> None:
-        if text or tokens:
-            self._send(Chunk(rid, text, tokens))
+        if not (text or tokens):
+            return
+        held = self._out.get(rid)
+        if held is None:
+            self._out[rid] = [rid, text, tokens]
+        else:
+            held[1] += text
+            held[2] += tokens
+
+    def _flush(self, step_end: bool = False) -> None:
+        """Chunks go out as one message for the whole batch, not one per stream. At a step's end
+        they may wait up to COALESCE_S for the next steps' (a model faster than the pipe to the
+        client then sends fewer, larger chunks), except a stream's first (time to first token).
+        Anything else sent flushes first, so a stream's last chunk precedes its final."""
+        if not self._out:
+            return
+        now = time.monotonic()
+        if step_end and now - self._flushed_at < COALESCE_S and not self._first.intersection(self._out):
+            return
+        out = list(self._out.values())
+        self._out.clear()
+        self._first.difference_update(r[0] for r in out)
+        self._flushed_at = now
+        self._send(Chunk(*out[0]) if len(out) == 1 else Chunks(out))
 
     def _finish(self, uid: int, s: _Stream, reason: str, now: float) -> None:
         del self._streams[uid]
@@ -230,16 +266,19 @@ class Batcher:
         timings = {"first_token_s": first, "total_s": total,
                    "decode_tokens_per_s": (s.tokens - 1) / (total - first) if s.tokens > 1 and total > first else 0.0}
         usage = {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.tokens}
+        self._flush()
         self._send(Final(s.req.request_id, s.text, reason, usage, timings))
 
     def _fail_all(self, exc: Exception) -> None:
         from worker.log import log
 
         log("worker.batch_failed", level="error", error=repr(exc), requests=len(self._streams))
+        self._flush()
         for s in self._streams.values():
             self._send(Error(s.req.request_id, ErrorCode.INTERNAL.code, f"generation failed: {exc!r}"))
         self._streams.clear()
         self._uids.clear()
+        self._first.clear()
         self._drop_solo()
         self._gen = self._new_generator()
         self._progress.phase = "idle"
