@@ -33,18 +33,22 @@ def _gguf() -> Path:
     return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def in_process(snapshot: Path) -> list[dict]:
-    import mlx_lm
+class InProcess:
+    """The baseline: mlx_lm.stream_generate in this process on the same snapshot and prompt."""
 
-    model, tok = mlx_lm.load(str(snapshot))
-    out = []
-    for _ in range(RUNS + 1):  # the first run warms up
+    def __init__(self, snapshot: Path) -> None:
+        import mlx_lm
+
+        self._mlx_lm = mlx_lm
+        self.model, self.tok = mlx_lm.load(str(snapshot))
+
+    def run(self) -> dict:
         t0 = time.perf_counter()
         # The chat template is part of the request, here as in the worker.
-        prompt = tok.apply_chat_template(PROMPT, add_generation_prompt=True)
-        stamps = [time.perf_counter() for _ in mlx_lm.stream_generate(model, tok, prompt, max_tokens=MAX_TOKENS)]
-        out.append(_figures(t0, stamps))
-    return out[1:]
+        prompt = self.tok.apply_chat_template(PROMPT, add_generation_prompt=True)
+        stamps = [time.perf_counter() for _ in self._mlx_lm.stream_generate(self.model, self.tok, prompt,
+                                                                             max_tokens=MAX_TOKENS)]
+        return _figures(t0, stamps)
 
 
 def _figures(t0: float, stamps: list[float]) -> dict:
@@ -52,10 +56,12 @@ def _figures(t0: float, stamps: list[float]) -> dict:
     return {"tokens": n, "ttft_s": stamps[0] - t0, "decode_tok_s": (n - 1) / (stamps[-1] - stamps[0])}
 
 
-async def supervised(state_dir: Path) -> tuple[list[dict], list[float]]:
+async def supervised(state_dir: Path, base: InProcess) -> tuple[list[dict], list[dict], list[float]]:
+    """Baseline and supervised runs interleaved, so drift of a shared machine hits both alike."""
     async with SupervisorClient(state_dir=state_dir) as client:
-        runs = []
-        for _ in range(RUNS + 1):
+        runs, baseline = [], []
+        for _ in range(RUNS + 1):  # the first round warms up
+            baseline.append(base.run())
             t0 = time.perf_counter()
             stamps = []
             async for chunk in client.generate("smollm2", messages=PROMPT, max_tokens=MAX_TOKENS):
@@ -66,7 +72,7 @@ async def supervised(state_dir: Path) -> tuple[list[dict], list[float]]:
             t0 = time.perf_counter()
             await client.status()
             rtts.append(time.perf_counter() - t0)
-    return runs[1:], rtts
+    return runs[1:], baseline[1:], rtts
 
 
 def main() -> None:
@@ -76,7 +82,7 @@ def main() -> None:
 
         snapshot = tmp_path / "smollm2"
         import_gguf(_gguf(), snapshot)
-        baseline = in_process(snapshot)
+        base = InProcess(snapshot)
         cfg = tmp_path / "bench.toml"
         cfg.write_text(f'[[models]]\nid = "smollm2"\npath = "{snapshot}"\n')
         state = tmp_path / "state"
@@ -84,7 +90,7 @@ def main() -> None:
                                 "--state-dir", str(state)], cwd=REPO, stderr=subprocess.DEVNULL)
         try:
             asyncio.run(_wait_ready(state))
-            through, rtts = asyncio.run(supervised(state))
+            through, baseline, rtts = asyncio.run(supervised(state, base))
         finally:
             sup.send_signal(signal.SIGTERM)
             sup.wait(timeout=60)
