@@ -328,6 +328,10 @@ class Supervisor:
         changed = [m for m in new.models if m.id in old_ids and m.revision != self.models[m.id].cfg.revision]
         self.config = new
         self.control.limits = new.supervisor
+        sup = new.supervisor
+        # The budget follows the config too; models already admitted keep their reservations.
+        self.ledger.budget = memory.budget_bytes(sup.memory_budget_bytes, sup.memory_reserve_bytes)
+        self.ledger.return_timeout_s = sup.memory_return_timeout_s
         if self.remote is not None:
             self.remote.update(new)
             self.remote.server.limits = new.supervisor

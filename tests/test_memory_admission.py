@@ -131,3 +131,17 @@ def test_memory_of_a_killed_worker_comes_back_here(make_supervisor, tiny_model: 
     sup.wait_model("m", lambda m: m["state"] == "READY" and m["worker_pid"] != pid, 30, "READY again")
     assert sup.status()["supervisor"]["memory_stranded"] == []
     assert sup.events("memory.not_returned") == []
+
+
+def test_a_reload_applies_a_new_memory_budget(make_supervisor, tiny_model: Path) -> None:
+    models = [{"id": "a", "path": str(tiny_model)}, {"id": "b", "path": str(tiny_model), "autoload": False}]
+    sup = make_supervisor(models, supervisor={"memory_budget_bytes": ONE_MODEL_BUDGET}).start(wait_ready=False)
+    sup.wait_model("a", lambda m: m["state"] == "READY", 30, "READY")
+    sup.client.load("b")
+    assert sup.wait_model("b", lambda m: m["state"] == "REJECTED", 15, "REJECTED")["last_error"]["code"] == \
+        "INSUFFICIENT_MEMORY"
+    sup.rewrite(models, supervisor={"memory_budget_bytes": 2 * ONE_MODEL_BUDGET})
+    sup.client.reload()
+    assert sup.status()["supervisor"]["memory_budget_bytes"] == 2 * ONE_MODEL_BUDGET
+    sup.client.release("b")
+    sup.wait_model("b", lambda m: m["state"] == "READY", 30, "READY under the new budget")
