@@ -13,7 +13,7 @@ from typing import Any
 from protocol import errors as E
 from protocol import keys
 from protocol.client import SupervisorClient
-from supervisor import ctlview, logview
+from supervisor import completion, ctlview, logview
 from supervisor import keyctl, service
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
@@ -320,6 +320,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--idle-timeout", type=float, help="fail (exit 1) when no event comes within this many seconds")
     sub.add_parser("metrics", parents=[json_flag], help="Prometheus metrics (text exposition)")
     logview.add_parser(sub, json_flag)
+    completion.add_parser(sub)
     service.add_parser(sub, json_flag)
     keyctl.add_parser(sub, json_flag)
     return p
@@ -337,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "import-gguf":
         return _import_gguf(args)
+    if args.command == "completion":
+        print(completion.script(_parser(), args.shell), end="")
+        return EXIT_OK
     if args.command == "logs":
         return logview.main(args)
     if args.command == "service":
