@@ -22,6 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--config", default=os.environ.get("LMX_CONFIG"), help="TOML config file")
     run.add_argument("--state-dir", default=None, help="state dir (default: LMX_STATE_DIR or platform)")
     run.add_argument("--log-level", default="info")
+    run.add_argument("--stderr-level", default="debug",
+                     choices=["debug", "info", "warning", "error", "critical", "off"],
+                     help="what of the log also goes to stderr (the state dir's log gets everything); "
+                          "launchd's plist uses error, since nobody rotates its StandardErrorPath")
     args = parser.parse_args(argv)
 
     state_dir = ep.resolve_state_dir(args.state_dir)
@@ -38,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     except (StateDirError, OSError) as exc:
         print(f"lmx-supervisor: {exc}", file=sys.stderr)
         return 1
-    logs.configure(state_dir, args.log_level, max_bytes=config.supervisor.log_max_bytes,
+    logs.configure(state_dir, args.log_level, stderr_level=args.stderr_level,
+                   max_bytes=config.supervisor.log_max_bytes,
                    backups=config.supervisor.log_backups)
     try:
         return asyncio.run(Supervisor(config, state_dir).run())

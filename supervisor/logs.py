@@ -42,10 +42,16 @@ def redact_secrets(_logger: Any, _method: str, event_dict: dict[str, Any]) -> di
 
 
 def configure(state_dir: Path | None, level: str = "info", max_bytes: int = DEFAULT_MAX_BYTES,
-              backups: int = DEFAULT_BACKUPS) -> None:
+              backups: int = DEFAULT_BACKUPS, stderr_level: str = "debug") -> None:
     """Route structlog through one JSON renderer to stderr and (when given) the state dir's log,
-    which rotates at `max_bytes` and keeps `backups` old files (supervisor.log.1 is the newest)."""
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    which rotates at `max_bytes` and keeps `backups` old files (supervisor.log.1 is the newest).
+    `stderr_level` trims what stderr gets ("off": nothing), for a service manager that writes
+    stderr to a file nobody rotates; the state dir's log always gets everything at `level`."""
+    handlers: list[logging.Handler] = []
+    if stderr_level != "off" or state_dir is None:
+        stream = logging.StreamHandler(sys.stderr)
+        stream.setLevel(stderr_level.upper() if stderr_level != "off" else "DEBUG")
+        handlers.append(stream)
     if state_dir is not None:
         log_dir = state_dir / "logs"
         log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)

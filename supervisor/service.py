@@ -99,7 +99,7 @@ def complete(t: Target, args: argparse.Namespace) -> tuple[Target, cfg_mod.Confi
         settings, error = cfg_mod.load(config_path).supervisor, None
     except cfg_mod.ConfigError as exc:
         settings, error = cfg_mod.SupervisorSettings(), exc
-    return dataclasses.replace(t, argv=daemon_argv(config_path, state_dir), state_dir=state_dir,
+    return dataclasses.replace(t, argv=daemon_argv(config_path, state_dir, t.kind), state_dir=state_dir,
                                stop_budget_s=stop_budget_s(settings)), error
 
 

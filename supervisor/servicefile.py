@@ -68,13 +68,16 @@ class Target:
 
 # --- what to run --------------------------------------------------------------------------------
 
-def daemon_argv(config: Path, state_dir: Path) -> tuple[str, ...]:
+def daemon_argv(config: Path, state_dir: Path, kind: str = "systemd") -> tuple[str, ...]:
     """The installed `lmx-supervisor` script beside this interpreter, else this interpreter with -m.
-    sys.executable is not resolved: a venv's python is a symlink, and resolving it leaves the venv."""
+    sys.executable is not resolved: a venv's python is a symlink, and resolving it leaves the venv.
+    Under launchd, stderr gets errors only: StandardErrorPath is a file nobody rotates, and the full
+    log is in the state dir (rotated). journald rotates what systemd collects, so it gets it all."""
     python = os.path.abspath(sys.executable)
     script = os.path.join(os.path.dirname(python), "lmx-supervisor")
     head = [script] if os.access(script, os.X_OK) else [python, "-m", "supervisor.cli"]
-    return (*head, "run", "--config", str(config), "--state-dir", str(state_dir))
+    tail = ("--stderr-level", "error") if kind == "launchd" else ()
+    return (*head, "run", "--config", str(config), "--state-dir", str(state_dir), *tail)
 
 
 def stop_budget_s(settings: cfg_mod.SupervisorSettings) -> int:

@@ -105,7 +105,7 @@ def test_lmx_supervisor_run_passes_the_configured_rotation(tmp_path: Path, monke
     monkeypatch.setattr(cli, "Supervisor", NoDaemon)
     monkeypatch.setattr(logs, "configure", lambda *a, **kw: seen.update(args=a, kwargs=kw))
     assert cli.main(["run", "--config", str(config), "--state-dir", str(tmp_path / "state")]) == 0
-    assert seen["kwargs"] == {"max_bytes": 1234, "backups": 2}
+    assert seen["kwargs"] == {"max_bytes": 1234, "backups": 2, "stderr_level": "debug"}
 
 
 # --- lmxctl logs on synthetic files -----------------------------------------------------------------

@@ -103,7 +103,9 @@ def test_plist_renders_on_linux_with_every_key_typed_and_set(capsys, config: Pat
     assert plist["Label"] == "local.lmx-supervisor"
     argv = plist["ProgramArguments"]
     assert all(isinstance(a, str) for a in argv)
-    assert argv[1:] == ["run", "--config", str(config.resolve()), "--state-dir", str(state)]
+    # stderr gets errors only: launchd writes it to a file nobody rotates (the state dir's log is full)
+    assert argv[1:] == ["run", "--config", str(config.resolve()), "--state-dir", str(state),
+                        "--stderr-level", "error"]
     assert os.path.isabs(argv[0]) and os.access(argv[0], os.X_OK), argv[0]  # never a bare `python`
     assert Path(argv[0]).name in ("lmx-supervisor", "python", "python3") and Path(argv[0]).exists()
     assert Path(argv[3]).is_file() and os.path.isabs(argv[5])
@@ -153,7 +155,7 @@ def test_launch_daemon_variant_runs_as_a_user_in_the_system_domain(capsys, confi
     assert plist["UserName"] == user
     assert plist["EnvironmentVariables"]["HOME"] == pw.pw_dir
     state = f"{pw.pw_dir}/Library/Application Support/lmx-supervisor"
-    assert plist["ProgramArguments"][-2:] == ["--state-dir", state]
+    assert plist["ProgramArguments"][-4:-2] == ["--state-dir", state]
     assert [c["argv"] for c in report["commands"] if not c["ran"]] == [
         ["launchctl", "enable", "system/local.lmx-supervisor"],
         ["launchctl", "bootstrap", "system", "/Library/LaunchDaemons/local.lmx-supervisor.plist"],
@@ -222,6 +224,7 @@ def test_systemd_user_unit_installs_into_the_temp_home(capsys, config: Path, hom
     svc = sections["Service"]
     argv = shlex.split(svc["ExecStart"][0])
     assert os.path.isabs(argv[0]) and os.access(argv[0], os.X_OK)
+    # everything on stderr: journald collects and rotates it
     assert argv[1:] == ["run", "--config", str(config.resolve()), "--state-dir", str(state)]
     assert svc["Restart"] == ["on-failure"] and int(svc["RestartSec"][0]) >= 1
     assert int(svc["TimeoutStopSec"][0]) > 40 + 7
@@ -354,7 +357,7 @@ def example(name: str) -> bytes:
     home = Path("/Users/you") if kind == "launchd" else Path("/home/you")
     state = home / ("Library/Application Support" if kind == "launchd" else ".local/state") / "lmx-supervisor"
     argv = ("/opt/lmx-supervisor/.venv/bin/lmx-supervisor", "run", "--config", str(home / "lmx.toml"),
-            "--state-dir", str(state))
+            "--state-dir", str(state), *(("--stderr-level", "error") if kind == "launchd" else ()))
     t = service.Target(kind, system, service.DEFAULT_LABEL[kind], "you", 501, 20, home, Path(os.devnull), argv,
                        state, service.stop_budget_s(service.cfg_mod.SupervisorSettings()))
     return service.render(t)
@@ -401,7 +404,8 @@ def test_the_daemon_started_from_the_rendered_program_arguments_serves_and_exits
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
         assert not workers_of(state)
-        assert '"event": "supervisor.stopped"' in Path(plist["StandardErrorPath"]).read_text()
+        assert '"event": "supervisor.stopped"' in (state / "logs" / "supervisor.log").read_text()
+        assert '"level": "info"' not in Path(plist["StandardErrorPath"]).read_text()  # errors only there
     finally:
         if client is not None:
             client.close()
