@@ -254,6 +254,9 @@ class Supervisor:
             task.add_done_callback(self._fatal_if_failed)
         if self.config.supervisor.metrics_port:
             self._metrics_server = await serve_http(self.metrics, self.config.supervisor.metrics_port, self.log)
+        pruned = logs.prune_worker_logs(self.state_dir / "logs")
+        if pruned:
+            self.log.info("logs.pruned", files=len(pruned), kept_per_model=logs.WORKER_LOGS_KEPT)
         self._note("info", "supervisor.started", pid=os.getpid(), version=supervisor.__version__,
                    state_dir=str(self.state_dir), models=list(self.models), safe_mode=self.safe_mode)
         if self.safe_mode:

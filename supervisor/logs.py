@@ -82,3 +82,27 @@ def configure(state_dir: Path | None, level: str = "info", max_bytes: int = DEFA
 
 def get(**bound: Any) -> Any:
     return structlog.get_logger("lmx").bind(**bound)
+
+
+WORKER_LOGS_KEPT = 10  # per model, of workers that are gone
+
+
+def prune_worker_logs(log_dir: Path, keep: int = WORKER_LOGS_KEPT) -> list[str]:
+    """Each worker writes `worker-<model>-<pid>.log` (it outlives its supervisor, so the supervisor
+    cannot rotate it). At start, keep the newest `keep` of each model's dead workers; a live worker's
+    log (one to adopt) is never touched. Returns the names removed."""
+    import psutil
+
+    by_model: dict[str, list[Path]] = {}
+    for path in log_dir.glob("worker-*-*.log"):
+        model, _, pid = path.stem[len("worker-"):].rpartition("-")
+        if not pid.isdigit() or psutil.pid_exists(int(pid)):
+            continue
+        by_model.setdefault(model, []).append(path)
+    removed = []
+    for paths in by_model.values():
+        paths.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+        for path in paths[keep:]:
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed

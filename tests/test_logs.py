@@ -309,3 +309,25 @@ def test_lmxctl_logs_shows_a_real_supervisors_model_states(make_supervisor, tiny
     states = [r for r in records if r["event"] == "model.state"]
     assert [r["to"] for r in states] == ["ADMITTING", "STARTING", "LOADING", "CANARY", "READY"]
     assert states == [r for r in sup.events("model.state") if r["model"] == "m"]
+
+
+def test_old_worker_logs_are_pruned_at_start_but_never_a_live_workers(tmp_path: Path) -> None:
+    import os
+    import time as _time
+
+    from supervisor.logs import WORKER_LOGS_KEPT, prune_worker_logs
+
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    dead = [2_000_000_000 + i for i in range(WORKER_LOGS_KEPT + 5)]  # pids beyond any pid_max
+    now = _time.time()
+    for age, pid in enumerate(dead):
+        path = log_dir / f"worker-m-{pid}.log"
+        path.write_text("{}\n")
+        os.utime(path, (now - age * 60, now - age * 60))
+    live = log_dir / f"worker-m-{os.getpid()}.log"
+    live.write_text("{}\n")
+    os.utime(live, (now - 10**6, now - 10**6))  # the oldest of all, and alive
+    removed = prune_worker_logs(log_dir)
+    assert sorted(removed) == sorted(f"worker-m-{pid}.log" for pid in dead[WORKER_LOGS_KEPT:])
+    assert live.exists() and len(list(log_dir.glob("worker-m-*.log"))) == WORKER_LOGS_KEPT + 1
