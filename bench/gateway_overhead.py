@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.daemon import wait_ready  # noqa: E402
 from protocol.client import SupervisorClient  # noqa: E402
 from tests.snapshots import write_tiny_llama  # noqa: E402
 
@@ -120,24 +121,11 @@ def _start(tmp: Path) -> tuple[subprocess.Popen, subprocess.Popen, Path, str]:
     return sup, gw, state, line.split()[-1]
 
 
-async def _wait_ready(state: Path) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            async with SupervisorClient(state_dir=state) as client:
-                if (await client.status())["models"][0]["state"] == "READY":
-                    return
-        except Exception:
-            pass
-        await asyncio.sleep(0.1)
-    raise SystemExit("supervisor did not get the tiny model READY")
-
-
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         sup, gw, state, url = _start(Path(tmp))
         try:
-            asyncio.run(_wait_ready(state))
+            asyncio.run(wait_ready(state))
             direct, gateway, healthz = asyncio.run(measure(state, url))
         finally:
             for proc in (gw, sup):

@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from protocol import codec  # noqa: E402
+from bench.daemon import wait_ready  # noqa: E402
 from protocol.client import SupervisorClient  # noqa: E402
 from protocol.messages import StatusRequest  # noqa: E402
 from tests.snapshots import write_tiny_llama  # noqa: E402
@@ -167,16 +168,7 @@ class Supervisor:
                                      cwd=REPO, stderr=subprocess.DEVNULL)
 
     async def ready(self) -> None:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                async with SupervisorClient(state_dir=self.state) as client:
-                    if all(m["state"] == "READY" for m in (await client.status())["models"]):
-                        return
-            except Exception:
-                pass
-            await asyncio.sleep(0.2)
-        raise SystemExit("models did not get READY")
+        await wait_ready(self.state, 300)
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)

@@ -18,6 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.daemon import wait_ready  # noqa: E402
 from protocol.client import SupervisorClient  # noqa: E402
 
 PROMPT = [{"role": "user", "content": "Write a long story about a robot who learns to paint."}]
@@ -89,7 +90,7 @@ def main() -> None:
         sup = subprocess.Popen([sys.executable, "-m", "supervisor.cli", "run", "--config", str(cfg),
                                 "--state-dir", str(state)], cwd=REPO, stderr=subprocess.DEVNULL)
         try:
-            asyncio.run(_wait_ready(state))
+            asyncio.run(wait_ready(state))
             through, baseline, rtts = asyncio.run(supervised(state, base))
         finally:
             sup.send_signal(signal.SIGTERM)
@@ -112,19 +113,6 @@ def main() -> None:
     print(f"{'decode tok/s':<28}{result['supervised_decode_tok_s']:>12}{result['in_process_decode_tok_s']:>12}")
     print(f"{'time to first token (s)':<28}{result['supervised_ttft_s']:>12}{result['in_process_ttft_s']:>12}")
     print(f"{'status rtt p50 / p99 (ms)':<28}{result['status_rtt_p50_ms']:>12}{result['status_rtt_p99_ms']:>12}")
-
-
-async def _wait_ready(state: Path) -> None:
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            async with SupervisorClient(state_dir=state) as client:
-                if (await client.status())["models"][0]["state"] == "READY":
-                    return
-        except Exception:
-            pass
-        await asyncio.sleep(0.2)
-    raise SystemExit("supervisor did not get smollm2 READY")
 
 
 if __name__ == "__main__":
