@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-import threading
 import uuid
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import zmq
 import zmq.asyncio
@@ -126,71 +125,6 @@ class GenerateStream:
             pass
         assert self.result is not None
         return self.result
-
-
-class EventStream:
-    """The supervisor's lifecycle events (model.state, model.failed, ...), each a dict with `event`,
-    `ts`, `seq` and its fields. Only events published after subscribing arrive (ZeroMQ PUB/SUB); a
-    gap in `seq` means events were dropped because this reader fell behind."""
-
-    def __init__(self, endpoint: str, prefixes: tuple[str, ...]) -> None:
-        if endpoint.startswith("ipc://") and not os.path.exists(endpoint[6:]):
-            raise E.SupervisorUnavailable(f"no events socket at {endpoint[6:]} (is lmx-supervisor running?)",
-                                          endpoint=endpoint)
-        self._ctx = zmq.asyncio.Context()
-        self._sock = self._ctx.socket(zmq.SUB)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.MAXMSGSIZE, codec.MAX_FRAME_BYTES)
-        for prefix in prefixes or ("",):
-            self._sock.setsockopt(zmq.SUBSCRIBE, prefix.encode())
-        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
-        self._sock.connect(endpoint)
-
-    async def connected(self, timeout_s: float = 5.0) -> None:
-        """Wait until the connection is up (subscriptions go out right after the handshake), so
-        events published from now on arrive: PUB/SUB drops what is sent before that."""
-        if self._monitor is None:
-            return
-        try:
-            await asyncio.wait_for(self._monitor.recv_multipart(), timeout_s)
-        except asyncio.TimeoutError:
-            raise E.SupervisorUnavailable(f"events socket did not answer within {timeout_s}s") from None
-        finally:
-            self._sock.disable_monitor()
-            self._monitor.close(linger=0)
-            self._monitor = None
-
-    def __aiter__(self) -> "EventStream":
-        return self
-
-    async def __anext__(self) -> dict[str, Any]:
-        while True:
-            if self._sock.closed:
-                raise StopAsyncIteration
-            frames = await self._sock.recv_multipart()
-            try:
-                return codec.decode_event(frames)
-            except E.LmxError:
-                continue  # not ours: skip it rather than end the stream
-
-    async def next(self, timeout_s: float) -> dict[str, Any]:
-        """The next event within `timeout_s`, else REQUEST_TIMEOUT."""
-        try:
-            return await asyncio.wait_for(self.__anext__(), timeout_s)
-        except asyncio.TimeoutError:
-            raise E.RequestTimeout(f"no event within {timeout_s}s") from None
-
-    async def aclose(self) -> None:
-        if self._monitor is not None:
-            self._monitor.close(linger=0)
-        self._sock.close(linger=0)
-        self._ctx.term()
-
-    async def __aenter__(self) -> "EventStream":
-        return self
-
-    async def __aexit__(self, *exc: Any) -> None:
-        await self.aclose()
 
 
 class SupervisorClient:
@@ -489,84 +423,6 @@ class SupervisorClient:
         return EventStream(self.events_endpoint, prefixes)
 
 
-class SyncSupervisorClient:
-    """Blocking facade over SupervisorClient: its own event loop on a private thread."""
-
-    def __init__(self, endpoint: str | None = None, **kwargs: Any) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="lmx-client", daemon=True)
-        self._thread.start()
-        self._client = SupervisorClient(endpoint, **kwargs)
-
-    def _run(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
-
-    def status(self, **kw: Any) -> dict[str, Any]:
-        return self._run(self._client.status(**kw))
-
-    def load(self, model: str, **kw: Any) -> dict:
-        return self._run(self._client.load(model, **kw))
-
-    def unload(self, model: str, **kw: Any) -> dict:
-        return self._run(self._client.unload(model, **kw))
-
-    def history(self, model: str, **kw: Any) -> list[dict]:
-        return self._run(self._client.history(model, **kw))
-
-    def release(self, model: str, **kw: Any) -> dict:
-        return self._run(self._client.release(model, **kw))
-
-    def rollback(self, model: str, revision: str | None = None, **kw: Any) -> dict:
-        return self._run(self._client.rollback(model, revision, **kw))
-
-    def verify(self, model: str, **kw: Any) -> dict:
-        return self._run(self._client.verify(model, **kw))
-
-    def compat(self, **kw: Any) -> dict:
-        return self._run(self._client.compat(**kw))
-
-    def repair(self, model: str, **kw: Any) -> dict:
-        return self._run(self._client.repair(model, **kw))
-
-    def probe(self, path: str, **kw: Any) -> dict:
-        return self._run(self._client.probe(path, **kw))
-
-    def reload(self, **kw: Any) -> dict:
-        return self._run(self._client.reload(**kw))
-
-    def metrics(self, **kw: Any) -> str:
-        return self._run(self._client.metrics(**kw))
-
-    def swap(self, old: str, new: str, **kw: Any) -> dict:
-        return self._run(self._client.swap(old, new, **kw))
-
-    def complete(self, model: str, prompt: str | None = None, **kw: Any) -> Result:
-        return self._run(self._client.complete(model, prompt, **kw))
-
-    def generate(self, model: str, prompt: str | None = None, **kw: Any) -> Iterator[Chunk]:
-        """Yields chunks; returns the Result as the generator's return value (StopIteration.value)."""
-        stream = self._client.generate(model, prompt, **kw)
-
-        async def step() -> Chunk | None:
-            try:
-                return await stream.__anext__()
-            except StopAsyncIteration:
-                return None
-
-        try:
-            while (chunk := self._run(step())) is not None:
-                yield chunk
-        finally:
-            self._run(stream.aclose())
-        return stream.result
-
-    def close(self) -> None:
-        self._run(self._client.close())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=5)
-
-    def __enter__(self) -> "SyncSupervisorClient":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+# The event stream and the blocking facade live in modules of their own; this stays the import path.
+from protocol.eventstream import EventStream  # noqa: E402
+from protocol.syncclient import SyncSupervisorClient  # noqa: E402
