@@ -79,10 +79,6 @@ class Batcher:
     def __len__(self) -> int:
         return len(self._streams)
 
-    @property
-    def full(self) -> bool:
-        return len(self._streams) >= self._max
-
     def add(self, req: GenerateRequest) -> None:
         try:
             prompt = self._engine.prompt_tokens(req)
