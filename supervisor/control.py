@@ -229,12 +229,11 @@ class ControlServer:
             raise E.Overloaded(f"this client has {self._per_client[identity]} requests in flight "
                                "(max_requests_per_client)", retry_after_s=1.0)
         # Every request has a deadline: the client's, capped by request_timeout_s.
-        cap = limits.request_timeout_s
-        if req.timeout_s is None or not 0 < req.timeout_s <= cap:
-            req = dataclasses.replace(req, timeout_s=cap if req.timeout_s is None or req.timeout_s > cap
-                                      else req.timeout_s)
-        if req.timeout_s <= 0:
+        if req.timeout_s is not None and req.timeout_s <= 0:
             raise E.BadRequest(f"timeout_s must be > 0, got {req.timeout_s}")
+        deadline = limits.request_timeout_s if req.timeout_s is None else min(req.timeout_s, limits.request_timeout_s)
+        if deadline != req.timeout_s:
+            req = dataclasses.replace(req, timeout_s=deadline)
         client_rid = req.request_id
         log = self.log.bind(model=req.model, request_id=client_rid)
         metrics, timer = self._metrics, RequestTimer(self._metrics, req.model)
@@ -268,9 +267,8 @@ class ControlServer:
                          duration_s=round(time.monotonic() - timer.start, 4))
 
         wrid = runtime.submit(req, sink)
-        if key not in self._routes and runtime.requests.knows(wrid):  # not already ended (by the sink)
-            self._routes[key] = (runtime, wrid)
-            self._per_client[identity] += 1
+        self._routes[key] = (runtime, wrid)
+        self._per_client[identity] += 1
 
     async def _unload(self, identity: bytes, request_id: str, runtime: ModelRuntime) -> None:
         await runtime.stop("operator unload")

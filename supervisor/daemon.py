@@ -195,12 +195,17 @@ class Supervisor:
         if rt.state is ModelState.READY:
             return
         rt.start(reason, wanted=True)
-        sup = self.config.supervisor
-        deadline = time.monotonic() + sup.load_timeout_s + rt.cfg.canary.timeout_s + 60
-        while rt.state is not ModelState.READY:
-            if rt.state in (ModelState.REJECTED, ModelState.QUARANTINED, ModelState.UNLOADED) or \
-                    time.monotonic() > deadline:
-                raise rt.last_error or E.ModelNotReady(f"model {rt.cfg.id} did not become READY ({rt.state.value})")
+        await self._settled(rt)
+        if rt.state is not ModelState.READY:
+            raise rt.last_error or E.ModelNotReady(f"model {rt.cfg.id} did not become READY ({rt.state.value})")
+
+    @staticmethod
+    async def _settled(rt: ModelRuntime) -> None:
+        """Until the model is READY or has given up (REJECTED, QUARANTINED, UNLOADED), bounded by
+        its load and canary timeouts."""
+        settled = (ModelState.READY, ModelState.REJECTED, ModelState.QUARANTINED, ModelState.UNLOADED)
+        deadline = time.monotonic() + rt.config.supervisor.load_timeout_s + rt.cfg.canary.timeout_s + 60
+        while rt.state not in settled and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
 
     def _autostart(self, rt: ModelRuntime, reason: str, force: bool = False) -> None:
@@ -303,12 +308,7 @@ class Supervisor:
         rt = self._runtime(model, evict=False)
         rt.config = config
         rt.start("probe", force=True)
-        sup = config.supervisor
-        deadline = time.monotonic() + sup.load_timeout_s + model.canary.timeout_s + 60
-        while rt.state not in (ModelState.READY, ModelState.REJECTED, ModelState.QUARANTINED):
-            if time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.05)
+        await self._settled(rt)
         outcome = rt.status()
         await rt.stop("probe done", remember=False)
         err = outcome["last_error"]

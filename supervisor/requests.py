@@ -104,9 +104,6 @@ class RequestQueue:
     def expire(self, wrid: str) -> None:
         self.end(wrid, E.RequestTimeout("request deadline passed"))
 
-    def knows(self, wrid: str) -> bool:
-        return wrid in self.active or any(p.wrid == wrid for p in self._queue)
-
     def first_active_origin(self) -> str | None:
         """For a crash record: which request the worker was serving (the canary's id is "")."""
         p = next(iter(self.active.values()), None)

@@ -31,6 +31,7 @@ class _Solo:
     req: GenerateRequest
     tokens_gen: Any
     cache: list
+    sampler: Any
     last_token: int | None = None
     yielded: int = 0
 
@@ -112,7 +113,7 @@ class Batcher:
         cache = make_prompt_cache(self._engine.model)
         tokens_gen = generate_step(mx.array(prompt), self._engine.model, prompt_cache=cache, sampler=sampler,
                                    max_tokens=req.max_tokens, prefill_step_size=self._prefill_step)
-        self._solo = _Solo(req, tokens_gen, cache)
+        self._solo = _Solo(req, tokens_gen, cache, sampler)
         self._streams[self._SOLO] = _Stream(req, self._engine.tokenizer.detokenizer, len(prompt))
         self._uids[req.request_id] = self._SOLO
         self._first.add(req.request_id)
@@ -145,10 +146,8 @@ class Batcher:
         else:
             trim_prompt_cache(solo.cache, 1)
             uid_prompt, cache = [solo.last_token], solo.cache
-
-        sampler = sampling.make(solo.req.temperature, solo.req.top_p)
         (uid,) = self._gen.insert([uid_prompt], [solo.req.max_tokens - solo.yielded],
-                                  caches=[cache] if cache is not None else None, samplers=[sampler])
+                                  caches=[cache] if cache is not None else None, samplers=[solo.sampler])
         self._streams[uid] = stream
         self._uids[solo.req.request_id] = uid
 
