@@ -12,6 +12,7 @@ import zmq
 import zmq.asyncio
 
 from protocol import codec
+from protocol.endpoint import worker_identities
 from protocol.messages import TO_SUPERVISOR_FROM_WORKER, Message
 from supervisor import logs
 from supervisor.ratelimit import LogLimit
@@ -41,10 +42,12 @@ class WorkerHub:
         self._log_limit = LogLimit(self.log)
 
     def register(self, token: str, peer: WorkerPeer) -> None:
-        self._peers[token.encode()] = peer
+        for identity in worker_identities(token):
+            self._peers[identity] = peer
 
     def unregister(self, token: str) -> None:
-        self._peers.pop(token.encode(), None)
+        for identity in worker_identities(token):
+            self._peers.pop(identity, None)
 
     def send(self, token: str, msg: Message) -> None:
         try:

@@ -44,8 +44,7 @@ def _watch() -> None:
                 kind = f.read().strip()
             os.unlink(args.trigger)
             ch = _instances[0]
-            with ch._push_lock:  # the IO thread forwards these frames as they are
-                ch._push.send_multipart(GARBAGE.get(kind, GARBAGE["msgpack"]))
+            ch.send_frames(GARBAGE.get(kind, GARBAGE["msgpack"]))  # as they are, on its data socket
 
 
 threading.Thread(target=_watch, daemon=True).start()

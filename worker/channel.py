@@ -11,6 +11,7 @@ from typing import Callable
 import zmq
 
 from protocol import codec
+from protocol.endpoint import worker_identities
 from protocol.exitcodes import WorkerExit
 import psutil
 
@@ -40,8 +41,11 @@ class Progress:
 
 
 class Channel:
-    """One DEALER socket to the supervisor, driven only by this thread; the main thread (busy in
-    mlx) hands it messages over an inproc pipe and receives commands from `inbox`."""
+    """Two DEALER sockets to the supervisor. The IO thread's sends the hello and the heartbeats and
+    receives every command (into `inbox`), so a main thread busy in mlx never delays them. The main
+    thread's carries what the main thread makes (ready, chunks, finals, errors) straight to the
+    supervisor: a token's way out costs one ZeroMQ send, not a hand-off to a Python thread that must
+    first win the GIL back from the next decode step."""
 
     def __init__(self, endpoint: str, token: str, death_fd: int | None, progress: Progress) -> None:
         self.inbox: queue.Queue[Message] = queue.Queue()
@@ -51,14 +55,10 @@ class Channel:
         self._ctx = zmq.Context.instance()
         self._endpoint = endpoint
         self._token = token
+        self._control_identity, self._data_identity = worker_identities(token)
         self._death_fd = death_fd
-        self._inproc = f"inproc://worker-out-{id(self)}"
-        self._pull = self._ctx.socket(zmq.PAIR)
-        self._pull.bind(self._inproc)
-        self._push = self._ctx.socket(zmq.PAIR)
-        self._push.setsockopt(zmq.SNDHWM, 0)
-        self._push.connect(self._inproc)
-        self._push_lock = threading.Lock()
+        self._data = self._socket(self._data_identity)
+        self._data_lock = threading.Lock()  # the main thread's socket; tests' wrappers share it
         self._orphaned_at: float | None = None
         self._supervisor: psutil.Process | None = None  # the adopting supervisor, watched by polling
         self._hello: Hello | None = None
@@ -70,12 +70,18 @@ class Channel:
 
     def send(self, msg: Message) -> None:
         """Called from the main thread."""
-        with self._push_lock:
-            self._push.send_multipart(codec.encode(msg), copy=False)
+        self.send_frames(codec.encode(msg))
 
-    def _socket(self) -> zmq.Socket:
+    def send_frames(self, frames: list[bytes]) -> None:
+        with self._data_lock:
+            try:
+                self._data.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                log("worker.send_dropped", level="warning")
+
+    def _socket(self, identity: bytes) -> zmq.Socket:
         sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY, self._token.encode())
+        sock.setsockopt(zmq.IDENTITY, identity)
         sock.setsockopt(zmq.LINGER, 0)
         # Sends never block this thread (a blocked IO thread could never notice it is orphaned);
         # a deep queue keeps a burst of tokens from being dropped while the supervisor catches up.
@@ -92,12 +98,11 @@ class Channel:
             os._exit(WorkerExit.IO_FAILED)
 
     def _loop(self) -> None:
-        sock = self._socket()
+        sock = self._socket(self._control_identity)
         assert self._hello is not None
         self._send(sock, self._hello)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
-        poller.register(self._pull, zmq.POLLIN)
         if self._death_fd is not None:
             poller.register(self._death_fd, zmq.POLLIN)
         last_beat = 0.0
@@ -108,8 +113,6 @@ class Channel:
             for item, _ in poller.poll(timeout_ms):
                 if item is sock:
                     self._receive(sock)
-                elif item is self._pull:
-                    self._forward(sock)
                 elif item == self._death_fd:
                     self._on_parent_gone(poller)
             now = time.monotonic()
@@ -183,13 +186,6 @@ class Channel:
             self._send(sock, Hello(h.token, h.pid, h.model_id, h.versions, adopt=True,
                                    revision=self.progress.revision,
                                    start_time=psutil.Process().create_time()))
-
-    def _forward(self, sock: zmq.Socket) -> None:
-        frames = self._pull.recv_multipart(copy=False)
-        try:
-            sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
-        except zmq.Again:
-            log("worker.send_dropped", level="warning")
 
     def _send(self, sock: zmq.Socket, msg: Message) -> None:
         try:
