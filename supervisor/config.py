@@ -55,6 +55,9 @@ class SupervisorSettings:
     # Requests in the supervisor (running + queued) over all models, and per client connection.
     max_requests: int = 1024
     max_requests_per_client: int = 256
+    # Messages queued for one client connection (ZeroMQ's send high-water mark): a client that stops
+    # reading its stream has its request cancelled past it. Applies to connections made after a reload.
+    client_buffer_messages: int = 10_000
     # Workers started ahead of need (interpreter up, mlx-lm imported): a (re)start takes one and
     # pays only load + canary. Each idles at ~250 MB RSS.
     warm_spares: int = 0
@@ -274,6 +277,8 @@ def parse(text: str, file: str = "<config>", base_dir: Path | None = None) -> Co
         raise ConfigError(file, "supervisor.evict", f"expected \"lru\" or \"\", got {supervisor.evict!r}")
     if not 0 <= supervisor.metrics_port <= 65535:
         raise ConfigError(file, "supervisor.metrics_port", f"expected 0 (off) or a TCP port, got {supervisor.metrics_port}")
+    if supervisor.client_buffer_messages < 1:
+        raise ConfigError(file, "supervisor.client_buffer_messages", "must be >= 1")
     if supervisor.heartbeat_timeout_s <= supervisor.heartbeat_interval_s:
         raise ConfigError(file, "supervisor.heartbeat_timeout_s", "must exceed heartbeat_interval_s")
     return Config(file, supervisor, restart, models, clients)

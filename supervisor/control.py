@@ -46,11 +46,15 @@ class ControlServer:
         metrics: Metrics | None = None,
         configure: Callable[[zmq.Socket], None] | None = None,
         access: Access | None = None,
+        client_buffer_messages: int = 10_000,
     ) -> None:
         self._sock = ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.MAXMSGSIZE, codec.MAX_FRAME_BYTES)
-        self._sock.setsockopt(zmq.SNDHWM, 10_000)  # per client: a slow reader is cancelled past it
+        # Per client: a slow reader is cancelled past it (see send).
+        self._sock.setsockopt(zmq.SNDHWM, client_buffer_messages)
+        # A send to a client that is gone, or whose buffer is full, fails instead of vanishing.
+        self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         if configure is not None:  # the tcp endpoint: CURVE server options, before bind
             configure(self._sock)
         self._sock.bind(endpoint)
@@ -97,13 +101,22 @@ class ControlServer:
             event = parse_monitor_message(await self._monitor.recv_multipart())["event"]
             self.connections = max(0, self.connections + (1 if event == zmq.EVENT_ACCEPTED else -1))
 
-    def send(self, identity: bytes, msg: Message) -> bool:
-        try:
-            self._sock.send_multipart([identity, *codec.encode(msg)], zmq.NOBLOCK)
-            return True
-        except zmq.ZMQError as exc:
-            self.log.warning("client.send_dropped", type=msg.TAG, error=str(exc))
-            return False
+    def send(self, identity: bytes, msg: Message) -> str | None:
+        """Queue a message for a client. None when queued, else why not: "gone" (the client has
+        disconnected) or "full" (its buffer of SNDHWM messages is full: it stopped reading)."""
+        fut = self._sock.send_multipart([identity, *codec.encode(msg)], zmq.NOBLOCK)
+        if not fut.done():  # behind an earlier send that waits (none do: every send is NOBLOCK)
+            fut.add_done_callback(lambda f: f.exception())
+            return None
+        exc = fut.exception()  # a NOBLOCK send is tried at once: ZeroMQ's answer is here already
+        if exc is None:
+            return None
+        if isinstance(exc, zmq.Again):
+            return "full"
+        if isinstance(exc, zmq.ZMQError) and exc.errno == zmq.EHOSTUNREACH:
+            return "gone"
+        self._log_limit.log("warning", "client.send_failed", type=msg.TAG, error=str(exc))
+        return "failed"
 
     async def _recv_loop(self) -> None:
         while True:
@@ -241,14 +254,17 @@ class ControlServer:
         def sink(msg: Message) -> None:
             if isinstance(msg, Chunk):
                 timer.chunk()
-                if not self.send(identity, Chunk(client_rid, msg.text, msg.tokens)):
-                    # The client's buffer (ZeroMQ's, bounded by SNDHWM) is full: it stopped reading.
-                    # Cancel rather than drop a chunk: never a stream with a hole in it, and the
-                    # slot goes back to readers that keep up.
-                    route = self._routes.get(key)
-                    if route is not None:
+                unsent = self.send(identity, Chunk(client_rid, msg.text, msg.tokens))
+                route = self._routes.get(key) if unsent else None
+                if route is not None:
+                    # Its client is gone, or its buffer is full because it stopped reading: cancel
+                    # rather than generate for nobody, or send a stream with a hole in it; the slot
+                    # goes back to clients that read.
+                    if unsent == "full":
                         log.warning("client.slow_reader_cancelled", code="CANCELLED")
-                        route[0].cancel(route[1])
+                    else:
+                        log.info("client.gone_cancelled", code="CANCELLED", reason=unsent)
+                    route[0].cancel(route[1])
                 return
             if self._routes.pop(key, None) is not None:
                 self._per_client[identity] -= 1

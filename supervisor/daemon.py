@@ -108,6 +108,7 @@ class Supervisor:
         self.control = ControlServer(
             self.ctx, ep.control_endpoint(state_dir), state_dir / ep.CONTROL_SOCKET, self.models, self.status,
             self.reload, self.store, self.probe, self.metrics,
+            client_buffer_messages=sup.client_buffer_messages,
         )
         self.control.limits = config.supervisor
         self.control.swap = self.swap
@@ -125,7 +126,8 @@ class Supervisor:
 
     def _remote_server(self, ctx: zmq.asyncio.Context, endpoint: str, configure: Any, access: Any) -> ControlServer:
         server = ControlServer(ctx, endpoint, None, self.models, self.status, self.reload, self.store, self.probe,
-                               self.metrics, configure=configure, access=access)
+                               self.metrics, configure=configure, access=access,
+                               client_buffer_messages=self.config.supervisor.client_buffer_messages)
         server.limits = self.config.supervisor
         return server
 

@@ -8,10 +8,14 @@ import time
 from pathlib import Path
 
 import pytest
+import zmq
 
+from protocol import codec
+from protocol import endpoint as ep
 from protocol import errors as E
 from protocol.client import SupervisorClient
-from tests.harness import RunningSupervisor
+from protocol.messages import TO_CLIENT, Chunk, GenerateRequest
+from tests.harness import RunningSupervisor, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +24,7 @@ def sup(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path):
         tmp_path_factory.mktemp("batching"),
         [{"id": "b", "path": str(tiny_model), "max_batch_size": 8},
          {"id": "one", "path": str(tiny_model), "max_batch_size": 1, "max_queue": 1}],
-        supervisor={"max_requests_per_client": 12},
+        supervisor={"max_requests_per_client": 12, "client_buffer_messages": 256},
     ).start()
     yield s
     s.cleanup()
@@ -119,3 +123,58 @@ def test_a_client_past_its_limit_is_overloaded(sup: RunningSupervisor) -> None:
     outcomes = asyncio.run(run())
     assert sum(isinstance(o, E.Overloaded) for o in outcomes) == 2  # max_requests_per_client = 12
     assert sum(not isinstance(o, Exception) for o in outcomes) == 12
+
+
+class RawClient:
+    """A client on a bare DEALER socket, so a test decides when it reads and when it goes away."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.RCVHWM, 1)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(ep.control_endpoint(state_dir))
+
+    def generate(self, rid: str, max_tokens: int) -> None:
+        self.sock.send_multipart(codec.encode(GenerateRequest(rid, "b", prompt="Hello", max_tokens=max_tokens)))
+
+    def recv(self, timeout_s: float = 30.0):
+        assert self.sock.poll(int(timeout_s * 1000)), "no reply"
+        return codec.decode(self.sock.recv_multipart(), TO_CLIENT)
+
+    def close(self) -> None:
+        self.sock.close(0)
+        self.ctx.term()
+
+
+def _failed(sup: RunningSupervisor, rid: str) -> list[dict]:
+    return [e for e in sup.events("request.failed") if e["request_id"] == rid]
+
+
+def test_a_client_that_disconnects_mid_stream_has_its_request_cancelled(sup: RunningSupervisor) -> None:
+    raw = RawClient(sup.state_dir)
+    raw.generate("gone-1", max_tokens=100_000)
+    assert isinstance(raw.recv(), Chunk)
+    raw.close()  # the connection closes, as when the client process dies
+    failed = wait_until(lambda: _failed(sup, "gone-1"), 30, "the request to end once its client is gone")
+    assert failed[0]["code"] == "CANCELLED"
+    assert [e for e in sup.events("client.gone_cancelled") if e["request_id"] == "gone-1"]
+    m = sup.model("b")
+    assert m["state"] == "READY" and m["active"] == 0 and m["failures_in_window"] == 0
+
+
+def test_a_client_that_stops_reading_is_cancelled_and_never_stalls_the_others(sup: RunningSupervisor) -> None:
+    # A reader that never reads: once the kernel's socket buffer and then client_buffer_messages
+    # (256 here) are full, its request is cancelled; a stream with a hole is never sent.
+    raw = RawClient(sup.state_dir)
+    try:
+        raw.generate("slow-1", max_tokens=200_000)
+        done = sup.client.complete("b", "Hello meanwhile", max_tokens=30)  # served while it hogs
+        assert done.usage["completion_tokens"] == 30
+        failed = wait_until(lambda: _failed(sup, "slow-1"), 120, "the slow reader's request to be cancelled")
+        assert failed[0]["code"] == "CANCELLED"
+        assert [e for e in sup.events("client.slow_reader_cancelled") if e["request_id"] == "slow-1"]
+        m = sup.model("b")
+        assert m["state"] == "READY" and m["active"] == 0 and m["failures_in_window"] == 0
+    finally:
+        raw.close()
