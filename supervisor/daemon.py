@@ -83,6 +83,7 @@ class Supervisor:
         self.state_dir = state_dir
         self.started = time.monotonic()
         self._proc = psutil.Process()
+        self._rss = (0.0, 0)  # (monotonic time read, bytes): status reads /proc at most once a second
         self.log = logs.get()
         self._stop = asyncio.Event()
         self._signal: str | None = None
@@ -215,13 +216,18 @@ class Supervisor:
         if wanted or (wanted is None and rt.cfg.autoload):
             rt.start(reason, force=force)
 
+    def _rss_bytes(self) -> int:
+        now = time.monotonic()
+        if now - self._rss[0] >= 1.0:
+            self._rss = (now, self._proc.memory_info().rss)
+        return self._rss[1]
+
     def status(self) -> dict[str, Any]:
-        proc = self._proc
         return {
             "supervisor": {
                 "pid": os.getpid(),
                 "version": supervisor.__version__,
-                "rss_bytes": proc.memory_info().rss,
+                "rss_bytes": self._rss_bytes(),
                 "uptime_s": round(time.monotonic() - self.started, 3),
                 # The point of the process split: mlx lives only in workers.
                 "mlx_imported": "mlx" in sys.modules or "mlx_lm" in sys.modules,  # any submodule imports these
