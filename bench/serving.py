@@ -37,7 +37,7 @@ from protocol.messages import StatusRequest  # noqa: E402
 from tests.snapshots import write_tiny_llama  # noqa: E402
 
 TOKENS = int(os.environ.get("LMX_BENCH_TOKENS", "256"))
-RUNS = 5
+RUNS = int(os.environ.get("LMX_BENCH_RUNS", "15"))
 CONCURRENCY = [int(n) for n in os.environ.get("LMX_BENCH_CONCURRENCY", "1,4,16,64").split(",")]
 STREAM_TOKENS = 64
 PROMPT = "Once upon a time"
@@ -85,12 +85,19 @@ async def _single(client: SupervisorClient, model: str) -> dict:
 
 
 async def single_streams(client: SupervisorClient, base: InProcess) -> dict[str, dict]:
-    """Baseline and supervised runs interleaved, so drift of a shared machine hits both alike."""
+    """Baseline and supervised runs interleaved, so drift of a shared machine hits both alike, and
+    in a rotating order, so none always runs first after another."""
     runs: dict[str, list] = {"in_process": [], "batched": [], "serial": []}
-    for _ in range(RUNS + 1):  # the first round warms up
-        runs["in_process"].append(base.run())
-        runs["batched"].append(await _single(client, "tiny"))
-        runs["serial"].append(await _single(client, "tiny1"))
+
+    async def run(kind: str) -> dict:
+        if kind == "in_process":
+            return base.run()
+        return await _single(client, "tiny" if kind == "batched" else "tiny1")
+
+    kinds = list(runs)
+    for i in range(RUNS + 1):  # the first round warms up
+        for kind in kinds[i % 3:] + kinds[:i % 3]:
+            runs[kind].append(await run(kind))
     return {k: _median(v[1:]) for k, v in runs.items()}
 
 

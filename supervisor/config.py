@@ -86,7 +86,7 @@ class CanarySettings:
 
 # Model keys added after revisions were first recorded, with their defaults.
 _ADDED_LATER = {"hub_repo": None, "hub_revision": None, "max_batch_size": 8, "prefill_step_size": 512,
-                "max_queue": 64, "idle_ttl_s": 0.0, "pinned": False}
+                "max_queue": 64, "idle_ttl_s": 0.0, "pinned": False, "stream_interval_s": 0.01}
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,8 @@ class ModelConfig:
     worker_command: tuple[str, ...] | None = None
     max_batch_size: int = 8  # requests decoded together in the worker (1 = one at a time)
     prefill_step_size: int = 512  # prompt tokens per batch step: bounds how long prefill holds decoding up
+    # After a stream's first chunk, tokens that come within this of the last send go together.
+    stream_interval_s: float = 0.01
     max_queue: int = 64  # requests waiting beyond the batch; past it: OVERLOADED
     idle_ttl_s: float = 0.0  # READY and unused this long: unload (0 = never); the next request loads it
     pinned: bool = False  # never evicted, never unloaded for idleness
@@ -226,6 +228,7 @@ def _model(file: str, index: int, raw: Any, base_dir: Path) -> ModelConfig:
         hub_revision=reader.take("hub_revision", str, None),
         max_batch_size=reader.take("max_batch_size", int, 8),
         prefill_step_size=reader.take("prefill_step_size", int, 512),
+        stream_interval_s=reader.take("stream_interval_s", float, 0.01),
         max_queue=reader.take("max_queue", int, 64),
         idle_ttl_s=reader.take("idle_ttl_s", float, 0.0),
         pinned=reader.take("pinned", bool, False),
@@ -236,6 +239,8 @@ def _model(file: str, index: int, raw: Any, base_dir: Path) -> ModelConfig:
     for key in ("max_batch_size", "prefill_step_size"):
         if getattr(model, key) < 1:
             raise ConfigError(file, f"{prefix}.{key}", "must be >= 1")
+    if not 0.0 <= model.stream_interval_s <= 1.0:
+        raise ConfigError(file, f"{prefix}.stream_interval_s", "must be between 0 and 1 (seconds)")
     if model.max_queue < 0:
         raise ConfigError(file, f"{prefix}.max_queue", "must be >= 0")
     if model.hub_repo and not model.hub_revision:

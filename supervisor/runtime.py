@@ -221,7 +221,8 @@ class ModelRuntime:
         await wait_for(worker.hello, HELLO_TIMEOUT_S, E.LoadTimeout("worker sent no hello"))
         self._hub.send(worker.process.token, Init(cfg.id, cfg.revision, cfg.path, sup.heartbeat_interval_s,
                                                   sup.orphan_grace_s, cfg.memory_limit_bytes,
-                                                  cfg.max_batch_size, cfg.prefill_step_size))
+                                                  cfg.max_batch_size, cfg.prefill_step_size,
+                                                  cfg.stream_interval_s))
         self._to(S.LOADING, "handshake done")
         await wait_for(worker.ready, sup.load_timeout_s,
                           E.LoadTimeout(f"no ready within load_timeout_s={sup.load_timeout_s}"))

@@ -14,7 +14,7 @@ from protocol import codec
 from protocol import endpoint as ep
 from protocol import errors as E
 from protocol.client import SupervisorClient
-from protocol.messages import TO_CLIENT, Chunk, GenerateRequest
+from protocol.messages import TO_CLIENT, Chunk, Final, GenerateRequest
 from tests.harness import RunningSupervisor, wait_until
 
 
@@ -23,7 +23,7 @@ def sup(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path):
     s = RunningSupervisor(
         tmp_path_factory.mktemp("batching"),
         [{"id": "b", "path": str(tiny_model), "max_batch_size": 8},
-         {"id": "one", "path": str(tiny_model), "max_batch_size": 1, "max_queue": 1}],
+         {"id": "one", "path": str(tiny_model), "max_batch_size": 1, "max_queue": 1, "stream_interval_s": 0.0}],
         supervisor={"max_requests_per_client": 12, "client_buffer_messages": 256},
     ).start()
     yield s
@@ -135,8 +135,16 @@ class RawClient:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(ep.control_endpoint(state_dir))
 
-    def generate(self, rid: str, max_tokens: int) -> None:
-        self.sock.send_multipart(codec.encode(GenerateRequest(rid, "b", prompt="Hello", max_tokens=max_tokens)))
+    def generate(self, rid: str, max_tokens: int, model: str = "b") -> None:
+        self.sock.send_multipart(codec.encode(GenerateRequest(rid, model, prompt="Hello", max_tokens=max_tokens)))
+
+    def stream(self, rid: str, max_tokens: int, model: str) -> tuple[list[Chunk], Final]:
+        self.generate(rid, max_tokens, model)
+        chunks = []
+        while not isinstance(msg := self.recv(), Final):
+            assert isinstance(msg, Chunk), msg
+            chunks.append(msg)
+        return chunks, msg
 
     def recv(self, timeout_s: float = 30.0):
         assert self.sock.poll(int(timeout_s * 1000)), "no reply"
@@ -178,3 +186,23 @@ def test_a_client_that_stops_reading_is_cancelled_and_never_stalls_the_others(su
         assert m["state"] == "READY" and m["active"] == 0 and m["failures_in_window"] == 0
     finally:
         raw.close()
+
+
+@pytest.mark.parametrize("model", ["b", "one"])
+def test_the_first_token_goes_at_once_and_later_ones_together(sup: RunningSupervisor, model: str) -> None:
+    # The tiny model makes a token every ~1-2 ms here: at the default 10 ms interval several go per
+    # message; at 0 ("one") each goes as it comes. Messages counted on a bare socket (the client
+    # library would merge what queued up while it was busy).
+    raw = RawClient(sup.state_dir)
+    try:
+        chunks, final = raw.stream(f"paced-{model}", 200, model)
+    finally:
+        raw.close()
+    assert final.usage["completion_tokens"] == 200
+    assert sum(c.tokens for c in chunks) == 200
+    assert chunks[0].tokens == 1
+    assert "".join(c.text for c in chunks) == final.text
+    if model == "b":
+        assert len(chunks) < 200 / 2
+    else:
+        assert all(c.tokens == 1 for c in chunks)

@@ -19,10 +19,7 @@ from protocol.messages import Chunk, Chunks, Error, Final, GenerateRequest, Mess
 from worker.channel import Progress
 from worker import sampling
 from worker.engine import Engine, find_stop, stop_holdback
-
-
-# Tokens that come faster than this after the last send wait for the next steps' and go together.
-COALESCE_S = 0.002
+from worker.pacing import Pacer
 
 
 @dataclass
@@ -50,7 +47,7 @@ class _Stream:
 
 class Batcher:
     def __init__(self, engine: Engine, progress: Progress, send: Callable[[Message], None],
-                 max_batch_size: int, prefill_step_size: int) -> None:
+                 max_batch_size: int, prefill_step_size: int, stream_interval_s: float) -> None:
         self._engine = engine
         self._progress = progress
         self._send = send
@@ -60,7 +57,8 @@ class Batcher:
         # Chunks not sent yet: request id -> [request_id, text, tokens], merged per stream.
         self._out: dict[str, list] = {}
         self._first: set[str] = set()  # streams whose first chunk is waiting: never held back
-        self._flushed_at = 0.0
+        self._pacer = Pacer(stream_interval_s)
+        self._step_s = 0.0  # how long the last step took: what the next is expected to take
         self._uids: dict[str, int] = {}  # request id -> BatchGenerator uid (or the solo's -1)
         self._gen = self._new_generator()
         self._solo: _Solo | None = None
@@ -172,12 +170,14 @@ class Batcher:
         """One BatchGenerator step: a decode step for running streams and a bounded slice of prompt
         work for new ones. Fails the whole batch (not the worker) if mlx raises."""
         progress = self._progress
+        start = time.monotonic()
         if self._solo is not None:
             try:
                 self._solo_step()
             except Exception as exc:
                 self._fail_all(exc)
                 return
+            self._step_s = time.monotonic() - start
             self._flush(step_end=True)
             progress.count += 1
             progress.phase = "decode" if self._streams else "idle"
@@ -190,6 +190,7 @@ class Batcher:
         progress.count += 1
         progress.phase = "decode" if responses or not prompt_responses else "prefill"
         now = time.monotonic()
+        self._step_s = now - start
         for r in responses:
             s = self._streams.get(r.uid)
             if s is not None:
@@ -239,18 +240,17 @@ class Batcher:
 
     def _flush(self, step_end: bool = False) -> None:
         """Chunks go out as one message for the whole batch, not one per stream. At a step's end
-        they may wait up to COALESCE_S for the next steps' (a model faster than the pipe to the
-        client then sends fewer, larger chunks), except a stream's first (time to first token).
-        Anything else sent flushes first, so a stream's last chunk precedes its final."""
+        they may wait for the next steps' (worker.pacing), except a stream's first. Anything else
+        sent flushes first, so a stream's last chunk precedes its final."""
         if not self._out:
             return
         now = time.monotonic()
-        if step_end and now - self._flushed_at < COALESCE_S and not self._first.intersection(self._out):
+        if step_end and self._pacer.hold(now, self._step_s) and not self._first.intersection(self._out):
             return
         out = list(self._out.values())
         self._out.clear()
         self._first.difference_update(r[0] for r in out)
-        self._flushed_at = now
+        self._pacer.sent(now)
         self._send(Chunk(*out[0]) if len(out) == 1 else Chunks(out))
 
     def _finish(self, uid: int, s: _Stream, reason: str, now: float) -> None:

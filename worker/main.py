@@ -15,6 +15,7 @@ from protocol.messages import (
 )
 from worker.channel import Channel, Progress
 from worker.log import log
+from worker.pacing import Pacer
 
 INIT_TIMEOUT_S = 60.0
 
@@ -44,7 +45,7 @@ def _wait_init(channel: Channel) -> Init:
         log("worker.unexpected_message", level="warning", type=msg.TAG)
 
 
-def _serve(channel: Channel, engine, progress: Progress) -> int:
+def _serve(channel: Channel, engine, progress: Progress, stream_interval_s: float) -> int:
     from worker.engine import Cancelled
 
     while True:
@@ -58,25 +59,50 @@ def _serve(channel: Channel, engine, progress: Progress) -> int:
             continue
         rid = msg.request_id
         progress.current = rid
-
-        def emit(text: str, tokens: int, rid: str = rid) -> None:
-            channel.send(Chunk(rid, text, tokens))
-
+        stream = _PacedStream(channel, rid, stream_interval_s)
         try:
-            out = engine.generate(msg, emit)
+            out = engine.generate(msg, stream.emit)
         except Cancelled:
             channel.send(Error(rid, ErrorCode.CANCELLED.code, "cancelled by client"))
         except Exception as exc:  # a request-level failure: report it, keep serving
+            stream.flush()
             log("worker.generate_failed", level="error", request_id=rid, error=repr(exc),
                 traceback=traceback.format_exc(limit=5))
             channel.send(Error(rid, ErrorCode.INTERNAL.code, f"generation failed: {exc!r}"))
         else:
+            stream.flush()
             usage = {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens}
             channel.send(Final(rid, out.text, out.finish_reason, usage, out.timings))
         finally:
             progress.cancelled.discard(rid)
             progress.current = None
             progress.phase = "idle"
+
+
+class _PacedStream:
+    """One-at-a-time serving's chunks, paced like the batch's (worker.pacing): the first at once,
+    then what comes within the interval goes together."""
+
+    def __init__(self, channel: Channel, rid: str, interval_s: float) -> None:
+        self._channel, self._rid = channel, rid
+        self._pacer = Pacer(interval_s)
+        self._text: list[str] = []
+        self._tokens = 0
+        self._last = time.monotonic()
+
+    def emit(self, text: str, tokens: int) -> None:
+        now = time.monotonic()
+        gap, self._last = now - self._last, now
+        self._text.append(text)
+        self._tokens += tokens
+        if not self._pacer.hold(now, gap):
+            self.flush(now)
+
+    def flush(self, now: float | None = None) -> None:
+        if self._text or self._tokens:
+            self._channel.send(Chunk(self._rid, "".join(self._text), self._tokens))
+            self._text, self._tokens = [], 0
+            self._pacer.sent(time.monotonic() if now is None else now)
 
 
 def _serve_batched(channel: Channel, batcher, progress: Progress) -> int:
@@ -154,9 +180,10 @@ def main() -> int:
     if init.max_batch_size > 1:
         from worker.batch import Batcher
 
-        batcher = Batcher(engine, progress, channel.send, init.max_batch_size, init.prefill_step_size)
+        batcher = Batcher(engine, progress, channel.send, init.max_batch_size, init.prefill_step_size,
+                          init.stream_interval_s)
         return _serve_batched(channel, batcher, progress)
-    return _serve(channel, engine, progress)
+    return _serve(channel, engine, progress, init.stream_interval_s)
 
 
 def _flush_and_exit(code: int) -> None:
