@@ -156,7 +156,11 @@ class SupervisorClient:
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
         self._ctx: Optional[zmq.asyncio.Context] = None
-        self._sock: Optional[zmq.asyncio.Socket] = None
+        # The request socket is a plain one read from the loop's own reader callback (_drain): a
+        # reply reaches its waiter one loop turn after the socket is readable, with none of the
+        # future-per-receive machinery of zmq.asyncio in between.
+        self._sock: Optional[zmq.Socket] = None
+        self._fd: Optional[int] = None
         self._monitor: Optional[zmq.asyncio.Socket] = None
         self._pending: dict[str, asyncio.Queue] = {}
         self._tasks: list[asyncio.Task] = []
@@ -174,7 +178,7 @@ class SupervisorClient:
                 f"no supervisor socket at {self.endpoint[6:]} (is lmx-supervisor running with this state dir?)",
                 endpoint=self.endpoint)
         self._ctx = zmq.asyncio.Context()
-        sock = self._ctx.socket(zmq.DEALER)
+        sock = zmq.Context.shadow(self._ctx.underlying).socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, codec.MAX_FRAME_BYTES)
         events = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
@@ -186,14 +190,20 @@ class SupervisorClient:
             # Connected means the CURVE handshake passed (the server knows our key), not just tcp.
             events |= zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH \
                 | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-        monitor = sock.get_monitor_socket(events)
+        # The monitor is read by a task, so it lives on the asyncio context.
+        addr = f"inproc://lmx-client-monitor.{id(self)}.{sock.getsockopt(zmq.FD)}"
+        sock.monitor(addr, events)
+        monitor = self._ctx.socket(zmq.PAIR)
+        monitor.connect(addr)
         self._monitor = monitor
         self._connected = asyncio.Event()
         self._refused = None
         sock.connect(self.endpoint)
         self._sock = sock
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._recv_loop()), loop.create_task(self._watch(monitor))]
+        self._fd = sock.getsockopt(zmq.FD)
+        loop.add_reader(self._fd, self._drain)
+        self._tasks = [loop.create_task(self._watch(monitor))]
         try:
             await asyncio.wait_for(self._connected.wait(), self.connect_timeout_s)
         except asyncio.TimeoutError:
@@ -249,10 +259,12 @@ class SupervisorClient:
                 q.put_nowait(Error.from_exc(None, self._refused))
         return True
 
-    async def _recv_loop(self) -> None:
-        assert self._sock is not None
-        while True:
-            frames = await self._sock.recv_multipart()
+    def _drain(self) -> None:
+        """Every reply already here, routed to its request's queue. ZeroMQ's fd only says that
+        something changed: what is readable is in EVENTS, and is read to the end each time."""
+        sock = self._sock
+        while sock is not None and not sock.closed and sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            frames = sock.recv_multipart(zmq.NOBLOCK)
             try:
                 msg = codec.decode(frames, TO_CLIENT)
             except E.LmxError as exc:
@@ -271,8 +283,11 @@ class SupervisorClient:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
-        # Close through the asyncio wrappers (they unregister their fds from the loop), monitor
-        # first: term() waits for every socket of the context.
+        if self._fd is not None:
+            asyncio.get_running_loop().remove_reader(self._fd)
+            self._fd = None
+        # The monitor through its asyncio wrapper (it unregisters its fd from the loop); both
+        # closed before term(), which waits for every socket of the context.
         for sock in (self._monitor, self._sock):
             if sock is not None:
                 sock.close(linger=0)
@@ -293,7 +308,13 @@ class SupervisorClient:
     async def _send(self, msg: Message) -> None:
         await self.connect()
         assert self._sock is not None
-        await self._sock.send_multipart(codec.encode(msg))
+        try:
+            self._sock.send_multipart(codec.encode(msg), zmq.NOBLOCK)
+        except zmq.Again:
+            raise E.Overloaded("this client's send queue is full: the supervisor is not reading it",
+                               retry_after_s=1.0) from None
+        # A send can consume the fd's edge for a reply that arrived meanwhile: read what is there.
+        self._drain()
 
     async def _begin(self, msg: Message) -> asyncio.Queue:
         await self.connect()
