@@ -17,6 +17,7 @@ from protocol import codec
 from protocol import endpoint as ep
 from protocol import errors as E
 from protocol import keys
+from protocol.loopreader import LoopReader
 from protocol.messages import (
     TO_CLIENT, Ack, AdminRequest, Cancel, Chunk, Error, Final, GenerateRequest, HistoryReply, HistoryRequest,
     LoadRequest, Message, StatusReply, StatusRequest, UnloadRequest,
@@ -156,11 +157,10 @@ class SupervisorClient:
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
         self._ctx: Optional[zmq.asyncio.Context] = None
-        # The request socket is a plain one read from the loop's own reader callback (_drain): a
-        # reply reaches its waiter one loop turn after the socket is readable, with none of the
-        # future-per-receive machinery of zmq.asyncio in between.
+        # The request socket is a plain one read by the loop's reader callback (protocol.loopreader):
+        # a reply reaches its waiter one loop turn after the socket is readable.
         self._sock: Optional[zmq.Socket] = None
-        self._fd: Optional[int] = None
+        self._reader: Optional[LoopReader] = None
         self._monitor: Optional[zmq.asyncio.Socket] = None
         self._pending: dict[str, asyncio.Queue] = {}
         self._tasks: list[asyncio.Task] = []
@@ -201,8 +201,8 @@ class SupervisorClient:
         sock.connect(self.endpoint)
         self._sock = sock
         loop = asyncio.get_running_loop()
-        self._fd = sock.getsockopt(zmq.FD)
-        loop.add_reader(self._fd, self._drain)
+        self._reader = LoopReader(sock, self._dispatch)
+        self._reader.failed.add_done_callback(self._reader_failed)
         self._tasks = [loop.create_task(self._watch(monitor))]
         try:
             await asyncio.wait_for(self._connected.wait(), self.connect_timeout_s)
@@ -259,33 +259,36 @@ class SupervisorClient:
                 q.put_nowait(Error.from_exc(None, self._refused))
         return True
 
-    def _drain(self) -> None:
-        """Every reply already here, routed to its request's queue. ZeroMQ's fd only says that
-        something changed: what is readable is in EVENTS, and is read to the end each time."""
-        sock = self._sock
-        while sock is not None and not sock.closed and sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            frames = sock.recv_multipart(zmq.NOBLOCK)
-            try:
-                msg = codec.decode(frames, TO_CLIENT)
-            except E.LmxError as exc:
-                msg = Error.from_exc(None, exc)
-            rid = getattr(msg, "request_id", None)
-            if rid is None:
-                for q in self._pending.values():  # a connection-level error concerns every request
-                    q.put_nowait(msg)
-                continue
-            q = self._pending.get(rid)
-            if q is not None:
+    def _dispatch(self, frames: list[bytes]) -> None:
+        try:
+            msg = codec.decode(frames, TO_CLIENT)
+        except E.LmxError as exc:
+            msg = Error.from_exc(None, exc)
+        rid = getattr(msg, "request_id", None)
+        if rid is None:
+            for q in self._pending.values():  # a connection-level error concerns every request
                 q.put_nowait(msg)
+            return
+        q = self._pending.get(rid)
+        if q is not None:
+            q.put_nowait(msg)
+
+    def _reader_failed(self, failed: asyncio.Future) -> None:
+        if failed.cancelled() or failed.exception() is None:
+            return
+        self._lost = E.SupervisorUnavailable(f"reading replies failed: {failed.exception()!r}",
+                                             endpoint=self.endpoint)
+        for q in self._pending.values():
+            q.put_nowait(Error.from_exc(None, self._lost))
 
     async def close(self) -> None:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
-        if self._fd is not None:
-            asyncio.get_running_loop().remove_reader(self._fd)
-            self._fd = None
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
         # The monitor through its asyncio wrapper (it unregisters its fd from the loop); both
         # closed before term(), which waits for every socket of the context.
         for sock in (self._monitor, self._sock):
@@ -313,8 +316,8 @@ class SupervisorClient:
         except zmq.Again:
             raise E.Overloaded("this client's send queue is full: the supervisor is not reading it",
                                retry_after_s=1.0) from None
-        # A send can consume the fd's edge for a reply that arrived meanwhile: read what is there.
-        self._drain()
+        assert self._reader is not None
+        self._reader.after_send()
 
     async def _begin(self, msg: Message) -> asyncio.Queue:
         await self.connect()

@@ -16,6 +16,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from protocol import codec
 from protocol import errors as E
+from protocol.loopreader import LoopReader
 from protocol.messages import (
     TO_SUPERVISOR_FROM_CLIENT, Ack, AdminRequest, Cancel, Chunk, Error, Final, GenerateRequest,
     HistoryReply, HistoryRequest, LoadRequest, Message, StatusReply, StatusRequest, UnloadRequest,
@@ -48,7 +49,9 @@ class ControlServer:
         access: Access | None = None,
         client_buffer_messages: int = 10_000,
     ) -> None:
-        self._sock = ctx.socket(zmq.ROUTER)
+        # A plain socket read by the loop's reader callback (protocol.loopreader); the connection
+        # monitor is read by a task, so it lives on the asyncio context.
+        self._sock = zmq.Context.shadow(ctx.underlying).socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.MAXMSGSIZE, codec.MAX_FRAME_BYTES)
         # Per client: a slow reader is cancelled past it (see send).
@@ -70,7 +73,10 @@ class ControlServer:
         self._probe = probe
         self._metrics = metrics or Metrics()
         self.connections = 0  # open client connections, from the socket's monitor
-        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        monitor_addr = f"inproc://lmx-control-monitor.{id(self)}"
+        self._sock.monitor(monitor_addr, zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        self._monitor = ctx.socket(zmq.PAIR)
+        self._monitor.connect(monitor_addr)
         # (client identity, client request id) -> (runtime, worker-side request id)
         self._routes: dict[tuple[bytes, str], tuple[ModelRuntime, str]] = {}
         self._per_client: collections.Counter[bytes] = collections.Counter()
@@ -79,18 +85,27 @@ class ControlServer:
         self.swap: Callable[[str, str], Awaitable[dict[str, Any]]] | None = None
         self.draining = False
         self._task: asyncio.Task | None = None
+        self._reader: LoopReader | None = None
         self._bg: set[asyncio.Task] = set()
         self.log = logs.get()
         self._log_limit = LogLimit(self.log)  # what a peer can make us log, it cannot make us log forever
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._task = loop.create_task(self._recv_loop(), name="control")
+        # With an allow-list the frames are kept as zmq Frames: the ZAP handler's User-Id rides on them.
+        self._reader = LoopReader(self._sock, self._on_frames, copy=self._access is None)
+        self._task = loop.create_task(self._watch(), name="control")
         self._background(self._count_connections())
+
+    async def _watch(self) -> None:
+        assert self._reader is not None
+        await self._reader.failed  # reading failed: the daemon exits rather than stay deaf
 
     def close(self) -> None:
         if self._task:
             self._task.cancel()
+        if self._reader is not None:
+            self._reader.close()
         for task in self._bg:
             task.cancel()
         self._monitor.close(linger=0)
@@ -104,49 +119,47 @@ class ControlServer:
     def send(self, identity: bytes, msg: Message) -> str | None:
         """Queue a message for a client. None when queued, else why not: "gone" (the client has
         disconnected) or "full" (its buffer of SNDHWM messages is full: it stopped reading)."""
-        fut = self._sock.send_multipart([identity, *codec.encode(msg)], zmq.NOBLOCK)
-        if not fut.done():  # behind an earlier send that waits (none do: every send is NOBLOCK)
-            fut.add_done_callback(lambda f: f.exception())
+        try:
+            self._sock.send_multipart([identity, *codec.encode(msg)], zmq.NOBLOCK)
             return None
-        exc = fut.exception()  # a NOBLOCK send is tried at once: ZeroMQ's answer is here already
-        if exc is None:
-            return None
-        if isinstance(exc, zmq.Again):
+        except zmq.Again:
             return "full"
-        if isinstance(exc, zmq.ZMQError) and exc.errno == zmq.EHOSTUNREACH:
-            return "gone"
-        self._log_limit.log("warning", "client.send_failed", type=msg.TAG, error=str(exc))
-        return "failed"
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:
+                return "gone"
+            self._log_limit.log("warning", "client.send_failed", type=msg.TAG, error=str(exc))
+            return "failed"
+        finally:
+            if self._reader is not None:
+                self._reader.after_send()
 
-    async def _recv_loop(self) -> None:
-        while True:
-            user = None
-            if self._access is None:
-                frames = await self._sock.recv_multipart()
-            else:  # the ZAP handler's User-Id (the client's name) rides on every frame it sent
-                raw = await self._sock.recv_multipart(copy=False)
-                user = raw[-1].get("User-Id") if len(raw) > 1 else None
-                frames = [f.bytes for f in raw]
-            identity, rest = frames[0], frames[1:]
-            try:
-                msg = codec.decode(rest, TO_SUPERVISOR_FROM_CLIENT)
-            except E.LmxError as exc:
-                self._log_limit.log("warning", "client.bad_request", code=exc.code.code, message=exc.message[:500])
-                self.send(identity, Error.from_exc(None, exc))
-                continue
-            try:
-                if self._access is not None:
-                    self._access.check(user, msg)
-                self._handle(identity, msg)
-            except E.LmxError as exc:
-                if isinstance(msg, GenerateRequest):
-                    self._metrics.requests.labels(msg.model if msg.model in self._models else "",
-                                                  exc.code.code).inc()
-                self.send(identity, Error.from_exc(getattr(msg, "request_id", None), exc))
-            except Exception as exc:
-                self.log.exception("internal.control_failed", type=msg.TAG)
-                self.send(identity, Error.from_exc(getattr(msg, "request_id", None),
-                                                   E.InternalError(f"internal error: {exc!r}")))
+    def _on_frames(self, raw: list) -> None:
+        user = None
+        if self._access is None:
+            frames = raw
+        else:  # the ZAP handler's User-Id (the client's name) rides on every frame it sent
+            user = raw[-1].get("User-Id") if len(raw) > 1 else None
+            frames = [f.bytes for f in raw]
+        identity, rest = frames[0], frames[1:]
+        try:
+            msg = codec.decode(rest, TO_SUPERVISOR_FROM_CLIENT)
+        except E.LmxError as exc:
+            self._log_limit.log("warning", "client.bad_request", code=exc.code.code, message=exc.message[:500])
+            self.send(identity, Error.from_exc(None, exc))
+            return
+        try:
+            if self._access is not None:
+                self._access.check(user, msg)
+            self._handle(identity, msg)
+        except E.LmxError as exc:
+            if isinstance(msg, GenerateRequest):
+                self._metrics.requests.labels(msg.model if msg.model in self._models else "",
+                                              exc.code.code).inc()
+            self.send(identity, Error.from_exc(getattr(msg, "request_id", None), exc))
+        except Exception as exc:
+            self.log.exception("internal.control_failed", type=msg.TAG)
+            self.send(identity, Error.from_exc(getattr(msg, "request_id", None),
+                                               E.InternalError(f"internal error: {exc!r}")))
 
     def _runtime(self, model: str) -> ModelRuntime:
         runtime = self._models.get(self.aliases.get(model, model))
