@@ -58,16 +58,24 @@ def _figures(t0: float, stamps: list[float]) -> dict:
 
 
 async def supervised(state_dir: Path, base: InProcess) -> tuple[list[dict], list[dict], list[float]]:
-    """Baseline and supervised runs interleaved, so drift of a shared machine hits both alike."""
+    """Baseline and supervised runs interleaved, so drift of a shared machine hits both alike, each
+    first in every other round."""
     async with SupervisorClient(state_dir=state_dir) as client:
         runs, baseline = [], []
-        for _ in range(RUNS + 1):  # the first round warms up
-            baseline.append(base.run())
+
+        async def through() -> dict:
             t0 = time.perf_counter()
-            stamps = []
+            stamps: list[float] = []
             async for chunk in client.generate("smollm2", messages=PROMPT, max_tokens=MAX_TOKENS):
                 stamps.extend([time.perf_counter()] * chunk.tokens)
-            runs.append(_figures(t0, stamps))
+            return _figures(t0, stamps)
+
+        for i in range(RUNS + 1):  # the first round warms up
+            if i % 2:
+                runs.append(await through())
+            baseline.append(base.run())
+            if not i % 2:
+                runs.append(await through())
         rtts = []
         for _ in range(500):
             t0 = time.perf_counter()
