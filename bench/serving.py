@@ -39,6 +39,9 @@ from tests.snapshots import write_tiny_llama  # noqa: E402
 TOKENS = int(os.environ.get("LMX_BENCH_TOKENS", "256"))
 RUNS = int(os.environ.get("LMX_BENCH_RUNS", "15"))
 CONCURRENCY = [int(n) for n in os.environ.get("LMX_BENCH_CONCURRENCY", "1,4,16,64").split(",")]
+# Rounds over every concurrency: this machine's speed drifts by up to 2x over seconds, so each
+# round's N-stream figure is divided by the same round's 1-stream figure, and medians are reported.
+CONCURRENCY_ROUNDS = int(os.environ.get("LMX_BENCH_CONCURRENCY_ROUNDS", "3"))
 STREAM_TOKENS = 64
 PROMPT = "Once upon a time"
 
@@ -98,7 +101,14 @@ async def single_streams(client: SupervisorClient, base: InProcess) -> dict[str,
     for i in range(RUNS + 1):  # the first round warms up
         for kind in kinds[i % 3:] + kinds[:i % 3]:
             runs[kind].append(await run(kind))
-    return {k: _median(v[1:]) for k, v in runs.items()}
+    out = {k: _median(v[1:]) for k, v in runs.items()}
+    # Each round's figure against the same round's in-process one: the machine's drift cancels.
+    base = runs["in_process"][1:]
+    for kind in ("batched", "serial"):
+        out[kind]["paired_ratio"] = statistics.median(r["tok_s"] / b["tok_s"] for r, b in zip(runs[kind][1:], base))
+        out[kind]["paired_ttft_extra_s"] = statistics.median(r["ttft_s"] - b["ttft_s"]
+                                                             for r, b in zip(runs[kind][1:], base))
+    return out
 
 
 async def status_rtt(client: SupervisorClient, n: int = 1000) -> list[float]:
@@ -191,11 +201,19 @@ async def supervised(state: Path, sup: psutil.Process, base: InProcess) -> dict:
         reply_bytes = len(codec.encode(await _status_reply(client))[1])
         out["status_rtt_ms"] = {"p50": _pct(rtts, 0.5) * 1e3, "p99": _pct(rtts, 0.99) * 1e3}
         out["reply_bytes"] = reply_bytes
-        out["concurrency"] = []
-        for n in CONCURRENCY:
-            batched = await concurrent(client, "tiny", n, sup)
-            serial = await concurrent(client, "tiny1", n, sup)
-            out["concurrency"].append({"batched": batched, "serial": serial})
+        rounds = []
+        for _ in range(CONCURRENCY_ROUNDS):
+            rows = []
+            for n in CONCURRENCY:
+                batched = await concurrent(client, "tiny", n, sup)
+                serial = await concurrent(client, "tiny1", n, sup)
+                rows.append({"batched": batched, "serial": serial})
+            one = rows[0]["batched"]["aggregate_tok_s"]
+            for row in rows:
+                row["batched"]["speedup"] = row["batched"]["aggregate_tok_s"] / one
+            rounds.append(rows)
+        out["concurrency"] = [{kind: _median([r[i][kind] for r in rounds]) for kind in ("batched", "serial")}
+                              for i in range(len(CONCURRENCY))]
     return out
 
 
@@ -272,8 +290,10 @@ def main() -> None:
         "in_process_tok_s": round(baseline["tok_s"], 1),
         "supervised_tok_s": round(single["tok_s"], 1),
         "supervised_serial_tok_s": round(sv["single_serial"]["tok_s"], 1),
-        "throughput_ratio": round(single["tok_s"] / baseline["tok_s"], 3),
-        "throughput_ratio_serial": round(sv["single_serial"]["tok_s"] / baseline["tok_s"], 3),
+        "throughput_ratio": round(single["paired_ratio"], 3),
+        "throughput_ratio_serial": round(sv["single_serial"]["paired_ratio"], 3),
+        "ttft_extra_ms": round(single["paired_ttft_extra_s"] * 1e3, 2),
+        "ttft_extra_serial_ms": round(sv["single_serial"]["paired_ttft_extra_s"] * 1e3, 2),
         "in_process_ttft_ms": round(baseline["ttft_s"] * 1e3, 2),
         "supervised_ttft_ms": round(single["ttft_s"] * 1e3, 2),
         "supervised_serial_ttft_ms": round(sv["single_serial"]["ttft_s"] * 1e3, 2),
@@ -295,16 +315,19 @@ def main() -> None:
     print(f"{'time to first token ms (batching on)':<44}{result['supervised_ttft_ms']:>14}{result['in_process_ttft_ms']:>14}")
     print(f"{'time to first token ms (max_batch_size 1)':<44}{result['supervised_serial_ttft_ms']:>14}"
           f"{result['in_process_ttft_ms']:>14}")
+    print(f"{'round by round: throughput ratio':<44}{result['throughput_ratio']:>14}"
+          f"{result['throughput_ratio_serial']:>14}  (batching on / max_batch_size 1)")
+    print(f"{'round by round: extra time to first token ms':<44}{result['ttft_extra_ms']:>14}"
+          f"{result['ttft_extra_serial_ms']:>14}")
     print(f"{'status p50 / p99 ms (baseline: raw zmq)':<44}"
           f"{result['status_rtt_p50_ms']:>7}/{result['status_rtt_p99_ms']:<6}"
           f"{result['zmq_floor_p50_ms']:>7}/{result['zmq_floor_p99_ms']:<6}")
     print(f"\n{'streams':>7} {'batched tok/s':>14} {'serial tok/s':>13} {'speedup':>8} {'ITL p50/p99 ms (batched)':>26}"
           f" {'sup CPU us/token':>17}")
-    base = result["concurrency"][0]["batched"]["aggregate_tok_s"]
     for row in result["concurrency"]:
         b, s_ = row["batched"], row["serial"]
         print(f"{b['streams']:>7} {b['aggregate_tok_s']:>14} {s_['aggregate_tok_s']:>13} "
-              f"{b['aggregate_tok_s'] / base:>7.2f}x {b['itl_p50_ms']:>12}/{b['itl_p99_ms']:<13} "
+              f"{b['speedup']:>7.2f}x {b['itl_p50_ms']:>12}/{b['itl_p99_ms']:<13} "
               f"{b['supervisor_cpu_us_per_token']:>17}")
     r = result["restart_to_ready_ms"]
     print(f"\nrestart-to-READY after SIGKILL (median of 5): cold {r['cold']} ms, warm spare {r['warm_spare']} ms")
