@@ -17,7 +17,7 @@ from protocol import codec
 from protocol import endpoint as ep
 from protocol import errors as E
 from protocol import keys
-from protocol.loopreader import LoopReader
+from protocol.loopreader import LoopReader, monitor_socket
 from protocol.messages import (
     TO_CLIENT, Ack, AdminRequest, Cancel, Chunk, Error, Final, GenerateRequest, HistoryReply, HistoryRequest,
     LoadRequest, Message, StatusReply, StatusRequest, UnloadRequest,
@@ -190,11 +190,7 @@ class SupervisorClient:
             # Connected means the CURVE handshake passed (the server knows our key), not just tcp.
             events |= zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH \
                 | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-        # The monitor is read by a task, so it lives on the asyncio context.
-        addr = f"inproc://lmx-client-monitor.{id(self)}.{sock.getsockopt(zmq.FD)}"
-        sock.monitor(addr, events)
-        monitor = self._ctx.socket(zmq.PAIR)
-        monitor.connect(addr)
+        monitor = monitor_socket(sock, self._ctx, events)
         self._monitor = monitor
         self._connected = asyncio.Event()
         self._refused = None

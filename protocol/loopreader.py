@@ -14,6 +14,7 @@ import asyncio
 from typing import Callable
 
 import zmq
+import zmq.asyncio
 
 BUDGET = 256  # messages handled per turn of the loop before others get theirs
 
@@ -57,3 +58,13 @@ class LoopReader:
         if self._fd is not None:
             self._loop.remove_reader(self._fd)
             self._fd = None
+
+
+def monitor_socket(sock: zmq.Socket, ctx: zmq.asyncio.Context, events: int) -> zmq.asyncio.Socket:
+    """The monitor of a socket read this way. Its events are read by a task, so unlike the socket
+    it lives on the asyncio context (zmq's own get_monitor_socket would make it a plain one)."""
+    addr = f"inproc://lmx-monitor.{id(sock)}.{sock.getsockopt(zmq.FD)}"
+    sock.monitor(addr, events)
+    monitor = ctx.socket(zmq.PAIR)
+    monitor.connect(addr)
+    return monitor

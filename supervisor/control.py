@@ -16,7 +16,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from protocol import codec
 from protocol import errors as E
-from protocol.loopreader import LoopReader
+from protocol.loopreader import LoopReader, monitor_socket
 from protocol.messages import (
     TO_SUPERVISOR_FROM_CLIENT, Ack, AdminRequest, Cancel, Chunk, Error, Final, GenerateRequest,
     HistoryReply, HistoryRequest, LoadRequest, Message, StatusReply, StatusRequest, UnloadRequest,
@@ -73,10 +73,7 @@ class ControlServer:
         self._probe = probe
         self._metrics = metrics or Metrics()
         self.connections = 0  # open client connections, from the socket's monitor
-        monitor_addr = f"inproc://lmx-control-monitor.{id(self)}"
-        self._sock.monitor(monitor_addr, zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
-        self._monitor = ctx.socket(zmq.PAIR)
-        self._monitor.connect(monitor_addr)
+        self._monitor = monitor_socket(self._sock, ctx, zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         # (client identity, client request id) -> (runtime, worker-side request id)
         self._routes: dict[tuple[bytes, str], tuple[ModelRuntime, str]] = {}
         self._per_client: collections.Counter[bytes] = collections.Counter()
@@ -118,7 +115,8 @@ class ControlServer:
 
     def send(self, identity: bytes, msg: Message) -> str | None:
         """Queue a message for a client. None when queued, else why not: "gone" (the client has
-        disconnected) or "full" (its buffer of SNDHWM messages is full: it stopped reading)."""
+        disconnected), "full" (its buffer of SNDHWM messages is full: it stopped reading) or
+        "failed" (anything else ZeroMQ refused; logged)."""
         try:
             self._sock.send_multipart([identity, *codec.encode(msg)], zmq.NOBLOCK)
             return None

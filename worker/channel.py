@@ -54,7 +54,6 @@ class Channel:
         self.orphan_grace_s = 60.0
         self._ctx = zmq.Context.instance()
         self._endpoint = endpoint
-        self._token = token
         self._control_identity, self._data_identity = worker_identities(token)
         self._death_fd = death_fd
         self._data = self._socket(self._data_identity)
