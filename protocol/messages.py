@@ -212,7 +212,7 @@ class Init(Message):
     memory_limit_bytes: int = 0
     max_batch_size: int = 1  # > 1: continuous batching (mlx-lm BatchGenerator)
     prefill_step_size: int = 512  # prompt tokens per batch step, so prefill cannot starve decoding
-    stream_interval_s: float = 0.01  # a stream's chunks after its first: at most one per interval (worker.pacing)
+    stream_interval_s: float = 0.05  # a stream's chunks after its first: at most one per interval (worker.pacing)
 
 
 @dataclass

@@ -86,7 +86,7 @@ class CanarySettings:
 
 # Model keys added after revisions were first recorded, with their defaults.
 _ADDED_LATER = {"hub_repo": None, "hub_revision": None, "max_batch_size": 8, "prefill_step_size": 512,
-                "max_queue": 64, "idle_ttl_s": 0.0, "pinned": False, "stream_interval_s": 0.01}
+                "max_queue": 64, "idle_ttl_s": 0.0, "pinned": False, "stream_interval_s": 0.05}
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ class ModelConfig:
     max_batch_size: int = 8  # requests decoded together in the worker (1 = one at a time)
     prefill_step_size: int = 512  # prompt tokens per batch step: bounds how long prefill holds decoding up
     # After a stream's first chunk, tokens that come within this of the last send go together.
-    stream_interval_s: float = 0.01
+    stream_interval_s: float = 0.05
     max_queue: int = 64  # requests waiting beyond the batch; past it: OVERLOADED
     idle_ttl_s: float = 0.0  # READY and unused this long: unload (0 = never); the next request loads it
     pinned: bool = False  # never evicted, never unloaded for idleness
@@ -228,7 +228,7 @@ def _model(file: str, index: int, raw: Any, base_dir: Path) -> ModelConfig:
         hub_revision=reader.take("hub_revision", str, None),
         max_batch_size=reader.take("max_batch_size", int, 8),
         prefill_step_size=reader.take("prefill_step_size", int, 512),
-        stream_interval_s=reader.take("stream_interval_s", float, 0.01),
+        stream_interval_s=reader.take("stream_interval_s", float, 0.05),
         max_queue=reader.take("max_queue", int, 64),
         idle_ttl_s=reader.take("idle_ttl_s", float, 0.0),
         pinned=reader.take("pinned", bool, False),
