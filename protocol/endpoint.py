@@ -38,9 +38,10 @@ def worker_endpoint(state_dir: Path) -> str:
 
 def worker_identities(token: str) -> tuple[bytes, bytes]:
     """A worker's two identities on the worker socket, both derived from its secret token: its IO
-    thread's (hello, heartbeats; everything the supervisor sends goes there) and its main thread's
-    (ready, chunks, finals, errors: straight from the thread that makes them, no hop through the IO
-    thread and no wait for the GIL on the way out)."""
+    thread's (hello and heartbeats out; init, shutdown and adopt in) and its main thread's (ready,
+    chunks, finals, errors out, straight from the thread that makes them; generate requests and
+    cancels in, when its hello says `direct_requests`): no hop through the IO thread and no wait
+    for the GIL either way."""
     return token.encode(), token.encode() + b"/data"
 
 

@@ -188,6 +188,9 @@ class Hello(Message):
     adopt: bool = False
     revision: Optional[str] = None
     start_time: Optional[float] = None
+    # Its main thread reads generate requests and cancels on its own socket (endpoint's data
+    # identity): send them there. A worker from before this field gets them on its IO thread's.
+    direct_requests: bool = False
 
 
 @dataclass

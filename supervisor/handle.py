@@ -43,6 +43,12 @@ class Worker:
         self.death: Verdict | None = None
         self.death_request: str | None = None  # the request on the worker when it died
 
+    @property
+    def direct_requests(self) -> bool:
+        """Its main thread reads requests and cancels itself (Hello.direct_requests)."""
+        hello = self.hello
+        return hello.done() and not hello.cancelled() and hello.exception() is None and hello.result().direct_requests
+
     def on_message(self, msg: Message) -> bool:
         """Handshake and heartbeat messages; False for what belongs to a request."""
         now = time.monotonic()

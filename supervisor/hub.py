@@ -50,9 +50,12 @@ class WorkerHub:
         for identity in worker_identities(token):
             self._peers.pop(identity, None)
 
-    def send(self, token: str, msg: Message) -> None:
+    def send(self, token: str, msg: Message, to_main: bool = False) -> None:
+        """To the worker's IO thread, or with `to_main` to its main thread's socket (requests and
+        cancels, for a worker whose hello says it reads them there)."""
+        identity = worker_identities(token)[1 if to_main else 0]
         try:
-            self._sock.send_multipart([token.encode(), *codec.encode(msg)], zmq.NOBLOCK)
+            self._sock.send_multipart([identity, *codec.encode(msg)], zmq.NOBLOCK)
         except zmq.Again:
             self.log.warning("worker.send_dropped", type=msg.TAG)
         if self._reader is not None:

@@ -499,9 +499,11 @@ class ModelRuntime:
     # --- requests ------------------------------------------------------------------------------
 
     def _send_to_worker(self, msg: Message) -> bool:
-        if self.worker is None or not self.worker.process.alive:
+        """A request or a cancel: one after the other on the same socket, so never reordered."""
+        worker = self.worker
+        if worker is None or not worker.process.alive:
             return False
-        self._hub.send(self.worker.process.token, msg)
+        self._hub.send(worker.process.token, msg, to_main=worker.direct_requests)
         return True
 
     def submit(self, req: GenerateRequest, sink: Sink) -> str:

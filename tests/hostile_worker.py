@@ -1,13 +1,15 @@
-"""Test-only worker wrapper, named in a model's `worker_command`: the real worker, plus a thread that
-puts garbage on the worker's own socket (so under its real identity token) once a trigger file
-appears; the file says which garbage. It is removed first, so the restarted worker behaves."""
+"""Test-only worker wrapper, named in a model's `worker_command`: the real worker, whose main thread
+puts garbage on its own socket (so under its real identity token) once a trigger file appears; the
+file says which garbage. It is removed first, so the restarted worker behaves."""
 
 from __future__ import annotations
 
 import argparse
 import os
-import threading
+import queue
 import time
+
+import zmq
 
 import worker.channel as channel
 
@@ -24,30 +26,28 @@ GARBAGE = {
     # A heartbeat with a negative progress counter.
     "bounds": [b"LMX/1", b"\x92\xa9heartbeat\x83\xa8progress\xff\xa5phase\xa4idle\xa6memory\x80"],
 }
-_instances: list = []
-_init = channel.Channel.__init__
+_get = channel.Inbox.get
 
 
-def _record(self, *a, **kw):  # type: ignore[no-untyped-def]
-    _init(self, *a, **kw)
-    _instances.append(self)
-
-
-channel.Channel.__init__ = _record
-
-
-def _watch() -> None:
+def _get_watching(self, timeout=None):  # type: ignore[no-untyped-def]
+    """The main thread waits in slices and looks for the trigger between them: the garbage goes out
+    on the main thread's own socket, from the main thread (a ZeroMQ socket is one thread's)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
     while True:
-        time.sleep(0.05)
-        if _instances and os.path.exists(args.trigger):
-            with open(args.trigger) as f:
-                kind = f.read().strip()
-            os.unlink(args.trigger)
-            ch = _instances[0]
-            ch.send_frames(GARBAGE.get(kind, GARBAGE["msgpack"]))  # as they are, on its data socket
+        step = 0.05 if deadline is None else max(0.0, min(0.05, deadline - time.monotonic()))
+        try:
+            return _get(self, step)
+        except queue.Empty:
+            if os.path.exists(args.trigger):
+                with open(args.trigger) as f:
+                    kind = f.read().strip()
+                os.unlink(args.trigger)
+                self._sock.send_multipart(GARBAGE.get(kind, GARBAGE["msgpack"]), zmq.NOBLOCK)  # as they are
+            if deadline is not None and time.monotonic() >= deadline:
+                raise
 
 
-threading.Thread(target=_watch, daemon=True).start()
+channel.Inbox.get = _get_watching
 
 from worker.main import main  # noqa: E402
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import os
 import queue
 import threading
@@ -40,15 +42,86 @@ class Progress:
         self.memory: Callable[[], dict] = dict
 
 
+class Inbox:
+    """What the main thread is sent. Requests and cancels come straight to its own socket (the
+    supervisor sends them there because this worker's hello says `direct_requests`): no hop through
+    the IO thread, and no wait for it to win the GIL. The rest (init, shutdown, and requests from a
+    supervisor that sends everything to the IO thread) comes through the IO thread, which rings a
+    pipe, so that one poll waits on both. Only the main thread reads; `put` is the IO thread's."""
+
+    def __init__(self, sock: zmq.Socket, progress: Progress) -> None:
+        self._sock = sock
+        self._progress = progress
+        self._queued: collections.deque[Message] = collections.deque()
+        self._bell_r, self._bell_w = os.pipe()
+        os.set_blocking(self._bell_r, False)
+        os.set_blocking(self._bell_w, False)
+        self._poller = zmq.Poller()
+        self._poller.register(sock, zmq.POLLIN)
+        self._poller.register(self._bell_r, zmq.POLLIN)
+
+    def put(self, msg: Message) -> None:
+        """From the IO thread."""
+        self._queued.append(msg)
+        try:
+            os.write(self._bell_w, b"\0")
+        except BlockingIOError:
+            pass  # rung already and not heard yet: one ring is enough
+
+    def get(self, timeout: float | None = None) -> Message:
+        """The next message; queue.Empty once `timeout` seconds pass without one (None: wait)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            msg = self._next()
+            if msg is not None:
+                return msg
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise queue.Empty
+            self._poller.poll(None if remaining is None else remaining * 1000)
+            try:
+                os.read(self._bell_r, 4096)  # heard: what it rang for is in the deque now
+            except BlockingIOError:
+                pass
+
+    def get_nowait(self) -> Message:
+        return self.get(0.0)
+
+    def pump(self) -> None:
+        """Read what waits on the socket without handing it out yet: a cancel marks its request at
+        once. For the main thread while it is inside one request's generation."""
+        while (msg := self._from_socket()) is not None:
+            self._queued.append(msg)
+
+    def _next(self) -> Message | None:
+        if self._queued:
+            return self._queued.popleft()
+        return self._from_socket()
+
+    def _from_socket(self) -> Message | None:
+        sock = self._sock
+        while sock.get(zmq.EVENTS) & zmq.POLLIN:
+            frames = sock.recv_multipart(zmq.NOBLOCK)
+            try:
+                msg = codec.decode(frames, TO_WORKER)
+            except Exception as exc:
+                log("worker.bad_message", error=str(exc))
+                continue
+            if isinstance(msg, Cancel):
+                self._progress.cancelled.add(msg.request_id)
+            return msg
+        return None
+
+
 class Channel:
     """Two DEALER sockets to the supervisor. The IO thread's sends the hello and the heartbeats and
-    receives every command (into `inbox`), so a main thread busy in mlx never delays them. The main
+    receives the supervisor's commands, so a main thread busy in mlx never delays them. The main
     thread's carries what the main thread makes (ready, chunks, finals, errors) straight to the
-    supervisor: a token's way out costs one ZeroMQ send, not a hand-off to a Python thread that must
-    first win the GIL back from the next decode step."""
+    supervisor, and requests and cancels straight from it (`Inbox`): a token's way out costs one
+    ZeroMQ send, not a hand-off to a Python thread that must first win the GIL back from the next
+    decode step, and a request's way in none either."""
 
     def __init__(self, endpoint: str, token: str, death_fd: int | None, progress: Progress) -> None:
-        self.inbox: queue.Queue[Message] = queue.Queue()
         self.progress = progress
         self.heartbeat_interval_s = 1.0
         self.orphan_grace_s = 60.0
@@ -56,8 +129,8 @@ class Channel:
         self._endpoint = endpoint
         self._control_identity, self._data_identity = worker_identities(token)
         self._death_fd = death_fd
-        self._data = self._socket(self._data_identity)
-        self._data_lock = threading.Lock()  # the main thread's socket; tests' wrappers share it
+        self._data = self._socket(self._data_identity)  # the main thread's alone
+        self.inbox = Inbox(self._data, progress)
         self._orphaned_at: float | None = None
         self._supervisor: psutil.Process | None = None  # the adopting supervisor, watched by polling
         self._hello: Hello | None = None
@@ -72,11 +145,11 @@ class Channel:
         self.send_frames(codec.encode(msg))
 
     def send_frames(self, frames: list[bytes]) -> None:
-        with self._data_lock:
-            try:
-                self._data.send_multipart(frames, zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                log("worker.send_dropped", level="warning")
+        """Called from the main thread."""
+        try:
+            self._data.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            log("worker.send_dropped", level="warning")
 
     def _socket(self, identity: bytes) -> zmq.Socket:
         sock = self._ctx.socket(zmq.DEALER)
@@ -181,10 +254,8 @@ class Channel:
         if self._orphaned_at is not None and self._hello is not None:
             # Until a new supervisor adopts us (or the grace runs out), keep asking: ZeroMQ
             # reconnects by itself once a supervisor binds the socket again.
-            h = self._hello
-            self._send(sock, Hello(h.token, h.pid, h.model_id, h.versions, adopt=True,
-                                   revision=self.progress.revision,
-                                   start_time=psutil.Process().create_time()))
+            self._send(sock, dataclasses.replace(self._hello, adopt=True, revision=self.progress.revision,
+                                                 start_time=psutil.Process().create_time()))
 
     def _send(self, sock: zmq.Socket, msg: Message) -> None:
         try:

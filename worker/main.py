@@ -91,6 +91,7 @@ class _PacedStream:
         self._last = time.monotonic()
 
     def emit(self, text: str, tokens: int) -> None:
+        self._channel.inbox.pump()  # a cancel for this request marks it before the next token
         now = time.monotonic()
         gap, self._last = now - self._last, now
         self._text.append(text)
@@ -148,7 +149,7 @@ def main() -> int:
         import mlx_lm  # noqa: F401
 
         log("worker.spare_ready", import_s=round(time.monotonic() - start, 3))
-    channel.start(Hello(token, os.getpid(), model_id, {"python": sys.version.split()[0]}))
+    channel.start(Hello(token, os.getpid(), model_id, {"python": sys.version.split()[0]}, direct_requests=True))
     init = _wait_init(channel)
     if model_id != init.model_id:
         from worker import log as worker_log
