@@ -17,7 +17,7 @@ from protocol.endpoint import worker_identities
 from protocol.exitcodes import WorkerExit
 import psutil
 
-from protocol.messages import TO_WORKER, Adopt, Cancel, Heartbeat, Hello, Message
+from protocol.messages import TO_WORKER, Adopt, Cancel, Heartbeat, Hello, Init, Message
 from worker.log import log
 
 
@@ -205,6 +205,11 @@ class Channel:
             return
         if isinstance(msg, Cancel):
             self.progress.cancelled.add(msg.request_id)
+        if isinstance(msg, Init):
+            # Here, not in the main thread: the next poll must already wait for the new interval,
+            # not sleep out the old one (heartbeats would pause for up to the old interval).
+            self.heartbeat_interval_s = msg.heartbeat_interval_s
+            self.orphan_grace_s = msg.orphan_grace_s
         if isinstance(msg, Adopt):
             self._on_adopt(msg)
             return

@@ -155,8 +155,6 @@ def main() -> int:
         from worker import log as worker_log
 
         worker_log.assign(init.model_id)
-    channel.heartbeat_interval_s = init.heartbeat_interval_s
-    channel.orphan_grace_s = init.orphan_grace_s
     _apply_memory_limit(init.memory_limit_bytes)
     progress.phase = "loading"
     try:
