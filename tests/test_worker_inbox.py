@@ -47,6 +47,7 @@ def test_requests_and_cancels_come_straight_to_the_main_thread(wire) -> None:
     router, inbox, progress = wire
     with pytest.raises(queue.Empty):
         inbox.get(timeout=0.01)
+    assert inbox.poll() is None  # the batch loop's look between steps
     _to_main(router, GenerateRequest("r1", "m", prompt="Hi", max_tokens=4))
     got = inbox.get(timeout=30)
     assert isinstance(got, GenerateRequest) and got.request_id == "r1"

@@ -87,6 +87,11 @@ class Inbox:
     def get_nowait(self) -> Message:
         return self.get(0.0)
 
+    def poll(self) -> Message | None:
+        """The next message if one is here, else None: for the batch loop, between steps (no
+        exception, no clock, one EVENTS check)."""
+        return self._next()
+
     def pump(self) -> None:
         """Read what waits on the socket without handing it out yet: a cancel marks its request at
         once. For the main thread while it is inside one request's generation."""

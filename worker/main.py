@@ -109,11 +109,9 @@ class _PacedStream:
 def _serve_batched(channel: Channel, batcher, progress: Progress) -> int:
     """Continuous batching: between steps, take every waiting message (new requests join the batch,
     cancels leave it before the next step); block only when nothing is generating."""
+    inbox = channel.inbox
     while True:
-        try:
-            msg = channel.inbox.get() if not len(batcher) else channel.inbox.get_nowait()
-        except queue.Empty:
-            msg = None
+        msg = inbox.get() if not len(batcher) else inbox.poll()
         if progress.cancel_all:  # orphaned: nobody is left to read the streams begun before
             progress.cancel_all = False
             batcher.cancel_all()
@@ -126,10 +124,7 @@ def _serve_batched(channel: Channel, batcher, progress: Progress) -> int:
                 batcher.cancel(msg.request_id)
             elif isinstance(msg, GenerateRequest):
                 batcher.add(msg)
-            try:
-                msg = channel.inbox.get_nowait()
-            except queue.Empty:
-                msg = None
+            msg = inbox.poll()
         if len(batcher):
             batcher.step()
 
