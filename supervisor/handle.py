@@ -42,6 +42,9 @@ class Worker:
         self.killed_for: tuple[E.ErrorCode, str] | None = None  # why the supervisor killed it
         self.death: Verdict | None = None
         self.death_request: str | None = None  # the request on the worker when it died
+        # Requests sent through its IO thread (its main thread's socket not heard from yet): their
+        # cancels go the same way, so a cancel never overtakes its request.
+        self.via_io: set[str] = set()
 
     @property
     def direct_requests(self) -> bool:

@@ -39,6 +39,10 @@ class WorkerHub:
         self._task: asyncio.Task | None = None
         self._reader: LoopReader | None = None
         self._strangers: set[bytes] = set()  # logged once each: an orphan asks every heartbeat
+        # Identities heard from since this supervisor started: a message to one not (yet) connected
+        # would be dropped. A worker's main thread connects on its own, and after this supervisor
+        # restarted it may reconnect after its IO thread's adoption hello.
+        self._heard: set[bytes] = set()
         self.log = logs.get()
         self._log_limit = LogLimit(self.log)
 
@@ -49,17 +53,22 @@ class WorkerHub:
     def unregister(self, token: str) -> None:
         for identity in worker_identities(token):
             self._peers.pop(identity, None)
+            self._heard.discard(identity)
 
-    def send(self, token: str, msg: Message, to_main: bool = False) -> None:
+    def send(self, token: str, msg: Message, to_main: bool = False) -> bool:
         """To the worker's IO thread, or with `to_main` to its main thread's socket (requests and
-        cancels, for a worker whose hello says it reads them there)."""
-        identity = worker_identities(token)[1 if to_main else 0]
+        cancels, for a worker whose hello says it reads them there) once that socket has been heard
+        from. True when it went to the main thread."""
+        control, data = worker_identities(token)
+        to_main = to_main and data in self._heard
+        identity = data if to_main else control
         try:
             self._sock.send_multipart([identity, *codec.encode(msg)], zmq.NOBLOCK)
         except zmq.Again:
             self.log.warning("worker.send_dropped", type=msg.TAG)
         if self._reader is not None:
             self._reader.after_send()
+        return to_main
 
     def start(self) -> None:
         self._reader = LoopReader(self._sock, self._handle)
@@ -85,6 +94,7 @@ class WorkerHub:
         except Exception as exc:
             peer.on_worker_garbage(exc)
             return
+        self._heard.add(identity)
         try:
             peer.on_worker_message(msg)
         except Exception:

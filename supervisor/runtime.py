@@ -494,16 +494,22 @@ class ModelRuntime:
             for chunk in msg.chunks():
                 self.requests.on_result(chunk)
         elif isinstance(msg, (Chunk, Final, Error)) and msg.request_id:
+            if not isinstance(msg, Chunk):
+                worker.via_io.discard(msg.request_id)
             self.requests.on_result(msg)
 
     # --- requests ------------------------------------------------------------------------------
 
     def _send_to_worker(self, msg: Message) -> bool:
-        """A request or a cancel: one after the other on the same socket, so never reordered."""
+        """A request, or a cancel, which goes the way its request went: on one socket, so they are
+        never reordered."""
         worker = self.worker
         if worker is None or not worker.process.alive:
             return False
-        self._hub.send(worker.process.token, msg, to_main=worker.direct_requests)
+        rid = getattr(msg, "request_id", None)
+        direct = worker.direct_requests and rid not in worker.via_io
+        if not self._hub.send(worker.process.token, msg, to_main=direct) and isinstance(msg, GenerateRequest):
+            worker.via_io.add(msg.request_id)
         return True
 
     def submit(self, req: GenerateRequest, sink: Sink) -> str:

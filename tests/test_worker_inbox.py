@@ -12,10 +12,12 @@ from pathlib import Path
 
 import pytest
 import zmq
+import zmq.asyncio
 
 from protocol import codec
 from protocol.client import SupervisorClient
-from protocol.messages import Cancel, GenerateRequest, Shutdown
+from protocol.messages import TO_WORKER, Cancel, GenerateRequest, Heartbeat, Shutdown
+from supervisor.hub import WorkerHub
 from tests.harness import wait_until
 from worker.channel import Inbox, Progress
 
@@ -113,3 +115,58 @@ def test_requests_go_the_way_the_workers_hello_says(make_supervisor, tiny_model:
     ]).start()
     for model in ("direct", "older", "older1"):
         _serves_and_cancels(sup, model)
+
+
+def test_the_hub_sends_to_a_main_thread_only_once_it_has_heard_from_it(tmp_path: Path) -> None:
+    # After a supervisor restart, an orphan's IO thread may say its adoption hello before its main
+    # thread's socket has reconnected: a request sent to that socket then would be dropped.
+    async def run() -> None:
+        ctx = zmq.asyncio.Context()
+        path = tmp_path / "workers.sock"
+        hub = WorkerHub(ctx, f"ipc://{path}", path)
+        hub.start()
+        heard: list = []
+
+        class Peer:
+            def on_worker_message(self, msg) -> None:
+                heard.append(msg)
+
+            def on_worker_garbage(self, exc: Exception) -> None:
+                raise AssertionError(exc)
+
+        hub.register("tok", Peer())
+        plain = zmq.Context()
+        sockets = {}
+        for name, identity in (("control", b"tok"), ("data", b"tok/data")):
+            sock = sockets[name] = plain.socket(zmq.DEALER)
+            sock.setsockopt(zmq.IDENTITY, identity)
+            sock.connect(f"ipc://{path}")
+
+        async def heard_from(n: int) -> None:
+            for _ in range(3000):  # bounded: 30 s
+                if len(heard) >= n:
+                    return
+                await asyncio.sleep(0.01)
+            raise AssertionError("the hub heard nothing")
+
+        def received(name: str):
+            assert sockets[name].poll(30_000), f"nothing on the {name} socket"
+            return codec.decode(sockets[name].recv_multipart(), TO_WORKER)
+
+        try:
+            sockets["control"].send_multipart(codec.encode(Heartbeat(1, "idle", {})))
+            await heard_from(1)
+            assert hub.send("tok", GenerateRequest("r1", "m", prompt="Hi", max_tokens=2), to_main=True) is False
+            assert received("control").request_id == "r1"
+            sockets["data"].send_multipart(codec.encode(Heartbeat(2, "idle", {})))
+            await heard_from(2)
+            assert hub.send("tok", GenerateRequest("r2", "m", prompt="Hi", max_tokens=2), to_main=True) is True
+            assert received("data").request_id == "r2"
+        finally:
+            for sock in sockets.values():
+                sock.close(0)
+            plain.term()
+            hub.close()
+            ctx.term()
+
+    asyncio.run(run())
