@@ -54,7 +54,10 @@ def _serve(channel: Channel, engine, progress: Progress, stream_interval_s: floa
             log("worker.shutdown", reason=msg.reason)
             return 0
         if isinstance(msg, Cancel):
-            continue  # already flagged by the IO thread; a cancel for a finished request is moot
+            # Its request has finished (a running one saw the flag, set as the cancel was read):
+            # moot now, and not to be remembered.
+            progress.cancelled.discard(msg.request_id)
+            continue
         if not isinstance(msg, GenerateRequest):
             continue
         rid = msg.request_id
