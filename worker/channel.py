@@ -42,6 +42,19 @@ class Progress:
         self.memory: Callable[[], dict] = dict
 
 
+def _decode(frames: list, progress: Progress) -> Message | None:
+    """A message from the supervisor, on either socket; None (logged) if it cannot be read. A cancel
+    marks its request as it is read, before anyone acts on it."""
+    try:
+        msg = codec.decode(frames, TO_WORKER)
+    except Exception as exc:
+        log("worker.bad_message", error=str(exc))
+        return None
+    if isinstance(msg, Cancel):
+        progress.cancelled.add(msg.request_id)
+    return msg
+
+
 class Inbox:
     """What the main thread is sent. Requests and cancels come straight to its own socket (the
     supervisor sends them there because this worker's hello says `direct_requests`): no hop through
@@ -106,15 +119,9 @@ class Inbox:
     def _from_socket(self) -> Message | None:
         sock = self._sock
         while sock.get(zmq.EVENTS) & zmq.POLLIN:
-            frames = sock.recv_multipart(zmq.NOBLOCK)
-            try:
-                msg = codec.decode(frames, TO_WORKER)
-            except Exception as exc:
-                log("worker.bad_message", error=str(exc))
-                continue
-            if isinstance(msg, Cancel):
-                self._progress.cancelled.add(msg.request_id)
-            return msg
+            msg = _decode(sock.recv_multipart(zmq.NOBLOCK), self._progress)
+            if msg is not None:
+                return msg
         return None
 
 
@@ -202,14 +209,9 @@ class Channel:
                 os._exit(WorkerExit.ORPHANED)
 
     def _receive(self, sock: zmq.Socket) -> None:
-        frames = sock.recv_multipart()
-        try:
-            msg = codec.decode(frames, TO_WORKER)
-        except Exception as exc:
-            log("worker.bad_message", error=str(exc))
+        msg = _decode(sock.recv_multipart(), self.progress)
+        if msg is None:
             return
-        if isinstance(msg, Cancel):
-            self.progress.cancelled.add(msg.request_id)
         if isinstance(msg, Init):
             # Here, not in the main thread: the next poll must already wait for the new interval,
             # not sleep out the old one (heartbeats would pause for up to the old interval).
