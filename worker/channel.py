@@ -97,9 +97,6 @@ class Inbox:
             except BlockingIOError:
                 pass
 
-    def get_nowait(self) -> Message:
-        return self.get(0.0)
-
     def poll(self) -> Message | None:
         """The next message if one is here, else None: for the batch loop, between steps (no
         exception, no clock, one EVENTS check)."""
