@@ -24,6 +24,7 @@ from protocol.messages import (
 from supervisor import config as cfg_mod
 from supervisor import compat, snapshot
 from supervisor import logs
+from supervisor.admin import ModelOps
 from supervisor.auth import Access
 from supervisor.metrics import Metrics, RequestTimer
 from supervisor.ratelimit import LogLimit
@@ -80,6 +81,7 @@ class ControlServer:
         self.limits = cfg_mod.SupervisorSettings()  # the daemon sets its own (and again on reload)
         self.aliases: dict[str, str] = {}  # after `swap OLD NEW`: requests for OLD go to NEW
         self.swap: Callable[[str, str], Awaitable[dict[str, Any]]] | None = None
+        self.admin: ModelOps | None = None  # the daemon's per-model operations, one at a time per model
         self.draining = False
         self._task: asyncio.Task | None = None
         self._reader: LoopReader | None = None
@@ -180,11 +182,10 @@ class ControlServer:
             runtime = self._runtime(msg.model)
             if self.draining:
                 raise E.ShuttingDown("supervisor is shutting down")
-            started = runtime.start("operator load", wanted=True, force=msg.force)
-            self.send(identity, Ack(msg.request_id, {"state": runtime.state.value, "started": started}))
+            self._background(self._answer(identity, msg.request_id, self._ops().load(runtime.cfg.id, msg.force)))
         elif isinstance(msg, UnloadRequest):
             runtime = self._runtime(msg.model)
-            self._background(self._unload(identity, msg.request_id, runtime))
+            self._background(self._answer(identity, msg.request_id, self._ops().unload(runtime.cfg.id)))
         elif isinstance(msg, HistoryRequest):
             runtime = self._runtime(msg.model)
             records = runtime.store.crashes(msg.model, max(1, min(msg.limit, 500)))
@@ -209,18 +210,17 @@ class ControlServer:
                     raise E.BadRequest("probe needs a path")
                 detail = await self._probe(msg.path)
             elif msg.op == "repair":
-                detail = await self._runtime(msg.model or "").repair()
+                detail = await self._ops().repair(self._runtime(msg.model or "").cfg.id)
             elif msg.op == "verify":
                 runtime = self._runtime(msg.model or "")
                 findings = snapshot.verify(runtime.running.path)
                 detail = {"path": runtime.running.path, "findings": [f.to_dict() for f in findings]}
             elif msg.op in ("release", "rollback"):
-                runtime = self._runtime(msg.model or "")
+                model_id = self._runtime(msg.model or "").cfg.id
                 if msg.op == "release":
-                    detail = {"state": await runtime.release()}
+                    detail = await self._ops().release(model_id)
                 else:
-                    state = await runtime.rollback(msg.revision, "operator rollback")
-                    detail = {"state": state, "revision": runtime.running.revision}
+                    detail = await self._ops().rollback(model_id, msg.revision)
             else:
                 raise E.BadRequest(f"unknown admin op {msg.op[:32]!r}")
             if msg.op != "metrics":
@@ -297,9 +297,20 @@ class ControlServer:
         self._routes[key] = (runtime, wrid)
         self._per_client[identity] += 1
 
-    async def _unload(self, identity: bytes, request_id: str, runtime: ModelRuntime) -> None:
-        await runtime.stop("operator unload")
-        self.send(identity, Ack(request_id, {"state": runtime.state.value}))
+    def _ops(self) -> ModelOps:
+        if self.admin is None:
+            raise E.InternalError("no admin operations on this endpoint")
+        return self.admin
+
+    async def _answer(self, identity: bytes, request_id: str, op: Awaitable[dict[str, Any]]) -> None:
+        """A per-model operation, answered when it is done (it may wait for another on its model)."""
+        try:
+            self.send(identity, Ack(request_id, await op))
+        except E.LmxError as exc:
+            self.send(identity, Error.from_exc(request_id, exc))
+        except Exception as exc:  # a bug: the client still gets an answer, never a silent wait
+            self.log.exception("internal.control_failed", type="admin")
+            self.send(identity, Error.from_exc(request_id, E.InternalError(f"internal error: {exc!r}")))
 
     def _background(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

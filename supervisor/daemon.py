@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import fcntl
-import hashlib
 import os
-import re
 import signal
 import sys
 import time
@@ -21,12 +18,12 @@ import zmq.asyncio
 import supervisor
 from protocol import endpoint as ep
 from protocol import errors as E
-from supervisor import confinement, logs
+from supervisor import logs, probe
 from supervisor import config as cfg_mod
 from supervisor.config import Config
+from supervisor.admin import CONFIG_KEY, AdminGate, ModelOps
 from supervisor.control import ControlServer
 from supervisor.events import EventPublisher
-from supervisor.evidence import Evidence
 from supervisor.hub import WorkerHub
 from supervisor import memory
 from supervisor.memory import MemoryLedger
@@ -99,13 +96,15 @@ class Supervisor:
         self.store.db.on_write = self.metrics.store_write.observe
         # PUB never blocks, so a plain (sync) socket on the same context is safe from the loop.
         self.events = EventPublisher(zmq.Context.shadow(self.ctx.underlying), ep.events_endpoint(state_dir),
-                                     state_dir / ep.EVENTS_SOCKET)
+                                     state_dir / ep.EVENTS_SOCKET, self.metrics.events)
         self.ledger = MemoryLedger(memory.budget_bytes(sup.memory_budget_bytes, sup.memory_reserve_bytes),
                                    sup.memory_return_timeout_s, self.log, self.events)
         self.hub = WorkerHub(self.ctx, ep.worker_endpoint(state_dir), state_dir / ep.WORKER_SOCKET)
         self.spares = SparePool(sup.warm_spares, self.hub, ep.worker_endpoint(state_dir), state_dir / "logs",
                                 sup.hub_downloads) if sup.warm_spares > 0 else None
         self.models = {m.id: self._runtime(m) for m in config.models}
+        self.gate = AdminGate()
+        self.ops = ModelOps(self.gate, self.models)
         self.control = ControlServer(
             self.ctx, ep.control_endpoint(state_dir), state_dir / ep.CONTROL_SOCKET, self.models, self.status,
             self.reload, self.store, self.probe, self.metrics,
@@ -113,6 +112,7 @@ class Supervisor:
         )
         self.control.limits = config.supervisor
         self.control.swap = self.swap
+        self.control.admin = self.ops
         # Optional tcp endpoint: CURVE clients of the [[clients]] allow-list, each with its role.
         self.remote = RemoteListener(config, self._remote_server) if config.supervisor.listen else None
         self.metrics.watch_status(self.status, lambda: self.control.connections)
@@ -130,6 +130,7 @@ class Supervisor:
                                self.metrics, configure=configure, access=access,
                                client_buffer_messages=self.config.supervisor.client_buffer_messages)
         server.limits = self.config.supervisor
+        server.admin = self.ops
         return server
 
     def _note(self, level: str, event: str, **fields: Any) -> None:
@@ -158,17 +159,30 @@ class Supervisor:
         next request for it loads it again."""
         while True:
             await asyncio.sleep(1.0)
-            now = time.monotonic()
-            for rt in list(self.models.values()):
-                ttl = rt.cfg.idle_ttl_s
-                if (ttl <= 0 or rt.cfg.pinned or rt.state is not ModelState.READY or len(rt.requests)
-                        or now - max(rt.last_used, rt.ready_since or now) < ttl):
-                    continue
-                self._note("info", "model.idle_unloaded", model=rt.cfg.id, idle_ttl_s=ttl)
-                await rt.stop(f"idle for {ttl:.0f}s", remember=False)
-                rt.idled_out = True
+            for model_id in list(self.models):
+                if not self.gate.busy(model_id):  # an operator's operation on it comes first
+                    async with self.gate.hold(model_id):
+                        await self._unload_if_idle(self.models.get(model_id))
+
+    async def _unload_if_idle(self, rt: ModelRuntime | None) -> None:
+        now = time.monotonic()
+        if rt is None:
+            return
+        ttl = rt.cfg.idle_ttl_s
+        if (ttl <= 0 or rt.cfg.pinned or rt.state is not ModelState.READY or len(rt.requests)
+                or now - max(rt.last_used, rt.ready_since or now) < ttl):
+            return
+        self._note("info", "model.idle_unloaded", model=rt.cfg.id, idle_ttl_s=ttl)
+        await rt.stop(f"idle for {ttl:.0f}s", remember=False)
+        rt.idled_out = True
 
     async def swap(self, old_id: str, new_id: str) -> dict[str, Any]:
+        """`_swap` under both models' locks (by their ids, as aliases resolve)."""
+        ids = [self.control.aliases.get(m, m) for m in (old_id, new_id)]
+        async with self.gate.hold(*ids):
+            return await self._swap(old_id, new_id)
+
+    async def _swap(self, old_id: str, new_id: str) -> dict[str, Any]:
         """NEW takes over OLD's requests. When memory allows, NEW reaches READY first and requests
         move over in one step (no moment where neither serves); else OLD is drained first. A NEW
         that fails to come up leaves OLD as it was."""
@@ -202,16 +216,17 @@ class Supervisor:
         if rt.state is not ModelState.READY:
             raise rt.last_error or E.ModelNotReady(f"model {rt.cfg.id} did not become READY ({rt.state.value})")
 
-    @staticmethod
-    async def _settled(rt: ModelRuntime) -> None:
+    async def _settled(self, rt: ModelRuntime) -> None:
         """Until the model is READY or has given up (REJECTED, QUARANTINED, UNLOADED), bounded by
-        its load and canary timeouts."""
+        its load and canary timeouts; a drain cuts it short (the operation then stops what it began)."""
         settled = (ModelState.READY, ModelState.REJECTED, ModelState.QUARANTINED, ModelState.UNLOADED)
         deadline = time.monotonic() + rt.config.supervisor.load_timeout_s + rt.cfg.canary.timeout_s + 60
-        while rt.state not in settled and time.monotonic() < deadline:
+        while rt.state not in settled and time.monotonic() < deadline and not self.gate.draining:
             await asyncio.sleep(0.05)
 
     def _autostart(self, rt: ModelRuntime, reason: str, force: bool = False) -> None:
+        if self.gate.draining:  # nothing starts while the supervisor drains
+            return
         wanted = rt.wanted()
         if wanted or (wanted is None and rt.cfg.autoload):
             rt.start(reason, force=force)
@@ -298,43 +313,26 @@ class Supervisor:
         self._stop.set()
 
     async def probe(self, path: str) -> dict[str, Any]:
-        """Admit, load and canary a snapshot in a throwaway worker, record the outcome in the
-        registry, stop the worker. The first failure is the verdict (no restarts)."""
-        try:  # a path from a request: inside model_roots (when set), no FIFO or device in it
-            resolved = confinement.check_path(path, self.config.supervisor.model_roots)
-            confinement.check_tree(resolved, self.config.supervisor.model_roots)
-        except confinement.Refused as exc:
-            raise E.BadRequest(f"probe {exc}", path=path[:4096]) from None
-        # Named after the directory (the registry's model column), unique by the path's hash.
-        name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(resolved).name)[:40]
-        model = cfg_mod.ModelConfig(id=f"probe-{name}-{hashlib.sha256(resolved.encode()).hexdigest()[:6]}",
-                                    path=resolved, autoload=False)
-        config = dataclasses.replace(self.config, restart=dataclasses.replace(self.config.restart, quarantine_after=1))
-        # Each probe is a fresh attempt: an earlier probe's verdict lives in the registry, not here.
-        self.store.set_quarantine(model.id, None)
-        self.store.clear_failures(model.id)
-        rt = self._runtime(model, evict=False)
-        rt.config = config
-        rt.start("probe", force=True)
-        await self._settled(rt)
-        outcome = rt.status()
-        await rt.stop("probe done", remember=False)
-        err = outcome["last_error"]
-        rows = Evidence(self.store, model.id, resolved, None).row()
-        self.log.info("model.probed", path=resolved, state=outcome["state"], code=err and err["code"])
-        return {"path": resolved, "state": outcome["state"], "last_error": err, "canary": outcome["canary"],
-                "registry": rows}
+        return await probe.probe(self, path, self._settled)
 
     async def _reload_logged(self) -> None:
         try:
             await self.reload()
         except cfg_mod.ConfigError as exc:
             self.log.error("config.reload_refused", file=exc.file, key=exc.key, problem=exc.problem)
+        except E.ShuttingDown as exc:
+            self.log.warning("admin.refused", op="reload", code=exc.code.code, reason=exc.message)
 
     async def reload(self) -> dict[str, Any]:
         """Re-read the config: added models start, removed ones stop, changed ones restart on their
-        new revision (which also lifts a quarantine). A broken file changes nothing."""
+        new revision (which also lifts a quarantine). A broken file changes nothing. One reload at
+        a time, holding every model it may touch: a second SIGHUP compares against what the first
+        left instead of building a second runtime (and worker) for the same model."""
         new = cfg_mod.load(self.config.source)
+        async with self.gate.hold(CONFIG_KEY, *self.models, *(m.id for m in new.models)):
+            return await self._apply_config(new)
+
+    async def _apply_config(self, new: Config) -> dict[str, Any]:
         old_ids, new_ids = set(self.models), {m.id for m in new.models}
         changed = [m for m in new.models if m.id in old_ids and m.revision != self.models[m.id].cfg.revision]
         self.config = new
@@ -371,7 +369,11 @@ class Supervisor:
         self.control.draining = True
         if self.remote is not None:
             self.remote.server.draining = True
-        self._note("info", "supervisor.draining", reason=reason, drain_grace_s=self.config.supervisor.drain_grace_s)
+        sup = self.config.supervisor
+        self._note("info", "supervisor.draining", reason=reason, drain_grace_s=sup.drain_grace_s)
+        # Operations in flight finish first (they start nothing more), so the table below is the
+        # last word on which runtimes, and workers, exist.
+        await self.gate.close(sup.drain_grace_s + 3 * sup.stop_timeout_s + 5.0)
         # remember=False: a shutdown is not an operator's unload; the same models come back next boot.
         await asyncio.gather(*(rt.stop(f"supervisor {reason}", remember=False) for rt in self.models.values()))
         if self.spares is not None:

@@ -19,17 +19,20 @@ SNDHWM = 10_000
 
 
 class EventPublisher:
-    def __init__(self, ctx: zmq.Context, endpoint: str, socket_path: Path) -> None:
+    def __init__(self, ctx: zmq.Context, endpoint: str, socket_path: Path, counter: Any = None) -> None:
         self._sock = ctx.socket(zmq.PUB)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.SNDHWM, SNDHWM)
         self._sock.bind(endpoint)
         os.chmod(socket_path, 0o600)
         self.seq = 0
+        self._counter = counter  # lmx_events{event}: counted here, where every event passes
 
     def publish(self, name: str, **fields: Any) -> None:
         """Never blocks and never raises: events are a view of what the log records."""
         self.seq += 1
+        if self._counter is not None:
+            self._counter.labels(name).inc()
         body = {"ts": time.time(), "seq": self.seq, **fields}
         try:
             self._sock.send_multipart(codec.encode_event(name, body), zmq.NOBLOCK)

@@ -1,0 +1,55 @@
+"""`lmxctl probe PATH`: admit, load and canary a snapshot in a throwaway worker, record the outcome in
+the registry, stop the worker. The first failure is the verdict (no restarts)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+from protocol import errors as E
+from supervisor import confinement
+from supervisor import config as cfg_mod
+from supervisor.evidence import Evidence
+
+if TYPE_CHECKING:
+    from supervisor.daemon import Supervisor
+    from supervisor.runtime import ModelRuntime
+
+
+def probe_model(path: str, roots: tuple[str, ...]) -> cfg_mod.ModelConfig:
+    """The throwaway model for `path`; BadRequest when the path is not one we may read."""
+    try:  # a path from a request: inside model_roots (when set), no FIFO or device in it
+        resolved = confinement.check_path(path, roots)
+        confinement.check_tree(resolved, roots)
+    except confinement.Refused as exc:
+        raise E.BadRequest(f"probe {exc}", path=path[:4096]) from None
+    # Named after the directory (the registry's model column), unique by the path's hash.
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(resolved).name)[:40]
+    return cfg_mod.ModelConfig(id=f"probe-{name}-{hashlib.sha256(resolved.encode()).hexdigest()[:6]}",
+                               path=resolved, autoload=False)
+
+
+async def probe(sup: "Supervisor", path: str,
+                settled: Callable[["ModelRuntime"], Awaitable[None]]) -> dict[str, Any]:
+    model = probe_model(path, sup.config.supervisor.model_roots)
+    # Under its own lock: a drain that begins meanwhile waits for the throwaway worker to stop,
+    # which no shutdown would otherwise know of.
+    async with sup.gate.hold(model.id):
+        config = dataclasses.replace(sup.config, restart=dataclasses.replace(sup.config.restart, quarantine_after=1))
+        # Each probe is a fresh attempt: an earlier probe's verdict lives in the registry, not here.
+        sup.store.set_quarantine(model.id, None)
+        sup.store.clear_failures(model.id)
+        rt = sup._runtime(model, evict=False)
+        rt.config = config
+        rt.start("probe", force=True)
+        await settled(rt)
+        outcome = rt.status()
+        await rt.stop("probe done", remember=False)
+    err = outcome["last_error"]
+    rows = Evidence(sup.store, model.id, model.path, None).row()
+    sup.log.info("model.probed", path=model.path, state=outcome["state"], code=err and err["code"])
+    return {"path": model.path, "state": outcome["state"], "last_error": err, "canary": outcome["canary"],
+            "registry": rows}
