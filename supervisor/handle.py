@@ -10,6 +10,7 @@ from typing import Any
 
 from protocol import errors as E
 from protocol.messages import Error, Heartbeat, Hello, Message, Ready
+from protocol.phase import Phase
 from supervisor.classify import Verdict
 from supervisor.config import ModelConfig, SupervisorSettings
 from supervisor.liveness import liveness_verdict
@@ -35,8 +36,9 @@ class Worker:
         self.last_heartbeat = now
         self.progress = 0
         self.progress_at = now
-        self.phase = "starting"
+        self.phase: str = Phase.STARTING
         self.memory: dict = {}
+        self.cache: dict = {}  # the prefix cache's figures from the last heartbeat
         self.available_at_beat: int | None = None  # the machine's, when the last figures came
         self.stopping = False
         self.killed_for: tuple[E.ErrorCode, str] | None = None  # why the supervisor killed it
@@ -60,6 +62,7 @@ class Worker:
             if msg.progress != self.progress or msg.phase != self.phase:
                 self.progress_at = now
             self.progress, self.phase, self.memory = msg.progress, msg.phase, msg.memory
+            self.cache = msg.cache
             self.available_at_beat = available_bytes()
         elif isinstance(msg, Hello):
             self.last_heartbeat = now

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from protocol.errors import ErrorCode
+from protocol.phase import Phase
 from supervisor.config import SupervisorSettings
 
 
@@ -21,7 +22,7 @@ def liveness_verdict(
     if silent_s > sup.heartbeat_timeout_s:
         return ErrorCode.WORKER_HUNG, f"no heartbeat for {silent_s:.1f}s"
     stall_s = now - progress_at
-    budget = {"decode": sup.decode_stall_s, "prefill": sup.prefill_stall_s}.get(phase)
+    budget = {Phase.DECODE: sup.decode_stall_s, Phase.PREFILL: sup.prefill_stall_s}.get(phase)
     if budget is not None and stall_s > budget:
         return ErrorCode.WORKER_HUNG, f"no {phase} progress for {stall_s:.1f}s"
     used = max(memory.get("rss_bytes", 0), memory.get("mlx_active_bytes", 0))

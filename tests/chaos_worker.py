@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--at", choices=["start", "load", "generate", "never"], required=True)
+parser.add_argument("--at", choices=["start", "load", "generate", "step", "never"], required=True)
 parser.add_argument("--say", default=None, help="a line to print on stderr before dying")
 parser.add_argument("--signal", default="SIGABRT")
 parser.add_argument("--after", type=int, default=1, help="generate: calls that pass first (1 = the canary)")
@@ -47,7 +47,7 @@ def fault() -> None:
     os.kill(os.getpid(), getattr(signal, args.signal))
 
 
-import worker.engine as engine  # noqa: E402
+import worker.engine as engine  # noqa: E402,F401
 
 if args.at == "start":
     fault()
@@ -62,15 +62,8 @@ elif args.at == "load":
 elif args.at == "generate":
     import worker.batch as batch
 
-    # Both serving paths: one request at a time (Engine.generate) and the batch (Batcher.add).
-    _generate, _add = engine.Engine.generate, batch.Batcher.add
+    _add = batch.Batcher.add
     calls = [0]
-
-    def generate(self, req, emit):  # type: ignore[no-untyped-def]
-        calls[0] += 1
-        if calls[0] > args.after:
-            fault()
-        return _generate(self, req, emit)
 
     def add(self, req):  # type: ignore[no-untyped-def]
         calls[0] += 1
@@ -78,7 +71,45 @@ elif args.at == "generate":
             fault()
         return _add(self, req)
 
-    engine.Engine.generate = generate
+    batch.Batcher.add = add
+elif args.at == "step":
+    # A generation that never returns from inside mlx-lm (a wedged kernel): its lone-request path
+    # (generate_step) and the batch's (BatchGenerator.next) both block once `--after` requests passed.
+    # Patched at the first request, not here: importing mlx-lm before the hello would delay it.
+    import threading
+
+    import worker.batch as batch
+
+    _add = batch.Batcher.add
+    calls = [0]
+
+    def wedge() -> None:
+        import importlib
+
+        # The module, not the package's `generate` function of the same name.
+        mlx_generate = importlib.import_module("mlx_lm.generate")
+
+        _generate_step, _next = mlx_generate.generate_step, mlx_generate.BatchGenerator.next
+
+        def generate_step(*a, **kw):  # type: ignore[no-untyped-def]
+            if calls[0] > args.after:
+                threading.Event().wait()
+            yield from _generate_step(*a, **kw)
+
+        def next_(self):  # type: ignore[no-untyped-def]
+            if calls[0] > args.after:
+                threading.Event().wait()
+            return _next(self)
+
+        mlx_generate.generate_step = generate_step
+        mlx_generate.BatchGenerator.next = next_
+
+    def add(self, req):  # type: ignore[no-untyped-def]
+        calls[0] += 1
+        if calls[0] == 1:
+            wedge()
+        return _add(self, req)
+
     batch.Batcher.add = add
 
 from worker.main import main  # noqa: E402

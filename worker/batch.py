@@ -1,59 +1,60 @@
-"""Continuous batching in the worker with mlx-lm's own BatchGenerator: requests join the running batch
-between decode steps, each streams its own tokens and ends on its own stop condition (EOS, max_tokens,
-a stop string), with its own sampler. A cancel removes its sequence before the next step. Prompt work
-is bounded per step (prefill_step_size tokens), so a long prompt cannot starve running streams.
+"""The worker's one serving path, with mlx-lm's own BatchGenerator: requests join the running batch
+between decode steps, each streams its own tokens and ends on its own stop condition (EOS,
+max_tokens, a stop string), with its own sampler. A cancel removes its sequence before the next
+step. Prompt work is bounded per step (prefill_step_size tokens), so a long prompt cannot starve
+running streams. With max_batch_size = 1 requests run one at a time, in arrival order.
 
 A request that arrives to an idle worker runs alone on mlx-lm's generate_step (the path of
-stream_generate, whose pipelining a batch of one cannot match); when a second request arrives, the
-solo sequence moves into the batch with its KV cache (less its last token, which the batch re-feeds)
-and nothing is recomputed."""
+stream_generate, whose pipelining a batch of one cannot match; a seed gives its exact sequence);
+when a second request arrives, the solo sequence moves into the batch with its KV cache (less its
+last token, which the batch re-feeds) and nothing is recomputed.
+
+Every request starts from the longest prefix of its prompt the prefix cache holds
+(worker.prefixcache) and, once finished, leaves its KV there for the next turn. Every step, prefill
+included, moves the progress counter and sets the phase the supervisor's stall verdicts read."""
 
 from __future__ import annotations
 
+import collections
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from protocol.errors import ErrorCode
 from protocol.messages import Chunk, Chunks, Error, Final, GenerateRequest, Message
-from worker.channel import Progress
+from protocol.phase import Phase
 from worker import sampling
-from worker.engine import Engine, find_stop, stop_holdback
+from worker.channel import Progress
+from worker.engine import Engine
 from worker.pacing import Pacer
+from worker.prefixcache import PrefixCache
+from worker.streams import Stream
 
 
 @dataclass
 class _Solo:
     """The one request running on generate_step, with the cache it fills."""
-    req: GenerateRequest
     tokens_gen: Any
     cache: list
+    rest: list[int]  # the prompt tokens generate_step was given (the cache holds the others)
     sampler: Any
-    last_token: int | None = None
     yielded: int = 0
 
 
-@dataclass
-class _Stream:
-    req: GenerateRequest
-    detok: Any
-    prompt_tokens: int
-    start: float = field(default_factory=time.monotonic)
-    first_token_s: float | None = None
-    text: str = ""
-    emitted: int = 0
-    tokens: int = 0
-
-
 class Batcher:
+    _SOLO = -1  # the solo stream's key in _streams
+
     def __init__(self, engine: Engine, progress: Progress, send: Callable[[Message], None],
-                 max_batch_size: int, prefill_step_size: int, stream_interval_s: float) -> None:
+                 max_batch_size: int, prefill_step_size: int, stream_interval_s: float,
+                 prefix: PrefixCache) -> None:
         self._engine = engine
         self._progress = progress
         self._send = send
         self._max = max_batch_size
         self._prefill_step = prefill_step_size
-        self._streams: dict[int, _Stream] = {}
+        self.prefix = prefix
+        self._streams: dict[int, Stream] = {}
+        self._waiting: collections.deque[GenerateRequest] = collections.deque()  # one at a time: next
         # Chunks not sent yet: request id -> [request_id, text, tokens], merged per stream.
         self._out: dict[str, list] = {}
         self._first: set[str] = set()  # streams whose first chunk is waiting: never held back
@@ -76,55 +77,67 @@ class Batcher:
                               prefill_step_size=self._prefill_step)
 
     def __len__(self) -> int:
-        return len(self._streams)
+        return len(self._streams) + len(self._waiting)
 
     def add(self, req: GenerateRequest) -> None:
+        if self._max == 1 and self._streams:
+            self._waiting.append(req)
+            return
         try:
             prompt = self._engine.prompt_tokens(req)
             if not prompt:
                 raise ValueError("the prompt is empty")
             sampler = sampling.make(req.temperature, req.top_p)
-            if self._solo_ok and not self._streams and req.max_tokens > 1:
-                self._start_solo(req, prompt, sampler)
-                return
-            if self._solo is not None:
-                self._solo_to_batch()
-            (uid,) = self._gen.insert([prompt], [req.max_tokens], samplers=[sampler])
         except Exception as exc:  # this request's input is unusable; the batch goes on
             self._send(Error(req.request_id, ErrorCode.BAD_REQUEST.code, f"cannot start generation: {exc}"))
             return
-        self._streams[uid] = _Stream(req, self._engine.tokenizer.detokenizer, len(prompt))
+        cache, rest = self.prefix.fetch(prompt)
+        stream = Stream(req, self._engine.tokenizer.detokenizer, prompt, len(prompt) - len(rest))
+        try:
+            if self._solo_ok and not self._streams and req.max_tokens > 1:
+                uid = self._start_solo(req, rest, cache, sampler)
+            else:
+                if self._solo is not None:
+                    self._solo_to_batch()
+                (uid,) = self._gen.insert([rest], [req.max_tokens], caches=[cache],
+                                          all_tokens=[prompt[:len(prompt) - len(rest)]], samplers=[sampler])
+        except Exception as exc:
+            self._send(Error(req.request_id, ErrorCode.BAD_REQUEST.code, f"cannot start generation: {exc}"))
+            return
+        self._streams[uid] = stream
         self._uids[req.request_id] = uid
         self._first.add(req.request_id)
 
     # --- a request alone: generate_step, then into the batch when company comes --------------
 
-    _SOLO = -1  # the solo stream's key in _streams
-
-    def _start_solo(self, req: GenerateRequest, prompt: list[int], sampler: Any) -> None:
+    def _start_solo(self, req: GenerateRequest, rest: list[int], cache: list | None, sampler: Any) -> int:
         import mlx.core as mx
         from mlx_lm.generate import generate_step
         from mlx_lm.models.cache import make_prompt_cache
 
         if req.seed is not None:
             mx.random.seed(req.seed)  # alone, a seed gives the exact sequence
-        cache = make_prompt_cache(self._engine.model)
-        tokens_gen = generate_step(mx.array(prompt), self._engine.model, prompt_cache=cache, sampler=sampler,
-                                   max_tokens=req.max_tokens, prefill_step_size=self._prefill_step)
-        self._solo = _Solo(req, tokens_gen, cache, sampler)
-        self._streams[self._SOLO] = _Stream(req, self._engine.tokenizer.detokenizer, len(prompt))
-        self._uids[req.request_id] = self._SOLO
-        self._first.add(req.request_id)
+        if cache is None:
+            cache = make_prompt_cache(self._engine.model)
+        progress = self._progress
+
+        def on_prefill(done: int, total: int) -> None:  # per prefill slice: a long prompt is not a stall
+            progress.count += 1
+
+        tokens_gen = generate_step(mx.array(rest), self._engine.model, prompt_cache=cache, sampler=sampler,
+                                   max_tokens=req.max_tokens, prefill_step_size=self._prefill_step,
+                                   prompt_progress_callback=on_prefill)
+        self._solo = _Solo(tokens_gen, cache, rest, sampler)
+        return self._SOLO
 
     def _solo_step(self) -> None:
         solo = self._solo
         assert solo is not None
         token, _ = next(solo.tokens_gen)
-        solo.last_token, solo.yielded = token, solo.yielded + 1
-        reason = "stop" if token in self._eos else ("length" if solo.yielded >= solo.req.max_tokens else None)
-        if reason is not None:
-            self._drop_solo()
-        self._on_token(self._SOLO, self._streams[self._SOLO], token, reason, time.monotonic())
+        solo.yielded += 1
+        stream = self._streams[self._SOLO]
+        reason = "stop" if token in self._eos else ("length" if solo.yielded >= stream.req.max_tokens else None)
+        self._on_token(self._SOLO, stream, token, reason, time.monotonic())
 
     def _drop_solo(self) -> None:
         if self._solo is not None:
@@ -139,98 +152,95 @@ class Batcher:
         solo, stream = self._solo, self._streams.pop(self._SOLO)
         assert solo is not None
         self._drop_solo()
-        if solo.yielded == 0:  # nothing generated yet: start it in the batch from its prompt
-            uid_prompt, cache = self._engine.prompt_tokens(solo.req), None
+        if solo.yielded == 0:  # generate_step never ran: its cache is as the prefix cache gave it
+            prompt, cache, known = solo.rest, solo.cache, stream.prompt[:len(stream.prompt) - len(solo.rest)]
         else:
             trim_prompt_cache(solo.cache, 1)
-            uid_prompt, cache = [solo.last_token], solo.cache
-        (uid,) = self._gen.insert([uid_prompt], [solo.req.max_tokens - solo.yielded],
-                                  caches=[cache] if cache is not None else None, samplers=[solo.sampler])
+            prompt, cache, known = stream.generated[-1:], solo.cache, stream.prompt + stream.generated[:-1]
+        (uid,) = self._gen.insert([prompt], [stream.req.max_tokens - solo.yielded], caches=[cache],
+                                  all_tokens=[known], samplers=[solo.sampler])
         self._streams[uid] = stream
-        self._uids[solo.req.request_id] = uid
+        self._uids[stream.req.request_id] = uid
 
     def cancel(self, request_id: str) -> None:
+        waiting = [r for r in self._waiting if r.request_id == request_id]
+        for r in waiting:
+            self._waiting.remove(r)
         uid = self._uids.pop(request_id, None)
-        if uid is None:
+        if uid is None and not waiting:
             return  # finished already: its Final is on the wire
-        if uid == self._SOLO:
-            self._drop_solo()
-        else:
-            self._gen.remove([uid])
-        del self._streams[uid]
+        if uid is not None:
+            self._end(uid)
+            del self._streams[uid]
         self._out.pop(request_id, None)  # its client is gone: what it had not been sent stays here
         self._first.discard(request_id)
         self._send(Error(request_id, ErrorCode.CANCELLED.code, "cancelled by client"))
 
     def cancel_all(self) -> None:
+        for req in list(self._waiting):
+            self.cancel(req.request_id)
         for rid in list(self._uids):
             self.cancel(rid)
 
+    def _end(self, uid: int, keep_cache: bool = False) -> tuple[list, list[int]] | None:
+        """Take a sequence out of generation; with keep_cache, (its KV cache, the tokens in it)."""
+        if uid == self._SOLO:
+            solo = self._solo
+            self._drop_solo()
+            if keep_cache and solo is not None:
+                s = self._streams[uid]
+                return solo.cache, s.prompt + s.generated
+            return None
+        caches = self._gen.remove([uid], return_prompt_caches=keep_cache)
+        return caches.get(uid) if keep_cache else None
+
     def step(self) -> None:
-        """One BatchGenerator step: a decode step for running streams and a bounded slice of prompt
-        work for new ones. Fails the whole batch (not the worker) if mlx raises."""
+        """One step: a decode step for running streams and a bounded slice of prompt work for new
+        ones. Fails the whole batch (not the worker) if mlx raises."""
         progress = self._progress
-        start = time.monotonic()
-        if self._solo is not None:
-            try:
-                self._solo_step()
-            except Exception as exc:
-                self._fail_all(exc)
-                return
-            self._step_s = time.monotonic() - start
-            self._flush(step_end=True)
-            progress.count += 1
-            progress.phase = "decode" if self._streams else "idle"
+        if not self._streams and self._waiting:
+            self.add(self._waiting.popleft())
             return
+        start = time.monotonic()
+        # Set before the step: a step that never returns must be judged by the phase it hangs in.
+        decoding = any(s.first_token_s is not None for s in self._streams.values())
+        progress.phase = Phase.DECODE if decoding else Phase.PREFILL
         try:
-            prompt_responses, responses = self._gen.next()
+            if self._solo is not None:
+                self._solo_step()
+                responses: list = []
+            else:
+                _, responses = self._gen.next()
         except Exception as exc:
             self._fail_all(exc)
             return
         progress.count += 1
-        progress.phase = "decode" if responses or not prompt_responses else "prefill"
         now = time.monotonic()
         self._step_s = now - start
         for r in responses:
             s = self._streams.get(r.uid)
             if s is not None:
-                self._on_token(r.uid, s, r.token, r.finish_reason, now)
+                self._on_token(r.uid, s, r.token, r.finish_reason, now, (r.prompt_cache, r.all_tokens))
         self._flush(step_end=True)
-        if not self._streams:
-            progress.phase = "idle"
+        if not self._streams and not self._waiting:
+            progress.phase = Phase.IDLE
 
-    def _on_token(self, uid: int, s: _Stream, token: int, finish_reason: str | None, now: float) -> None:
-        if s.first_token_s is None:
-            s.first_token_s = now - s.start
-        real = finish_reason != "stop"  # "stop": the EOS token itself, never shown
-        if real:
-            s.detok.add_token(token)
-            s.tokens += 1
-        if finish_reason is not None:
-            s.detok.finalize()
-        s.text += s.detok.last_segment
-        rid = s.req.request_id
-        cut = find_stop(s.text, s.req.stop, s.emitted)
-        if cut is not None:
-            s.text = s.text[:cut]
-            self._chunk(rid, s.text[s.emitted:], int(real))
-            s.emitted = len(s.text)
+    def _on_token(self, uid: int, s: Stream, token: int, finish_reason: str | None, now: float,
+                  finished_cache: tuple | None = None) -> None:
+        text, tokens, stopped = s.on_token(token, finish_reason, now)
+        if text or tokens:
+            self._chunk(s.req.request_id, text, tokens)
+        if stopped:
+            kept = self._end(uid, keep_cache=True)
+            self._finish(uid, s, "stop", now, kept)
+        elif finish_reason is not None:
             if uid == self._SOLO:
-                self._drop_solo()
+                kept = self._end(uid, keep_cache=True)
             else:
-                self._gen.remove([uid])
-            self._finish(uid, s, "stop", now)
-            return
-        safe = len(s.text) if finish_reason else len(s.text) - stop_holdback(s.text, s.req.stop)
-        if real or safe > s.emitted:
-            self._chunk(rid, s.text[s.emitted:safe], int(real))
-            s.emitted = max(s.emitted, safe)
-        if finish_reason is not None:
-            self._finish(uid, s, finish_reason, now)
+                kept = finished_cache  # the batch has let it go already
+            self._finish(uid, s, finish_reason, now, kept)
 
     def _chunk(self, rid: str, text: str, tokens: int) -> None:
-        if not (text or tokens):
-            return
         held = self._out.get(rid)
         if held is None:
             self._out[rid] = [rid, text, tokens]
@@ -253,16 +263,14 @@ class Batcher:
         self._pacer.sent(now)
         self._send(Chunk(*out[0]) if len(out) == 1 else Chunks(out))
 
-    def _finish(self, uid: int, s: _Stream, reason: str, now: float) -> None:
+    def _finish(self, uid: int, s: Stream, reason: str, now: float, kept: tuple | None) -> None:
         del self._streams[uid]
         self._uids.pop(s.req.request_id, None)
-        total = now - s.start
-        first = s.first_token_s or total
-        timings = {"first_token_s": first, "total_s": total,
-                   "decode_tokens_per_s": (s.tokens - 1) / (total - first) if s.tokens > 1 and total > first else 0.0}
-        usage = {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.tokens}
         self._flush()
-        self._send(Final(s.req.request_id, s.text, reason, usage, timings))
+        self._send(Final(s.req.request_id, s.text, reason, s.usage(), s.timings(now)))
+        if kept is not None and kept[0] is not None:
+            # After the final is on the wire: the client never waits for the cache's bookkeeping.
+            self.prefix.store(list(kept[1]), kept[0])
 
     def _fail_all(self, exc: Exception) -> None:
         from worker.log import log
@@ -276,4 +284,4 @@ class Batcher:
         self._first.clear()
         self._drop_solo()
         self._gen = self._new_generator()
-        self._progress.phase = "idle"
+        self._progress.phase = Phase.IDLE

@@ -17,7 +17,8 @@ from protocol.endpoint import worker_identities
 from protocol.exitcodes import WorkerExit
 import psutil
 
-from protocol.messages import TO_WORKER, Adopt, Cancel, Heartbeat, Hello, Init, Message
+from protocol.phase import Phase
+from protocol.messages import TO_WORKER, Adopt, Heartbeat, Hello, Init, Message
 from worker.log import log
 
 
@@ -34,25 +35,20 @@ class Progress:
 
     def __init__(self) -> None:
         self.count = 0
-        self.phase = "starting"
-        self.cancelled: set[str] = set()
-        self.current: str | None = None  # the request being generated (one at a time)
+        self.phase: str = Phase.STARTING
         self.cancel_all = False  # orphaned: every client is gone (the batched loop reads this)
         self.revision: str | None = None  # set once the weights are loaded
         self.memory: Callable[[], dict] = dict
+        self.cache: Callable[[], dict] = dict  # the prefix cache's figures, once there is one
 
 
-def _decode(frames: list, progress: Progress) -> Message | None:
-    """A message from the supervisor, on either socket; None (logged) if it cannot be read. A cancel
-    marks its request as it is read, before anyone acts on it."""
+def _decode(frames: list) -> Message | None:
+    """A message from the supervisor, on either socket; None (logged) if it cannot be read."""
     try:
-        msg = codec.decode(frames, TO_WORKER)
+        return codec.decode(frames, TO_WORKER)
     except Exception as exc:
         log("worker.bad_message", error=str(exc))
         return None
-    if isinstance(msg, Cancel):
-        progress.cancelled.add(msg.request_id)
-    return msg
 
 
 class Inbox:
@@ -62,9 +58,8 @@ class Inbox:
     supervisor that sends everything to the IO thread) comes through the IO thread, which rings a
     pipe, so that one poll waits on both. Only the main thread reads; `put` is the IO thread's."""
 
-    def __init__(self, sock: zmq.Socket, progress: Progress) -> None:
+    def __init__(self, sock: zmq.Socket) -> None:
         self._sock = sock
-        self._progress = progress
         self._queued: collections.deque[Message] = collections.deque()
         self._bell_r, self._bell_w = os.pipe()
         os.set_blocking(self._bell_r, False)
@@ -102,12 +97,6 @@ class Inbox:
         exception, no clock, one EVENTS check)."""
         return self._next()
 
-    def pump(self) -> None:
-        """Read what waits on the socket without handing it out yet: a cancel marks its request at
-        once. For the main thread while it is inside one request's generation."""
-        while (msg := self._from_socket()) is not None:
-            self._queued.append(msg)
-
     def _next(self) -> Message | None:
         if self._queued:
             return self._queued.popleft()
@@ -116,7 +105,7 @@ class Inbox:
     def _from_socket(self) -> Message | None:
         sock = self._sock
         while sock.get(zmq.EVENTS) & zmq.POLLIN:
-            msg = _decode(sock.recv_multipart(zmq.NOBLOCK), self._progress)
+            msg = _decode(sock.recv_multipart(zmq.NOBLOCK))
             if msg is not None:
                 return msg
         return None
@@ -139,7 +128,7 @@ class Channel:
         self._control_identity, self._data_identity = worker_identities(token)
         self._death_fd = death_fd
         self._data = self._socket(self._data_identity)  # the main thread's alone
-        self.inbox = Inbox(self._data, progress)
+        self.inbox = Inbox(self._data)
         self._orphaned_at: float | None = None
         self._supervisor: psutil.Process | None = None  # the adopting supervisor, watched by polling
         self._hello: Hello | None = None
@@ -206,7 +195,7 @@ class Channel:
                 os._exit(WorkerExit.ORPHANED)
 
     def _receive(self, sock: zmq.Socket) -> None:
-        msg = _decode(sock.recv_multipart(), self.progress)
+        msg = _decode(sock.recv_multipart())
         if msg is None:
             return
         if isinstance(msg, Init):
@@ -248,9 +237,7 @@ class Channel:
 
     def _orphan(self) -> None:
         self._orphaned_at = time.monotonic()
-        # Its client went with the supervisor: stop generating for nobody.
-        if self.progress.current is not None:
-            self.progress.cancelled.add(self.progress.current)
+        # Its clients went with the supervisor: stop generating for nobody.
         self.progress.cancel_all = True
         log("worker.orphaned", grace_s=self.orphan_grace_s)
 
@@ -259,7 +246,11 @@ class Channel:
             memory = self.progress.memory()
         except Exception:  # memory figures are best effort; the beat itself must go out
             memory = {}
-        self._send(sock, Heartbeat(self.progress.count, self.progress.phase, memory))
+        try:
+            cache = self.progress.cache()
+        except Exception:
+            cache = {}
+        self._send(sock, Heartbeat(self.progress.count, Phase(self.progress.phase).value, memory, cache))
         if self._orphaned_at is not None and self._hello is not None:
             # Until a new supervisor adopts us (or the grace runs out), keep asking: ZeroMQ
             # reconnects by itself once a supervisor binds the socket again.

@@ -1,4 +1,4 @@
-"""The worker's life: handshake (HELLO -> INIT -> READY), load, then serve requests one at a time."""
+"""The worker's life: handshake (HELLO -> INIT -> READY), load, then serve requests (worker.batch)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ import traceback
 
 from protocol.errors import ErrorCode
 from protocol.exitcodes import WorkerExit
-from protocol.messages import (
-    Cancel, Chunk, Error, Final, GenerateRequest, Hello, Init, Ready, Shutdown,
-)
+from protocol.messages import Cancel, ClearPrefixCache, Error, GenerateRequest, Hello, Init, Ready, Shutdown
+from protocol.phase import Phase
 from worker.channel import Channel, Progress
 from worker.log import log
-from worker.pacing import Pacer
 
+# A worker spawned for a model gets Init right after its hello; one that waits this long was
+# forgotten. Not for a warm spare (see _wait_init).
 INIT_TIMEOUT_S = 60.0
 
 
@@ -31,10 +31,13 @@ def _apply_memory_limit(limit_bytes: int) -> None:
 
 
 def _wait_init(channel: Channel) -> Init:
-    deadline = time.monotonic() + INIT_TIMEOUT_S
+    # A warm spare waits for its model as long as its supervisor lives: the death pipe's orphan
+    # timer (worker.channel) ends it once the supervisor is gone. With a timeout here every spare
+    # exited after a minute and was spawned again, mlx imports and all, forever.
+    deadline = None if os.environ.get("LMX_WORKER_SPARE") else time.monotonic() + INIT_TIMEOUT_S
     while True:
         try:
-            msg = channel.inbox.get(timeout=max(0.0, deadline - time.monotonic()))
+            msg = channel.inbox.get(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
         except queue.Empty:
             log("worker.handshake_timeout", level="error", timeout_s=INIT_TIMEOUT_S)
             raise SystemExit(WorkerExit.HANDSHAKE) from None
@@ -45,73 +48,9 @@ def _wait_init(channel: Channel) -> Init:
         log("worker.unexpected_message", level="warning", type=msg.TAG)
 
 
-def _serve(channel: Channel, engine, progress: Progress, stream_interval_s: float) -> int:
-    from worker.engine import Cancelled
-
-    while True:
-        msg = channel.inbox.get()
-        if isinstance(msg, Shutdown):
-            log("worker.shutdown", reason=msg.reason)
-            return 0
-        if isinstance(msg, Cancel):
-            # Its request has finished (a running one saw the flag, set as the cancel was read):
-            # moot now, and not to be remembered.
-            progress.cancelled.discard(msg.request_id)
-            continue
-        if not isinstance(msg, GenerateRequest):
-            continue
-        rid = msg.request_id
-        progress.current = rid
-        stream = _PacedStream(channel, rid, stream_interval_s)
-        try:
-            out = engine.generate(msg, stream.emit)
-        except Cancelled:
-            channel.send(Error(rid, ErrorCode.CANCELLED.code, "cancelled by client"))
-        except Exception as exc:  # a request-level failure: report it, keep serving
-            stream.flush()
-            log("worker.generate_failed", level="error", request_id=rid, error=repr(exc),
-                traceback=traceback.format_exc(limit=5))
-            channel.send(Error(rid, ErrorCode.INTERNAL.code, f"generation failed: {exc!r}"))
-        else:
-            stream.flush()
-            usage = {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens}
-            channel.send(Final(rid, out.text, out.finish_reason, usage, out.timings))
-        finally:
-            progress.cancelled.discard(rid)
-            progress.current = None
-            progress.phase = "idle"
-
-
-class _PacedStream:
-    """One-at-a-time serving's chunks, paced like the batch's (worker.pacing): the first at once,
-    then what comes within the interval goes together."""
-
-    def __init__(self, channel: Channel, rid: str, interval_s: float) -> None:
-        self._channel, self._rid = channel, rid
-        self._pacer = Pacer(interval_s)
-        self._text: list[str] = []
-        self._tokens = 0
-        self._last = time.monotonic()
-
-    def emit(self, text: str, tokens: int) -> None:
-        self._channel.inbox.pump()  # a cancel for this request marks it before the next token
-        now = time.monotonic()
-        gap, self._last = now - self._last, now
-        self._text.append(text)
-        self._tokens += tokens
-        if not self._pacer.hold(now, gap):
-            self.flush(now)
-
-    def flush(self, now: float | None = None) -> None:
-        if self._text or self._tokens:
-            self._channel.send(Chunk(self._rid, "".join(self._text), self._tokens))
-            self._text, self._tokens = [], 0
-            self._pacer.sent(time.monotonic() if now is None else now)
-
-
-def _serve_batched(channel: Channel, batcher, progress: Progress) -> int:
-    """Continuous batching: between steps, take every waiting message (new requests join the batch,
-    cancels leave it before the next step); block only when nothing is generating."""
+def _serve(channel: Channel, batcher, progress: Progress) -> int:
+    """Between steps, take every waiting message (new requests join the batch, cancels leave it
+    before the next step); block only when nothing is generating."""
     inbox = channel.inbox
     while True:
         msg = inbox.get() if not len(batcher) else inbox.poll()
@@ -123,8 +62,10 @@ def _serve_batched(channel: Channel, batcher, progress: Progress) -> int:
                 log("worker.shutdown", reason=msg.reason)
                 return 0
             if isinstance(msg, Cancel):
-                progress.cancelled.discard(msg.request_id)
                 batcher.cancel(msg.request_id)
+            elif isinstance(msg, ClearPrefixCache):
+                batcher.prefix.clear()
+                log("worker.prefix_cache_cleared")
             elif isinstance(msg, GenerateRequest):
                 batcher.add(msg)
             msg = inbox.poll()
@@ -154,11 +95,11 @@ def main() -> int:
 
         worker_log.assign(init.model_id)
     _apply_memory_limit(init.memory_limit_bytes)
-    progress.phase = "loading"
+    progress.phase = Phase.LOADING
     try:
         from worker.engine import Engine
 
-        engine = Engine(progress)
+        engine = Engine()
         if init.memory_limit_bytes > 0 and sys.platform == "darwin":
             # No address-space cap on macOS (Metal memory is not in it): mlx's own limit instead,
             # and the supervisor's watchdog on the reported footprint.
@@ -170,17 +111,44 @@ def main() -> int:
         channel.send(Error(None, ErrorCode.LOAD_FAILED.code, f"load failed: {exc!r}"))
         _flush_and_exit(WorkerExit.LOAD_FAILED)
     progress.memory = engine.memory
-    progress.phase = "idle"
+    progress.phase = Phase.IDLE
     progress.revision = init.revision
     log("worker.loaded", revision=init.revision, load_s=round(load_s, 3))
+    prefix = _prefix_cache(init, engine)
+    progress.cache = prefix.stats if prefix.enabled else dict
     channel.send(Ready(init.revision, load_s, engine.memory()))
-    if init.max_batch_size > 1:
-        from worker.batch import Batcher
+    from worker.batch import Batcher
 
-        batcher = Batcher(engine, progress, channel.send, init.max_batch_size, init.prefill_step_size,
-                          init.stream_interval_s)
-        return _serve_batched(channel, batcher, progress)
-    return _serve(channel, engine, progress, init.stream_interval_s)
+    batcher = Batcher(engine, progress, channel.send, max(1, init.max_batch_size), init.prefill_step_size,
+                      init.stream_interval_s, prefix)
+    return _serve(channel, batcher, progress)
+
+
+def _prefix_cache(init: Init, engine):
+    """The prefix cache, within the model's memory limit: at most half of what the loaded weights
+    leave under it (the other half is for the KV of the requests being generated)."""
+    from worker.prefixcache import PrefixCache
+
+    limit = init.memory_limit_bytes
+
+    def used() -> int:
+        m = engine.memory()
+        return max(m["rss_bytes"], m["mlx_active_bytes"])
+
+    def room(nbytes: int) -> bool:  # never past the limit, whatever the estimate said
+        return limit <= 0 or used() + nbytes < 0.9 * limit
+
+    budget = init.prefix_cache_bytes if limit <= 0 else min(init.prefix_cache_bytes, max(0, (limit - used()) // 2))
+    disk = None
+    if budget > 0 and init.prefix_cache_dir and init.prefix_cache_disk_bytes > 0 and init.weights_key:
+        from worker.prefixdisk import PrefixDisk
+
+        try:
+            disk = PrefixDisk(init.prefix_cache_dir, init.prefix_cache_disk_bytes,
+                              {"weights": init.weights_key, **engine.versions()})
+        except OSError as exc:  # an unwritable state dir costs persistence, not serving
+            log("worker.prefix_cache_disk_unusable", level="warning", error=repr(exc))
+    return PrefixCache(init.revision, budget, disk, room)
 
 
 def _flush_and_exit(code: int) -> None:

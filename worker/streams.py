@@ -1,0 +1,79 @@
+"""One request's text as its tokens come: detokenizing, stop strings, and how much may be shown yet
+(the tail that could still grow into a stop string is held back). Written once for every serving
+path."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from protocol.messages import GenerateRequest
+
+
+def stop_holdback(text: str, stops: list[str]) -> int:
+    """Length of the longest tail of `text` that could still grow into a stop string."""
+    best = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:n]):
+                best = n
+                break
+    return best
+
+
+def find_stop(text: str, stops: list[str], emitted: int) -> int | None:
+    """Where the first stop string starts in `text`, looking only where a new one could be."""
+    hits = [text.find(s, max(0, emitted - len(s))) for s in stops if s]
+    hits = [h for h in hits if h >= 0]
+    return min(hits) if hits else None
+
+
+@dataclass
+class Stream:
+    req: GenerateRequest
+    detok: Any
+    prompt: list[int]  # every prompt token, the cached ones included
+    cached_tokens: int = 0  # how many of them came from the prefix cache
+    start: float = field(default_factory=time.monotonic)
+    first_token_s: float | None = None
+    text: str = ""
+    emitted: int = 0
+    tokens: int = 0
+    generated: list[int] = field(default_factory=list)  # every token fed back, EOS included
+
+    def on_token(self, token: int, finish_reason: str | None, now: float) -> tuple[str, int, bool]:
+        """(text that may be shown now, real tokens in it, whether a stop string ended the stream).
+        "stop" as finish_reason is the EOS token itself: it counts nowhere and is never shown."""
+        if self.first_token_s is None:
+            self.first_token_s = now - self.start
+        self.generated.append(token)
+        real = finish_reason != "stop"
+        if real:
+            self.detok.add_token(token)
+            self.tokens += 1
+        if finish_reason is not None:
+            self.detok.finalize()
+        self.text += self.detok.last_segment
+        cut = find_stop(self.text, self.req.stop, self.emitted)
+        if cut is not None:
+            self.text = self.text[:cut]
+            return self._take(len(self.text)), int(real), True
+        safe = len(self.text) if finish_reason else len(self.text) - stop_holdback(self.text, self.req.stop)
+        return self._take(safe), int(real), False
+
+    def _take(self, upto: int) -> str:
+        out = self.text[self.emitted:upto] if upto > self.emitted else ""
+        self.emitted = max(self.emitted, upto)
+        return out
+
+    def usage(self) -> dict[str, int]:
+        return {"prompt_tokens": len(self.prompt), "completion_tokens": self.tokens,
+                "cached_tokens": self.cached_tokens}
+
+    def timings(self, now: float) -> dict[str, float]:
+        total = now - self.start
+        first = self.first_token_s or total
+        return {"first_token_s": first, "total_s": total,
+                "decode_tokens_per_s": (self.tokens - 1) / (total - first)
+                if self.tokens > 1 and total > first else 0.0}
