@@ -1,0 +1,108 @@
+"""The worker's prefix KV cache: a request whose prompt shares a prefix with KV state the worker holds
+starts from that state and prefills only the rest. Built on mlx-lm's own LRUPromptCache (a trie of
+token sequences, deep copies out, trimming of trimmable caches, prefixes superseded by longer
+entries dropped), under a byte budget this module enforces and counts.
+
+Per cache type (what `make_prompt_cache` gives the model):
+- KVCache (most models): any common prefix is reused; a longer entry is copied and trimmed back.
+- RotatingKVCache (sliding-window models) and ArraysCache / hybrid SSM caches cannot be trimmed
+  (once they wrapped, or ever): only an entry that is a whole prefix of the prompt is reused.
+An entry is written only when its request finished (stop or length), from the KV the generation
+left behind: a cancelled, timed-out or failed request leaves nothing half-written."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+# How many more tokens a disk entry must cover than the best one in memory before it is worth a
+# load from disk (a file read costs more than prefilling a handful of tokens).
+DISK_MIN_GAIN_TOKENS = 32
+
+
+class PrefixCache:
+    def __init__(self, key: str, budget_bytes: int, disk: Any = None,
+                 memory_room: Callable[[int], bool] | None = None) -> None:
+        from mlx_lm.models.cache import LRUPromptCache
+
+        self._key = key  # one worker serves one revision: entries never cross models or revisions
+        self.budget_bytes = budget_bytes
+        self._lru = LRUPromptCache(max_size=1 << 30, max_bytes=1 << 62)  # the budget is enforced here
+        self._disk = disk
+        self._memory_room = memory_room or (lambda nbytes: True)
+        self.hit_tokens = 0
+        self.miss_tokens = 0
+        self.evictions = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.budget_bytes > 0
+
+    def fetch(self, tokens: list[int]) -> tuple[list | None, list[int]]:
+        """(a cache of this request's own holding the longest reusable prefix, or None; the tokens
+        still to prefill). At least one token is always left to feed."""
+        if not self.enabled:
+            self.miss_tokens += len(tokens)
+            return None, tokens
+        cache, rest = self._lru.fetch_nearest_cache(self._key, tokens)
+        if self._disk is not None and self._disk.best(tokens) > len(tokens) - len(rest) + DISK_MIN_GAIN_TOKENS:
+            loaded = self._disk.load_best(tokens)
+            if loaded is not None:
+                self._insert(*loaded)
+                cache, rest = self._lru.fetch_nearest_cache(self._key, tokens)
+        if cache is not None and not rest:  # the whole prompt is cached: feed its last token again
+            from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+
+            if can_trim_prompt_cache(cache):
+                trim_prompt_cache(cache, 1)
+                rest = tokens[-1:]
+            else:
+                cache, rest = None, tokens
+        self.hit_tokens += len(tokens) - len(rest)
+        self.miss_tokens += len(rest)
+        return cache, list(rest)
+
+    def store(self, tokens: list[int], cache: list) -> None:
+        """After a finished generation: `cache` holds the KV of exactly `tokens` (prompt and output)."""
+        if not self.enabled or not tokens or not cache:
+            return
+        nbytes = sum(c.nbytes for c in cache)
+        if nbytes > self.budget_bytes or not self._memory_room(nbytes):
+            return
+        self._insert(tokens, cache)
+        if self._disk is not None:
+            self._disk.save(tokens, cache)
+
+    def _insert(self, tokens: list[int], cache: list) -> None:
+        self._lru.insert_cache(self._key, list(tokens), cache)
+        while self._lru.nbytes > self.budget_bytes and len(self._lru):
+            self._lru.trim_to(n_sequences=len(self._lru) - 1)  # drops the least recently used
+            self.evictions += 1
+
+    def clear(self) -> None:
+        self._lru.trim_to(n_sequences=0)
+        if self._disk is not None:
+            self._disk.clear()
+
+    def stats(self) -> dict[str, int]:
+        """For heartbeats (read from the IO thread: plain ints and a dict copy)."""
+        out = {"budget_bytes": self.budget_bytes, "bytes": self._lru.nbytes, "entries": len(self._lru),
+               "hit_tokens": self.hit_tokens, "miss_tokens": self.miss_tokens, "evictions": self.evictions}
+        if self._disk is not None:
+            out.update(self._disk.stats())
+        return out
+
+
+def usable_prefix(stored: list[int] | tuple, tokens: list[int], trimmable: bool) -> int:
+    """How many of `tokens` an entry holding `stored` can serve: the common prefix when its cache
+    can be trimmed back to it, else all of `stored` when it is a whole prefix of `tokens`, else 0."""
+    import numpy as np
+
+    n = min(len(stored), len(tokens))
+    if n == 0:
+        return 0
+    a, b = np.asarray(stored[:n]), np.asarray(tokens[:n])
+    diff = np.flatnonzero(a != b)
+    common = int(diff[0]) if diff.size else n
+    if trimmable:
+        return common
+    return len(stored) if common == len(stored) else 0
