@@ -10,9 +10,13 @@ from protocol.client import Result
 SYSTEM_FINGERPRINT = "lmx-supervisor"
 
 
-def usage(u: dict) -> dict[str, int]:
+def usage(u: dict) -> dict[str, Any]:
     prompt, completion = int(u.get("prompt_tokens", 0)), int(u.get("completion_tokens", 0))
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    out: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
+                           "total_tokens": prompt + completion}
+    if "cached_tokens" in u:  # prompt tokens the worker's prefix cache served, as OpenAI reports them
+        out["prompt_tokens_details"] = {"cached_tokens": int(u["cached_tokens"])}
+    return out
 
 
 class Shaper:

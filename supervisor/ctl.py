@@ -252,6 +252,16 @@ async def _events(client: SupervisorClient, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def _cache(client: SupervisorClient, args: argparse.Namespace) -> int:
+    detail = await client.clear_cache(args.model)
+    if args.json:
+        _print_json(detail)
+    else:
+        print(f"prefix cache cleared for {', '.join(detail['models']) or 'no model'}: "
+              f"{detail['files']} file(s), {detail['bytes']:,} bytes on disk")
+    return EXIT_OK
+
+
 async def _metrics(client: SupervisorClient, args: argparse.Namespace) -> int:
     text = await client.metrics()
     _print_json({"text": text}) if args.json else sys.stdout.write(text)
@@ -261,7 +271,7 @@ async def _metrics(client: SupervisorClient, args: argparse.Namespace) -> int:
 COMMANDS = {"status": _status, "generate": _generate, "load": _load, "unload": _unload,
             "history": _history, "release": _admin, "rollback": _admin, "reload": _admin, "verify": _verify,
             "repair": _admin, "probe": _admin, "swap": _admin,
-            "compat": _compat, "events": _events, "metrics": _metrics}
+            "compat": _compat, "events": _events, "metrics": _metrics, "cache": _cache}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -302,6 +312,9 @@ def _parser() -> argparse.ArgumentParser:
     sw = sub.add_parser("swap", parents=[json_flag], help="NEW takes over OLD's requests (NEW READY first if memory allows)")
     sw.add_argument("old")
     sw.add_argument("new")
+    cc = sub.add_parser("cache", parents=[json_flag], help="the prefix KV cache: `cache clear [MODEL]`")
+    cc.add_argument("action", choices=["clear"])
+    cc.add_argument("model", nargs="?", help="one model (default: every model)")
     pr = sub.add_parser("probe", parents=[json_flag], help="admit, load and canary a snapshot in a throwaway worker")
     pr.add_argument("path")
     rp = sub.add_parser("repair", parents=[json_flag], help="fetch missing/corrupt files from the model's mirror or hub")

@@ -25,9 +25,11 @@ def budget_bytes(configured: int, reserve: int) -> int:
     return configured if configured > 0 else max(0, psutil.virtual_memory().total - reserve)
 
 
-def estimate(path: str, context_tokens: int, measured_peak: int | None = None) -> dict[str, int]:
-    """weights (file sizes) + KV cache for `context_tokens` at float16 + worker overhead; a peak
-    measured on this stack (from the registry) replaces the weights + KV guess once there is one."""
+def estimate(path: str, context_tokens: int, measured_peak: int | None = None,
+             prefix_cache_bytes: int = 0) -> dict[str, int]:
+    """weights (file sizes) + KV cache for `context_tokens` at float16 + the prefix cache's budget +
+    worker overhead; a peak measured on this stack (from the registry) replaces the weights + KV
+    guess once there is one (a canary's peak never includes a full prefix cache: it stays added)."""
     root = Path(path)
     weights = sum(f.stat().st_size for f in root.glob("*.safetensors"))
     try:
@@ -40,8 +42,8 @@ def estimate(path: str, context_tokens: int, measured_peak: int | None = None) -
     except (OSError, ValueError, TypeError):
         kv = 0
     model = max(measured_peak, weights) if measured_peak else weights + kv
-    return {"weights": weights, "kv_cache": kv, "overhead": WORKER_OVERHEAD_BYTES,
-            "measured_peak": measured_peak or 0, "total": model + WORKER_OVERHEAD_BYTES}
+    return {"weights": weights, "kv_cache": kv, "prefix_cache": prefix_cache_bytes, "overhead": WORKER_OVERHEAD_BYTES,
+            "measured_peak": measured_peak or 0, "total": model + prefix_cache_bytes + WORKER_OVERHEAD_BYTES}
 
 
 # A departed worker's memory counts as back once the machine's available memory has risen by all

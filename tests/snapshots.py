@@ -90,14 +90,14 @@ def _tiny_tokenizer_json() -> str:
     return _tokenizer_json
 
 
-def _tiny_weights(cfg: dict, seed: int) -> dict[str, np.ndarray]:
+def _tiny_weights(cfg: dict, seed: int, dtype: str = "float16", scale: float = 0.05) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
     head_dim = hidden // cfg["num_attention_heads"]
     kv = cfg["num_key_value_heads"] * head_dim
 
     def dense(rows: int, cols: int) -> np.ndarray:
-        return (rng.standard_normal((rows, cols), dtype=np.float32) * 0.05).astype(np.float16)
+        return (rng.standard_normal((rows, cols), dtype=np.float32) * scale).astype(dtype)
 
     weights = {"model.embed_tokens.weight": dense(cfg["vocab_size"], hidden)}
     for i in range(cfg["num_hidden_layers"]):
@@ -107,14 +107,17 @@ def _tiny_weights(cfg: dict, seed: int) -> dict[str, np.ndarray]:
                   "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden),
                   "mlp.down_proj": (hidden, inter)}
         weights.update({f"{p}.{m}.weight": dense(*shape) for m, shape in shapes.items()})
-        weights[f"{p}.input_layernorm.weight"] = np.ones(hidden, np.float16)
-        weights[f"{p}.post_attention_layernorm.weight"] = np.ones(hidden, np.float16)
-    weights["model.norm.weight"] = np.ones(hidden, np.float16)
+        weights[f"{p}.input_layernorm.weight"] = np.ones(hidden, dtype)
+        weights[f"{p}.post_attention_layernorm.weight"] = np.ones(hidden, dtype)
+    weights["model.norm.weight"] = np.ones(hidden, dtype)
     return weights
 
 
-def write_tiny_llama(dest: Path, *, seed: int = 0, model_type: str = "llama") -> Path:
-    """Write a random 2-layer llama snapshot (gibberish output) that mlx_lm.load accepts; returns dest."""
+def write_tiny_llama(dest: Path, *, seed: int = 0, model_type: str = "llama", dtype: str = "float16",
+                     scale: float = 0.05) -> Path:
+    """Write a random 2-layer llama snapshot (gibberish output) that mlx_lm.load accepts; returns dest.
+    dtype "float32" gives greedy outputs that do not flip on rounding, and a larger weight `scale`
+    outputs that follow the whole context instead of repeating one token (prefix-cache equality)."""
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     tokenizer_json = _tiny_tokenizer_json()
@@ -122,9 +125,9 @@ def write_tiny_llama(dest: Path, *, seed: int = 0, model_type: str = "llama") ->
     ids = {t: vocab[t] for t in SPECIAL_TOKENS}
     # The embedding must cover every id the tokenizer can emit, and no more, or decoding breaks.
     cfg = dict(TINY_LLAMA, model_type=model_type, architectures=["LlamaForCausalLM"], vocab_size=len(vocab),
-               bos_token_id=ids["<|im_start|>"], eos_token_id=ids["<|im_end|>"], torch_dtype="float16")
+               bos_token_id=ids["<|im_start|>"], eos_token_id=ids["<|im_end|>"], torch_dtype=dtype)
     (dest / "config.json").write_text(json.dumps(cfg, indent=2))
-    write_safetensors(dest / "model.safetensors", _tiny_weights(cfg, seed), {"format": "mlx"})
+    write_safetensors(dest / "model.safetensors", _tiny_weights(cfg, seed, dtype, scale), {"format": "mlx"})
     (dest / "tokenizer.json").write_text(tokenizer_json)
     tok_cfg = {
         "tokenizer_class": "PreTrainedTokenizerFast",
