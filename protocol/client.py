@@ -4,9 +4,10 @@ a small sync wrapper. Every call has a deadline and a lost supervisor is a typed
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import os
 import uuid
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import zmq
@@ -17,119 +18,36 @@ from protocol import codec
 from protocol import endpoint as ep
 from protocol import errors as E
 from protocol import keys
+from protocol.genstream import GenerateStream, Result
 from protocol.loopreader import LoopReader, monitor_socket
 from protocol.messages import (
-    TO_CLIENT, Ack, AdminRequest, Cancel, Chunk, Error, Final, GenerateRequest, HistoryReply, HistoryRequest,
+    TO_CLIENT, Ack, AdminRequest, Chunk, Error, GenerateRequest, HistoryReply, HistoryRequest,
     LoadRequest, Message, StatusReply, StatusRequest, UnloadRequest,
 )
 
 __all__ = ["SupervisorClient", "SyncSupervisorClient", "GenerateStream", "EventStream", "Result", "Chunk"]
 
-
-@dataclass
-class Result:
-    text: str
-    finish_reason: str
-    usage: dict
-    timings: dict
+log = logging.getLogger("lmx.client")
 
 
-class GenerateStream:
-    """`async for chunk in stream` yields Chunk; afterwards `stream.result` holds the Result.
-    Leaving early (break, exception) should go through `async with` or `aclose()` to cancel."""
-
-    def __init__(self, client: "SupervisorClient", req: GenerateRequest, timeout_s: float) -> None:
-        self._client = client
-        self._req = req
-        self._timeout_s = timeout_s
-        self._queue: Optional[asyncio.Queue] = None
-        self._deadline = 0.0
-        self.result: Optional[Result] = None
-        self._done = False
-        self._held: Optional[Message] = None  # a Final/Error read while coalescing chunks
-
-    @property
-    def request_id(self) -> str:
-        return self._req.request_id
-
-    async def _open(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._deadline = loop.time() + self._timeout_s
-        self._queue = await self._client._begin(self._req)
-
-    def __aiter__(self) -> "GenerateStream":
-        return self
-
-    async def __anext__(self) -> Chunk:
-        if self._done:
-            raise StopAsyncIteration
-        if self._queue is None:
-            await self._open()
-        assert self._queue is not None
-        msg = self._held
-        self._held = None
-        if msg is None and not self._queue.empty():
-            msg = self._queue.get_nowait()  # no timer needed for what is already here
-        if msg is None:
-            remaining = self._deadline - asyncio.get_running_loop().time()
-            try:
-                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that arrives
-                # with a chunk (CPython gh-86296), and a cancelled reader must cancel the request.
-                async with asyncio.timeout(max(0.0, remaining)):
-                    msg = await self._queue.get()
-            except TimeoutError:
-                await self.aclose()
-                raise E.RequestTimeout(f"no result within {self._timeout_s}s") from None
-        if isinstance(msg, Chunk):
-            return self._coalesce(msg)
-        self._finish()
-        if isinstance(msg, Final):
-            self.result = Result(msg.text, msg.finish_reason, msg.usage, msg.timings)
-            raise StopAsyncIteration
-        if isinstance(msg, Error):
-            raise msg.to_exc()
-        raise E.InternalError(f"unexpected reply {msg.TAG}")
-
-    def _coalesce(self, chunk: Chunk) -> Chunk:
-        """A reader slower than the tokens gets one chunk with everything that arrived meanwhile,
-        not a backlog of tiny ones."""
-        if self._queue is None or self._queue.empty():
-            return chunk
-        texts, tokens = [chunk.text], chunk.tokens
-        while not self._queue.empty():
-            nxt = self._queue.get_nowait()
-            if not isinstance(nxt, Chunk):
-                self._held = nxt  # the end of the stream: returned by the next call
-                break
-            texts.append(nxt.text)
-            tokens += nxt.tokens
-        return Chunk(chunk.request_id, "".join(texts), tokens)
-
-    def _finish(self) -> None:
-        self._done = True
-        self._client._end(self.request_id)
-
-    async def aclose(self) -> None:
-        """Cancel the request if it is still running (idempotent)."""
-        if self._queue is not None and not self._done:
-            self._finish()
-            await self._client._send(Cancel(self.request_id))
-
-    async def __aenter__(self) -> "GenerateStream":
-        return self
-
-    async def __aexit__(self, *exc: Any) -> None:
-        await self.aclose()
-
-    async def collect(self) -> Result:
-        async for _ in self:
-            pass
-        assert self.result is not None
-        return self.result
+def _note(level: str, event: str, **fields: Any) -> None:
+    """One JSON line on the caller's `lmx.client` logger, shaped like the daemon's (docs/events.md)."""
+    log.log(logging.getLevelName(level.upper()), "%s", json.dumps({"event": event, "level": level, **fields}))
 
 
 class SupervisorClient:
-    """One DEALER socket multiplexing any number of concurrent requests by request id."""
+    """One DEALER socket multiplexing any number of concurrent requests by request id.
+
+    Errors stay with the request they belong to. A request out of the wire's bounds
+    (protocol.limits) fails with BAD_REQUEST before it is sent, and the supervisor answers an
+    invalid request with that request's id, so one bad request never ends another. Only what
+    makes the connection itself unusable fails every request waiting on it: the supervisor went
+    away or refused this client's key (SUPERVISOR_UNAVAILABLE / UNAUTHORIZED), or it speaks
+    another protocol version (BAD_REQUEST, protocol mismatch). An error the supervisor could not
+    pin on a request (request_id None: a frame of ours it could not read at all) or a reply this
+    client cannot read concerns none of the pending requests — each of them was sent checked, with
+    a readable id — so it is logged (logger `lmx.client`) and dropped; were a pending request the
+    cause after all, its own deadline still ends it."""
 
     def __init__(
         self,
@@ -224,10 +142,8 @@ class SupervisorClient:
             elif event["event"] == zmq.EVENT_DISCONNECTED:
                 # ZeroMQ would silently reconnect and our requests would wait forever: every
                 # request in flight on the old connection is lost, so say so at once.
-                self._lost = E.SupervisorUnavailable("connection to the supervisor was lost",
-                                                     endpoint=self.endpoint)
-                for q in self._pending.values():
-                    q.put_nowait(Error.from_exc(None, self._lost))
+                self._fail_all(E.SupervisorUnavailable("connection to the supervisor was lost",
+                                                       endpoint=self.endpoint))
 
     def _handshake(self, event: int) -> bool:
         """CURVE: the handshake's outcome decides `connected`; True when the event is handled."""
@@ -250,32 +166,43 @@ class SupervisorClient:
         if not self._connected.is_set():
             self._connected.set()  # wakes connect(), which raises _refused
         else:  # refused on a reconnect (the key was taken off the list): fail what waits
-            self._lost = self._refused
-            for q in self._pending.values():
-                q.put_nowait(Error.from_exc(None, self._refused))
+            self._fail_all(self._refused)
         return True
 
     def _dispatch(self, frames: list[bytes]) -> None:
         try:
             msg = codec.decode(frames, TO_CLIENT)
+        except codec.ProtocolMismatch as exc:
+            # Nothing this supervisor sends can be read: every request on the connection is lost.
+            self._fail_all(exc)
+            return
+        except codec.InvalidMessage as exc:
+            msg = Error.from_exc(exc.request_id, exc)
         except E.LmxError as exc:
-            msg = Error.from_exc(None, exc)
+            _note("warning", "client.reply_unreadable", endpoint=self.endpoint, code=exc.code.code,
+                  message=exc.message[:500])
+            return
         rid = getattr(msg, "request_id", None)
         if rid is None:
-            for q in self._pending.values():  # a connection-level error concerns every request
-                q.put_nowait(msg)
+            assert isinstance(msg, Error)  # the only reply type whose request_id may be None
+            _note("warning", "client.error_unattributed", endpoint=self.endpoint, code=msg.code,
+                  message=msg.message[:500])
             return
         q = self._pending.get(rid)
         if q is not None:
             q.put_nowait(msg)
 
+    def _fail_all(self, exc: E.LmxError) -> None:
+        """The connection is unusable: fail what waits, and what is asked until it reconnects."""
+        self._lost = exc
+        for q in self._pending.values():
+            q.put_nowait(Error.from_exc(None, exc))
+
     def _reader_failed(self, failed: asyncio.Future) -> None:
         if failed.cancelled() or failed.exception() is None:
             return
-        self._lost = E.SupervisorUnavailable(f"reading replies failed: {failed.exception()!r}",
-                                             endpoint=self.endpoint)
-        for q in self._pending.values():
-            q.put_nowait(Error.from_exc(None, self._lost))
+        self._fail_all(E.SupervisorUnavailable(f"reading replies failed: {failed.exception()!r}",
+                                               endpoint=self.endpoint))
 
     async def close(self) -> None:
         for t in self._tasks:
@@ -307,8 +234,13 @@ class SupervisorClient:
     async def _send(self, msg: Message) -> None:
         await self.connect()
         assert self._sock is not None
+        frames = codec.encode(msg)
+        if len(frames[1]) > codec.MAX_FRAME_BYTES:
+            # Past MAXMSGSIZE the supervisor's ZeroMQ drops the whole connection, not the message.
+            raise E.BadRequest(f"{msg.TAG}: the message has {len(frames[1])} bytes, more than "
+                               f"{codec.MAX_FRAME_BYTES}")
         try:
-            self._sock.send_multipart(codec.encode(msg), zmq.NOBLOCK)
+            self._sock.send_multipart(frames, zmq.NOBLOCK)
         except zmq.Again:
             raise E.Overloaded("this client's send queue is full: the supervisor is not reading it",
                                retry_after_s=1.0) from None
@@ -316,13 +248,18 @@ class SupervisorClient:
         self._reader.after_send()
 
     async def _begin(self, msg: Message) -> asyncio.Queue:
+        codec.check(msg)  # wrong types or out of bounds: this request fails here, before the wire
         await self.connect()
         rid = getattr(msg, "request_id")
         if self._lost is not None:
             raise self._lost
         q: asyncio.Queue = asyncio.Queue()
         self._pending[rid] = q
-        await self._send(msg)
+        try:
+            await self._send(msg)
+        except BaseException:
+            self._end(rid)
+            raise
         return q
 
     def _end(self, rid: str) -> None:

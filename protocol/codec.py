@@ -24,8 +24,16 @@ def encode(msg: Message) -> list[bytes]:
     return [PROTOCOL, body]
 
 
+def check(msg: Message) -> None:
+    """BadRequest unless `msg` would pass the peer's decode (field types, then bounds): a sender
+    that checks first fails a bad message by itself, before the wire."""
+    from_wire(type(msg), msg.to_wire())
+    limits.check(msg)
+
+
 def decode(frames: list[bytes], table: dict[str, type[Message]]) -> Message:
-    """Decode [protocol, body] using the message table of one direction."""
+    """Decode [protocol, body] using the message table of one direction. A refusal of a body whose
+    request id could be read is an InvalidMessage carrying that id, so its reply can name it."""
     if len(frames) != 2:
         raise BadRequest(f"expected 2 frames (protocol, body), got {len(frames)}")
     proto, body = frames
@@ -41,6 +49,33 @@ def decode(frames: list[bytes], table: dict[str, type[Message]]) -> Message:
         decoded: Any = msgpack.unpackb(body, raw=False, **limits.UNPACK_OPTIONS)
     except Exception as exc:  # msgpack raises several unrelated types for bad input
         raise BadRequest(f"malformed msgpack body: {type(exc).__name__}") from None
+    rid = _request_id(decoded)
+    try:
+        return _build(decoded, table)
+    except BadRequest as exc:
+        if rid is None:
+            raise
+        raise InvalidMessage(exc, rid) from None
+
+
+class InvalidMessage(BadRequest):
+    """A message read as far as its request id whose type, fields or bounds are wrong: the error
+    belongs to that one request (`request_id`), not to the connection it came on."""
+
+    def __init__(self, exc: BadRequest, request_id: str) -> None:
+        super().__init__(exc.message, **exc.details)
+        self.request_id = request_id
+
+
+def _request_id(decoded: Any) -> str | None:
+    """The request id of a [tag, {fields}] body, when it is one a reply may carry back."""
+    if not (isinstance(decoded, list) and len(decoded) == 2 and isinstance(decoded[1], dict)):
+        return None
+    rid = decoded[1].get("request_id")
+    return rid if isinstance(rid, str) and 0 < len(rid) <= limits.MAX_ID_CHARS else None
+
+
+def _build(decoded: Any, table: dict[str, type[Message]]) -> Message:
     if table is not TO_CLIENT:  # peers we serve; the client trusts its (authenticated) supervisor's shapes
         limits.check_depth(decoded)
     if not (isinstance(decoded, list) and len(decoded) == 2 and isinstance(decoded[0], str)):

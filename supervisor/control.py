@@ -137,15 +137,19 @@ class ControlServer:
         user = None
         if self._access is None:
             frames = raw
-        else:  # the ZAP handler's User-Id (the client's name) rides on every frame it sent
+        else:  # the ZAP handler's User-Id (the public key the client proved) rides on every frame it sent
             user = raw[-1].get("User-Id") if len(raw) > 1 else None
             frames = [f.bytes for f in raw]
         identity, rest = frames[0], frames[1:]
         try:
             msg = codec.decode(rest, TO_SUPERVISOR_FROM_CLIENT)
         except E.LmxError as exc:
-            self._log_limit.log("warning", "client.bad_request", code=exc.code.code, message=exc.message[:500])
-            self.send(identity, Error.from_exc(None, exc))
+            # An invalid request whose id could be read is that request's failure; only a frame
+            # with no readable id is answered for the connection (request_id None).
+            rid = exc.request_id if isinstance(exc, codec.InvalidMessage) else None
+            self._log_limit.log("warning", "client.bad_request", code=exc.code.code, message=exc.message[:500],
+                                request_id=rid)
+            self._refuse(identity, rid, exc)
             return
         try:
             if self._access is not None:
@@ -155,11 +159,19 @@ class ControlServer:
             if isinstance(msg, GenerateRequest):
                 self._metrics.requests.labels(msg.model if msg.model in self._models else "",
                                               exc.code.code).inc()
-            self.send(identity, Error.from_exc(getattr(msg, "request_id", None), exc))
+            self._refuse(identity, getattr(msg, "request_id", None), exc)
         except Exception as exc:
             self.log.exception("internal.control_failed", type=msg.TAG)
-            self.send(identity, Error.from_exc(getattr(msg, "request_id", None),
-                                               E.InternalError(f"internal error: {exc!r}")))
+            self._refuse(identity, getattr(msg, "request_id", None), E.InternalError(f"internal error: {exc!r}"))
+
+    def _refuse(self, identity: bytes, rid: str | None, exc: E.LmxError) -> None:
+        """Answer `exc` for request `rid`. When that id is in flight (a reused id, a broken cancel)
+        the client takes the error as that request's end, so its generation is cancelled too:
+        nothing generates for nobody."""
+        route = self._routes.get((identity, rid)) if rid is not None else None
+        if route is not None:
+            route[0].cancel(route[1])
+        self.send(identity, Error.from_exc(rid, exc))
 
     def _runtime(self, model: str) -> ModelRuntime:
         runtime = self._models.get(self.aliases.get(model, model))

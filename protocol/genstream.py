@@ -1,0 +1,116 @@
+"""One generation as the client library sees it: a stream of chunks, then its Result. Import it
+from protocol.client, with the rest of the client library."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional
+
+from protocol import errors as E
+from protocol.messages import Cancel, Chunk, Error, Final, GenerateRequest, Message
+
+if TYPE_CHECKING:
+    from protocol.client import SupervisorClient
+
+
+@dataclass
+class Result:
+    text: str
+    finish_reason: str
+    usage: dict
+    timings: dict
+
+
+class GenerateStream:
+    """`async for chunk in stream` yields Chunk; afterwards `stream.result` holds the Result.
+    Leaving early (break, exception) should go through `async with` or `aclose()` to cancel."""
+
+    def __init__(self, client: "SupervisorClient", req: GenerateRequest, timeout_s: float) -> None:
+        self._client = client
+        self._req = req
+        self._timeout_s = timeout_s
+        self._queue: Optional[asyncio.Queue] = None
+        self._deadline = 0.0
+        self.result: Optional[Result] = None
+        self._done = False
+        self._held: Optional[Message] = None  # a Final/Error read while coalescing chunks
+
+    @property
+    def request_id(self) -> str:
+        return self._req.request_id
+
+    async def _open(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.time() + self._timeout_s
+        self._queue = await self._client._begin(self._req)
+
+    def __aiter__(self) -> "GenerateStream":
+        return self
+
+    async def __anext__(self) -> Chunk:
+        if self._done:
+            raise StopAsyncIteration
+        if self._queue is None:
+            await self._open()
+        assert self._queue is not None
+        msg = self._held
+        self._held = None
+        if msg is None and not self._queue.empty():
+            msg = self._queue.get_nowait()  # no timer needed for what is already here
+        if msg is None:
+            remaining = self._deadline - asyncio.get_running_loop().time()
+            try:
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that arrives
+                # with a chunk (CPython gh-86296), and a cancelled reader must cancel the request.
+                async with asyncio.timeout(max(0.0, remaining)):
+                    msg = await self._queue.get()
+            except TimeoutError:
+                await self.aclose()
+                raise E.RequestTimeout(f"no result within {self._timeout_s}s") from None
+        if isinstance(msg, Chunk):
+            return self._coalesce(msg)
+        self._finish()
+        if isinstance(msg, Final):
+            self.result = Result(msg.text, msg.finish_reason, msg.usage, msg.timings)
+            raise StopAsyncIteration
+        if isinstance(msg, Error):
+            raise msg.to_exc()
+        raise E.InternalError(f"unexpected reply {msg.TAG}")
+
+    def _coalesce(self, chunk: Chunk) -> Chunk:
+        """A reader slower than the tokens gets one chunk with everything that arrived meanwhile,
+        not a backlog of tiny ones."""
+        if self._queue is None or self._queue.empty():
+            return chunk
+        texts, tokens = [chunk.text], chunk.tokens
+        while not self._queue.empty():
+            nxt = self._queue.get_nowait()
+            if not isinstance(nxt, Chunk):
+                self._held = nxt  # the end of the stream: returned by the next call
+                break
+            texts.append(nxt.text)
+            tokens += nxt.tokens
+        return Chunk(chunk.request_id, "".join(texts), tokens)
+
+    def _finish(self) -> None:
+        self._done = True
+        self._client._end(self.request_id)
+
+    async def aclose(self) -> None:
+        """Cancel the request if it is still running (idempotent)."""
+        if self._queue is not None and not self._done:
+            self._finish()
+            await self._client._send(Cancel(self.request_id))
+
+    async def __aenter__(self) -> "GenerateStream":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+    async def collect(self) -> Result:
+        async for _ in self:
+            pass
+        assert self.result is not None
+        return self.result
