@@ -126,27 +126,39 @@ def key_digest(public_key_z85: bytes) -> str:
 
 
 class Access:
-    """Roles of the remote endpoint's clients, by the ZAP User-Id (the client's name)."""
+    """Roles of the remote endpoint's clients, by the key each proved in its CURVE handshake (the
+    ZAP User-Id). Not by name: after a reload that gives a revoked key's name to another key, a
+    connection that proved the old key would otherwise carry on with the new key's role."""
 
     def __init__(self, clients: tuple[ClientKey, ...], log: Any) -> None:
-        self.roles = {c.name: c.role for c in clients}
+        self.update(clients)
         self._limit = LogLimit(log)
+
+    def update(self, clients: tuple[ClientKey, ...]) -> None:
+        """Reload: from the next request on, every connection gets its key's role, or nothing."""
+        self.clients = {c.public_key: c for c in clients}
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(c.name for c in self.clients.values())
 
     def check(self, user_id: str | None, msg: Message) -> None:
         """Raise UNAUTHORIZED (and log auth.denied, rate-limited) unless the client's role allows msg."""
-        role = self.roles.get(user_id or "")
+        client = self.clients.get(user_id or "")
+        role = client.role if client is not None else None
         if allowed(role, msg):
             return
         op = op_name(msg)[:64]
-        self._limit.log("warning", "auth.denied", op=op, client=user_id, role=role)
+        self._limit.log("warning", "auth.denied", op=op, client=client.name if client else None, role=role,
+                        key_sha256=key_digest((user_id or "").encode()))
         raise E.Unauthorized(f"{op} needs the admin role" if role else "this client is no longer allowed",
                              op=op, role=role)
 
 
 class ZapHandler:
     """ZeroMQ's authentication hook (RFC 27) for one context: CURVE keys on the allow-list pass,
-    with their client name as User-Id; anything else is refused inside the handshake, so a
-    refused peer never gets a message through."""
+    with their public key (z85) as User-Id, which Access maps to a role; anything else is refused
+    inside the handshake, so a refused peer never gets a message through."""
 
     def __init__(self, ctx: zmq.asyncio.Context, clients: tuple[ClientKey, ...], log: Any) -> None:
         self._sock = ctx.socket(zmq.REP)
@@ -181,7 +193,7 @@ class ZapHandler:
             return [b"1.0", rid, b"400", b"unknown key", b"", b""]
         self._limit.log("info", "auth.accepted", address=address.decode("utf-8", "replace"), client=client.name,
                         role=client.role)
-        return [b"1.0", rid, b"200", b"OK", client.name.encode(), b""]
+        return [b"1.0", rid, b"200", b"OK", key, b""]
 
     def close(self) -> None:
         self._sock.close(linger=0)

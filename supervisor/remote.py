@@ -44,13 +44,13 @@ class RemoteListener:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self.zap.run(), name="zap")
         self.server.start()
-        self.log.info("remote.listening", endpoint=self._listen, clients=sorted(self.access.roles))
+        self.log.info("remote.listening", endpoint=self._listen, clients=self.access.names)
 
     def update(self, config: Config) -> None:
         """Reload: the allow-list and roles change at once (a removed key is refused from its next
         request on); a new endpoint or server key needs a restart."""
         self.zap.update(config.clients)
-        self.access.roles = {c.name: c.role for c in config.clients}
+        self.access.update(config.clients)
         sup = config.supervisor
         if (sup.listen, sup.curve_secret_key_file) != (self._listen, self._key_file):
             self.log.warning("remote.restart_needed", reason="listen or curve_secret_key_file changed",
