@@ -90,7 +90,7 @@ class Gateway:
 
     async def _generate(self, request: Request, parse: Callable[[Any], params.GenParams], chat: bool) -> Any:
         try:
-            raw = await request.body()
+            raw = await _read_body(request)
             try:
                 body = json.loads(raw)
             except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
@@ -102,6 +102,24 @@ class Gateway:
         shaper = Shaper(chat, p.model, stream.request_id)
         events = _stream_events(stream, shaper, p) if p.stream else _full(stream, shaper)
         return GenerationResponse(events, streaming=p.stream, request_id=stream.request_id)
+
+
+# The largest body whose fields can pass the wire's bounds: MAX_PROMPT_CHARS characters, each up to
+# 12 bytes as a JSON escape (a surrogate pair), plus the rest. Past it the body is not even read.
+MAX_BODY_BYTES = 32 * 1024 * 1024
+
+
+async def _read_body(request: Request) -> bytes:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise E.BadRequest(f"the request body has {declared} bytes, more than {MAX_BODY_BYTES}")
+    parts, size = [], 0
+    async for part in request.stream():  # chunked bodies declare no length: count as they come
+        size += len(part)
+        if size > MAX_BODY_BYTES:
+            raise E.BadRequest(f"the request body has more than {MAX_BODY_BYTES} bytes")
+        parts.append(part)
+    return b"".join(parts)
 
 
 async def _full(stream: GenerateStream, shaper: Shaper) -> AsyncGenerator[dict, None]:
