@@ -216,6 +216,10 @@ class Init(Message):
     max_batch_size: int = 1  # > 1: continuous batching (mlx-lm BatchGenerator)
     prefill_step_size: int = 512  # prompt tokens per batch step, so prefill cannot starve decoding
     stream_interval_s: float = 0.05  # a stream's chunks after its first: at most one per interval (worker.pacing)
+    # The model's `context_tokens`: a request whose prompt has at least this many tokens is refused
+    # with BAD_REQUEST before prefill (0 = not given, nothing refused). The memory estimate budgets
+    # the KV cache for this many tokens, so a longer prompt is one the model was not admitted for.
+    context_tokens: int = 0
 
 
 @dataclass
