@@ -31,6 +31,7 @@ bench: setup
 	$(BIN)/python bench/gateway_overhead.py
 	$(BIN)/python bench/admission.py
 	$(BIN)/python bench/compat_sweep.py
+	$(BIN)/python bench/vs_mlx_lm_server.py
 
 clean:
 	rm -rf $(VENV) .cache *.egg-info

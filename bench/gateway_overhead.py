@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.daemon import wait_ready  # noqa: E402
+from bench.servers import start_gateway  # noqa: E402
 from protocol.client import SupervisorClient  # noqa: E402
 from tests.snapshots import write_tiny_llama  # noqa: E402
 
@@ -113,12 +114,8 @@ def _start(tmp: Path) -> tuple[subprocess.Popen, subprocess.Popen, Path, str]:
     state = tmp / "state"
     sup = subprocess.Popen([sys.executable, "-m", "supervisor.cli", "run", "--config", str(cfg),
                             "--state-dir", str(state)], cwd=REPO, stderr=subprocess.DEVNULL)
-    gw = subprocess.Popen([sys.executable, "-m", "gateway.cli", "--port", "0", "--state-dir", str(state)],
-                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    line = gw.stdout.readline()
-    if not line.startswith("lmx-gateway listening on "):
-        raise SystemExit(f"gateway did not start: {line!r}")
-    return sup, gw, state, line.split()[-1]
+    gw, url = start_gateway(state)
+    return sup, gw, state, url
 
 
 def main() -> None:
