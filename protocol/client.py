@@ -364,6 +364,11 @@ class SupervisorClient:
         """Re-read the config file (like SIGHUP): {added, removed, changed}."""
         return await self._admin("reload", None, None, timeout_s)
 
+    async def clear_cache(self, model: str | None = None, timeout_s: float = 30.0) -> dict:
+        """Forget a model's prefix cache (every model's without one), in its worker and on disk:
+        {models, files, bytes}."""
+        return await self._admin("cache-clear", model, None, timeout_s)
+
     async def swap(self, old: str, new: str, timeout_s: float = 900.0) -> dict:
         """NEW takes over OLD's requests: NEW READY first when memory allows, else OLD drained
         first. Requests for OLD go to NEW from then on: {mode, old, new, state}."""

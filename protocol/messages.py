@@ -64,7 +64,8 @@ class Chunks(Message):
 
 @dataclass
 class Final(Message):
-    """End of a generation. usage: prompt_tokens, completion_tokens; timings: seconds."""
+    """End of a generation. usage: prompt_tokens, completion_tokens, cached_tokens (the prompt's
+    tokens whose KV came from the prefix cache, not prefilled); timings: seconds."""
 
     TAG: ClassVar[str] = "final"
     request_id: str
@@ -216,10 +217,24 @@ class Init(Message):
     max_batch_size: int = 1  # > 1: continuous batching (mlx-lm BatchGenerator)
     prefill_step_size: int = 512  # prompt tokens per batch step, so prefill cannot starve decoding
     stream_interval_s: float = 0.05  # a stream's chunks after its first: at most one per interval (worker.pacing)
+    # The prefix KV cache (worker.prefixcache): its memory budget (0 = off), and where hot prefixes
+    # are kept across workers (None = memory only), under what disk budget, for which weights.
+    prefix_cache_bytes: int = 0
+    prefix_cache_dir: Optional[str] = None
+    prefix_cache_disk_bytes: int = 0
+    weights_key: Optional[str] = None
     # The model's `context_tokens`: a request whose prompt has at least this many tokens is refused
     # with BAD_REQUEST before prefill (0 = not given, nothing refused). The memory estimate budgets
     # the KV cache for this many tokens, so a longer prompt is one the model was not admitted for.
     context_tokens: int = 0
+
+
+@dataclass
+class ClearPrefixCache(Message):
+    """Supervisor -> worker: forget every prefix cache entry, in memory and on disk (lmxctl cache
+    clear). A worker from before this message logs it as unreadable and keeps its entries."""
+
+    TAG: ClassVar[str] = "clear_prefix_cache"
 
 
 @dataclass
@@ -238,8 +253,10 @@ class Heartbeat(Message):
 
     TAG: ClassVar[str] = "heartbeat"
     progress: int
-    phase: str
+    phase: str  # a protocol.phase.Phase value
     memory: dict = field(default_factory=dict)
+    # The prefix cache's figures (worker.prefixcache.PrefixCache.stats); empty when it is off.
+    cache: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -308,5 +325,5 @@ def _tags(*classes: type[Message]) -> dict[str, type[Message]]:
 TO_SUPERVISOR_FROM_CLIENT = _tags(StatusRequest, GenerateRequest, Cancel, LoadRequest, UnloadRequest,
                                   AdminRequest, HistoryRequest)
 TO_CLIENT = _tags(StatusReply, Chunk, Final, Error, Ack, HistoryReply)
-TO_WORKER = _tags(Init, GenerateRequest, Cancel, Shutdown, Adopt)
+TO_WORKER = _tags(Init, GenerateRequest, Cancel, Shutdown, Adopt, ClearPrefixCache)
 TO_SUPERVISOR_FROM_WORKER = _tags(Hello, Ready, Heartbeat, Chunk, Chunks, Final, Error)

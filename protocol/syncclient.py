@@ -58,6 +58,9 @@ class SyncSupervisorClient:
     def metrics(self, **kw: Any) -> str:
         return self._run(self._client.metrics(**kw))
 
+    def clear_cache(self, model: str | None = None, **kw: Any) -> dict:
+        return self._run(self._client.clear_cache(model, **kw))
+
     def swap(self, old: str, new: str, **kw: Any) -> dict:
         return self._run(self._client.swap(old, new, **kw))
 

@@ -22,10 +22,6 @@ def test_init_carries_context_tokens_with_a_default_that_refuses_nothing() -> No
     assert Init("m", "r", "/p", 1.0, 60.0, context_tokens=4096).to_wire()["context_tokens"] == 4096
 
 
-# Strict: once the worker refuses (and runtime.py sends cfg.context_tokens in Init), this passes
-# and the marker must go.
-@pytest.mark.xfail(strict=True, reason="issue 16: the worker does not check prompt tokens against "
-                                       "Init.context_tokens yet")
 @pytest.mark.parametrize("batch", [1, 8], ids=["one-at-a-time", "batched"])
 def test_a_prompt_past_context_tokens_is_refused_alone_and_the_worker_lives(
         make_supervisor, tiny_model: Path, batch: int) -> None:

@@ -46,13 +46,14 @@ class Batcher:
 
     def __init__(self, engine: Engine, progress: Progress, send: Callable[[Message], None],
                  max_batch_size: int, prefill_step_size: int, stream_interval_s: float,
-                 prefix: PrefixCache) -> None:
+                 prefix: PrefixCache, context_tokens: int = 0) -> None:
         self._engine = engine
         self._progress = progress
         self._send = send
         self._max = max_batch_size
         self._prefill_step = prefill_step_size
         self.prefix = prefix
+        self.context_tokens = context_tokens  # 0: no limit (Init.context_tokens)
         self._streams: dict[int, Stream] = {}
         self._waiting: collections.deque[GenerateRequest] = collections.deque()  # one at a time: next
         # Chunks not sent yet: request id -> [request_id, text, tokens], merged per stream.
@@ -87,6 +88,11 @@ class Batcher:
             prompt = self._engine.prompt_tokens(req)
             if not prompt:
                 raise ValueError("the prompt is empty")
+            if self.context_tokens and len(prompt) >= self.context_tokens:
+                # Refused here, before prefill: KV past what the model was admitted for could take the
+                # worker (and everyone's requests on it) down.
+                raise ValueError(f"the prompt has {len(prompt)} tokens; the model's context_tokens is "
+                                 f"{self.context_tokens}")
             sampler = sampling.make(req.temperature, req.top_p)
         except Exception as exc:  # this request's input is unusable; the batch goes on
             self._send(Error(req.request_id, ErrorCode.BAD_REQUEST.code, f"cannot start generation: {exc}"))

@@ -120,7 +120,7 @@ def main() -> int:
     from worker.batch import Batcher
 
     batcher = Batcher(engine, progress, channel.send, max(1, init.max_batch_size), init.prefill_step_size,
-                      init.stream_interval_s, prefix)
+                      init.stream_interval_s, prefix, init.context_tokens)
     return _serve(channel, batcher, progress)
 
 
