@@ -65,6 +65,14 @@ class SupervisorSettings:
     # file (lmxctl keys new NAME) and the [[clients]] allow-list. "" = ipc only.
     listen: str = ""
     curve_secret_key_file: str = ""
+    # At start, a store another process holds locked is waited for this long; then the supervisor
+    # exits 75 (launchd/systemd try again) rather than start from an empty store. Within the
+    # default orphan grace, so the last run's workers can still be adopted.
+    store_lock_wait_s: float = 30.0
+    # History (crash records, failures, boots) older than this is pruned, and past this many rows
+    # per model (boots: in all) the oldest go, so the store cannot grow without bound.
+    history_retention_s: float = 30 * 86400.0
+    history_max_rows: int = 1000
 
 
 @dataclass(frozen=True)
@@ -284,6 +292,11 @@ def parse(text: str, file: str = "<config>", base_dir: Path | None = None) -> Co
         raise ConfigError(file, "supervisor.metrics_port", f"expected 0 (off) or a TCP port, got {supervisor.metrics_port}")
     if supervisor.client_buffer_messages < 1:
         raise ConfigError(file, "supervisor.client_buffer_messages", "must be >= 1")
+    if supervisor.history_retention_s <= 0:
+        raise ConfigError(file, "supervisor.history_retention_s", "must be > 0 (history is always bounded)")
+    if supervisor.history_max_rows < max(10, restart.quarantine_after):
+        raise ConfigError(file, "supervisor.history_max_rows",
+                          f"must be >= 10 and >= restart.quarantine_after ({restart.quarantine_after})")
     if supervisor.heartbeat_timeout_s <= supervisor.heartbeat_interval_s:
         raise ConfigError(file, "supervisor.heartbeat_timeout_s", "must exceed heartbeat_interval_s")
     return Config(file, supervisor, restart, models, clients)
