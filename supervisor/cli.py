@@ -10,7 +10,8 @@ import sys
 from protocol import endpoint as ep
 from supervisor import config as cfg
 from supervisor import logs
-from supervisor.daemon import EXIT_SOFTWARE, StateDirError, Supervisor, prepare_state_dir
+from supervisor.daemon import EXIT_SOFTWARE, EXIT_STORE_UNAVAILABLE, StateDirError, Supervisor, prepare_state_dir
+from supervisor.storeguard import StoreUnavailable
 
 EXIT_CONFIG = 78  # EX_CONFIG: launchd/systemd see a real failure, not a clean stop
 
@@ -47,6 +48,12 @@ def main(argv: list[str] | None = None) -> int:
                    backups=config.supervisor.log_backups)
     try:
         return asyncio.run(Supervisor(config, state_dir).run())
+    except StoreUnavailable as exc:  # never start from an empty store while the real one exists
+        log = logs.get()
+        log.critical("store.unavailable", path=str(exc.path), reason=exc.reason, error=exc.detail,
+                     exit_code=EXIT_STORE_UNAVAILABLE)
+        print(f"lmx-supervisor: refusing to start: {exc}", file=sys.stderr)
+        return EXIT_STORE_UNAVAILABLE
     except Exception as exc:  # never a clean-looking exit after a failure: the manager must restart us
         logs.get().critical("supervisor.fatal", task="main", error=repr(exc),
                             exc_info=(type(exc), exc, exc.__traceback__))

@@ -190,7 +190,8 @@ class ControlServer:
             if route is not None:
                 route[0].cancel(route[1])
         elif isinstance(msg, LoadRequest):
-            self.aliases.pop(msg.model, None)  # loading a swapped-out model by name takes its name back
+            if self.aliases.pop(msg.model, None) is not None:  # loading a swapped-out model takes its name back
+                self._store.set_alias(msg.model, None)
             runtime = self._runtime(msg.model)
             if self.draining:
                 raise E.ShuttingDown("supervisor is shutting down")

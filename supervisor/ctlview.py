@@ -97,6 +97,9 @@ def status_table(status: dict[str, Any], colour: bool = False) -> str:
                            "red", colour))
     if sup.get("draining"):
         lines.append(paint("draining: the supervisor is shutting down", "magenta", colour))
+    if sup.get("store_degraded"):
+        lines.append(paint(f"STORE DEGRADED: {sup.get('store_pending_writes', 0)} writes held in memory and retried "
+                           f"({sup.get('store_error') or 'unknown'}); see the runbook", "red", colour))
     if sup.get("memory_stranded_bytes"):
         lines.append(paint(f"memory not returned by dead workers: {human_bytes(sup['memory_stranded_bytes'])} "
                            "(held from the budget until restart)", "yellow", colour))

@@ -32,10 +32,11 @@ from supervisor.remote import RemoteListener
 from supervisor.runtime import ModelRuntime
 from supervisor.spares import SparePool
 from supervisor.states import ModelState
-from supervisor.store import Store
+from supervisor.store import Retention, Store
 
 LOCK_FILE = "supervisor.lock"
 EXIT_SOFTWARE = 70  # EX_SOFTWARE: an internal failure; the service manager restarts us
+EXIT_STORE_UNAVAILABLE = 75  # EX_TEMPFAIL: the store is locked (or read-only, full): try again later
 
 
 class StateDirError(Exception):
@@ -84,7 +85,7 @@ class Supervisor:
         self.log = logs.get()
         self._stop = asyncio.Event()
         self._signal: str | None = None
-        self.store = Store(state_dir)
+        self.store = Store(state_dir, config.supervisor.store_lock_wait_s, Retention.of(config))
         self.boot_id = self.store.boot()
         sup = config.supervisor
         unclean = self.store.unclean_boots_since(time.time() - sup.crash_loop_window_s)
@@ -112,6 +113,7 @@ class Supervisor:
         )
         self.control.limits = config.supervisor
         self.control.swap = self.swap
+        self._restore_aliases()
         self.control.admin = self.ops
         # Optional tcp endpoint: CURVE clients of the [[clients]] allow-list, each with its role.
         self.remote = RemoteListener(config, self._remote_server) if config.supervisor.listen else None
@@ -131,6 +133,7 @@ class Supervisor:
                                client_buffer_messages=self.config.supervisor.client_buffer_messages)
         server.limits = self.config.supervisor
         server.admin = self.ops
+        server.aliases, server.swap = self.control.aliases, self.swap  # one table of swaps for both endpoints
         return server
 
     def _note(self, level: str, event: str, **fields: Any) -> None:
@@ -199,14 +202,29 @@ class Supervisor:
         self._note("info", "model.swap_started", model=old_id, new_model=new_id, mode=mode)
         if fits:
             await self._bring_to_ready(new, f"swap for {old_id}")
-            self.control.aliases[old_id] = new_id  # one step: the next request for OLD goes to NEW
+            self._alias(old_id, new_id)  # one step: the next request for OLD goes to NEW
             await old.stop(f"swapped for {new_id}")
         else:
             await old.stop(f"swapped for {new_id}")
-            self.control.aliases[old_id] = new_id
+            self._alias(old_id, new_id)
             await self._bring_to_ready(new, f"swap for {old_id}")
         self._note("info", "model.swapped", model=old_id, new_model=new_id, mode=mode)
         return {"mode": mode, "old": old_id, "new": new_id, "state": new.state.value}
+
+    def _alias(self, old_id: str, new_id: str) -> None:
+        """Written before it takes effect: a swap outlives a restart of the supervisor."""
+        self.store.set_alias(old_id, new_id)
+        self.control.aliases[old_id] = new_id
+
+    def _restore_aliases(self) -> None:
+        for old_id, new_id in self.store.aliases().items():
+            if new_id not in self.models:  # the model that took over is no longer declared
+                self.log.warning("model.alias_dropped", model=old_id, new_model=new_id,
+                                 reason=f"{new_id} is not in the config")
+                self.store.set_alias(old_id, None)
+                continue
+            self.control.aliases[old_id] = new_id
+            self.log.info("model.alias_restored", model=old_id, new_model=new_id)
 
     async def _bring_to_ready(self, rt: ModelRuntime, reason: str) -> None:
         if rt.state is ModelState.READY:
@@ -250,6 +268,7 @@ class Supervisor:
                 "config": self.config.source,
                 "draining": self.control.draining,
                 "safe_mode": self.safe_mode,
+                **self.store.health(),
                 "memory_budget_bytes": self.ledger.budget,
                 "memory_reserved_bytes": sum(self.ledger.held.values()),
                 "memory_stranded_bytes": self.ledger.stranded_bytes(),
@@ -337,6 +356,7 @@ class Supervisor:
         changed = [m for m in new.models if m.id in old_ids and m.revision != self.models[m.id].cfg.revision]
         self.config = new
         self.control.limits = new.supervisor
+        self.store.retention = Retention.of(new)
         sup = new.supervisor
         # The budget follows the config too; models already admitted keep their reservations.
         self.ledger.budget = memory.budget_bytes(sup.memory_budget_bytes, sup.memory_reserve_bytes)

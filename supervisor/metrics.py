@@ -37,6 +37,9 @@ class _StatusCollector(Collector):
                                 value=self._connections())
         yield GaugeMetricFamily("lmx_supervisor_safe_mode", "1 when started in crash-loop safe mode.",
                                 value=1 if sup["safe_mode"] else 0)
+        yield GaugeMetricFamily("lmx_store_degraded",
+                                "1 while store writes fail and wait in memory to be retried (lock, full disk).",
+                                value=1 if sup.get("store_degraded") else 0)
         yield GaugeMetricFamily("lmx_memory_budget_bytes", "Memory budget for models.",
                                 value=sup["memory_budget_bytes"])
         yield GaugeMetricFamily("lmx_memory_reserved_bytes", "Memory reserved by admitted models.",

@@ -291,8 +291,8 @@ class ModelRuntime:
             verdict = worker.death  # a death during start surfaced as the awaited future's error
         phase = self.state.value
         self.log.warning("model.failed", code=exc.code.code, message=exc.message, phase=phase, **exc.details)
+        self.requests.fail_all(exc)  # before the stop ladder and the store: nobody waits on either
         await self._stop_worker(f"failed: {exc.code.code}")
-        self.requests.fail_all(exc)
         now = time.time()
         victim = bool(verdict and verdict.victim)
         self.store.add_failure(self.cfg.id, policy.Failure(now, self.running.revision, exc.code.code, not victim))
@@ -465,7 +465,6 @@ class ModelRuntime:
                                        worker.available_at_beat)
         if worker is None or worker.process is not process or worker.stopping:
             return
-        self.store.set_worker(self.cfg.id, None)
         verdict = classify(rc, process.stderr_tail, killed_for=worker.killed_for, last_memory=worker.memory,
                            memory_limit_bytes=worker.cfg.memory_limit_bytes)
         exc = E.error_class(verdict.code)(verdict.message(process.pid), worker_pid=process.pid,
@@ -473,7 +472,8 @@ class ModelRuntime:
         worker.fail_handshake(exc)
         worker.death = verdict
         worker.death_request = self.requests.first_active_origin()
-        self.requests.fail_all(exc)
+        self.requests.fail_all(exc)  # clients hear of the death before anything touches the disk
+        self.store.set_worker(self.cfg.id, None)
         if self.state is S.READY:
             self._spawn_task(self._failed(exc, verdict))
 
