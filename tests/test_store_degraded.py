@@ -8,13 +8,15 @@ from __future__ import annotations
 import os
 import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from protocol import errors as E
-from tests.harness import wait_until
+from tests.harness import REPO, wait_until
 from tests.test_store_guard import Locker
 
 pytestmark = pytest.mark.timeout(240)
@@ -54,6 +56,9 @@ def test_a_locked_store_while_serving_fails_nothing_and_loses_nothing(make_super
         assert status["store_degraded"] and status["store_pending_writes"] > 0
         assert "locked" in status["store_error"]
         assert "lmx_store_degraded 1.0" in sup.client.metrics()
+        table = subprocess.run([sys.executable, "-m", "supervisor.ctl", "--state-dir", str(sup.state_dir), "status"],
+                               cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert table.returncode == 0 and "STORE DEGRADED" in table.stdout
         assert m["failures_in_window"] == 1  # counted from memory: the row is not written yet
         assert _kill_mid_stream(sup, m["worker_pid"]) < 3.0
         q = sup.wait_model("m", lambda m: m["state"] == "QUARANTINED", 30, "QUARANTINED, store locked")

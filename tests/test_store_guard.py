@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from supervisor import storeguard
+from supervisor.config import ModelConfig
 from supervisor.policy import Failure
 from supervisor.store import STORE_FILE, Retention, Store
 from supervisor.storeguard import StoreUnavailable
@@ -111,12 +112,16 @@ def test_writes_that_fail_wait_in_order_and_nothing_is_lost(tmp_path: Path) -> N
         store.set_wanted("m", True, "r1", "r1")
         store.set_wanted("m", False, "r1", "r1")  # the later write must win when both land
         store.set_alias("a", "m")
-        assert store.degraded and store.health()["store_pending_writes"] == 6
+        good = ModelConfig(id="m", path="/models/m", context_tokens=2048)
+        store.set_lkg(good)
+        assert store.degraded and store.health()["store_pending_writes"] == 8  # lkg: revision + flag
         assert took < 0.5  # the caller (the event loop) did not wait on the lock
         # What decides safety reads what was written, queued or not.
         assert store.model_flags("m")["quarantined"] and store.model_flags("m")["wanted"] is False
         assert [f.code for f in store.failures("m", 0.0)] == ["WORKER_CRASHED"]
         assert store.crashes("m")[0]["signal"] == "SIGKILL"
+        assert store.model_flags("m")["lkg_revision"] == good.revision
+        assert store.revision("m", good.revision) == good  # a rollback target, before it is on disk
         assert not _rows(tmp_path / STORE_FILE, "SELECT * FROM crashes")
     finally:
         locker.release()
@@ -126,6 +131,8 @@ def test_writes_that_fail_wait_in_order_and_nothing_is_lost(tmp_path: Path) -> N
     assert _rows(path, "SELECT code FROM failures") == [("WORKER_CRASHED",)]
     assert _rows(path, "SELECT signal FROM crashes") == [("SIGKILL",)]
     assert _rows(path, "SELECT old, new FROM aliases") == [("a", "m")]
+    assert _rows(path, "SELECT lkg_revision FROM models WHERE model='m'") == [(good.revision,)]
+    assert _rows(path, "SELECT revision FROM revisions") == [(good.revision,)]
     assert len(store.failures("m", 0.0)) == 1 and len(store.crashes("m")) == 1  # no double count
     store.close()
 
