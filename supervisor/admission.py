@@ -8,7 +8,7 @@ import asyncio
 from typing import Awaitable, Callable
 
 from protocol import errors as E
-from supervisor import architectures, checksums, snapshot
+from supervisor import architectures, checksums, confinement, snapshot
 from supervisor.config import ModelConfig
 from supervisor.evidence import Evidence
 from supervisor.memory import MemoryLedger, estimate
@@ -17,11 +17,18 @@ from supervisor.store import Store
 Evict = Callable[[str, int], Awaitable[bool]]
 
 
-async def integrity(model: ModelConfig, store: Store) -> E.LmxError | None:
+async def integrity(model: ModelConfig, store: Store, roots: tuple[str, ...] = (),
+                    fresh: bool = False) -> E.LmxError | None:
+    """`roots`: model_roots, checked here too because a revision can come from the store (a
+    rollback) rather than from the config that was checked at load. `fresh`: see checksums."""
+    try:
+        confinement.check_path(model.path, roots)
+    except confinement.Refused as exc:
+        return E.SnapshotNotFound(f"model path {exc}", file=model.path)
     findings = snapshot.verify(model.path)
     if not findings and model.checksums:
         # Hashing reads whole files: off the event loop, so status and other models never wait.
-        findings = await asyncio.to_thread(checksums.verify, store, model.path)
+        findings = await asyncio.to_thread(checksums.verify, store, model.path, fresh)
     if findings:
         exc = findings[0].to_exc(more=len(findings) - 1)
         exc.details["findings"] = [f.to_dict() for f in findings]
@@ -55,10 +62,10 @@ async def reserve_memory(model_id: str, model: ModelConfig, evidence: Evidence, 
 
 
 async def admit(model_id: str, model: ModelConfig, store: Store, ledger: MemoryLedger, evict: Evict | None,
-                force: bool) -> E.LmxError | None:
+                force: bool, roots: tuple[str, ...] = (), fresh: bool = False) -> E.LmxError | None:
     """None: admitted (and its memory reserved). Else the refusal, naming what is wrong.
-    `force` (an operator's word) skips only the registry's verdict."""
-    refusal = await integrity(model, store)
+    `force` (an operator's word, or a serving worker to adopt) skips only the registry's verdict."""
+    refusal = await integrity(model, store, roots, fresh)
     if refusal is not None:
         return refusal
     evidence = Evidence(store, model_id, model.path, model.worker_command)

@@ -1,6 +1,9 @@
 """Optional SHA-256 checks of every snapshot file against a manifest: one shipped beside the
 snapshot (`sha256sums.txt`, `sha256sum` format) or the one recorded at first admission. Hashes are
-cached by (path, size, mtime, inode), so an unchanged snapshot re-admits in milliseconds."""
+cached by (path, size, mtime, inode), so an unchanged snapshot re-admits in milliseconds; but bit rot
+changes none of those, so a caller that has reason to doubt the files (`fresh`: the admission after a
+failure in LOADING or CANARY, a quarantine, a rollback, an operator's release or repair) reads every
+file again."""
 
 from __future__ import annotations
 
@@ -19,10 +22,10 @@ def _files(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_file() and p.name != SHIPPED and not p.name.startswith("."))
 
 
-def file_hash(store: Store, path: Path) -> str:
+def file_hash(store: Store, path: Path, fresh: bool = False) -> str:
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
-    cached = store.cached_hash(*key)
+    cached = None if fresh else store.cached_hash(*key)
     if cached:
         return cached
     h = hashlib.sha256()
@@ -46,10 +49,10 @@ def _shipped(root: Path) -> dict[str, str] | None:
     return out
 
 
-def verify(store: Store, path: str) -> list[Finding]:
+def verify(store: Store, path: str, fresh: bool = False) -> list[Finding]:
     """Blocking (hashes files): run it off the event loop."""
     root = Path(path)
-    actual = {p.name: file_hash(store, p) for p in _files(root)}
+    actual = {p.name: file_hash(store, p, fresh) for p in _files(root)}
     manifest = _shipped(root) or store.manifest(str(root.resolve()))
     if manifest is None:
         store.set_manifest(str(root.resolve()), actual)  # first admission: this is the reference

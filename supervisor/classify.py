@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import re
 import signal
+import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -30,6 +32,11 @@ PATTERNS: tuple[tuple[re.Pattern[str], ErrorCode, str, bool], ...] = tuple(
 )
 # A death with the last reported memory this close to the limit is taken as OOM.
 NEAR_LIMIT = 0.9
+# A worker's own log lines carry their time; one older than this before the death is not its last
+# words: a MemoryError a request hit (and the worker survived) an hour ago must not relabel a
+# SIGKILL now as WORKER_OOM. Plain lines (a C++ abort, a traceback) have no time and are what a
+# dying process prints last, so they always count.
+LAST_WORDS_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,21 @@ def exit_details(returncode: int | None) -> dict[str, Any]:
     return {"signal": None, "exit_code": returncode}
 
 
+def last_words(lines: Iterable[str], died_at: float) -> list[str]:
+    """The lines that can explain a death at `died_at` (wall clock): see LAST_WORDS_S."""
+    out = []
+    for line in lines:
+        if line.startswith("{"):
+            try:
+                ts = json.loads(line).get("ts")
+            except (ValueError, AttributeError):
+                ts = None
+            if isinstance(ts, (int, float)) and ts < died_at - LAST_WORDS_S:
+                continue
+        out.append(line)
+    return out
+
+
 def classify(
     returncode: int | None,
     stderr_tail: Iterable[str],
@@ -62,12 +84,14 @@ def classify(
     killed_for: tuple[ErrorCode, str] | None = None,
     last_memory: dict[str, int] | None = None,
     memory_limit_bytes: int = 0,
+    died_at: float | None = None,
 ) -> Verdict:
-    """Pure: the same inputs always give the same verdict (tests feed it the real strings)."""
+    """Pure given `died_at` (the wall-clock time of the death; now when omitted): the same inputs
+    always give the same verdict (tests feed it the real strings)."""
     details = exit_details(returncode)
     if killed_for is not None:  # the supervisor itself killed it (hung, over its memory limit)
         return Verdict(killed_for[0], killed_for[1], details=details)
-    lines = list(stderr_tail)
+    lines = last_words(stderr_tail, time.time() if died_at is None else died_at)
     for pattern, code, cause, victim in PATTERNS:
         hit = next((line for line in reversed(lines) if pattern.search(line)), None)
         if hit is not None:

@@ -4,12 +4,42 @@ compatibility registry and consulted at admission."""
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Any
 
 from protocol import errors as E
 from protocol.messages import Final
 from supervisor import compat
+from supervisor.config import CanarySettings
 from supervisor.store import Store
+
+# Phases in which a failure is the model's own doing on this stack: its weights loading, its first
+# generation. Later deaths (READY) are about requests, load, neighbours and operators.
+START_PHASES = frozenset({"LOADING", "CANARY"})
+# Signals a process brings on itself (an abort, a fault in a kernel). SIGKILL, SIGTERM, SIGSTOP
+# and the like come from someone else: an operator, the OOM killer, our own stop ladder.
+OWN_SIGNALS = frozenset({"SIGABRT", "SIGSEGV", "SIGBUS", "SIGILL", "SIGFPE"})
+OWN_CODES = frozenset({E.ErrorCode.LOAD_FAILED.code, E.ErrorCode.CANARY_FAILED.code})
+# Separate starts that must fail so before the combination is recorded as failed: one stray
+# fault (a signal from outside that looks like a segfault) never condemns a model.
+STARTS_FOR_VERDICT = 2
+_STARTS_KEPT = 10
+
+
+def about_compat(record: dict[str, Any]) -> bool:
+    """Pure: does this crash record say anything about the model on this stack? Only a failure
+    in LOADING or CANARY that the worker raised itself (LOAD_FAILED, CANARY_FAILED) or died of by
+    its own abort or fault; never a hang, an OOM, an innocent victim or a signal someone sent."""
+    if record.get("phase") not in START_PHASES or record.get("victim"):
+        return False
+    code = record.get("code")
+    return code in OWN_CODES or (code == E.ErrorCode.WORKER_CRASHED.code and record.get("signal") in OWN_SIGNALS)
+
+
+def canary_key(c: CanarySettings) -> str:
+    """Everything in the request that decides the greedy text (the template is keyed apart): a
+    canary change must meet a new reference, not be judged against the old one's output."""
+    return json.dumps({"prompt": c.prompt, "max_tokens": c.max_tokens}, sort_keys=True)
 
 
 class Evidence:
@@ -36,30 +66,39 @@ class Evidence:
             f"lmxctl load {self.model_id} --force to try anyway",
             fingerprint=self.fingerprint, backend=self.backend, evidence=ev)
 
-    def canary_passed(self, prompt: str, out: Final, load_s: float | None, memory: dict) -> dict[str, Any]:
-        """Record a pass. The same stack giving different greedy text is a failure (corrupt weights or
-        a broken kernel); a different stack giving different text is drift: recorded, not failed."""
-        template = compat.template_hash(self.path)
-        seen = self.store.canary_outputs(self.fingerprint, template, prompt)
+    def canary_passed(self, canary: CanarySettings, out: Final, load_s: float | None, memory: dict) -> dict[str, Any]:
+        """Record a pass. The same stack giving different greedy text for the same request is a
+        failure (corrupt weights or a broken kernel); a different stack giving different text is
+        drift: recorded, not failed."""
+        template, key = compat.template_hash(self.path), canary_key(canary)
+        seen = self.store.canary_outputs(self.fingerprint, template, key)
         digest = hashlib.sha256(out.text.encode()).hexdigest()
         if self.backend in seen and seen[self.backend] != digest:
             raise E.CanaryFailed("greedy canary output differs from this stack's earlier output "
                                  f"(corrupt weights or a broken kernel): {out.text[:80]!r}")
         drift = any(d != digest for b, d in seen.items() if b != self.backend)
-        self.store.set_canary_output(self.fingerprint, self.backend, template, prompt, out.text)
+        self.store.set_canary_output(self.fingerprint, self.backend, template, key, out.text)
         canary = {"text": out.text[:200], "tokens": out.usage.get("completion_tokens"),
                   "total_s": out.timings.get("total_s"), "decode_tokens_per_s": out.timings.get("decode_tokens_per_s"),
                   "drift": drift}
+        # A pass on this stack outweighs the failed starts before it: they count again from none.
         self.store.compat_record(self.fingerprint, self.backend, self.model_id, "verified", {
-            "canary": canary, "load_s": load_s, "peak_memory_bytes": memory.get("mlx_peak_bytes")})
+            "canary": canary, "load_s": load_s, "peak_memory_bytes": memory.get("mlx_peak_bytes"),
+            "failed_starts": []})
         return canary
 
-    def failure(self, code: str, quarantined: bool = False) -> None:
-        """Count the failure; a quarantine marks the combination failed, except for running out of
-        memory, which says more about the budget and the limit than about the model on this stack."""
+    def failure(self, record: dict[str, Any]) -> bool:
+        """Learn from a crash record, if it is evidence (about_compat); the combination is marked
+        failed once STARTS_FOR_VERDICT separate starts (worker processes) failed so. True if counted."""
+        if not about_compat(record):
+            return False
         row = self.row()
-        crashes = dict((row or {}).get("evidence", {}).get("crashes", {}))
-        crashes[code] = crashes.get(code, 0) + 1
-        failed = quarantined and code != E.ErrorCode.WORKER_OOM.code
-        self.store.compat_record(self.fingerprint, self.backend, self.model_id,
-                                 "failed" if failed else None, {"crashes": crashes})
+        ev = (row or {}).get("evidence", {})
+        crashes = dict(ev.get("crashes", {}))
+        crashes[record["code"]] = crashes.get(record["code"], 0) + 1
+        start = record.get("worker_pid") or record.get("at")
+        starts = [*ev.get("failed_starts", []), start][-_STARTS_KEPT:]
+        failed = len(set(starts)) >= STARTS_FOR_VERDICT
+        self.store.compat_record(self.fingerprint, self.backend, self.model_id, "failed" if failed else None,
+                                 {"crashes": crashes, "failed_starts": starts})
+        return True

@@ -45,9 +45,11 @@ async def probe(sup: "Supervisor", path: str,
         rt = sup._runtime(model, evict=False)
         rt.config = config
         rt.start("probe", force=True)
-        await settled(rt)
-        outcome = rt.status()
-        await rt.stop("probe done", remember=False)
+        try:
+            await settled(rt)
+            outcome = rt.status()
+        finally:  # whatever happened, the throwaway worker is not left behind
+            await rt.stop("probe done", remember=False)
     err = outcome["last_error"]
     rows = Evidence(sup.store, model.id, model.path, None).row()
     sup.log.info("model.probed", path=model.path, state=outcome["state"], code=err and err["code"])

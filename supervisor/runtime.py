@@ -10,7 +10,7 @@ from typing import Any, Awaitable, Callable
 
 from protocol import errors as E
 from protocol.messages import Chunk, Chunks, Error, Final, GenerateRequest, Init, Message, Shutdown
-from supervisor import admission, adoption, checksums, logs, policy, repair, snapshot, states
+from supervisor import admission, adoption, logs, modelrepair, policy, states
 from supervisor.canary import run_canary
 from supervisor.classify import Verdict, classify
 from supervisor.config import Config, ModelConfig
@@ -51,6 +51,7 @@ class ModelRuntime:
         # A worker of a previous supervisor run, still inside its orphan grace: adopted on start.
         self._orphan: dict[str, Any] | None = store.worker(model.id)
         self._force = False
+        self._doubt = False  # an operator's release: the next admission trusts no cached hash
         self._ledger = ledger or MemoryLedger(2**62)
         self._evict = evict
         self.last_used = 0.0  # monotonic time of the last request: eviction takes the oldest idle
@@ -133,15 +134,10 @@ class ModelRuntime:
         return Evidence(self.store, self.cfg.id, self.running.path, self.running.worker_command)
 
     async def _bring_up(self) -> None:
-        if self.state is S.ADMITTING:
-            refusal = await admission.admit(self.cfg.id, self.running, self.store, self._ledger, self._evict,
-                                            self._force)
+        if self.state in (S.ADMITTING, S.ROLLING_BACK):  # a rollback's revision is admitted like any
+            refusal = await self._admit()
             if refusal is not None:
-                self.last_error = refusal
-                self.log.warning("model.rejected", code=refusal.code.code, message=refusal.message,
-                                 file=refusal.details.get("file"), revision=self.running.revision)
-                self._to(S.REJECTED, refusal.code.code, code=refusal.code.code, message=refusal.message,
-                         file=refusal.details.get("file"))
+                self._refused(refusal)
                 return
         else:  # a restart keeps its reservation, but a dead worker's memory must be back first
             await self._ledger.settle()
@@ -154,6 +150,33 @@ class ModelRuntime:
         except Exception as exc:
             self.log.exception("internal.start_failed")
             await self._failed(E.InternalError(f"start failed: {exc!r}"))
+
+    async def _admit(self) -> E.LmxError | None:
+        orphan, sup = self._orphan, self.config.supervisor
+        # A worker of ours still serving this revision is adopted first: no registry verdict takes
+        # down a model that is serving (only integrity and memory can refuse it).
+        adoptable = orphan is not None and orphan["revision"] == self.running.revision
+        # Cached hashes cannot see bit rot: after a failure (or an operator's release) read it all.
+        fresh = self._doubt or bool(self.store.failures(self.cfg.id, time.time() - self.config.restart.window_s))
+        self._doubt = False
+        refusal = await admission.admit(self.cfg.id, self.running, self.store, self._ledger, self._evict,
+                                        self._force or adoptable, sup.model_roots, fresh)
+        if refusal is not None and orphan is not None:
+            self._orphan = None  # refused: end it now rather than leave it waiting out its grace
+            self._end_orphan(orphan, f"admission refused: {refusal.code.code}")
+        return refusal
+
+    def _refused(self, refusal: E.LmxError) -> None:
+        self.last_error = refusal
+        self.log.warning("model.rejected", code=refusal.code.code, message=refusal.message,
+                         file=refusal.details.get("file"), revision=self.running.revision)
+        if self.state is S.ROLLING_BACK:  # rolling back did not help either: an operator decides
+            now, window = time.time(), self.config.restart.window_s
+            count = policy.failures_in_window(self.store.failures(self.cfg.id, now - window), now, window)
+            self._quarantine(refusal, policy.Decision(policy.Action.QUARANTINE, failures_in_window=count))
+            return
+        self._to(S.REJECTED, refusal.code.code, code=refusal.code.code, message=refusal.message,
+                 file=refusal.details.get("file"))
 
     async def _start_worker(self) -> None:
         cfg = self.running
@@ -172,7 +195,7 @@ class ModelRuntime:
             worker = await self._spawn_and_load(cfg)
         result = await run_canary(cfg.canary, self.requests, self.log)
         ready = worker.ready.result() if worker.ready.done() and not worker.ready.exception() else None
-        self.canary = self._evidence().canary_passed(cfg.canary.prompt, result, ready.load_s if ready else None,
+        self.canary = self._evidence().canary_passed(cfg.canary, result, ready.load_s if ready else None,
                                                      worker.memory)
         self.retry_at = None
         self.ready_since = time.monotonic()
@@ -304,8 +327,7 @@ class ModelRuntime:
         lkg = self.store.model_flags(self.cfg.id)["lkg_revision"]
         decision = policy.decide(history, now, self.config.restart, self.running.revision, lkg,
                                  self.consecutive_failures)
-        if decision.action is not policy.Action.QUARANTINE and not victim:
-            self._evidence().failure(exc.code.code)
+        self._evidence().failure(record)  # the registry takes only what is about compatibility
         self.retry_at = time.monotonic() + decision.delay_s
         self._to(S.BACKOFF, exc.code.code, code=exc.code.code, retry_after_s=round(decision.delay_s, 3),
                  failures_in_window=decision.failures_in_window)
@@ -337,7 +359,6 @@ class ModelRuntime:
         }
         self.retry_at = None
         self.store.set_quarantine(self.cfg.id, summary)
-        self._evidence().failure(exc.code.code, quarantined=True)
         details = {k: v for k, v in summary.items() if k != "message"}
         self.last_error = E.ModelQuarantined(summary["message"], **details)
         self.log.error("model.quarantined", code=exc.code.code, message=summary["message"],
@@ -371,35 +392,8 @@ class ModelRuntime:
         return self.state.value
 
     async def repair(self) -> dict[str, Any]:
-        """Operator: fetch what admission found missing or corrupt from the model's source (mirror or
-        hub), verify again, and if the model was REJECTED for it, admit it again."""
-        source = repair.source_for(self.running, self.config.supervisor)
-        root = Path(self.running.path)
-        findings = snapshot.verify(root)
-        if self.running.checksums and not findings:
-            findings = await asyncio.to_thread(checksums.verify, self.store, str(root))
-        try:
-            wanted = await asyncio.to_thread(repair.wanted_files, root, findings, source)
-            self.log.info("model.repair", files=sorted(wanted), bytes=sum(wanted.values()),
-                          source=source.description)
-            loop, total = asyncio.get_running_loop(), sum(wanted.values())
-
-            def progress(name: str, done: int) -> None:  # runs in the fetching thread
-                loop.call_soon_threadsafe(lambda: self.events.publish(
-                    "model.repair_progress", model=self.cfg.id, file=name, done_bytes=done, total_bytes=total))
-
-            written = await asyncio.to_thread(repair.fetch, root, source, wanted, progress) if wanted else 0
-        except E.LmxError:
-            raise
-        except Exception as exc:  # the hub or the mirror failed: say which, keep the daemon up
-            self.log.warning("model.repair_failed", source=source.description, error=repr(exc))
-            raise E.SnapshotIncomplete(f"repair from {source.description} failed: {exc}") from None
-        after = snapshot.verify(root)
-        if self.state is S.REJECTED and not after:
-            self.last_error = None  # the refusal was about what repair fixed
-            self.start("repaired", force=False)
-        return {"fetched": sorted(wanted), "bytes": written, "source": source.description,
-                "findings": [f.to_dict() for f in after], "state": self.state.value}
+        """Operator: fetch what admission found missing or corrupt, verify, re-admit (modelrepair)."""
+        return await modelrepair.repair(self)
 
     async def release(self) -> str:
         """Operator: leave QUARANTINED (or REJECTED) and try again on the configured revision."""
@@ -412,6 +406,7 @@ class ModelRuntime:
         self.running = self.cfg
         self._remember(True)
         self._force = True  # the operator asks: a registry verdict of "failed" does not stop it
+        self._doubt = True  # whatever it was, the files are read again before they are trusted
         self._to(S.ADMITTING, "operator release")
         self._spawn_task(self._bring_up())
         return self.state.value

@@ -14,6 +14,7 @@ import pytest
 from protocol import errors as E
 from protocol.messages import Final
 from supervisor import logs
+from supervisor.config import CanarySettings
 from supervisor.evidence import Evidence
 from supervisor.store import Store
 from tests.harness import REPO, workers_of
@@ -27,12 +28,12 @@ def test_same_stack_different_greedy_text_fails_other_stack_is_drift(tmp_path: P
     logs.configure(None)
     store = Store(tmp_path)
     a = Evidence(store, "m", str(tiny_model), None)
-    a.canary_passed("p", _final("Paris"), 0.5, {})
+    a.canary_passed(CanarySettings(prompt="p"), _final("Paris"), 0.5, {})
     b = Evidence(store, "m", str(tiny_model), None)
     b.backend = "mlx-lm 9.9 / mlx 9.9 / elsewhere"
-    assert b.canary_passed("p", _final("Lyon"), 0.5, {})["drift"] is True
+    assert b.canary_passed(CanarySettings(prompt="p"), _final("Lyon"), 0.5, {})["drift"] is True
     with pytest.raises(E.CanaryFailed, match="differs from this stack"):
-        a.canary_passed("p", _final("Lyon"), 0.5, {})
+        a.canary_passed(CanarySettings(prompt="p"), _final("Lyon"), 0.5, {})
     (row,) = [r for r in store.compat() if r["backend"] == a.backend]
     assert row["outcome"] == "verified" and row["evidence"]["canary"]["text"] == "Paris"
 
@@ -63,10 +64,10 @@ def test_a_known_bad_combination_is_refused_unless_forced(make_supervisor, tiny_
     broken = _unloadable(tiny_model, tmp_path / "broken")
     sup = make_supervisor([{"id": "first", "path": str(broken)},
                            {"id": "twin", "path": str(broken), "autoload": False}],
-                          restart={"quarantine_after": 1}).start(wait_ready=False)
+                          restart={"quarantine_after": 2, "backoff_initial_s": 0.05}).start(wait_ready=False)
     sup.wait_model("first", lambda m: m["state"] == "QUARANTINED", 30, "QUARANTINED")
-    (row,) = sup.client.compat()["rows"]
-    assert row["outcome"] == "failed" and row["evidence"]["crashes"] == {"LOAD_FAILED": 1}
+    (row,) = sup.client.compat()["rows"]  # two separate starts failed loading: the verdict
+    assert row["outcome"] == "failed" and row["evidence"]["crashes"] == {"LOAD_FAILED": 2}
     sup.client.load("twin")
     m = sup.wait_model("twin", lambda m: m["state"] == "REJECTED", 10, "REJECTED")
     assert m["last_error"]["code"] == "COMPAT_KNOWN_BAD" and "--force" in m["last_error"]["message"]
