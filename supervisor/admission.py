@@ -8,7 +8,7 @@ import asyncio
 from typing import Awaitable, Callable
 
 from protocol import errors as E
-from supervisor import architectures, checksums, confinement, snapshot
+from supervisor import architectures, checksums, confinement, kvcache, snapshot
 from supervisor.config import ModelConfig
 from supervisor.evidence import Evidence
 from supervisor.memory import MemoryLedger, estimate
@@ -46,7 +46,7 @@ async def reserve_memory(model_id: str, model: ModelConfig, evidence: Evidence, 
                          evict: Evict | None) -> E.LmxError | None:
     row = evidence.row()
     peak = (row or {}).get("evidence", {}).get("peak_memory_bytes")
-    est = estimate(model.path, model.context_tokens, peak)
+    est = estimate(model.path, model.context_tokens, peak, kvcache.budget_bytes(model))
     await ledger.settle()  # a worker that just died must have given its memory back first
     if ledger.try_reserve(model_id, est["total"]):
         return None
@@ -54,7 +54,8 @@ async def reserve_memory(model_id: str, model: ModelConfig, evidence: Evidence, 
         return None
     others, budget, stranded = ledger.others(model_id), ledger.budget, ledger.stranded_bytes()
     return E.InsufficientMemory(
-        f"needs {est['total']:,} bytes (weights {est['weights']:,} + KV {est['kv_cache']:,} + overhead "
+        f"needs {est['total']:,} bytes (weights {est['weights']:,} + KV {est['kv_cache']:,} + prefix cache "
+        f"{est['prefix_cache']:,} + overhead "
         f"{est['overhead']:,}{', measured peak ' + format(peak, ',') if peak else ''}); "
         f"{others:,} of the {budget:,}-byte budget are held by other models"
         + (f" and by memory dead workers never gave back ({stranded:,})" if stranded else ""),

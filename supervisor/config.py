@@ -94,7 +94,8 @@ class CanarySettings:
 
 # Model keys added after revisions were first recorded, with their defaults.
 _ADDED_LATER = {"hub_repo": None, "hub_revision": None, "max_batch_size": 8, "prefill_step_size": 512,
-                "max_queue": 64, "idle_ttl_s": 0.0, "pinned": False, "stream_interval_s": 0.05}
+                "max_queue": 64, "idle_ttl_s": 0.0, "pinned": False, "stream_interval_s": 0.05,
+                "prefix_cache_bytes": -1, "prefix_cache_disk_bytes": -1, "prefix_cache_persist": True}
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,12 @@ class ModelConfig:
     # After a stream's first chunk, tokens that come within this of the last send go together.
     stream_interval_s: float = 0.05
     max_queue: int = 64  # requests waiting beyond the batch; past it: OVERLOADED
+    # The worker's prefix KV cache (supervisor.kvcache): memory for it (-1: twice the KV of
+    # context_tokens, 0: off), disk for hot prefixes across workers (-1: four times that), and
+    # whether they go to disk at all.
+    prefix_cache_bytes: int = -1
+    prefix_cache_disk_bytes: int = -1
+    prefix_cache_persist: bool = True
     idle_ttl_s: float = 0.0  # READY and unused this long: unload (0 = never); the next request loads it
     pinned: bool = False  # never evicted, never unloaded for idleness
     canary: CanarySettings = field(default_factory=CanarySettings)
@@ -238,6 +245,9 @@ def _model(file: str, index: int, raw: Any, base_dir: Path) -> ModelConfig:
         prefill_step_size=reader.take("prefill_step_size", int, 512),
         stream_interval_s=reader.take("stream_interval_s", float, 0.05),
         max_queue=reader.take("max_queue", int, 64),
+        prefix_cache_bytes=reader.take("prefix_cache_bytes", int, -1),
+        prefix_cache_disk_bytes=reader.take("prefix_cache_disk_bytes", int, -1),
+        prefix_cache_persist=reader.take("prefix_cache_persist", bool, True),
         idle_ttl_s=reader.take("idle_ttl_s", float, 0.0),
         pinned=reader.take("pinned", bool, False),
         worker_command=reader.take_list("worker_command", str, None),
@@ -247,6 +257,9 @@ def _model(file: str, index: int, raw: Any, base_dir: Path) -> ModelConfig:
     for key in ("max_batch_size", "prefill_step_size"):
         if getattr(model, key) < 1:
             raise ConfigError(file, f"{prefix}.{key}", "must be >= 1")
+    for key in ("prefix_cache_bytes", "prefix_cache_disk_bytes"):
+        if getattr(model, key) < -1:
+            raise ConfigError(file, f"{prefix}.{key}", "must be -1 (auto), 0 (off) or a size in bytes")
     if not 0.0 <= model.stream_interval_s <= 1.0:
         raise ConfigError(file, f"{prefix}.stream_interval_s", "must be between 0 and 1 (seconds)")
     if model.max_queue < 0:

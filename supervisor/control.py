@@ -216,6 +216,12 @@ class ControlServer:
                 detail = await self.swap(msg.model, msg.target)
             elif msg.op == "metrics":
                 detail = {"text": self._metrics.render().decode()}
+            elif msg.op == "cache-clear":
+                chosen = [self._runtime(msg.model)] if msg.model else list(self._models.values())
+                detail = {"models": [r.cfg.id for r in chosen], "files": 0, "bytes": 0}
+                for r in chosen:
+                    for k, v in r.clear_prefix_cache().items():
+                        detail[k] += v
             elif msg.op == "compat":
                 detail = {"backend": compat.backend(), "rows": self._store.compat()}
             elif msg.op == "probe":
@@ -278,7 +284,7 @@ class ControlServer:
         def sink(msg: Message) -> None:
             if isinstance(msg, Chunk):
                 timer.chunk()
-                unsent = self.send(identity, Chunk(client_rid, msg.text, msg.tokens))
+                unsent = self.send(identity, dataclasses.replace(msg, request_id=client_rid))
                 route = self._routes.get(key) if unsent else None
                 if route is not None:
                     # Its client is gone, or its buffer is full because it stopped reading: cancel
@@ -295,7 +301,7 @@ class ControlServer:
                 if not self._per_client[identity]:
                     del self._per_client[identity]
             if isinstance(msg, Final):
-                self.send(identity, Final(client_rid, msg.text, msg.finish_reason, msg.usage, msg.timings))
+                self.send(identity, dataclasses.replace(msg, request_id=client_rid))
                 metrics.requests.labels(req.model, "ok").inc()
                 metrics.tokens.labels(req.model).inc(msg.usage.get("completion_tokens", 0))
                 log.info("request.done", finish_reason=msg.finish_reason,

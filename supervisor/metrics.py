@@ -10,7 +10,7 @@ import time
 from typing import Any, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from supervisor.states import ModelState
@@ -19,6 +19,29 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _STORE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
+
+
+def _prefix_cache(models: list[dict[str, Any]]) -> Iterator[Any]:
+    """The workers' prefix caches (status's `prefix_cache`): counters summed over each model's workers."""
+    families = {
+        "hit_tokens_total": CounterMetricFamily("lmx_prefix_cache_hit_tokens",
+                                                "Prompt tokens served from the prefix cache.", labels=["model"]),
+        "miss_tokens_total": CounterMetricFamily("lmx_prefix_cache_miss_tokens",
+                                                 "Prompt tokens prefilled (not in the prefix cache).", labels=["model"]),
+        "evictions_total": CounterMetricFamily("lmx_prefix_cache_evictions",
+                                               "Prefix cache entries evicted for its byte budget.", labels=["model"]),
+        "bytes": GaugeMetricFamily("lmx_prefix_cache_bytes", "Bytes of KV held by the prefix cache.",
+                                   labels=["model"]),
+        "entries": GaugeMetricFamily("lmx_prefix_cache_entries", "Entries in the prefix cache.", labels=["model"]),
+        "disk_bytes": GaugeMetricFamily("lmx_prefix_cache_disk_bytes", "Bytes of hot prefixes on disk.",
+                                        labels=["model"]),
+    }
+    for m in models:
+        pc = m.get("prefix_cache") or {}
+        for key, family in families.items():
+            if key in pc:
+                family.add_metric([m["id"]], pc[key])
+    yield from families.values()
 
 
 class _StatusCollector(Collector):
@@ -78,6 +101,7 @@ class _StatusCollector(Collector):
                     gauges[key].add_metric([mid], memory[key])
         yield state
         yield from gauges.values()
+        yield from _prefix_cache(s["models"])
 
 
 class Metrics:

@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from protocol import errors as E
-from protocol.messages import Chunk, Chunks, Error, Final, GenerateRequest, Init, Message, Shutdown
-from supervisor import admission, adoption, logs, modelrepair, policy, states
+from protocol.messages import (
+    Chunk, Chunks, ClearPrefixCache, Error, Final, GenerateRequest, Init, Message, Shutdown,
+)
+from supervisor import admission, adoption, kvcache, logs, modelrepair, policy, states
 from supervisor.canary import run_canary
 from supervisor.classify import Verdict, classify
 from supervisor.config import Config, ModelConfig
@@ -63,6 +65,7 @@ class ModelRuntime:
         self.log = logs.get(model=model.id)
         self.events: EventPublisher | NoEvents = NoEvents()  # the daemon gives us its own
         self.metrics = Metrics()
+        self.cache_totals = kvcache.Totals()  # prefix cache counters across this model's workers
         self.spares: SparePool | None = None  # the daemon's warm spares, when configured
         self._restore()
 
@@ -245,12 +248,30 @@ class ModelRuntime:
         self._hub.send(worker.process.token, Init(cfg.id, cfg.revision, cfg.path, sup.heartbeat_interval_s,
                                                   sup.orphan_grace_s, cfg.memory_limit_bytes,
                                                   cfg.max_batch_size, cfg.prefill_step_size,
-                                                  cfg.stream_interval_s))
+                                                  cfg.stream_interval_s, context_tokens=cfg.context_tokens,
+                                                  **self._prefix_cache_init(cfg)))
         self._to(S.LOADING, "handshake done")
         await wait_for(worker.ready, sup.load_timeout_s,
                           E.LoadTimeout(f"no ready within load_timeout_s={sup.load_timeout_s}"))
         self._to(S.CANARY, "weights loaded")
         return worker
+
+    def clear_prefix_cache(self) -> dict[str, int]:
+        """lmxctl cache clear: the worker forgets its entries; their files go now, from here too."""
+        if self.worker is not None and self.worker.process.alive:
+            self._hub.send(self.worker.process.token, ClearPrefixCache())
+        removed = kvcache.clear(self._log_dir.parent, self.cfg.id) if self._log_dir is not None else {}
+        self.log.info("model.prefix_cache_cleared", **removed)
+        return removed
+
+    def _prefix_cache_init(self, cfg: ModelConfig) -> dict[str, Any]:
+        # The state dir holds the logs: hot prefixes go beside them (none without one: a probe).
+        state_dir = self._log_dir.parent if self._log_dir is not None else None
+        try:
+            return kvcache.init_fields(cfg, state_dir)
+        except OSError as exc:  # an unwritable cache dir costs persistence, not the model
+            self.log.warning("model.prefix_cache_dir_unusable", error=str(exc))
+            return kvcache.init_fields(cfg, None)
 
     async def _adopt(self, record: dict[str, Any]) -> Worker | None:
         """The worker proves itself with an adoption hello, or is ended and a fresh one spawned.
@@ -558,5 +579,6 @@ class ModelRuntime:
             "active": len(self.requests.active),
             "phase": w.phase if w else None,
             "memory": dict(w.memory) if w else {},
+            "prefix_cache": self.cache_totals.observe(w.process.pid if w else None, w.cache if w else {}),
             "canary": self.canary,
         }
