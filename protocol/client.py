@@ -302,11 +302,14 @@ class SupervisorClient:
         seed: int | None = None,
         stop: list[str] | None = None,
         timeout_s: float | None = None,
+        **agent: Any,
     ) -> GenerateStream:
         """Stream a generation. The deadline covers the whole request and travels to the supervisor."""
         t = timeout_s or self.timeout_s
+        # agent: tools, tool_choice, tool_name, response_format, logprobs, top_logprobs,
+        # chat_template_kwargs (GenerateRequest); an unknown name is a TypeError here, not on the wire.
         req = GenerateRequest(self._rid(), model, prompt, messages, max_tokens, temperature, top_p,
-                              seed, list(stop or []), t)
+                              seed, list(stop or []), t, **agent)
         return GenerateStream(self, req, t)
 
     async def complete(self, model: str, prompt: str | None = None, **kwargs: Any) -> Result:

@@ -4,7 +4,7 @@ from protocol.client, with the rest of the client library."""
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
 from protocol import errors as E
@@ -17,9 +17,12 @@ if TYPE_CHECKING:
 @dataclass
 class Result:
     text: str
-    finish_reason: str
-    usage: dict
+    finish_reason: str  # "stop", "length", or "tool_calls"
+    usage: dict  # prompt_tokens, completion_tokens, cached_tokens
     timings: dict
+    reasoning: str = ""  # thinking text, apart from `text` (models with think markers)
+    tool_calls: list = field(default_factory=list)  # OpenAI shape: id, type, function {name, arguments}
+    logprobs: Optional[list] = None  # per token, when the request asked for them
 
 
 class GenerateStream:
@@ -72,7 +75,8 @@ class GenerateStream:
             return self._coalesce(msg)
         self._finish()
         if isinstance(msg, Final):
-            self.result = Result(msg.text, msg.finish_reason, msg.usage, msg.timings)
+            self.result = Result(msg.text, msg.finish_reason, msg.usage, msg.timings, msg.reasoning,
+                                 msg.tool_calls, msg.logprobs)
             raise StopAsyncIteration
         if isinstance(msg, Error):
             raise msg.to_exc()
@@ -83,15 +87,20 @@ class GenerateStream:
         not a backlog of tiny ones."""
         if self._queue is None or self._queue.empty():
             return chunk
-        texts, tokens = [chunk.text], chunk.tokens
+        merged = Chunk(chunk.request_id, chunk.text, chunk.tokens, chunk.reasoning, list(chunk.tool_calls),
+                       None if chunk.logprobs is None else list(chunk.logprobs))
         while not self._queue.empty():
             nxt = self._queue.get_nowait()
             if not isinstance(nxt, Chunk):
                 self._held = nxt  # the end of the stream: returned by the next call
                 break
-            texts.append(nxt.text)
-            tokens += nxt.tokens
-        return Chunk(chunk.request_id, "".join(texts), tokens)
+            merged.text += nxt.text
+            merged.tokens += nxt.tokens
+            merged.reasoning += nxt.reasoning
+            merged.tool_calls += nxt.tool_calls
+            if nxt.logprobs is not None:
+                merged.logprobs = (merged.logprobs or []) + nxt.logprobs
+        return merged
 
     def _finish(self) -> None:
         self._done = True

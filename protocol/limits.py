@@ -30,6 +30,8 @@ MAX_TEMPERATURE = 100.0
 MAX_SEED = (1 << 64) - 1
 MAX_ERROR_CHARS = 1_000_000  # an error message is for people; this only bounds the absurd
 MAX_FIGURES = 64  # entries of a worker's memory / usage / timings maps
+MAX_TOOLS = 512
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound
 
 
 UNPACK_OPTIONS = {"max_array_len": MAX_ARRAY_LEN, "max_map_len": MAX_MAP_LEN}
@@ -130,6 +132,28 @@ def _generate(m: Any) -> None:
     if m.timeout_s is not None and not (isinstance(m.timeout_s, (int, float)) and m.timeout_s > 0):
         raise BadRequest(f"{t}: field 'timeout_s' must be > 0, got {m.timeout_s!r}")
     _number(t, "timeout_s", m.timeout_s, 0.0, MAX_TIMEOUT_S)
+    _agent(m)
+
+
+_TOOL_CHOICES = (None, "auto", "none", "required", "function")
+
+
+def _agent(m: Any) -> None:
+    t = m.TAG
+    if m.tools is not None and len(m.tools) > MAX_TOOLS:
+        raise BadRequest(f"{t}: {len(m.tools)} tools, more than {MAX_TOOLS}")
+    if m.tool_choice not in _TOOL_CHOICES:
+        raise BadRequest(f"{t}: field 'tool_choice' must be one of auto, none, required, function")
+    if m.tool_choice == "function" and not m.tool_name:
+        raise BadRequest(f"{t}: tool_choice 'function' needs tool_name")
+    if m.tool_choice in ("required", "function") and not m.tools:
+        raise BadRequest(f"{t}: tool_choice {m.tool_choice!r} needs tools")
+    if m.tool_name is not None and not any(
+            isinstance(x, dict) and (x.get("function") or {}).get("name") == m.tool_name for x in m.tools or []):
+        raise BadRequest(f"{t}: tool_name {m.tool_name[:64]!r} is not one of the tools")
+    if m.response_format is not None and m.response_format.get("type") not in ("text", "json_object", "json_schema"):
+        raise BadRequest(f"{t}: response_format.type must be text, json_object or json_schema")
+    _number(t, "top_logprobs", m.top_logprobs, 0, MAX_TOP_LOGPROBS)
 
 
 def _admin(m: Any) -> None:
@@ -170,6 +194,7 @@ def _heartbeat(m: Any) -> None:
     _number(m.TAG, "progress", m.progress, 0, (1 << 63) - 1)
     _text(m.TAG, "phase", m.phase, MAX_NAME_CHARS)
     _figures(m.TAG, "memory", m.memory)
+    _figures(m.TAG, "cache", m.cache)
 
 
 def _chunk(m: Any) -> None:
@@ -184,10 +209,18 @@ def _chunks(m: Any) -> None:
     if len(m.items) > MAX_BATCH_ITEMS:
         raise BadRequest(f"{m.TAG}: {len(m.items)} items, more than {MAX_BATCH_ITEMS}")
     for item in m.items:
-        if not (len(item) == 3 and type(item[0]) is str and type(item[1]) is str and type(item[2]) is int):
-            raise BadRequest(f"{m.TAG}: every item must be [request_id, text, tokens]")
+        if not (len(item) in (3, 4) and type(item[0]) is str and type(item[1]) is str and type(item[2]) is int
+                and (len(item) == 3 or _extras_ok(item[3]))):
+            raise BadRequest(f"{m.TAG}: every item must be [request_id, text, tokens] or with its extras")
         _text(m.TAG, "request_id", item[0], MAX_ID_CHARS)
         _number(m.TAG, "tokens", item[2], 0, MAX_TOKENS)
+
+
+_EXTRAS = {"reasoning": str, "tool_calls": list, "logprobs": list}
+
+
+def _extras_ok(extras: Any) -> bool:
+    return isinstance(extras, dict) and all(type(extras.get(k)) is _EXTRAS.get(k) for k in extras)
 
 
 def _final(m: Any) -> None:

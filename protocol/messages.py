@@ -38,28 +38,59 @@ class GenerateRequest(Message):
     seed: Optional[int] = None
     stop: list[str] = field(default_factory=list)
     timeout_s: Optional[float] = None
+    # What agents send (all optional; a worker from before them never sees them set by a gateway
+    # that checks the model first). tools: OpenAI function tools, rendered by the chat template and
+    # parsed back with mlx-lm's tool parser. tool_choice: "auto" (default with tools), "none",
+    # "required" (some call, enforced), or "function" with tool_name (that call, enforced).
+    tools: Optional[list[dict]] = None
+    tool_choice: Optional[str] = None
+    tool_name: Optional[str] = None
+    # OpenAI's response_format: {"type": "json_object"} or {"type": "json_schema", "json_schema": {...}},
+    # enforced by constrained decoding ({"type": "text"} or None: free text).
+    response_format: Optional[dict] = None
+    logprobs: bool = False
+    top_logprobs: int = 0  # 0..20 most likely tokens beside each chosen one (needs logprobs)
+    chat_template_kwargs: Optional[dict] = None  # e.g. {"enable_thinking": False}
 
 
 @dataclass
 class Chunk(Message):
-    """Streamed text; `tokens` is how many generated tokens this chunk carries."""
+    """Streamed text; `tokens` is how many generated tokens this chunk carries. `reasoning` is
+    thinking text (between the model's think markers, never in `text`), `tool_calls` the calls
+    completed since the last chunk (OpenAI shape: id, type, function {name, arguments}), `logprobs`
+    one entry per token when the request asked for them."""
 
     TAG: ClassVar[str] = "chunk"
     request_id: str
     text: str
     tokens: int = 1
+    reasoning: str = ""
+    tool_calls: list[dict] = field(default_factory=list)
+    logprobs: Optional[list[dict]] = None
+
+    def extras(self) -> dict:
+        """What beside text and tokens is set (a Chunks item's fourth element)."""
+        out: dict = {}
+        if self.reasoning:
+            out["reasoning"] = self.reasoning
+        if self.tool_calls:
+            out["tool_calls"] = self.tool_calls
+        if self.logprobs is not None:
+            out["logprobs"] = self.logprobs
+        return out
 
 
 @dataclass
 class Chunks(Message):
     """Worker -> supervisor: what one batch step produced, a chunk per stream, in one message:
-    `items` = [[request_id, text, tokens], ...]. The supervisor hands each on as a Chunk."""
+    `items` = [[request_id, text, tokens], ...], or [request_id, text, tokens, extras] where a chunk
+    has more (Chunk.extras). The supervisor hands each on as a Chunk."""
 
     TAG: ClassVar[str] = "chunks"
     items: list[list]
 
     def chunks(self) -> list[Chunk]:
-        return [Chunk(rid, text, tokens) for rid, text, tokens in self.items]
+        return [Chunk(item[0], item[1], item[2], **(item[3] if len(item) > 3 else {})) for item in self.items]
 
 
 @dataclass
@@ -70,9 +101,12 @@ class Final(Message):
     TAG: ClassVar[str] = "final"
     request_id: str
     text: str
-    finish_reason: str
+    finish_reason: str  # "stop", "length", or "tool_calls" (it ended after calling tools)
     usage: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
+    reasoning: str = ""  # the whole thinking text, apart from `text`
+    tool_calls: list[dict] = field(default_factory=list)  # every call, parsed (OpenAI shape)
+    logprobs: Optional[list[dict]] = None  # every token's, when asked for
 
 
 @dataclass

@@ -45,7 +45,30 @@ _SAFETENSORS_DTYPES = {
     "int16": "I16", "int8": "I8", "uint64": "U64", "uint32": "U32", "uint16": "U16",
     "uint8": "U8", "bool": "BOOL",
 }
-_tokenizer_json: str | None = None  # training takes ~tens of ms; do it once per process
+_tokenizer_json: dict[tuple, str] = {}  # training takes ~tens of ms; once per vocab per process
+# A Qwen2.5-style template with tools (json_tools calls: mlx-lm infers the parser from
+# "<tool_call>" and "tool_call.name") and Qwen3-style thinking that `enable_thinking` turns off.
+AGENT_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\n# Tools\n<tools>{% for tool in tools %}\n{{ tool | tojson }}"
+    "{% endfor %}\n</tools>\nCall a function as <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call>"
+    "<|im_end|>\n{% endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'assistant' %}<|im_start|>assistant\n"
+    "{%- if message.content %}{{ message.content.split('</think>')[-1] }}{% endif %}"
+    "{%- for tool_call in message.tool_calls or [] %}"
+    "{%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}"
+    "<tool_call>\n{\"name\": \"{{ tool_call.name }}\", \"arguments\": "
+    "{{ tool_call.arguments if tool_call.arguments is string else tool_call.arguments | tojson }}}\n</tool_call>"
+    "{%- endfor %}<|im_end|>\n"
+    "{%- elif message.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ message.content }}\n"
+    "</tool_response><|im_end|>\n"
+    "{%- else %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n"
+    "{%- if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n"
+    "{%- else %}<think>\n{%- endif %}{%- endif %}"
+)
+AGENT_TOKENS = ["<tool_call>", "</tool_call>", "<think>", "</think>"]
 
 
 def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
@@ -71,9 +94,8 @@ def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict
             f.write(blob)
 
 
-def _tiny_tokenizer_json() -> str:
-    global _tokenizer_json
-    if _tokenizer_json is None:
+def _tiny_tokenizer_json(extra_special: tuple[str, ...] = ()) -> str:
+    if extra_special not in _tokenizer_json:
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
         tok = Tokenizer(models.BPE())
@@ -81,13 +103,13 @@ def _tiny_tokenizer_json() -> str:
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
             vocab_size=512,
-            special_tokens=SPECIAL_TOKENS,
+            special_tokens=SPECIAL_TOKENS + list(extra_special),
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
         tok.train_from_iterator(_TRAINING_TEXT.splitlines(), trainer)
-        _tokenizer_json = tok.to_str()
-    return _tokenizer_json
+        _tokenizer_json[extra_special] = tok.to_str()
+    return _tokenizer_json[extra_special]
 
 
 def _tiny_weights(cfg: dict, seed: int, dtype: str = "float16", scale: float = 0.05) -> dict[str, np.ndarray]:
@@ -114,13 +136,14 @@ def _tiny_weights(cfg: dict, seed: int, dtype: str = "float16", scale: float = 0
 
 
 def write_tiny_llama(dest: Path, *, seed: int = 0, model_type: str = "llama", dtype: str = "float16",
-                     scale: float = 0.05) -> Path:
+                     scale: float = 0.05, agent: bool = False) -> Path:
     """Write a random 2-layer llama snapshot (gibberish output) that mlx_lm.load accepts; returns dest.
     dtype "float32" gives greedy outputs that do not flip on rounding, and a larger weight `scale`
-    outputs that follow the whole context instead of repeating one token (prefix-cache equality)."""
+    outputs that follow the whole context instead of repeating one token (prefix-cache equality).
+    `agent`: think and tool-call markers in the vocab and AGENT_TEMPLATE as the chat template."""
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    tokenizer_json = _tiny_tokenizer_json()
+    tokenizer_json = _tiny_tokenizer_json(tuple(AGENT_TOKENS) if agent else ())
     vocab = json.loads(tokenizer_json)["model"]["vocab"]
     ids = {t: vocab[t] for t in SPECIAL_TOKENS}
     # The embedding must cover every id the tokenizer can emit, and no more, or decoding breaks.
@@ -134,7 +157,8 @@ def write_tiny_llama(dest: Path, *, seed: int = 0, model_type: str = "llama", dt
         "bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
         "pad_token": "<|im_end|>", "unk_token": "<|endoftext|>",
         "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
-        "model_max_length": TINY_LLAMA["max_position_embeddings"], "chat_template": CHATML_TEMPLATE,
+        "model_max_length": TINY_LLAMA["max_position_embeddings"],
+        "chat_template": AGENT_TEMPLATE if agent else CHATML_TEMPLATE,
     }
     (dest / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
     return dest

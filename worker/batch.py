@@ -23,7 +23,7 @@ from typing import Any, Callable
 from protocol.errors import ErrorCode
 from protocol.messages import Chunk, Chunks, Error, Final, GenerateRequest, Message
 from protocol.phase import Phase
-from worker import sampling
+from worker import sampling, shaping
 from worker.channel import Progress
 from worker.engine import Engine
 from worker.pacing import Pacer
@@ -64,6 +64,7 @@ class Batcher:
         self._uids: dict[str, int] = {}  # request id -> BatchGenerator uid (or the solo's -1)
         self._gen = self._new_generator()
         self._solo: _Solo | None = None
+        self._machines: dict[bool, Any] = {}  # mlx-lm TextStateMachine, without and with tool calls
         self._eos = set(engine.tokenizer.eos_token_ids)
         from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
 
@@ -94,25 +95,54 @@ class Batcher:
                 raise ValueError(f"the prompt has {len(prompt)} tokens; the model's context_tokens is "
                                  f"{self.context_tokens}")
             sampler = sampling.make(req.temperature, req.top_p)
+            stream = self._stream(req, prompt)
+            processors = self._processors(req)
         except Exception as exc:  # this request's input is unusable; the batch goes on
             self._send(Error(req.request_id, ErrorCode.BAD_REQUEST.code, f"cannot start generation: {exc}"))
             return
         cache, rest = self.prefix.fetch(prompt)
-        stream = Stream(req, self._engine.tokenizer.detokenizer, prompt, len(prompt) - len(rest))
+        stream.cached_tokens = len(prompt) - len(rest)
         try:
-            if self._solo_ok and not self._streams and req.max_tokens > 1:
+            # A request with logits processors never runs alone: a processor follows its sequence's
+            # tokens, which a move from generate_step into the batch would feed it twice.
+            if self._solo_ok and not self._streams and req.max_tokens > 1 and not processors:
                 uid = self._start_solo(req, rest, cache, sampler)
             else:
                 if self._solo is not None:
                     self._solo_to_batch()
                 (uid,) = self._gen.insert([rest], [req.max_tokens], caches=[cache],
-                                          all_tokens=[prompt[:len(prompt) - len(rest)]], samplers=[sampler])
+                                          all_tokens=[prompt[:len(prompt) - len(rest)]], samplers=[sampler],
+                                          logits_processors=[processors])
         except Exception as exc:
             self._send(Error(req.request_id, ErrorCode.BAD_REQUEST.code, f"cannot start generation: {exc}"))
             return
         self._streams[uid] = stream
         self._uids[req.request_id] = uid
         self._first.add(req.request_id)
+
+    def _stream(self, req: GenerateRequest, prompt: list[int]) -> Stream:
+        tok = self._engine.tokenizer
+        stream = Stream(req, tok.detokenizer, prompt)
+        tools = self._engine.uses_tools(req)
+        edges = shaping.transitions(tok, tools)
+        if edges is not None:
+            machine = self._machines.get(tools)
+            if machine is None:
+                from mlx_lm.generate import TextStateMachine
+
+                machine = self._machines[tools] = TextStateMachine(edges)
+            stream.shaper = shaping.Shaper(machine, shaping.initial_state(tok, prompt), tok.tool_parser, req.tools)
+        if req.logprobs:
+            stream.logprobs = []
+        return stream
+
+    def _processors(self, req: GenerateRequest) -> list:
+        """mlx-lm logits processors for this request: constrained decoding for a response_format or
+        a required / named tool call. Raises for what cannot be enforced (the request's 400)."""
+        rf = req.response_format
+        if (rf is None or rf.get("type") == "text") and req.tool_choice not in ("required", "function"):
+            return []
+        raise ValueError("response_format and tool_choice required/function are not enforced by this worker yet")
 
     # --- a request alone: generate_step, then into the batch when company comes --------------
 
@@ -139,11 +169,11 @@ class Batcher:
     def _solo_step(self) -> None:
         solo = self._solo
         assert solo is not None
-        token, _ = next(solo.tokens_gen)
+        token, logprobs = next(solo.tokens_gen)
         solo.yielded += 1
         stream = self._streams[self._SOLO]
         reason = "stop" if token in self._eos else ("length" if solo.yielded >= stream.req.max_tokens else None)
-        self._on_token(self._SOLO, stream, token, reason, time.monotonic())
+        self._on_token(self._SOLO, stream, token, reason, time.monotonic(), logprobs=logprobs)
 
     def _drop_solo(self) -> None:
         if self._solo is not None:
@@ -226,16 +256,19 @@ class Batcher:
         for r in responses:
             s = self._streams.get(r.uid)
             if s is not None:
-                self._on_token(r.uid, s, r.token, r.finish_reason, now, (r.prompt_cache, r.all_tokens))
+                self._on_token(r.uid, s, r.token, r.finish_reason, now, (r.prompt_cache, r.all_tokens), r.logprobs)
         self._flush(step_end=True)
         if not self._streams and not self._waiting:
             progress.phase = Phase.IDLE
 
     def _on_token(self, uid: int, s: Stream, token: int, finish_reason: str | None, now: float,
-                  finished_cache: tuple | None = None) -> None:
+                  finished_cache: tuple | None = None, logprobs: Any = None) -> None:
+        if s.logprobs is not None and finish_reason != "stop":  # EOS is no token of the answer
+            s.logprobs.append(token_logprobs(self._engine.tokenizer, token, logprobs, s.req.top_logprobs))
         text, tokens, stopped = s.on_token(token, finish_reason, now)
-        if text or tokens:
-            self._chunk(s.req.request_id, text, tokens)
+        extras = s.extras()
+        if text or tokens or extras:
+            self._chunk(s.req.request_id, text, tokens, extras)
         if stopped:
             kept = self._end(uid, keep_cache=True)
             self._finish(uid, s, "stop", now, kept)
@@ -246,13 +279,18 @@ class Batcher:
                 kept = finished_cache  # the batch has let it go already
             self._finish(uid, s, finish_reason, now, kept)
 
-    def _chunk(self, rid: str, text: str, tokens: int) -> None:
+    def _chunk(self, rid: str, text: str, tokens: int, extras: dict) -> None:
         held = self._out.get(rid)
         if held is None:
-            self._out[rid] = [rid, text, tokens]
-        else:
-            held[1] += text
-            held[2] += tokens
+            self._out[rid] = [rid, text, tokens, extras] if extras else [rid, text, tokens]
+            return
+        held[1] += text
+        held[2] += tokens
+        if extras:
+            if len(held) == 3:
+                held.append({})
+            for k, v in extras.items():  # every extra is a str or a list: both add up
+                held[3][k] = held[3].get(k, type(v)()) + v
 
     def _flush(self, step_end: bool = False) -> None:
         """Chunks go out as one message for the whole batch, not one per stream. At a step's end
@@ -267,13 +305,18 @@ class Batcher:
         self._out.clear()
         self._first.difference_update(r[0] for r in out)
         self._pacer.sent(now)
-        self._send(Chunk(*out[0]) if len(out) == 1 else Chunks(out))
+        if len(out) == 1:
+            rid, text, tokens, *extras = out[0]
+            self._send(Chunk(rid, text, tokens, **(extras[0] if extras else {})))
+        else:
+            self._send(Chunks(out))
 
     def _finish(self, uid: int, s: Stream, reason: str, now: float, kept: tuple | None) -> None:
         del self._streams[uid]
         self._uids.pop(s.req.request_id, None)
         self._flush()
-        self._send(Final(s.req.request_id, s.text, reason, s.usage(), s.timings(now)))
+        reason, fields = s.final_fields(reason)
+        self._send(Final(s.req.request_id, s.text, reason, s.usage(), s.timings(now), **fields))
         if kept is not None and kept[0] is not None:
             # After the final is on the wire: the client never waits for the cache's bookkeeping.
             self.prefix.store(list(kept[1]), kept[0])
@@ -291,3 +334,22 @@ class Batcher:
         self._drop_solo()
         self._gen = self._new_generator()
         self._progress.phase = Phase.IDLE
+
+
+def token_logprobs(tokenizer: Any, token: int, logprobs: Any, top: int) -> dict:
+    """OpenAI's shape for one chosen token: its text, bytes, log-probability, and the `top` most
+    likely tokens at that step. `logprobs` is the step's normalized log-probabilities (mlx-lm's)."""
+    import mlx.core as mx
+
+    def entry(tid: int, lp: float) -> dict:
+        text = tokenizer.decode([tid])
+        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+
+    out = entry(token, logprobs[token].item())
+    out["top_logprobs"] = []
+    if top > 0:
+        ids = mx.argpartition(-logprobs, kth=top - 1)[:top]
+        vals = logprobs[ids]
+        order = mx.argsort(-vals)
+        out["top_logprobs"] = [entry(int(i), float(v)) for i, v in zip(ids[order].tolist(), vals[order].tolist())]
+    return out

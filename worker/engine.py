@@ -41,11 +41,25 @@ class Engine:
         self.model, self.tokenizer = self._mlx_lm.load(path)
         return time.monotonic() - start
 
+    def uses_tools(self, req: GenerateRequest) -> bool:
+        """The request's tools go to the template and calls are parsed back; a model whose template
+        has no call format cannot take them (ValueError: the request's BAD_REQUEST)."""
+        if not req.tools or req.tool_choice == "none":
+            return False
+        if req.messages is None:
+            raise ValueError("tools: a tool call needs a chat (messages), not a raw prompt")
+        if not self.tokenizer.has_tool_calling:
+            raise ValueError("tools: this model's chat template has no tool-call format mlx-lm knows")
+        return True
+
     def prompt_tokens(self, req: GenerateRequest) -> list[int]:
         tok = self.tokenizer
         if req.messages is not None:
             if getattr(tok, "chat_template", None):
-                ids = tok.apply_chat_template(req.messages, add_generation_prompt=True)
+                extra = dict(req.chat_template_kwargs or {})
+                if self.uses_tools(req):
+                    extra["tools"] = req.tools
+                ids = tok.apply_chat_template(req.messages, add_generation_prompt=True, **extra)
                 return list(ids)
             text = "\n".join(str(m.get("content", "")) for m in req.messages)
         else:

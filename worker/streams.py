@@ -1,6 +1,6 @@
-"""One request's text as its tokens come: detokenizing, stop strings, and how much may be shown yet
-(the tail that could still grow into a stop string is held back). Written once for every serving
-path."""
+"""One request's text as its tokens come: detokenizing, thinking and tool calls told apart from the
+answer (worker.shaping), stop strings, and how much may be shown yet (the tail that could still grow
+into a stop string is held back). Written once for every serving path."""
 
 from __future__ import annotations
 
@@ -41,6 +41,9 @@ class Stream:
     emitted: int = 0
     tokens: int = 0
     generated: list[int] = field(default_factory=list)  # every token fed back, EOS included
+    shaper: Any = None  # worker.shaping.Shaper: thinking and tool calls apart (None: plain text)
+    logprobs: list[dict] | None = None  # every token's, when asked for
+    _logprobs_sent: int = 0
 
     def on_token(self, token: int, finish_reason: str | None, now: float) -> tuple[str, int, bool]:
         """(text that may be shown now, real tokens in it, whether a stop string ended the stream).
@@ -54,7 +57,8 @@ class Stream:
             self.tokens += 1
         if finish_reason is not None:
             self.detok.finalize()
-        self.text += self.detok.last_segment
+        piece = self.detok.last_segment
+        self.text += piece if self.shaper is None else self.shaper.feed(piece, finish_reason)
         cut = find_stop(self.text, self.req.stop, self.emitted)
         if cut is not None:
             self.text = self.text[:cut]
@@ -66,6 +70,24 @@ class Stream:
         out = self.text[self.emitted:upto] if upto > self.emitted else ""
         self.emitted = max(self.emitted, upto)
         return out
+
+    def extras(self) -> dict:
+        """What this stream has beside text since the last call: thinking, finished tool calls,
+        logprobs (Chunk's fields)."""
+        out = self.shaper.take() if self.shaper is not None else {}
+        if self.logprobs is not None and len(self.logprobs) > self._logprobs_sent:
+            out["logprobs"] = self.logprobs[self._logprobs_sent:]
+            self._logprobs_sent = len(self.logprobs)
+        return out
+
+    def final_fields(self, reason: str) -> tuple[str, dict]:
+        """(finish_reason, Final's fields beside text, usage and timings)."""
+        out: dict = {"logprobs": self.logprobs}
+        if self.shaper is not None:
+            out.update(reasoning=self.shaper.reasoning, tool_calls=self.shaper.tool_calls)
+            if reason == "stop" and self.shaper.tool_calls:
+                reason = "tool_calls"
+        return reason, out
 
     def usage(self) -> dict[str, int]:
         return {"prompt_tokens": len(self.prompt), "completion_tokens": self.tokens,

@@ -1,0 +1,49 @@
+"""Test-only worker wrapper, named in a model's `worker_command`: the real worker, but every
+generation writes the text given with --script (then EOS), whatever the random weights would say.
+It goes in where constrained decoding does, as an mlx-lm logits processor, so everything after the
+model (detokenizing, think and tool-call markers, tool parsing, stop strings, logprobs) runs as it
+does in production."""
+
+from __future__ import annotations
+
+import argparse
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--script", required=True, help="the text every generation writes")
+args = parser.parse_args()
+
+
+class Scripted:
+    """Puts all the mass on the script's next token; its first call sees the whole prompt."""
+
+    def __init__(self, ids: list[int], eos: int) -> None:
+        self._ids, self._eos = ids, eos
+        self._prompt: int | None = None
+
+    def __call__(self, tokens, logits):  # type: ignore[no-untyped-def]
+        import mlx.core as mx
+
+        if self._prompt is None:
+            self._prompt = int(tokens.size)
+        step = int(tokens.size) - self._prompt
+        target = self._ids[step] if step < len(self._ids) else self._eos
+        return mx.where(mx.arange(logits.shape[-1]) == target, 0.0, -1e9).astype(logits.dtype)[None]
+
+
+import worker.batch as batch  # noqa: E402
+
+_ids: list[int] = []
+
+
+def _processors(self, req):  # type: ignore[no-untyped-def]
+    tok = self._engine.tokenizer
+    if not _ids:
+        _ids.extend(tok.encode(args.script, add_special_tokens=False))
+    return [Scripted(_ids, next(iter(tok.eos_token_ids)))]
+
+
+batch.Batcher._processors = _processors
+
+from worker.main import main  # noqa: E402
+
+raise SystemExit(main())
