@@ -17,7 +17,31 @@ class Message:
     TAG: ClassVar[str] = ""
 
     def to_wire(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name, default in _added(type(self)):
+            if out[name] == default:
+                del out[name]
+        return out
+
+
+def added(default: Any = None, *, factory: Any = None) -> Any:
+    """A field added after its message first shipped: left off the wire while at its default, so a
+    peer from before it, whose decoder refuses unknown fields, still reads the message (a newer
+    supervisor serving through an adopted older worker; an older client)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"added": factory})
+    return field(default=default, metadata={"added": lambda: default})
+
+
+_ADDED: dict[type, tuple[tuple[str, Any], ...]] = {}
+
+
+def _added(cls: type) -> tuple[tuple[str, Any], ...]:
+    known = _ADDED.get(cls)
+    if known is None:
+        known = _ADDED[cls] = tuple((f.name, f.metadata["added"]()) for f in dataclasses.fields(cls)
+                                    if "added" in f.metadata)
+    return known
 
 
 # --- shared by both boundaries -------------------------------------------------------------
@@ -42,15 +66,15 @@ class GenerateRequest(Message):
     # that checks the model first). tools: OpenAI function tools, rendered by the chat template and
     # parsed back with mlx-lm's tool parser. tool_choice: "auto" (default with tools), "none",
     # "required" (some call, enforced), or "function" with tool_name (that call, enforced).
-    tools: Optional[list[dict]] = None
-    tool_choice: Optional[str] = None
-    tool_name: Optional[str] = None
+    tools: Optional[list[dict]] = added()
+    tool_choice: Optional[str] = added()
+    tool_name: Optional[str] = added()
     # OpenAI's response_format: {"type": "json_object"} or {"type": "json_schema", "json_schema": {...}},
     # enforced by constrained decoding ({"type": "text"} or None: free text).
-    response_format: Optional[dict] = None
-    logprobs: bool = False
-    top_logprobs: int = 0  # 0..20 most likely tokens beside each chosen one (needs logprobs)
-    chat_template_kwargs: Optional[dict] = None  # e.g. {"enable_thinking": False}
+    response_format: Optional[dict] = added()
+    logprobs: bool = added(False)
+    top_logprobs: int = added(0)  # 0..20 most likely tokens beside each chosen one (needs logprobs)
+    chat_template_kwargs: Optional[dict] = added()  # e.g. {"enable_thinking": False}
 
 
 @dataclass
@@ -64,9 +88,9 @@ class Chunk(Message):
     request_id: str
     text: str
     tokens: int = 1
-    reasoning: str = ""
-    tool_calls: list[dict] = field(default_factory=list)
-    logprobs: Optional[list[dict]] = None
+    reasoning: str = added("")
+    tool_calls: list[dict] = added(factory=list)
+    logprobs: Optional[list[dict]] = added()
 
     def extras(self) -> dict:
         """What beside text and tokens is set (a Chunks item's fourth element)."""
@@ -104,9 +128,9 @@ class Final(Message):
     finish_reason: str  # "stop", "length", or "tool_calls" (it ended after calling tools)
     usage: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
-    reasoning: str = ""  # the whole thinking text, apart from `text`
-    tool_calls: list[dict] = field(default_factory=list)  # every call, parsed (OpenAI shape)
-    logprobs: Optional[list[dict]] = None  # every token's, when asked for
+    reasoning: str = added("")  # the whole thinking text, apart from `text`
+    tool_calls: list[dict] = added(factory=list)  # every call, parsed (OpenAI shape)
+    logprobs: Optional[list[dict]] = added()  # every token's, when asked for
 
 
 @dataclass
@@ -253,14 +277,14 @@ class Init(Message):
     stream_interval_s: float = 0.05  # a stream's chunks after its first: at most one per interval (worker.pacing)
     # The prefix KV cache (worker.prefixcache): its memory budget (0 = off), and where hot prefixes
     # are kept across workers (None = memory only), under what disk budget, for which weights.
-    prefix_cache_bytes: int = 0
-    prefix_cache_dir: Optional[str] = None
-    prefix_cache_disk_bytes: int = 0
-    weights_key: Optional[str] = None
+    prefix_cache_bytes: int = added(0)
+    prefix_cache_dir: Optional[str] = added()
+    prefix_cache_disk_bytes: int = added(0)
+    weights_key: Optional[str] = added()
     # The model's `context_tokens`: a request whose prompt has at least this many tokens is refused
     # with BAD_REQUEST before prefill (0 = not given, nothing refused). The memory estimate budgets
     # the KV cache for this many tokens, so a longer prompt is one the model was not admitted for.
-    context_tokens: int = 0
+    context_tokens: int = added(0)
 
 
 @dataclass
@@ -290,7 +314,7 @@ class Heartbeat(Message):
     phase: str  # a protocol.phase.Phase value
     memory: dict = field(default_factory=dict)
     # The prefix cache's figures (worker.prefixcache.PrefixCache.stats); empty when it is off.
-    cache: dict = field(default_factory=dict)
+    cache: dict = added(factory=dict)
 
 
 @dataclass

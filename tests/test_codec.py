@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar, Optional
 
 import msgpack
 import pytest
@@ -147,4 +148,41 @@ def test_unknown_code_from_a_newer_peer_becomes_internal() -> None:
 
 def test_message_fields_are_plain_data() -> None:
     for msg in SAMPLES:
-        assert set(msg.to_wire()) == {f.name for f in dataclasses.fields(msg)}
+        left_off = {f.name for f in dataclasses.fields(msg)} - set(msg.to_wire())
+        # Only fields added later, and only at their defaults, stay off the wire.
+        assert all("added" in f.metadata and getattr(msg, f.name) == f.metadata["added"]()
+                   for f in dataclasses.fields(msg) if f.name in left_off)
+
+
+@dataclasses.dataclass
+class OldGenerateRequest(M.Message):  # GenerateRequest as it shipped before the agent fields
+    TAG: ClassVar[str] = "generate"
+    request_id: str
+    model: str
+    prompt: Optional[str] = None
+    messages: Optional[list[dict]] = None
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: Optional[int] = None
+    stop: list[str] = dataclasses.field(default_factory=list)
+    timeout_s: Optional[float] = None
+
+@dataclasses.dataclass
+class OldFinal(M.Message):
+    TAG: ClassVar[str] = "final"
+    request_id: str
+    text: str
+    finish_reason: str
+    usage: dict = dataclasses.field(default_factory=dict)
+    timings: dict = dataclasses.field(default_factory=dict)
+
+
+def test_fields_added_later_stay_off_the_wire_at_their_defaults() -> None:
+    """A peer from before a field refuses unknown fields: a message that does not use the new fields
+    must read as it did (an adopted older worker, an older client)."""
+    plain = M.GenerateRequest("r", "m", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    assert M.from_wire(OldGenerateRequest, plain.to_wire()).max_tokens == 3
+    assert M.from_wire(OldFinal, M.Final("r", "t", "stop", {"prompt_tokens": 1}).to_wire()).text == "t"
+    with pytest.raises(E.BadRequest, match="unknown field"):  # and a request that uses them says so
+        M.from_wire(OldGenerateRequest, M.GenerateRequest("r", "m", prompt="x", logprobs=True).to_wire())
