@@ -32,6 +32,7 @@ MAX_ERROR_CHARS = 1_000_000  # an error message is for people; this only bounds 
 MAX_FIGURES = 64  # entries of a worker's memory / usage / timings maps
 MAX_TOOLS = 512
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound
+MAX_TOP_K = 1 << 20  # larger than any vocabulary
 
 
 UNPACK_OPTIONS = {"max_array_len": MAX_ARRAY_LEN, "max_map_len": MAX_MAP_LEN}
@@ -154,6 +155,7 @@ def _agent(m: Any) -> None:
     if m.response_format is not None and m.response_format.get("type") not in ("text", "json_object", "json_schema"):
         raise BadRequest(f"{t}: response_format.type must be text, json_object or json_schema")
     _number(t, "top_logprobs", m.top_logprobs, 0, MAX_TOP_LOGPROBS)
+    _number(t, "top_k", m.top_k, 0, MAX_TOP_K)
 
 
 def _admin(m: Any) -> None:

@@ -75,6 +75,7 @@ class GenerateRequest(Message):
     logprobs: bool = added(False)
     top_logprobs: int = added(0)  # 0..20 most likely tokens beside each chosen one (needs logprobs)
     chat_template_kwargs: Optional[dict] = added()  # e.g. {"enable_thinking": False}
+    top_k: int = added(0)  # sample among the k most likely tokens (0: all)
 
 
 @dataclass

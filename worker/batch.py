@@ -94,7 +94,7 @@ class Batcher:
                 # worker (and everyone's requests on it) down.
                 raise ValueError(f"the prompt has {len(prompt)} tokens; the model's context_tokens is "
                                  f"{self.context_tokens}")
-            sampler = sampling.make(req.temperature, req.top_p)
+            sampler = sampling.make(req.temperature, req.top_p, req.top_k)
             stream = self._stream(req, prompt)
             processors = self._processors(req)
         except Exception as exc:  # this request's input is unusable; the batch goes on
