@@ -87,6 +87,9 @@ def test_one_at_a_time_serving_goes_through_the_same_path(sup: RunningSupervisor
     ones, refs = _concurrently(sup, "one", prompts), _concurrently(sup, "plain", prompts)
     assert [o.text for o in ones] == [r.text for r in refs]
     assert sum(o.usage["cached_tokens"] > 100 for o in ones) >= 2  # the first fills, the others hit
+    # The first found nothing, though "cached" on the same snapshot holds this prefix: models never
+    # share entries.
+    assert min(o.usage["cached_tokens"] for o in ones) < 16
     stopped = sup.client.complete("one", BASE + SUFFIXES[0], max_tokens=16, stop=[ones[0].text[3:6]])
     assert stopped.finish_reason == "stop" and stopped.text == ones[0].text[:3]
 
