@@ -197,3 +197,22 @@ def test_a_warm_spare_stays_warm_while_its_supervisor_lives_and_goes_with_it(mak
     sup.proc.kill()  # the death pipe: an orphaned spare is nobody's, and ends by itself
     sup.proc.wait()
     wait_until(lambda: spare not in workers_of(sup.state_dir), 90, "the orphaned spare to exit", interval_s=1.0)
+
+
+def test_an_automatic_rollback_outside_model_roots_is_refused(make_supervisor, tiny_model: Path,
+                                                             tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    v1_path, v2_path = tmp_path / "v1", root / "v2"
+    shutil.copytree(tiny_model, v1_path)
+    shutil.copytree(tiny_model, v2_path)
+    restart = {"quarantine_after": 2, "backoff_initial_s": 0.05, "stable_after_s": 0.3}
+    sup = make_supervisor([{"id": "m", "path": str(v1_path)}], restart=restart).start()
+    sup.wait_model("m", lambda m: m["lkg_revision"] == m["revision"], 10, "v1 last-known-good")
+    # The operator confines models to `root` and moves m there, on a build that crashes loading.
+    sup.rewrite([{"id": "m", "path": str(v2_path), "worker_command": chaos("--at", "load", "--signal", "SIGABRT")}],
+                supervisor={"model_roots": [str(root)]}, restart=restart)
+    assert sup.client.reload()["changed"] == ["m"]
+    m = sup.wait_model("m", lambda m: m["state"] == "QUARANTINED", 60, "QUARANTINED")
+    assert "SNAPSHOT_NOT_FOUND" in m["last_error"]["message"] and "model_roots" in m["last_error"]["message"]
+    states = [(e["from"], e["to"]) for e in sup.events("model.state") if e["model"] == "m"]
+    assert ("ROLLING_BACK", "QUARANTINED") in states and ("ROLLING_BACK", "STARTING") not in states
