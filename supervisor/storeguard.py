@@ -150,8 +150,8 @@ def connect(path: Path, busy_s: float) -> tuple[sqlite3.Connection, tuple[int, i
 
 def open_waiting(path: Path, lock_wait_s: float, log: Any) -> tuple[sqlite3.Connection, tuple[int, int], float]:
     """Open the store, waiting up to `lock_wait_s` while another process holds it locked; returns
-    the connection, the schema versions (from, to) and how long we waited. Corruption (SQLite says so) raises sqlite3.DatabaseError;
-    anything else that stops us raises StoreUnavailable."""
+    the connection, the schema versions (from, to) and how long we waited. Corruption (SQLite says
+    so) raises sqlite3.DatabaseError; anything else that stops us raises StoreUnavailable."""
     start = time.monotonic()
     deadline = start + lock_wait_s
     busy_s = min(0.1, lock_wait_s)  # the first try is short, so that a wait is logged as it begins
