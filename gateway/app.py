@@ -138,8 +138,8 @@ async def _stream_events(stream: GenerateStream, shaper: Shaper, p: params.GenPa
                 opened = True
                 if (first := shaper.opening()) is not None:
                     yield first
-            if chunk.text:
-                yield shaper.delta(chunk.text)
+            for obj in shaper.deltas(chunk):  # text, thinking, tool calls, logprobs
+                yield obj
         result = stream.result
         assert result is not None
     if not opened and (first := shaper.opening()) is not None:

@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway import agent, fields
 from protocol import errors as E
 from protocol import limits
 
@@ -29,11 +30,19 @@ class GenParams:
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage: a last chunk carrying usage
+    # What agents send (gateway/agent.py): only those set travel, so a request without them is the
+    # same wire message as before they existed (an adopted older worker still serves it).
+    agent: dict[str, Any] = field(default_factory=dict)
 
     def client_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of SupervisorClient.generate."""
         return {"prompt": self.prompt, "messages": self.messages, "max_tokens": self.max_tokens,
-                "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed, "stop": self.stop}
+                "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed, "stop": self.stop,
+                **self.agent}
+
+    @property
+    def logprobs(self) -> bool:
+        return bool(self.agent.get("logprobs"))
 
 
 def _bad(param: str, problem: str) -> E.LmxError:
@@ -77,35 +86,14 @@ def _text_limit(param: str, chars: int) -> None:
         raise _bad(param, f"{chars} characters, more than {limits.MAX_PROMPT_CHARS}")
 
 
-def _content(i: int, content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if content is None:
-        return ""
-    # The array form: only text parts can reach a text model.
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise _bad(f"messages[{i}].content", "only text content parts are supported")
-            parts.append(part["text"])
-        return "".join(parts)
-    raise _bad(f"messages[{i}].content", "expected a string or a list of text parts")
-
-
 def _messages(body: dict) -> list[dict]:
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise _bad("messages", "expected a non-empty list of {role, content}")
     if len(msgs) > limits.MAX_MESSAGES:
         raise _bad("messages", f"{len(msgs)} messages, more than {limits.MAX_MESSAGES}")
-    out = []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
-                or not 0 < len(m["role"]) <= limits.MAX_NAME_CHARS:
-            raise _bad(f"messages[{i}]", "expected an object with a short string role")
-        out.append({"role": m["role"], "content": _content(i, m.get("content"))})
-    _text_limit("messages", sum(len(m["content"]) + len(m["role"]) for m in out))
+    out = [agent.chat_message(i, m) for i, m in enumerate(msgs)]
+    _text_limit("messages", sum(agent.message_chars(m) for m in out))
     return out
 
 
@@ -133,6 +121,10 @@ def _common(body: Any, default_max_tokens: int) -> dict[str, Any]:
     opts = body.get("stream_options") or {}
     if not isinstance(opts, dict):
         raise _bad("stream_options", "expected an object")
+    # include_obfuscation pads chunks against length side channels on OpenAI's side: advisory here.
+    for key in opts:
+        if key not in ("include_usage", "include_obfuscation"):
+            raise _bad(f"stream_options.{str(key)[:64]}", "unknown field")
     # max_completion_tokens is the newer name; when both are given it wins, as in OpenAI's API.
     max_tokens = _int(body, "max_completion_tokens", 1, limits.MAX_TOKENS) \
         or _int(body, "max_tokens", 1, limits.MAX_TOKENS) or default_max_tokens
@@ -148,13 +140,37 @@ def _common(body: Any, default_max_tokens: int) -> dict[str, Any]:
     }
 
 
+def _chat_agent(body: dict) -> dict[str, Any]:
+    """The agent fields of a chat request, as SupervisorClient.generate takes them (only those set)."""
+    if body.get("parallel_tool_calls") is False:
+        raise _bad("parallel_tool_calls", "false is not supported: the model may call several tools at once "
+                                          "and the gateway cannot stop it")
+    tools = agent.tools(body)
+    logprobs, top = agent.chat_logprobs(body)
+    out: dict[str, Any] = {"tools": tools, **agent.tool_choice(body.get("tool_choice"), tools),
+                           "response_format": agent.response_format(body), "logprobs": logprobs,
+                           "top_logprobs": top, "chat_template_kwargs": agent.chat_template_kwargs(body),
+                           "top_k": agent.top_k(body)}
+    return {k: v for k, v in out.items() if v}
+
+
 def chat(body: Any) -> GenParams:
-    """POST /v1/chat/completions. Unknown fields are ignored, as OpenAI-compatible servers do."""
+    """POST /v1/chat/completions. A field it cannot honour is refused (gateway/fields.py)."""
     common = _common(body, CHAT_DEFAULT_MAX_TOKENS)
-    return GenParams(messages=_messages(body), **common)
+    fields.check_chat(body)
+    return GenParams(messages=_messages(body), agent=_chat_agent(body), **common)
 
 
 def completion(body: Any) -> GenParams:
     """POST /v1/completions."""
     common = _common(body, COMPLETIONS_DEFAULT_MAX_TOKENS)
-    return GenParams(prompt=_prompt(body), **common)
+    fields.check_completion(body)
+    if body.get("echo"):
+        raise _bad("echo", "echoing the prompt is not supported")
+    if body.get("best_of") not in (None, 1):
+        raise _bad("best_of", "only best_of = 1 is supported")
+    if body.get("suffix") not in (None, ""):
+        raise _bad("suffix", "suffixes (fill in the middle) are not supported")
+    logprobs, top = agent.completion_logprobs(body)
+    extra = {"logprobs": logprobs, "top_logprobs": top, "top_k": agent.top_k(body)}
+    return GenParams(prompt=_prompt(body), agent={k: v for k, v in extra.items() if v}, **common)
