@@ -17,7 +17,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gateway import errors as http_errors
-from gateway import params, readiness
+from gateway import anthropic, params, readiness
+from gateway.anthropic_shapes import ANTHROPIC, MessageShaper
 from gateway.shapes import Shaper
 from gateway.sse import GenerationResponse
 from protocol import errors as E
@@ -88,14 +89,21 @@ class Gateway:
     async def completions(self, request: Request) -> Any:
         return await self._generate(request, params.completion, chat=False)
 
+    async def messages(self, request: Request) -> Any:
+        """Anthropic's Messages API: its own request and response shapes and error bodies, over the
+        same generations."""
+        try:
+            p = anthropic.parse(await _json_body(request))
+        except E.LmxError as exc:
+            return ANTHROPIC.error_response(exc, {})
+        stream = self.client.generate(p.model, **p.client_kwargs())
+        shaper = MessageShaper(p.model, stream.request_id)
+        events = shaper.events(stream) if p.stream else shaper.whole(stream)
+        return GenerationResponse(events, streaming=p.stream, request_id=stream.request_id, dialect=ANTHROPIC)
+
     async def _generate(self, request: Request, parse: Callable[[Any], params.GenParams], chat: bool) -> Any:
         try:
-            raw = await _read_body(request)
-            try:
-                body = json.loads(raw)
-            except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
-                raise E.BadRequest(f"the request body is not valid JSON: {exc}") from None
-            p = parse(body)
+            p = parse(await _json_body(request))
         except E.LmxError as exc:
             return http_errors.response(exc)
         stream = self.client.generate(p.model, **p.client_kwargs())
@@ -120,6 +128,14 @@ async def _read_body(request: Request) -> bytes:
             raise E.BadRequest(f"the request body has more than {MAX_BODY_BYTES} bytes")
         parts.append(part)
     return b"".join(parts)
+
+
+async def _json_body(request: Request) -> Any:
+    raw = await _read_body(request)
+    try:
+        return json.loads(raw)
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise E.BadRequest(f"the request body is not valid JSON: {exc}") from None
 
 
 async def _full(stream: GenerateStream, shaper: Shaper) -> AsyncGenerator[dict, None]:
@@ -168,6 +184,7 @@ def create_app(config: GatewayConfig | None = None) -> Starlette:
         Route("/v1/models", gw.models, methods=["GET"]),
         Route("/v1/chat/completions", gw.chat_completions, methods=["POST"]),
         Route("/v1/completions", gw.completions, methods=["POST"]),
+        Route("/v1/messages", gw.messages, methods=["POST"]),
     ]
     app = Starlette(routes=routes, lifespan=gw.lifespan,
                     exception_handlers={HTTPException: _http_error, Exception: _internal_error})

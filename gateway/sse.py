@@ -45,6 +45,28 @@ async def _cancel(task: asyncio.Future) -> None:
         await asyncio.wait((task,), timeout=0.05)
 
 
+class OpenAIDialect:
+    """How a generation's response is framed and how it fails, in OpenAI's dialect: `data:` events,
+    `[DONE]` at the end, errors as {"error": {...}}. gateway/anthropic.py has Anthropic's."""
+
+    done: bytes | None = DONE
+
+    def id_headers(self, request_id: str) -> dict[str, str]:
+        return {"x-request-id": request_id}
+
+    def frame(self, obj: dict) -> bytes:
+        return event(obj)
+
+    def error_event(self, err: E.LmxError) -> bytes:
+        return event(http_errors.body(err))
+
+    def error_response(self, err: E.LmxError, headers: dict[str, str]) -> Any:
+        return http_errors.response(err, headers)
+
+
+OPENAI = OpenAIDialect()
+
+
 def _as_lmx(exc: Exception) -> E.LmxError:
     if isinstance(exc, E.LmxError):
         return exc
@@ -63,10 +85,12 @@ class GenerationResponse:
     A disconnect is watched for the whole time, also while no token is coming (prefill, queue):
     the events task is cancelled, which closes the GenerateStream, which sends `cancel`."""
 
-    def __init__(self, events: AsyncGenerator[dict, None], *, streaming: bool, request_id: str) -> None:
+    def __init__(self, events: AsyncGenerator[dict, None], *, streaming: bool, request_id: str,
+                 dialect: Any = OPENAI) -> None:
         self._events = events
         self._streaming = streaming
         self._request_id = request_id
+        self._dialect = dialect
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         body = asyncio.ensure_future(self._respond(scope, receive, send))
@@ -92,7 +116,7 @@ class GenerationResponse:
                 log.info("gateway.client_disconnected", request_id=self._request_id)
 
     def _headers(self, base: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-        return base + [(b"x-request-id", self._request_id.encode())]
+        return base + [(k.encode(), v.encode()) for k, v in self._dialect.id_headers(self._request_id).items()]
 
     async def _respond(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -100,7 +124,7 @@ class GenerationResponse:
         except Exception as exc:  # StopAsyncIteration included: a generator that yields nothing is a bug
             err = _as_lmx(exc)
             log.info("gateway.request_failed", request_id=self._request_id, code=err.code.code)
-            await http_errors.response(err, {"x-request-id": self._request_id})(scope, receive, send)
+            await self._dialect.error_response(err, self._dialect.id_headers(self._request_id))(scope, receive, send)
             return
         if not self._streaming:
             data = dumps(first)
@@ -109,7 +133,7 @@ class GenerationResponse:
             await send({"type": "http.response.body", "body": data})
             return
         await send({"type": "http.response.start", "status": 200, "headers": self._headers(SSE_HEADERS)})
-        await send({"type": "http.response.body", "body": event(first), "more_body": True})
+        await send({"type": "http.response.body", "body": self._dialect.frame(first), "more_body": True})
         while True:
             try:
                 obj = await self._events.__anext__()
@@ -118,7 +142,7 @@ class GenerationResponse:
             except Exception as exc:
                 err = _as_lmx(exc)
                 log.info("gateway.stream_failed", request_id=self._request_id, code=err.code.code)
-                await send({"type": "http.response.body", "body": event(http_errors.body(err)), "more_body": False})
+                await send({"type": "http.response.body", "body": self._dialect.error_event(err), "more_body": False})
                 return
-            await send({"type": "http.response.body", "body": event(obj), "more_body": True})
-        await send({"type": "http.response.body", "body": DONE, "more_body": False})
+            await send({"type": "http.response.body", "body": self._dialect.frame(obj), "more_body": True})
+        await send({"type": "http.response.body", "body": self._dialect.done or b"", "more_body": False})
