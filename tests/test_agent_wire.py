@@ -147,3 +147,61 @@ def test_logprobs_alone_and_in_the_batch(sup: RunningSupervisor) -> None:
 def test_malformed_agent_fields_are_refused_before_the_wire(sup: RunningSupervisor, kwargs: dict, match: str) -> None:
     with pytest.raises(E.BadRequest, match=match):
         sup.client.complete("caller", messages=ASK, max_tokens=4, **kwargs)
+
+
+# --- constrained decoding: random weights write valid JSON and real tool calls only because of it ---
+
+# Bounded strings and numbers: a random model left free inside a string never closes it.
+SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                           "days": {"type": "integer", "minimum": 1, "maximum": 30}},
+          "required": ["city", "days"], "additionalProperties": False}
+BOUNDED_TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"],
+    "additionalProperties": False}}}]
+
+
+def _valid(value: dict) -> bool:
+    return set(value) == {"city", "days"} and isinstance(value["city"], str) and isinstance(value["days"], int)
+
+
+@pytest.fixture(scope="module")
+def free(tmp_path_factory: pytest.TempPathFactory, agent_model: Path):
+    """The agent snapshot without a script: what it writes is up to its random weights."""
+    s = RunningSupervisor(tmp_path_factory.mktemp("free"), [
+        {"id": "free", "path": str(agent_model), "canary": {"prompt": "Hi", "max_tokens": 4}}]).start()
+    yield s
+    s.cleanup()
+
+
+def test_a_json_schema_is_enforced_alone_and_in_the_batch(free: RunningSupervisor) -> None:
+    fmt = {"type": "json_schema", "json_schema": {"name": "trip", "schema": SCHEMA, "strict": True}}
+    alone = free.client.complete("free", messages=ASK, max_tokens=200, response_format=fmt)
+    assert alone.finish_reason == "stop" and _valid(json.loads(alone.text))
+
+    async def batch() -> list:
+        async with SupervisorClient(state_dir=free.state_dir) as client:
+            return await asyncio.gather(*(
+                client.complete("free", messages=[{"role": "user", "content": q}], max_tokens=200,
+                                response_format=fmt, temperature=1.0, seed=i)
+                for i, q in enumerate(["Plan a trip.", "Where to?", "Go!"])),
+                client.complete("free", messages=ASK, max_tokens=8))  # an unconstrained neighbour
+
+    *constrained, neighbour = asyncio.run(batch())
+    assert all(r.finish_reason == "stop" and _valid(json.loads(r.text)) for r in constrained)
+    assert neighbour.usage["completion_tokens"] >= 1
+
+
+def test_a_named_tool_call_is_forced_in_the_models_own_format(free: RunningSupervisor) -> None:
+    chunks, result = _stream(free, "free", messages=ASK, tools=BOUNDED_TOOLS, tool_choice="function",
+                             tool_name="get_weather", max_tokens=200)
+    assert result.finish_reason == "tool_calls"
+    (call,) = result.tool_calls
+    assert call["function"]["name"] == "get_weather"
+    assert isinstance(json.loads(call["function"]["arguments"])["city"], str)
+    assert not any("tool_call" in c.text for c in chunks)
+
+
+def test_a_forced_call_the_format_cannot_enforce_is_refused(free: RunningSupervisor) -> None:
+    with pytest.raises(E.BadRequest, match="response_format and a forced tool call"):
+        free.client.complete("free", messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=8,
+                             response_format={"type": "json_object"})

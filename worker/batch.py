@@ -131,18 +131,32 @@ class Batcher:
                 from mlx_lm.generate import TextStateMachine
 
                 machine = self._machines[tools] = TextStateMachine(edges)
-            stream.shaper = shaping.Shaper(machine, shaping.initial_state(tok, prompt), tok.tool_parser, req.tools)
+            # A response_format's grammar holds from the first token: there is no thinking to split off.
+            json_out = bool(req.response_format) and req.response_format.get("type") != "text"
+            initial = "normal" if json_out else shaping.initial_state(tok, prompt)
+            stream.shaper = shaping.Shaper(machine, initial, tok.tool_parser, req.tools)
         if req.logprobs:
             stream.logprobs = []
         return stream
 
     def _processors(self, req: GenerateRequest) -> list:
-        """mlx-lm logits processors for this request: constrained decoding for a response_format or
-        a required / named tool call. Raises for what cannot be enforced (the request's 400)."""
-        rf = req.response_format
-        if (rf is None or rf.get("type") == "text") and req.tool_choice not in ("required", "function"):
+        """mlx-lm logits processors for this request: constrained decoding (worker.constrain) for a
+        response_format or a required / named tool call. Raises for what cannot be enforced (a
+        ValueError: the request's 400)."""
+        rf = req.response_format if req.response_format and req.response_format.get("type") != "text" else None
+        forced = req.tool_choice in ("required", "function")
+        if rf is None and not forced:
             return []
-        raise ValueError("response_format and tool_choice required/function are not enforced by this worker yet")
+        from worker import constrain
+
+        tok = self._engine.tokenizer
+        if rf is not None and forced:
+            raise ValueError("response_format and a forced tool call cannot both shape one answer")
+        if forced:
+            parser = tok.tool_parser
+            rf = {"type": "tool_call", "tools": req.tools, "name": req.tool_name if req.tool_choice == "function" else None,
+                  "parser": parser.__module__.rsplit(".", 1)[-1] if parser is not None else None}
+        return [constrain.make_processor(tok, rf)]
 
     # --- a request alone: generate_step, then into the batch when company comes --------------
 
