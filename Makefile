@@ -32,6 +32,8 @@ bench: setup
 	$(BIN)/python bench/admission.py
 	$(BIN)/python bench/compat_sweep.py
 	$(BIN)/python bench/vs_mlx_lm_server.py
+	$(BIN)/python bench/constrain_cost.py
+	$(BIN)/python bench/template_hits.py
 
 clean:
 	rm -rf $(VENV) .cache *.egg-info

@@ -1,6 +1,7 @@
 """Per-token cost of constrained decoding (worker/constrain.py): decode time per token with
 mlx_lm.generate_step on the tiny random llama, plain vs json_schema vs a forced tool call
-(json_tools), 128 tokens or until the grammar ends, several runs, medians. Pass a snapshot path to
+(json_tools), and plain decoding with the worker's logprobs (top 5), 128 tokens or until the grammar
+ends, several runs, medians. Pass a snapshot path to
 measure another model (e.g. an imported SmolLM2: a 49k vocab makes the mask dearer than the tiny 512).
 Prints one JSON line and a table."""
 
@@ -29,6 +30,8 @@ CASES = {
     "plain": None,
     "json_schema": {"type": "json_schema", "json_schema": {"name": "w", "schema": WEATHER, "strict": True}},
     "tool_call": {"type": "tool_call", "tools": TOOLS, "name": None, "parser": "json_tools"},
+    # Not a constraint: the worker's own per-token logprobs (chosen token + the top 5), as served.
+    "logprobs_top5": {"logprobs": 5},
 }
 
 
@@ -38,14 +41,20 @@ def one_run(model, tok, spec: dict | None, seed: int) -> dict:
     from mlx_lm.sample_utils import make_sampler
 
     from worker import constrain
+    from worker.batch import token_logprobs
 
+    top = (spec or {}).get("logprobs")
+    if top:
+        spec = None
     mx.random.seed(seed)
     start = time.perf_counter()
     proc = constrain.make_processor(tok, spec) if spec else None
     build_s = time.perf_counter() - start
     stamps = []
-    for token, _ in generate_step(mx.array(tok.encode(PROMPT)), model, max_tokens=MAX_TOKENS,
-                                  sampler=make_sampler(temp=1.0), logits_processors=[proc] if proc else None):
+    for token, logprobs in generate_step(mx.array(tok.encode(PROMPT)), model, max_tokens=MAX_TOKENS,
+                                         sampler=make_sampler(temp=1.0), logits_processors=[proc] if proc else None):
+        if top:
+            token_logprobs(tok, token, logprobs, top)
         stamps.append(time.perf_counter())
         if proc is not None and token in tok.eos_token_ids:
             break
