@@ -183,19 +183,41 @@ def _tool_choice(body: dict, tools: list[dict] | None) -> dict[str, Any]:
 def _thinking(body: dict) -> dict | None:
     """Anthropic's thinking switch as the chat template's enable_thinking (Qwen3 and others read
     it). budget_tokens is accepted but not enforced apart: max_tokens bounds thinking and answer
-    together. Without `thinking`, the template's own default holds."""
+    together. Without `thinking`, or with "adaptive" (the model decides), the template's own
+    default holds."""
     v = body.get("thinking")
     if v is None:
         return None
     kind = v.get("type") if isinstance(v, dict) else None
     if kind == "disabled":
         return {"enable_thinking": False}
-    if kind == "enabled":
-        budget = v.get("budget_tokens")
-        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
-            raise bad("thinking.budget_tokens", "expected a positive integer")
-        return {"enable_thinking": True}
-    raise bad("thinking", "expected {type: enabled, budget_tokens} or {type: disabled}")
+    if kind not in ("enabled", "adaptive"):
+        raise bad("thinking", "expected {type: enabled, budget_tokens}, {type: adaptive} or {type: disabled}")
+    if v.get("display") not in (None, "summarized"):
+        raise bad("thinking.display", "thinking is always returned as it was written")
+    budget = v.get("budget_tokens")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+        raise bad("thinking.budget_tokens", "expected a positive integer")
+    return {"enable_thinking": True} if kind == "enabled" else None
+
+
+def _output_config(body: dict) -> dict | None:
+    """output_config.format (structured outputs) as OpenAI's response_format json_schema: the
+    worker's constrained decoding enforces it. A reasoning effort cannot be set."""
+    v = body.get("output_config")
+    if v is None:
+        return None
+    if not isinstance(v, dict):
+        raise bad("output_config", "expected an object")
+    for key, value in v.items():
+        if key != "format" and value is not None:
+            raise bad(f"output_config.{str(key)[:64]}", "not supported (an effort cannot be set on these models)")
+    fmt = v.get("format")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):
+        raise bad("output_config.format", "expected {type: json_schema, schema}")
+    return {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt["schema"]}}
 
 
 def _number(body: dict, name: str, default: float, hi: float) -> float:
@@ -239,7 +261,7 @@ def parse(body: Any) -> GenParams:
     model, max_tokens, stream = _head(body)
     tools = _tools(body)
     extra: dict[str, Any] = {"tools": tools, **_tool_choice(body, tools), "top_k": agent.top_k(body),
-                             "chat_template_kwargs": _thinking(body)}
+                             "chat_template_kwargs": _thinking(body), "response_format": _output_config(body)}
     return GenParams(model=model, messages=_messages(body), max_tokens=max_tokens,
                      temperature=_number(body, "temperature", 1.0, 1.0), top_p=_number(body, "top_p", 1.0, 1.0),
                      stop=_stop_sequences(body), stream=stream, agent={k: v for k, v in extra.items() if v})

@@ -23,14 +23,15 @@ COMPLETION_HONOURED = (
 )
 MESSAGES_HONOURED = (
     "model", "max_tokens", "messages", "system", "stop_sequences", "temperature", "top_p", "top_k", "tools",
-    "tool_choice", "thinking", "stream",
+    "tool_choice", "thinking", "stream", "output_config",
 )
 
 # Advisory: bookkeeping for the caller's side (who asked, what to store, which tier to bill), or a
 # hint whose job something else already does (prompt_cache_key: the worker's prefix cache matches
 # prefixes by itself). Nothing a client observes depends on them here.
 OPENAI_ADVISORY = ("user", "metadata", "service_tier", "store", "prompt_cache_key", "safety_identifier")
-MESSAGES_ADVISORY = ("metadata", "service_tier")
+# cache_control (top level, as on blocks): the prefix cache reuses every prefix without breakpoints.
+MESSAGES_ADVISORY = ("metadata", "service_tier", "cache_control", "user_profile_id")
 
 
 def _null(v: Any) -> bool:
@@ -64,7 +65,9 @@ _MESSAGES_REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "container": (_null, "there are no containers"),
     "mcp_servers": (_empty, "MCP servers are not supported"),
     "context_management": (_null, "context management is not supported"),
-    "inference_geo": (_null, "not applicable"),
+    "inference_geo": (_null, "there is one place of inference: this machine"),
+    "diagnostics": (_null, "prompt-cache diagnostics are not reported"),
+    "speed": (lambda v: v in (None, "standard"), "there is one speed"),
 }
 
 CHAT_REFUSED = tuple(_OPENAI_REFUSED)
