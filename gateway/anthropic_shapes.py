@@ -16,9 +16,14 @@ from protocol import errors as E
 from protocol.client import GenerateStream, Result
 from protocol.messages import Chunk
 
-# finish_reason -> stop_reason. A stop string also ends with "stop" on the wire, which does not
-# say whether it was the model's end of turn or one of stop_sequences: both read end_turn here.
+# finish_reason -> stop_reason ("stop" with a stop_sequence on the wire: one of stop_sequences).
 _STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
+
+
+def stop_reason(result: Result) -> str:
+    if result.finish_reason == "stop" and result.stop_sequence is not None:
+        return "stop_sequence"
+    return _STOP_REASONS.get(result.finish_reason, "end_turn")
 
 # Anthropic's error types by HTTP status; the LMX code keeps the status the OpenAI side gives it.
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -101,9 +106,9 @@ class MessageShaper:
         self.model = model
         self.id = "msg_" + request_id  # the supervisor's request id, as on the OpenAI side
 
-    def _message(self, content: list[dict], stop_reason: str | None, u: dict) -> dict[str, Any]:
+    def _message(self, content: list[dict], reason: str | None, u: dict, stop: str | None = None) -> dict[str, Any]:
         return {"id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": content,
-                "stop_reason": stop_reason, "stop_sequence": None, "usage": u}
+                "stop_reason": reason, "stop_sequence": stop, "usage": u}
 
     def full(self, result: Result) -> dict[str, Any]:
         content: list[dict] = []
@@ -113,7 +118,7 @@ class MessageShaper:
         if result.text or not (content or result.tool_calls):  # as the stream: never no block at all
             content.append({"type": "text", "text": result.text})
         content.extend(tool_use(c) for c in result.tool_calls)
-        return self._message(content, _STOP_REASONS.get(result.finish_reason, "end_turn"), usage(result.usage))
+        return self._message(content, stop_reason(result), usage(result.usage), result.stop_sequence)
 
     async def whole(self, stream: GenerateStream) -> AsyncGenerator[dict, None]:
         async with stream:
@@ -139,7 +144,7 @@ class MessageShaper:
         for obj in blocks.close():
             yield obj
         yield {"type": "message_delta",
-               "delta": {"stop_reason": _STOP_REASONS.get(result.finish_reason, "end_turn"), "stop_sequence": None},
+               "delta": {"stop_reason": stop_reason(result), "stop_sequence": result.stop_sequence},
                "usage": usage(result.usage)}
         yield {"type": "message_stop"}
 

@@ -23,6 +23,7 @@ class Result:
     reasoning: str = ""  # thinking text, apart from `text` (models with think markers)
     tool_calls: list = field(default_factory=list)  # OpenAI shape: id, type, function {name, arguments}
     logprobs: Optional[list] = None  # per token, when the request asked for them
+    stop_sequence: Optional[str] = None  # the stop string that ended it, if one did
 
 
 class GenerateStream:
@@ -76,7 +77,7 @@ class GenerateStream:
         self._finish()
         if isinstance(msg, Final):
             self.result = Result(msg.text, msg.finish_reason, msg.usage, msg.timings, msg.reasoning,
-                                 msg.tool_calls, msg.logprobs)
+                                 msg.tool_calls, msg.logprobs, msg.stop_sequence)
             raise StopAsyncIteration
         if isinstance(msg, Error):
             raise msg.to_exc()

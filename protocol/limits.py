@@ -227,6 +227,7 @@ def _extras_ok(extras: Any) -> bool:
 
 def _final(m: Any) -> None:
     _text(m.TAG, "request_id", m.request_id, MAX_ID_CHARS)
+    _text(m.TAG, "stop_sequence", m.stop_sequence, MAX_STOP_CHARS)
     _text(m.TAG, "finish_reason", m.finish_reason, MAX_NAME_CHARS)
     _figures(m.TAG, "usage", m.usage)
     # Timings are for people (a rate may come out as inf when a clock did not move): only types.

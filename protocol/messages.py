@@ -132,6 +132,7 @@ class Final(Message):
     reasoning: str = added("")  # the whole thinking text, apart from `text`
     tool_calls: list[dict] = added(factory=list)  # every call, parsed (OpenAI shape)
     logprobs: Optional[list[dict]] = added()  # every token's, when asked for
+    stop_sequence: Optional[str] = added()  # which of `stop` ended it ("stop" from a stop string)
 
 
 @dataclass

@@ -26,7 +26,6 @@ pytestmark = pytest.mark.timeout(90)
 THINK_SCRIPT = "First, recall the facts.</think>\n\nThe answer is 42."
 CALL_SCRIPT = ('I should call the tool.</think>\n\nLet me check.<tool_call>\n'
                '{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>')
-CONSTRAINED = "constrained decoding may not be in the worker yet (it refuses with BAD_REQUEST until it lands)"
 
 
 def start_agent_gateway(root: Path, tiny_model: Path) -> tuple[RunningSupervisor, GatewayProcess]:
@@ -149,7 +148,6 @@ def test_tool_choice_none_and_auto_pass(client: openai.OpenAI) -> None:
         assert reply.choices[0].finish_reason in ("stop", "tool_calls")
 
 
-@pytest.mark.xfail(strict=False, reason=CONSTRAINED)
 def test_a_named_tool_choice_gives_that_call(client: openai.OpenAI) -> None:
     reply = client.chat.completions.create(model="caller", messages=ASK, tools=TOOLS, max_tokens=96,
                                            tool_choice={"type": "function", "function": {"name": "get_weather"}})
@@ -157,7 +155,6 @@ def test_a_named_tool_choice_gives_that_call(client: openai.OpenAI) -> None:
     assert call.function.name == "get_weather" and "city" in json.loads(call.function.arguments)
 
 
-@pytest.mark.xfail(strict=False, reason=CONSTRAINED)
 def test_a_json_schema_response_parses(client: openai.OpenAI) -> None:
     # A boolean and an enum: a random model cannot run past max_tokens inside them.
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "unit": {"enum": ["C", "F"]}},

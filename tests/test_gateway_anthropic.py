@@ -100,6 +100,10 @@ def test_stop_sequences_end_the_text_before_them(client: anthropic.Anthropic) ->
     msg = client.messages.create(model="thinker", max_tokens=64, messages=ASK, stop_sequences=["42"],
                                  extra_body={"temperature": 0.5, "top_p": 0.9, "top_k": 40})
     assert msg.content[-1].text.strip() == "The answer is"
+    assert msg.stop_reason == "stop_sequence" and msg.stop_sequence == "42"
+    with client.messages.stream(model="thinker", max_tokens=64, messages=ASK, stop_sequences=["42"]) as stream:
+        final = stream.get_final_message()
+    assert final.stop_reason == "stop_sequence" and final.stop_sequence == "42"
 
 
 # --- tools ----------------------------------------------------------------------------------------
@@ -146,14 +150,12 @@ def test_a_tool_result_conversation_goes_back_through_the_template(client: anthr
     assert second.usage.cache_read_input_tokens > 0  # the earlier turns: the prefix cache's
 
 
-@pytest.mark.xfail(strict=False, reason="constrained decoding may not be in the worker yet (BAD_REQUEST until then)")
 def test_tool_choice_tool_forces_that_call(client: anthropic.Anthropic) -> None:
     msg = client.messages.create(model="caller", max_tokens=96, messages=ASK, tools=TOOLS,
                                  tool_choice={"type": "tool", "name": "get_weather"})
     assert msg.stop_reason == "tool_use" and msg.content[-1].name == "get_weather"
 
 
-@pytest.mark.xfail(strict=False, reason="constrained decoding may not be in the worker yet (BAD_REQUEST until then)")
 def test_output_config_format_gives_json_that_validates(client: anthropic.Anthropic) -> None:
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
               "additionalProperties": False}

@@ -22,10 +22,11 @@ def stop_holdback(text: str, stops: list[str]) -> int:
     return best
 
 
-def find_stop(text: str, stops: list[str], emitted: int) -> int | None:
-    """Where the first stop string starts in `text`, looking only where a new one could be."""
-    hits = [text.find(s, max(0, emitted - len(s))) for s in stops if s]
-    hits = [h for h in hits if h >= 0]
+def find_stop(text: str, stops: list[str], emitted: int) -> tuple[int, str] | None:
+    """(where the first stop string starts in `text`, which one), looking only where a new one
+    could be."""
+    hits = [(text.find(s, max(0, emitted - len(s))), s) for s in stops if s]
+    hits = [h for h in hits if h[0] >= 0]
     return min(hits) if hits else None
 
 
@@ -44,6 +45,7 @@ class Stream:
     shaper: Any = None  # worker.shaping.Shaper: thinking and tool calls apart (None: plain text)
     logprobs: list[dict] | None = None  # every token's, when asked for
     _logprobs_sent: int = 0
+    stop_sequence: str | None = None  # the stop string that ended it
 
     def on_token(self, token: int, finish_reason: str | None, now: float) -> tuple[str, int, bool]:
         """(text that may be shown now, real tokens in it, whether a stop string ended the stream).
@@ -59,8 +61,9 @@ class Stream:
             self.detok.finalize()
         piece = self.detok.last_segment
         self.text += piece if self.shaper is None else self.shaper.feed(piece, finish_reason)
-        cut = find_stop(self.text, self.req.stop, self.emitted)
-        if cut is not None:
+        found = find_stop(self.text, self.req.stop, self.emitted)
+        if found is not None:
+            cut, self.stop_sequence = found
             self.text = self.text[:cut]
             return self._take(len(self.text)), int(real), True
         safe = len(self.text) if finish_reason else len(self.text) - stop_holdback(self.text, self.req.stop)
@@ -82,7 +85,7 @@ class Stream:
 
     def final_fields(self, reason: str) -> tuple[str, dict]:
         """(finish_reason, Final's fields beside text, usage and timings)."""
-        out: dict = {"logprobs": self.logprobs}
+        out: dict = {"logprobs": self.logprobs, "stop_sequence": self.stop_sequence}
         if self.shaper is not None:
             out.update(reasoning=self.shaper.reasoning, tool_calls=self.shaper.tool_calls)
             if reason == "stop" and self.shaper.tool_calls:
