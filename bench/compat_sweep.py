@@ -104,7 +104,7 @@ def main() -> None:
             while not (state / "control.sock").exists():
                 time.sleep(0.05)
             results = asyncio.run(probe_all(state, built))
-            matrix = subprocess.run([sys.executable, "-m", "supervisor.ctl", "--state-dir", str(state), "compat",
+            matrix = subprocess.run([sys.executable, "-m", "lmxctl", "--state-dir", str(state), "compat",
                                      "--markdown"], cwd=REPO, capture_output=True, text=True, timeout=60).stdout
         finally:
             sup.send_signal(signal.SIGTERM)

@@ -160,14 +160,14 @@ def test_verify_lists_every_finding_not_just_the_first(sup: RunningSupervisor, t
     (d / "config.json").write_text("[]")
     codes = sorted(f.code.code for f in snapshot.verify(d))
     assert codes == ["CONFIG_INVALID", "SNAPSHOT_INCOMPLETE", "SNAPSHOT_INCOMPLETE"]
-    out = subprocess.run([sys.executable, "-m", "supervisor.ctl", "verify", str(d)], cwd=REPO,
+    out = subprocess.run([sys.executable, "-m", "lmxctl", "verify", str(d)], cwd=REPO,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 1
     assert "model-00002-of-00002.safetensors" in out.stdout and "tokenizer.json" in out.stdout
     assert "3 finding(s)" in out.stdout
     by_id = sup.client.verify("truncated-shard")
     assert [f["code"] for f in by_id["findings"]] == ["SNAPSHOT_CORRUPT"]
-    ok = subprocess.run([sys.executable, "-m", "supervisor.ctl", "--state-dir", str(sup.state_dir), "verify",
+    ok = subprocess.run([sys.executable, "-m", "lmxctl", "--state-dir", str(sup.state_dir), "verify",
                          "sharded-ok", "--json"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0 and json.loads(ok.stdout)["findings"] == []
 
@@ -233,7 +233,7 @@ def test_repair_fetches_only_what_is_missing_or_corrupt_from_the_mirror(
     config_mtime = (snap / "config.json").stat().st_mtime_ns
     sup = make_supervisor([{"id": "m", "path": str(snap), "mirror": str(mirror)}]).start(wait_ready=False)
     sup.wait_model("m", lambda m: m["state"] == "REJECTED", 10, "REJECTED")
-    out = subprocess.run([sys.executable, "-m", "supervisor.ctl", "--state-dir", str(sup.state_dir), "repair", "m",
+    out = subprocess.run([sys.executable, "-m", "lmxctl", "--state-dir", str(sup.state_dir), "repair", "m",
                           "--json"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
     detail = json.loads(out.stdout)

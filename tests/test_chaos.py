@@ -225,7 +225,7 @@ def test_deaths_during_load_are_classified_and_the_other_model_keeps_serving(
 
 
 def _lmxctl(sup, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "supervisor.ctl", "--state-dir", str(sup.state_dir), *args],
+    return subprocess.run([sys.executable, "-m", "lmxctl", "--state-dir", str(sup.state_dir), *args],
                           cwd=REPO, capture_output=True, text=True, timeout=60)
 
 

@@ -48,7 +48,7 @@ def test_registry_is_written_on_ready_and_survives_a_restart(make_supervisor, ti
     sup.start()
     (again,) = sup.client.compat()["rows"]
     assert again["first_seen"] == row["first_seen"] and again["last_seen"] > row["last_seen"]
-    table = subprocess.run([sys.executable, "-m", "supervisor.ctl", "--state-dir", str(sup.state_dir), "compat",
+    table = subprocess.run([sys.executable, "-m", "lmxctl", "--state-dir", str(sup.state_dir), "compat",
                             "--markdown"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert table.returncode == 0 and "| m | verified" in table.stdout
 
@@ -100,7 +100,7 @@ def test_corrupt_weights_that_pass_the_file_checks_change_the_canary_and_fail_it
 def test_probe_loads_and_canaries_a_snapshot_in_a_throwaway_worker(make_supervisor, tiny_model: Path,
                                                                    tmp_path: Path) -> None:
     sup = make_supervisor([{"id": "m", "path": str(tiny_model), "autoload": False}]).start(wait_ready=False)
-    good = subprocess.run([sys.executable, "-m", "supervisor.ctl", "--state-dir", str(sup.state_dir), "probe",
+    good = subprocess.run([sys.executable, "-m", "lmxctl", "--state-dir", str(sup.state_dir), "probe",
                            str(tiny_model), "--json"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert good.returncode == 0, good.stdout + good.stderr
     detail = json.loads(good.stdout)

@@ -12,7 +12,7 @@ from tests.harness import REPO
 
 
 def _complete(words: list[str]) -> list[str]:
-    script = subprocess.run([sys.executable, "-m", "supervisor.ctl", "completion", "bash"], cwd=REPO,
+    script = subprocess.run([sys.executable, "-m", "lmxctl", "completion", "bash"], cwd=REPO,
                             capture_output=True, text=True, check=True, timeout=60).stdout
     line = " ".join(words)
     probe = (f"{script}\nCOMP_WORDS=({line}); COMP_CWORD={len(words) - 1}; _lmxctl; "

@@ -52,7 +52,7 @@ def test_client_follows_a_load_and_a_crash(make_supervisor, tiny_model: Path) ->
 def test_lmxctl_events_prints_state_changes(make_supervisor, tiny_model: Path) -> None:
     sup = make_supervisor([{"id": "m", "path": str(tiny_model)}]).start()
     follower = subprocess.Popen(
-        [sys.executable, "-m", "supervisor.ctl", "--state-dir", str(sup.state_dir), "events", "model.state",
+        [sys.executable, "-m", "lmxctl", "--state-dir", str(sup.state_dir), "events", "model.state",
          "--model", "m", "--count", "2", "--json", "--idle-timeout", "30"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -81,20 +81,20 @@ def test_state_dir_and_sockets_are_private(make_supervisor, tiny_model: Path) ->
 def test_lmxctl_status_generate_and_exit_codes(make_supervisor, tiny_model: Path, tmp_path: Path) -> None:
     sup = make_supervisor([{"id": "a", "path": str(tiny_model)}]).start()
     sd = str(sup.state_dir)
-    status = _run_cli("supervisor.ctl", "--state-dir", sd, "status", "--json")
+    status = _run_cli("lmxctl", "--state-dir", sd, "status", "--json")
     assert status.returncode == 0
     model = json.loads(status.stdout)["models"][0]
     assert (model["id"], model["state"]) == ("a", "READY") and model["worker_pid"]
-    table = _run_cli("supervisor.ctl", "--state-dir", sd, "status")
+    table = _run_cli("lmxctl", "--state-dir", sd, "status")
     assert table.returncode == 0 and "READY" in table.stdout and model["revision"] in table.stdout
-    gen = _run_cli("supervisor.ctl", "--state-dir", sd, "generate", "a", "Hello", "--max-tokens", "5", "--json")
+    gen = _run_cli("lmxctl", "--state-dir", sd, "generate", "a", "Hello", "--max-tokens", "5", "--json")
     assert gen.returncode == 0
     body = json.loads(gen.stdout)
     assert body["usage"]["completion_tokens"] >= 1 and "text" in body
-    err = _run_cli("supervisor.ctl", "--state-dir", sd, "generate", "nope", "Hello", "--json")
+    err = _run_cli("lmxctl", "--state-dir", sd, "generate", "nope", "Hello", "--json")
     assert err.returncode == 1
     assert json.loads(err.stdout)["error"]["code"] == "UNKNOWN_MODEL"
-    gone = _run_cli("supervisor.ctl", "--state-dir", str(tmp_path / "nothing"), "status", "--json")
+    gone = _run_cli("lmxctl", "--state-dir", str(tmp_path / "nothing"), "status", "--json")
     assert gone.returncode == 3
     assert json.loads(gone.stdout)["error"]["code"] == "SUPERVISOR_UNAVAILABLE"
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import structlog
 
-from supervisor import cli, ctl, logs, logview
+from lmxctl import cli as ctl, logview
+from supervisor import cli, logs
 from tests.harness import REPO, wait_until
 
 NOW = datetime.now(timezone.utc)
@@ -217,7 +218,7 @@ def test_state_dir_from_the_environment(capsys, state_dir: Path, monkeypatch) ->
 # --- lmxctl logs as a process: follow, rotation, SIGPIPE, a real supervisor --------------------------
 
 def _lmxctl(*args: str, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "supervisor.ctl", *args], cwd=REPO, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "lmxctl", *args], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kwargs)
 
 
@@ -295,7 +296,7 @@ def test_lmxctl_logs_shows_a_real_supervisors_model_states(make_supervisor, tiny
     sup = make_supervisor([{"id": "m", "path": str(tiny_model)}]).start()
 
     def up_to_ready() -> list[dict] | None:
-        done = subprocess.run([sys.executable, "-m", "supervisor.ctl", "--state-dir", str(sup.state_dir), "logs",
+        done = subprocess.run([sys.executable, "-m", "lmxctl", "--state-dir", str(sup.state_dir), "logs",
                                "--model", "m", "--json", "--since", "1h"],
                               cwd=REPO, capture_output=True, text=True, timeout=60,
                               env={**os.environ, "LMX_STATE_DIR": "/nonexistent"})

@@ -70,7 +70,7 @@ def test_metrics_endpoint_and_alert_rules(make_supervisor, tiny_model: Path) -> 
     assert _value(samples, "lmx_store_write_seconds_count") > 0
 
     # lmxctl metrics: the same exposition over the control socket.
-    out = subprocess.run([sys.executable, "-m", "supervisor.ctl", "--state-dir", str(sup.state_dir), "metrics"],
+    out = subprocess.run([sys.executable, "-m", "lmxctl", "--state-dir", str(sup.state_dir), "metrics"],
                          cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "lmx_model_state" in _samples(out.stdout)

@@ -85,7 +85,7 @@ def test_swap_without_room_drains_old_first(make_supervisor, tiny_model: Path) -
                            {"id": "new", "path": str(tiny_model), "autoload": False}],
                           supervisor={"memory_budget_bytes": ONE_MODEL_BUDGET}).start(wait_ready=False)
     sup.wait_model("old", lambda m: m["state"] == "READY", 30, "READY")
-    out = subprocess.run([sys.executable, "-m", "supervisor.ctl", "--state-dir", str(sup.state_dir), "swap", "old",
+    out = subprocess.run([sys.executable, "-m", "lmxctl", "--state-dir", str(sup.state_dir), "swap", "old",
                           "new", "--json"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert '"mode": "old drained first"' in out.stdout

@@ -191,7 +191,7 @@ def test_lmxctl_cache_clear_removes_the_files(make_supervisor, model32: Path) ->
     s = make_supervisor([{"id": "p", "path": str(model32)}]).start()
     s.client.complete("p", BASE + SUFFIXES[1], max_tokens=4)
     s.wait_model("p", lambda m: m["prefix_cache"].get("disk_writes", 0) >= 1, 30, "the entry on disk")
-    out = subprocess.run([sys.executable, "-m", "supervisor.ctl", "--state-dir", str(s.state_dir), "cache", "clear",
+    out = subprocess.run([sys.executable, "-m", "lmxctl", "--state-dir", str(s.state_dir), "cache", "clear",
                           "p", "--json"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert '"files": 1' in out.stdout

@@ -58,7 +58,7 @@ def lmxctl(sup: RunningSupervisor, who: str | None, *args: str, server_key: str 
                  "--client-cert", str(sup.keydir / f"{who}.key_secret")]
     env = {k: v for k, v in os.environ.items() if not k.startswith("LMX_")}
     env["LMX_STATE_DIR"] = "/nonexistent"  # prove nothing goes through ipc
-    return subprocess.run([sys.executable, "-m", "supervisor.ctl", *opts, *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "lmxctl", *opts, *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout_s)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from protocol.errors import ErrorCode
-from supervisor.ctl import _parser
+from lmxctl.cli import _parser
 from tests.harness import REPO
 
 RUNBOOK = REPO / "docs" / "runbook.md"
@@ -50,7 +50,7 @@ def test_every_error_code_has_a_row() -> None:
 
 
 def _ctl(sup, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "supervisor.ctl", "--state-dir", str(sup.state_dir), *args],
+    return subprocess.run([sys.executable, "-m", "lmxctl", "--state-dir", str(sup.state_dir), *args],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from protocol.client import SyncSupervisorClient
-from supervisor import ctl, service
+from lmxctl import cli, service
+from supervisor import config as cfg_mod
 from tests.harness import REPO, TEST_SUPERVISOR, render_config, wait_until, workers_of
 
 pytestmark = pytest.mark.timeout(120)
@@ -70,7 +71,7 @@ def fake_tools(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def lmxctl(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
-    rc = ctl.main(["service", *argv])
+    rc = cli.main(["service", *argv])
     out, err = capsys.readouterr()
     return rc, out, err
 
@@ -135,7 +136,7 @@ def test_exit_timeout_follows_the_config_and_falls_back_to_defaults(capsys, tmp_
     broken.write_text("[supervisor]\nno_such_key = 1\n")
     rc, out, err = lmxctl(capsys, "render", "--kind", "systemd", "--config", str(broken))
     assert rc == 0 and "does not load" in err
-    defaults = service.cfg_mod.SupervisorSettings()
+    defaults = cfg_mod.SupervisorSettings()
     timeout = int(service.parse_unit(out)["Service"]["TimeoutStopSec"][0])
     assert timeout > defaults.drain_grace_s + defaults.stop_timeout_s
     # ... and install will not put a service that would crash-loop on exit 78 in place.
@@ -359,7 +360,7 @@ def example(name: str) -> bytes:
     argv = ("/opt/lmx-supervisor/.venv/bin/lmx-supervisor", "run", "--config", str(home / "lmx.toml"),
             "--state-dir", str(state), *(("--stderr-level", "error") if kind == "launchd" else ()))
     t = service.Target(kind, system, service.DEFAULT_LABEL[kind], "you", 501, 20, home, Path(os.devnull), argv,
-                       state, service.stop_budget_s(service.cfg_mod.SupervisorSettings()))
+                       state, service.stop_budget_s(cfg_mod.SupervisorSettings()))
     return service.render(t)
 
 

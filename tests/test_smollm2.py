@@ -21,7 +21,7 @@ def test_smollm2_passes_its_canary_and_answers_paris_through_lmxctl(make_supervi
     canary = sup.events("model.canary_passed")[0]
     assert "Paris" in canary["text"]
     out = subprocess.run(
-        [sys.executable, "-m", "supervisor.ctl", "--state-dir", str(sup.state_dir), "generate", "smollm2",
+        [sys.executable, "-m", "lmxctl", "--state-dir", str(sup.state_dir), "generate", "smollm2",
          "What is the capital of France?", "--chat", "--max-tokens", "16", "--json"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )

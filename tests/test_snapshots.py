@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import struct
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.harness import REPO
 from tests.snapshots import smollm2_gguf_path, write_safetensors, write_tiny_llama
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -94,7 +97,7 @@ def test_import_gguf_smollm2_answers_paris(tmp_path, capsys):
     from worker.gguf import main
 
     dest = tmp_path / "smollm2"
-    assert main([str(smollm2_gguf_path()), str(dest)]) == 0
+    assert main([str(smollm2_gguf_path()), str(dest), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["model_type"] == "llama" and summary["vocab_size"] == 49152
     assert summary["quantization"] == {"group_size": 32, "bits": 4}
@@ -153,3 +156,33 @@ def test_import_gguf_refuses_non_empty_dest_and_cleans_up_on_failure(tmp_path):
         import_gguf(smollm2_gguf_path(), tmp_path / "fresh", progress=interrupt)
     assert not (tmp_path / "fresh").exists()
     assert _leftover_temp_dirs(tmp_path) == []
+
+
+def _lmxctl(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lmxctl", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=150)
+
+
+@pytest.mark.timeout(180)
+def test_lmxctl_import_gguf_runs_the_worker_entry_and_keeps_its_output(tmp_path):
+    # lmxctl never imports mlx (tests/test_imports.py); the import runs in `python -m worker.gguf`,
+    # and what the operator sees and the exit status are what lmxctl printed when it ran in-process.
+    dest = tmp_path / "smollm2"
+    ok = _lmxctl("import-gguf", str(smollm2_gguf_path()), str(dest))
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout == f"wrote {dest}\n"
+    weights = [line for line in ok.stderr.splitlines() if line.startswith("  weights: ")]
+    assert weights[0].endswith("(0%)") and weights[-1].endswith("(100%)"), ok.stderr
+    assert (dest / "config.json").exists() and _leftover_temp_dirs(tmp_path) == []
+
+    again = _lmxctl("import-gguf", str(smollm2_gguf_path()), str(dest), "--json")
+    assert again.returncode == 1
+    error = json.loads(again.stdout)["error"]
+    assert error["code"] == "IMPORT_FAILED" and "already exists" in error["message"]
+    assert again.stderr == ""  # --json: no progress lines either
+
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf at all")
+    bad = _lmxctl("import-gguf", str(junk), str(tmp_path / "out"))
+    assert bad.returncode == 1 and bad.stdout == ""
+    assert bad.stderr.startswith(f"import-gguf: {junk}: not a GGUF file"), bad.stderr

@@ -56,7 +56,7 @@ def test_a_locked_store_while_serving_fails_nothing_and_loses_nothing(make_super
         assert status["store_degraded"] and status["store_pending_writes"] > 0
         assert "locked" in status["store_error"]
         assert "lmx_store_degraded 1.0" in sup.client.metrics()
-        table = subprocess.run([sys.executable, "-m", "supervisor.ctl", "--state-dir", str(sup.state_dir), "status"],
+        table = subprocess.run([sys.executable, "-m", "lmxctl", "--state-dir", str(sup.state_dir), "status"],
                                cwd=REPO, capture_output=True, text=True, timeout=60)
         assert table.returncode == 0 and "STORE DEGRADED" in table.stdout
         assert m["failures_in_window"] == 1  # counted from memory: the row is not written yet

@@ -29,7 +29,7 @@ def _free_port() -> int:
 def _tcp_generate(endpoint: str, kd: Path, model: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LMX_")}
     env["LMX_STATE_DIR"] = "/nonexistent"  # over tcp only
-    return subprocess.run([sys.executable, "-m", "supervisor.ctl", "--endpoint", endpoint, "--timeout", "30",
+    return subprocess.run([sys.executable, "-m", "lmxctl", "--endpoint", endpoint, "--timeout", "30",
                            "--server-key", str(kd / "server.key"), "--client-cert", str(kd / "ops.key_secret"),
                            "generate", model, "Hello", "--max-tokens", "3", "--json"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=60)

@@ -79,7 +79,7 @@ class Soak:
         return {m["id"]: m for m in status["models"]}
 
     def lmxctl(self, *args: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "supervisor.ctl", "--state-dir", str(self.sup.state_dir),
+        return subprocess.Popen([sys.executable, "-m", "lmxctl", "--state-dir", str(self.sup.state_dir),
                                  "--timeout", "120", *args], cwd=REPO, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
 

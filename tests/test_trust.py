@@ -274,7 +274,7 @@ def test_workers_start_with_a_minimal_environment_in_their_own_process_group(
 
 def test_lmxctl_keys_new_writes_a_private_secret_and_prints_the_public_key(tmp_path: Path) -> None:
     d = tmp_path / "keys"
-    run = subprocess.run([sys.executable, "-m", "supervisor.ctl", "keys", "new", "alice", "--dir", str(d)],
+    run = subprocess.run([sys.executable, "-m", "lmxctl", "keys", "new", "alice", "--dir", str(d)],
                          cwd=REPO, capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     public = run.stdout.strip()
@@ -286,7 +286,7 @@ def test_lmxctl_keys_new_writes_a_private_secret_and_prints_the_public_key(tmp_p
     pub, sec = keys.load_secret(d / "alice.key_secret")
     assert pub.decode() == public and len(sec) == 40
     assert sec.decode() not in run.stdout + run.stderr + (d / "alice.key").read_text()
-    again = subprocess.run([sys.executable, "-m", "supervisor.ctl", "keys", "new", "alice", "--dir", str(d)],
+    again = subprocess.run([sys.executable, "-m", "lmxctl", "keys", "new", "alice", "--dir", str(d)],
                            cwd=REPO, capture_output=True, text=True, timeout=60)
     assert again.returncode == 1 and "exists" in again.stderr
     assert keys.load_secret(d / "alice.key_secret") == (pub, sec)  # not overwritten

@@ -272,16 +272,28 @@ def import_gguf(gguf_path: str | os.PathLike, dest: str | os.PathLike, *, progre
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`lmxctl import-gguf` runs this in its own process (mlx stays out of lmxctl), so what it prints
+    and its exit status are lmxctl's: progress on stderr, then `wrote DEST`, or one JSON line with --json."""
     parser = argparse.ArgumentParser(prog="python -m worker.gguf", description=__doc__)
     parser.add_argument("gguf", help="path to a llama-architecture .gguf file")
     parser.add_argument("dest", help="snapshot directory to create (must not exist or be empty)")
+    parser.add_argument("--json", action="store_true", help="one JSON object: the summary, or the error")
     args = parser.parse_args(argv)
+
+    def progress(done: int, total: int) -> None:
+        if not args.json:
+            print(f"  weights: {done:,}/{total:,} bytes ({100 * done / max(1, total):.0f}%)",
+                  file=sys.stderr, flush=True)
+
     try:
-        summary = import_gguf(args.gguf, args.dest)
+        summary = import_gguf(args.gguf, args.dest, progress=progress)
     except GgufImportError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"error": {"code": "IMPORT_FAILED", "message": str(e)}}))
+        else:
+            print(f"import-gguf: {e}", file=sys.stderr)
         return 1
-    print(json.dumps(summary, indent=2))
+    print(json.dumps(summary, default=str) if args.json else f"wrote {summary['dest']}")
     return 0
 
 

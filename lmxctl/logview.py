@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import IO, Any, Iterable, Iterator
 
 from protocol import endpoint as ep
+# The daemon owns the log file's name; one constant, so reader and writer cannot drift apart.
 from supervisor.logs import LOG_FILE
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}

@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Any
 
-from protocol import keys
+from protocol.keys import KeyFileError, new_keypair
 
 ENV_SERVER_KEY = "LMX_SERVER_KEY"  # the server's public .key file
 ENV_CLIENT_CERT = "LMX_CLIENT_CERT"  # this client's .key_secret file
@@ -42,8 +42,8 @@ def add_parser(sub: Any, json_flag: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     try:
-        public_file, secret_file, public = keys.new_keypair(args.name, args.dir)
-    except (keys.KeyFileError, OSError) as exc:
+        public_file, secret_file, public = new_keypair(args.name, args.dir)
+    except (KeyFileError, OSError) as exc:
         print(f"lmxctl keys: {exc}", file=sys.stderr)
         return 1
     if args.json:

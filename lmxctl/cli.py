@@ -6,15 +6,15 @@ import argparse
 import asyncio
 import json
 import os
+import subprocess
 import sys
 import time
 from typing import Any
 
+from lmxctl import completion, keys, logview, service, view
 from protocol import errors as E
-from protocol import keys
 from protocol.client import SupervisorClient
-from supervisor import completion, ctlview, logview
-from supervisor import keyctl, service
+from protocol.keys import KeyFileError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 WAIT_STATES = {"ADMITTING", "STARTING", "LOADING", "CANARY", "BACKOFF", "ROLLING_BACK"}
@@ -31,7 +31,7 @@ def _error_obj(exc: E.LmxError) -> dict[str, Any]:
 
 async def _status(client: SupervisorClient, args: argparse.Namespace) -> int:
     status = await client.status()
-    _print_json(status) if args.json else print(ctlview.status_table(status, ctlview.use_colour()))
+    _print_json(status) if args.json else print(view.status_table(status, view.use_colour()))
     return EXIT_OK
 
 
@@ -63,11 +63,11 @@ async def _load(client: SupervisorClient, args: argparse.Namespace) -> int:
         _print_json(detail) if args.json else print(f"{args.model}: {detail['state']}")
         return EXIT_OK
     start, last = time.monotonic(), None
-    colour = ctlview.use_colour()
+    colour = view.use_colour()
     while True:
         model = next(m for m in (await client.status())["models"] if m["id"] == args.model)
         if model["state"] != last and not args.json and not args.quiet:
-            state = ctlview.paint(model["state"], ctlview.STATE_COLOUR.get(model["state"]), colour)
+            state = view.paint(model["state"], view.STATE_COLOUR.get(model["state"]), colour)
             print(f"{args.model}: {state} ({time.monotonic() - start:.1f}s)", flush=True)
         last = model["state"]
         if model["state"] not in WAIT_STATES or (model["state"] == "BACKOFF" and model["last_error"]):
@@ -80,7 +80,7 @@ async def _load(client: SupervisorClient, args: argparse.Namespace) -> int:
     err = model.get("last_error") or {}
     if not args.json:
         print(f"{args.model} did not become READY: {err.get('code')}: {err.get('message')}", file=sys.stderr)
-        step = ctlview.next_step(err.get("code") or "", args.model)
+        step = view.next_step(err.get("code") or "", args.model)
         if step:
             print(f"next: {step}", file=sys.stderr)
     return EXIT_FAILED
@@ -157,7 +157,8 @@ async def _admin(client: SupervisorClient, args: argparse.Namespace) -> int:
 
 async def _verify(client: SupervisorClient, args: argparse.Namespace) -> int:
     if os.path.sep in args.target or os.path.isdir(args.target):
-        # A path: the same checks, here, without a supervisor (they never import mlx).
+        # A path: the same checks, here, without a supervisor. The daemon's own snapshot checks, not a
+        # copy, so a path and a model id get the same verdict (they never import mlx).
         from supervisor import snapshot
 
         detail = {"path": os.path.abspath(args.target),
@@ -205,27 +206,22 @@ async def _compat(client: SupervisorClient, args: argparse.Namespace) -> int:
 
 
 def _import_gguf(args: argparse.Namespace) -> int:
-    # mlx is imported here, in the lmxctl process, never in the daemon.
-    from worker.gguf import GgufImportError, import_gguf
-
-    def progress(done: int, total: int) -> None:
-        if not args.json:
-            print(f"  weights: {done:,}/{total:,} bytes ({100 * done / max(1, total):.0f}%)",
-                  file=sys.stderr, flush=True)
-
+    # The import needs mlx, and only worker processes import mlx: the worker's own entry does the work
+    # and prints what lmxctl always printed (progress on stderr, the result or the error), on our stdio.
+    cmd = [sys.executable, "-m", "worker.gguf", args.gguf, args.dest] + (["--json"] if args.json else [])
+    proc = subprocess.Popen(cmd)
     try:
-        summary = import_gguf(args.gguf, args.dest, progress=progress)
-    except GgufImportError as exc:
-        _print_json({"error": {"code": "IMPORT_FAILED", "message": str(exc)}}) if args.json else print(
-            f"import-gguf: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    _print_json(summary) if args.json else print(f"wrote {summary['dest']}")
-    return EXIT_OK
+        rc = proc.wait()
+    except KeyboardInterrupt:
+        # Ctrl-C reached the child too (one process group); it removes its temp dir before it exits.
+        proc.wait()
+        return 130
+    return 128 - rc if rc < 0 else rc
 
 
 async def _events(client: SupervisorClient, args: argparse.Namespace) -> int:
     """Follow lifecycle events until Ctrl-C (or --count events, or --idle-timeout without one)."""
-    colour = ctlview.use_colour()
+    colour = view.use_colour()
     seen = 0
     async with client.events(*args.prefix) as stream:
         await stream.connected()
@@ -243,7 +239,7 @@ async def _events(client: SupervisorClient, args: argparse.Namespace) -> int:
             rest = {k: v for k, v in ev.items() if k not in ("event", "ts", "seq", "model")}
             if name == "model.state":
                 to = rest.pop("to")
-                line = (f"{rest.pop('from')} -> {ctlview.paint(to, ctlview.STATE_COLOUR.get(to), colour)} "
+                line = (f"{rest.pop('from')} -> {view.paint(to, view.STATE_COLOUR.get(to), colour)} "
                         f"({rest.pop('reason')})")
             else:
                 line = ""
@@ -278,8 +274,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lmxctl", description="Operate lmx-supervisor.")
     p.add_argument("--state-dir", help="supervisor state dir (default: LMX_STATE_DIR or platform)")
     p.add_argument("--endpoint", help="control endpoint URL, e.g. tcp://host:5555 with CURVE keys (overrides "
-                   f"--state-dir; env {keyctl.ENV_ENDPOINT})")
-    keyctl.add_global_options(p)
+                   f"--state-dir; env {keys.ENV_ENDPOINT})")
+    keys.add_global_options(p)
     p.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds")
     json_flag = argparse.ArgumentParser(add_help=False)
     json_flag.add_argument("--json", action="store_true", help="machine-readable output")
@@ -335,12 +331,12 @@ def _parser() -> argparse.ArgumentParser:
     logview.add_parser(sub, json_flag)
     completion.add_parser(sub)
     service.add_parser(sub, json_flag)
-    keyctl.add_parser(sub, json_flag)
+    keys.add_parser(sub, json_flag)
     return p
 
 
 async def _run(args: argparse.Namespace) -> int:
-    client = SupervisorClient(state_dir=args.state_dir, timeout_s=args.timeout, **keyctl.client_options(args))
+    client = SupervisorClient(state_dir=args.state_dir, timeout_s=args.timeout, **keys.client_options(args))
     try:
         return await COMMANDS[args.command](client, args)
     finally:
@@ -359,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "service":
         return service.main(args)
     if args.command == "keys":
-        return keyctl.main(args)
+        return keys.main(args)
     try:
         return asyncio.run(_run(args))
     except E.LmxError as exc:
@@ -367,11 +363,11 @@ def main(argv: list[str] | None = None) -> int:
             _print_json(_error_obj(exc))
         else:
             print(f"lmxctl: {exc.code.code}: {exc.message}", file=sys.stderr)
-            step = ctlview.next_step(exc.code.code, getattr(args, "model", None))
+            step = view.next_step(exc.code.code, getattr(args, "model", None))
             if step:
                 print(f"next: {step}", file=sys.stderr)
         return EXIT_UNREACHABLE if exc.code is E.ErrorCode.SUPERVISOR_UNAVAILABLE else EXIT_FAILED
-    except keys.KeyFileError as exc:
+    except KeyFileError as exc:
         print(f"lmxctl: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

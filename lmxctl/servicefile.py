@@ -1,6 +1,6 @@
 """The service definition itself: the launchd plist and the systemd unit that run the daemon, rendered
 for one target (manager, user, paths) and checked (plistlib / plutil, systemd-analyze), with the why
-of each key in docs/service.md. `supervisor/service.py` installs what this renders."""
+of each key in docs/service.md. `lmxctl/service.py` installs what this renders."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from protocol import endpoint as ep
+# The stop budget comes from the daemon's own settings, so the manager waits as long as the daemon drains.
 from supervisor import config as cfg_mod
 
 DEFAULT_LABEL = {"launchd": "local.lmx-supervisor", "systemd": "lmx-supervisor"}
