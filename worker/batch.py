@@ -333,7 +333,7 @@ class Batcher:
         self._send(Final(s.req.request_id, s.text, reason, s.usage(), s.timings(now), **fields))
         if kept is not None and kept[0] is not None:
             # After the final is on the wire: the client never waits for the cache's bookkeeping.
-            self.prefix.store(list(kept[1]), kept[0])
+            self.prefix.store(list(kept[1]), kept[0], shared=uid != self._SOLO)
 
     def _fail_all(self, exc: Exception) -> None:
         from worker.log import log

@@ -61,10 +61,14 @@ class PrefixCache:
         self.miss_tokens += len(rest)
         return cache, list(rest)
 
-    def store(self, tokens: list[int], cache: list) -> None:
-        """After a finished generation: `cache` holds the KV of exactly `tokens` (prompt and output)."""
+    def store(self, tokens: list[int], cache: list, shared: bool = False) -> None:
+        """After a finished generation: `cache` holds the KV of exactly `tokens` (prompt and output).
+        `shared`: its arrays are slices of a batch's buffers (BatchGenerator's extraction), which
+        would keep the whole batch's KV alive behind an entry that counts only its own bytes."""
         if not self.enabled or not tokens or not cache:
             return
+        if shared:
+            compact(cache)
         nbytes = sum(c.nbytes for c in cache)
         if nbytes > self.budget_bytes or not self._memory_room(nbytes):
             return
@@ -90,6 +94,22 @@ class PrefixCache:
         if self._disk is not None:
             out.update(self._disk.stats())
         return out
+
+
+def compact(cache: list) -> None:
+    """Give each layer's arrays buffers of their own, exactly as long as their content."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_map
+    from mlx_lm.models.cache import KVCache
+
+    for c in cache:
+        if type(c) is KVCache:
+            if c.keys is not None:
+                c.keys = mx.contiguous(c.keys[..., :c.offset, :])
+                c.values = mx.contiguous(c.values[..., :c.offset, :])
+        else:
+            c.state = tree_map(lambda a: mx.contiguous(a) if isinstance(a, mx.array) else a, c.state)
+    mx.eval([a for _, a in tree_flatten([c.state for c in cache]) if isinstance(a, mx.array)])
 
 
 def usable_prefix(stored: list[int] | tuple, tokens: list[int], trimmable: bool) -> int:
