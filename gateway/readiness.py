@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from protocol.states import ModelState as S
+from protocol.states import is_state
+
 
 def _should_run(model: dict[str, Any]) -> bool:
     # Status carries no autoload/wanted flags yet (see docs/gateway.md). Use them once it does;
@@ -15,7 +18,7 @@ def _should_run(model: dict[str, Any]) -> bool:
         return bool(model["wanted"])
     if "autoload" in model:
         return bool(model["autoload"])
-    return model["state"] != "UNLOADED"
+    return not is_state(model["state"], S.UNLOADED)
 
 
 def check(status: dict[str, Any], required: Sequence[str] = ()) -> tuple[bool, dict[str, Any]]:
@@ -32,7 +35,7 @@ def check(status: dict[str, Any], required: Sequence[str] = ()) -> tuple[bool, d
         m = models.get(mid)
         if m is None:
             reasons.append(f"model {mid} is not declared")
-        elif m["state"] != "READY":
+        elif not is_state(m["state"], S.READY):
             err = m.get("last_error")
             reasons.append(f"model {mid} is {m['state']}" + (f" ({err['code']})" if err else ""))
     report = {"ready": not reasons, "reasons": reasons, "required": wanted,

@@ -15,9 +15,12 @@ from lmxctl import completion, keys, logview, service, view
 from protocol import errors as E
 from protocol.client import SupervisorClient
 from protocol.keys import KeyFileError
+from protocol.states import PENDING_STATES, is_state
+from protocol.states import ModelState as S
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
-WAIT_STATES = {"ADMITTING", "STARTING", "LOADING", "CANARY", "BACKOFF", "ROLLING_BACK"}
+# The states `load` waits through: those that reach READY by themselves.
+WAIT_STATES = frozenset(s.value for s in PENDING_STATES)
 
 
 def _print_json(obj: Any) -> None:
@@ -70,12 +73,12 @@ async def _load(client: SupervisorClient, args: argparse.Namespace) -> int:
             state = view.paint(model["state"], view.STATE_COLOUR.get(model["state"]), colour)
             print(f"{args.model}: {state} ({time.monotonic() - start:.1f}s)", flush=True)
         last = model["state"]
-        if model["state"] not in WAIT_STATES or (model["state"] == "BACKOFF" and model["last_error"]):
+        if model["state"] not in WAIT_STATES or (is_state(model["state"], S.BACKOFF) and model["last_error"]):
             break
         await asyncio.sleep(0.2)
     if args.json:
         _print_json(model)
-    if model["state"] == "READY":
+    if is_state(model["state"], S.READY):
         return EXIT_OK
     err = model.get("last_error") or {}
     if not args.json:
@@ -133,7 +136,7 @@ async def _admin(client: SupervisorClient, args: argparse.Namespace) -> int:
         if not args.json:
             err = detail["last_error"]
             print(f"{detail['path']}: {detail['state']}" + (f" ({err['code']}: {err['message']})" if err else ""))
-            return EXIT_OK if detail["state"] == "READY" else EXIT_FAILED
+            return EXIT_OK if is_state(detail["state"], S.READY) else EXIT_FAILED
     elif args.command == "repair":
         follow = None if args.json else asyncio.create_task(_repair_progress(client, args.model))
         try:
@@ -151,7 +154,7 @@ async def _admin(client: SupervisorClient, args: argparse.Namespace) -> int:
     else:
         detail = await client.rollback(args.model, args.revision)
     _print_json(detail) if args.json else print(f"{args.command}: " + ", ".join(f"{k}={v}" for k, v in detail.items()))
-    failed = detail.get("findings") or (args.command == "probe" and detail["state"] != "READY")
+    failed = detail.get("findings") or (args.command == "probe" and not is_state(detail["state"], S.READY))
     return EXIT_FAILED if failed else EXIT_OK
 
 

@@ -8,13 +8,18 @@ import sys
 import textwrap
 from typing import Any, TextIO
 
+from protocol.states import ModelState as S
+from protocol.states import is_state
+
 WIDTH = 100
 _COLOURS = {"red": "31", "green": "32", "yellow": "33", "blue": "34", "magenta": "35", "dim": "2", "bold": "1"}
-STATE_COLOUR = {
-    "READY": "green", "QUARANTINED": "red", "REJECTED": "red", "BACKOFF": "yellow", "ROLLING_BACK": "yellow",
-    "ADMITTING": "blue", "STARTING": "blue", "LOADING": "blue", "CANARY": "blue", "DRAINING": "magenta",
-    "UNLOADED": "dim",
+_COLOUR_OF = {
+    S.READY: "green", S.QUARANTINED: "red", S.REJECTED: "red", S.BACKOFF: "yellow", S.ROLLING_BACK: "yellow",
+    S.ADMITTING: "blue", S.STARTING: "blue", S.LOADING: "blue", S.CANARY: "blue", S.DRAINING: "magenta",
+    S.UNLOADED: "dim",
 }
+# Keyed by the status's state string: a state this lmxctl does not know is shown uncoloured.
+STATE_COLOUR = {s.value: colour for s, colour in _COLOUR_OF.items()}
 
 # For each code: what to do next. {model} is filled in; these are commands the runbook documents.
 NEXT_STEP = {
@@ -118,7 +123,7 @@ def status_table(status: dict[str, Any], colour: bool = False) -> str:
         lines.append(f"{m['id'][:14]:<14} {paint(state, STATE_COLOUR.get(m['state']), colour)} {m['revision']:<12} "
                      f"{human_duration(m.get('ready_for_s')):>7} {m['restarts']:>8} {m['failures_in_window']:>5} "
                      f"{human_bytes(memory):>7}  {err_s}")
-        if err and m["state"] != "READY":
+        if err and not is_state(m["state"], S.READY):
             hints.append(paint(f"{m['id']} is {m['state']}: {err['code']}: ", "bold", colour)
                          + textwrap.shorten(err["message"], 400, placeholder=" …"))
             step = next_step(err["code"], m["id"])

@@ -1,35 +1,18 @@
-"""The model state machine (BRIEF §3): the enum, its groups, the transition table, one apply()."""
+"""The model state machine (BRIEF §3): the transition table and the one apply() that moves a model."""
 
 from __future__ import annotations
 
-import enum
 from typing import Any, Callable
 
+# The enum and its groups are the wire's (protocol/states.py); the table and apply() are the daemon's.
+from protocol.states import PENDING_STATES, ROUTABLE_STATES, WORKER_STATES, ModelState
 
-class ModelState(enum.Enum):
-    UNLOADED = "UNLOADED"
-    ADMITTING = "ADMITTING"
-    REJECTED = "REJECTED"
-    STARTING = "STARTING"
-    LOADING = "LOADING"
-    CANARY = "CANARY"
-    READY = "READY"
-    DRAINING = "DRAINING"
-    BACKOFF = "BACKOFF"
-    ROLLING_BACK = "ROLLING_BACK"
-    QUARANTINED = "QUARANTINED"
-
+__all__ = ["ModelState", "PENDING_STATES", "ROUTABLE_STATES", "WORKER_STATES", "TRANSITIONS", "apply", "check"]
 
 S = ModelState
 
-# States in which a worker process exists (or is being made) for the model.
-WORKER_STATES = frozenset({S.STARTING, S.LOADING, S.CANARY, S.READY, S.DRAINING})
-# States that will reach READY by themselves: requests get MODEL_NOT_READY with retry_after_s.
-PENDING_STATES = frozenset({S.ADMITTING, S.STARTING, S.LOADING, S.CANARY, S.BACKOFF, S.ROLLING_BACK})
-ROUTABLE_STATES = frozenset({S.READY})
-
 TRANSITIONS: dict[ModelState, frozenset[ModelState]] = {
-    S.UNLOADED: frozenset({S.ADMITTING}),
+    S.UNLOADED: frozenset({S.ADMITTING, S.QUARANTINED}),  # -> QUARANTINED: restored from the store at start
     S.ADMITTING: frozenset({S.STARTING, S.REJECTED, S.UNLOADED}),  # -> UNLOADED: unload while admitting
     S.REJECTED: frozenset({S.ADMITTING, S.UNLOADED}),  # operator retry or config change
     # STARTING -> CANARY: an adopted worker has its weights loaded already; it only re-proves itself.
