@@ -14,6 +14,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
+from protocol import admin as A
 from protocol import codec
 from protocol import endpoint as ep
 from protocol import errors as E
@@ -21,7 +22,7 @@ from protocol import keys
 from protocol.genstream import GenerateStream, Result
 from protocol.loopreader import LoopReader, monitor_socket
 from protocol.messages import (
-    TO_CLIENT, Ack, AdminRequest, Chunk, Error, GenerateRequest, HistoryReply, HistoryRequest,
+    TO_CLIENT, Ack, Chunk, Error, GenerateRequest, HistoryReply, HistoryRequest,
     LoadRequest, Message, StatusReply, StatusRequest, UnloadRequest,
 )
 
@@ -333,53 +334,56 @@ class SupervisorClient:
         assert isinstance(reply, HistoryReply)
         return reply.records
 
-    async def _admin(self, op: str, model: str | None, revision: str | None, timeout_s: float,
-                     path: str | None = None, target: str | None = None) -> dict:
-        reply = await self._call(AdminRequest(self._rid(), op, model, revision, path, target), timeout_s)
+    async def _admin(self, req: A.AdminOp, timeout_s: float) -> dict:
+        """Send a typed admin request; its answer as a dict, the same whether the supervisor
+        replied typed or with an Ack."""
+        reply = await self._call(req, timeout_s)
+        if isinstance(reply, A.AdminReply):
+            return reply.detail()
         assert isinstance(reply, Ack)
         return reply.detail
 
     async def release(self, model: str, timeout_s: float = 30.0) -> dict:
         """Lift a quarantine and start the model again on its configured revision."""
-        return await self._admin("release", model, None, timeout_s)
+        return await self._admin(A.ReleaseRequest(self._rid(), model), timeout_s)
 
     async def rollback(self, model: str, revision: str | None = None, timeout_s: float = 120.0) -> dict:
         """Run `revision` (default: the last-known-good one)."""
-        return await self._admin("rollback", model, revision, timeout_s)
+        return await self._admin(A.RollbackRequest(self._rid(), model, revision), timeout_s)
 
     async def verify(self, model: str, timeout_s: float = 60.0) -> dict:
         """The admission checks on a model's snapshot: {path, findings: [{code, file, message}]}."""
-        return await self._admin("verify", model, None, timeout_s)
+        return await self._admin(A.VerifyRequest(self._rid(), model), timeout_s)
 
     async def compat(self, timeout_s: float = 10.0) -> dict:
         """The compatibility registry: {backend (this stack), rows: [{model, backend, outcome, evidence, ...}]}."""
-        return await self._admin("compat", None, None, timeout_s)
+        return await self._admin(A.CompatRequest(self._rid()), timeout_s)
 
     async def repair(self, model: str, timeout_s: float = 3600.0) -> dict:
         """Fetch a model's missing/corrupt files from its mirror: {fetched, bytes, findings, state}."""
-        return await self._admin("repair", model, None, timeout_s)
+        return await self._admin(A.RepairRequest(self._rid(), model), timeout_s)
 
     async def probe(self, path: str, timeout_s: float = 900.0) -> dict:
         """Admit, load and canary the snapshot at `path` in a throwaway worker; the registry keeps it."""
-        return await self._admin("probe", None, None, timeout_s, path=path)
+        return await self._admin(A.ProbeRequest(self._rid(), path), timeout_s)
 
     async def reload(self, timeout_s: float = 120.0) -> dict:
         """Re-read the config file (like SIGHUP): {added, removed, changed}."""
-        return await self._admin("reload", None, None, timeout_s)
+        return await self._admin(A.ReloadRequest(self._rid()), timeout_s)
 
     async def clear_cache(self, model: str | None = None, timeout_s: float = 30.0) -> dict:
         """Forget a model's prefix cache (every model's without one), in its worker and on disk:
         {models, files, bytes}."""
-        return await self._admin("cache-clear", model, None, timeout_s)
+        return await self._admin(A.CacheClearRequest(self._rid(), model), timeout_s)
 
     async def swap(self, old: str, new: str, timeout_s: float = 900.0) -> dict:
         """NEW takes over OLD's requests: NEW READY first when memory allows, else OLD drained
         first. Requests for OLD go to NEW from then on: {mode, old, new, state}."""
-        return await self._admin("swap", old, None, timeout_s, target=new)
+        return await self._admin(A.SwapRequest(self._rid(), old, new), timeout_s)
 
     async def metrics(self, timeout_s: float = 10.0) -> str:
         """The Prometheus text exposition, as the metrics port would serve it."""
-        return (await self._admin("metrics", None, None, timeout_s))["text"]
+        return (await self._admin(A.MetricsRequest(self._rid()), timeout_s))["text"]
 
     def events(self, *prefixes: str) -> EventStream:
         """Follow lifecycle events whose name starts with one of `prefixes` (default: all)."""

@@ -159,13 +159,14 @@ def _agent(m: Any) -> None:
 
 
 def _admin(m: Any) -> None:
+    """The legacy AdminRequest and every typed admin request (each has some of these fields)."""
     t = m.TAG
     _text(t, "request_id", m.request_id, MAX_ID_CHARS)
-    _text(t, "op", m.op, MAX_NAME_CHARS)
-    _text(t, "model", m.model, MAX_NAME_CHARS)
-    _text(t, "revision", m.revision, MAX_NAME_CHARS)
-    _text(t, "path", m.path, MAX_PATH_CHARS)
-    if m.path is not None and "\x00" in m.path:
+    for name in ("op", "model", "revision", "target"):
+        _text(t, name, getattr(m, name, None), MAX_NAME_CHARS)
+    path = getattr(m, "path", None)
+    _text(t, "path", path, MAX_PATH_CHARS)
+    if path is not None and "\x00" in path:
         raise BadRequest(f"{t}: field 'path' contains a NUL byte")
 
 
@@ -248,6 +249,9 @@ def _error(m: Any) -> None:
 _CHECKS: dict[str, Callable[[Any], None]] = {
     "generate": _generate, "admin": _admin, "status": _ids, "cancel": _ids, "load": _ids, "unload": _ids,
     "history": _ids, "hello": _hello, "ready": _ready, "heartbeat": _heartbeat,
+    # The typed admin requests (protocol.admin.REQUESTS), bounded like the AdminRequest they replace.
+    "reload": _admin, "release": _admin, "rollback": _admin, "swap": _admin, "probe": _admin,
+    "repair": _admin, "verify": _admin, "compat": _admin, "metrics": _admin, "cache_clear": _admin,
 }
 # Worker -> supervisor only: the client decodes the same tags from the supervisor, unbounded.
 _FROM_WORKER: dict[str, Callable[[Any], None]] = {"chunk": _chunk, "chunks": _chunks, "final": _final,

@@ -7,41 +7,12 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
+from protocol import admin as A
+from protocol.admin import AdminRequest  # noqa: F401  (the legacy admin message; its schema's home)
 from protocol.errors import BadRequest, LmxError
-
-
-@dataclass
-class Message:
-    """Base: every message has a wire tag (`TAG`) and plain-data fields."""
-
-    TAG: ClassVar[str] = ""
-
-    def to_wire(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        for name, default in _added(type(self)):
-            if out[name] == default:
-                del out[name]
-        return out
-
-
-def added(default: Any = None, *, factory: Any = None) -> Any:
-    """A field added after its message first shipped: left off the wire while at its default, so a
-    peer from before it, whose decoder refuses unknown fields, still reads the message (a newer
-    supervisor serving through an adopted older worker; an older client)."""
-    if factory is not None:
-        return field(default_factory=factory, metadata={"added": factory})
-    return field(default=default, metadata={"added": lambda: default})
-
-
-_ADDED: dict[type, tuple[tuple[str, Any], ...]] = {}
-
-
-def _added(cls: type) -> tuple[tuple[str, Any], ...]:
-    known = _ADDED.get(cls)
-    if known is None:
-        known = _ADDED[cls] = tuple((f.name, f.metadata["added"]()) for f in dataclasses.fields(cls)
-                                    if "added" in f.metadata)
-    return known
+# The base and `added()` live in protocol/wirebase.py so protocol/admin.py builds on them too;
+# this stays their import path.
+from protocol.wirebase import Message, added  # noqa: F401
 
 
 # --- shared by both boundaries -------------------------------------------------------------
@@ -201,20 +172,6 @@ class Ack(Message):
 
 
 @dataclass
-class AdminRequest(Message):
-    """release MODEL | rollback MODEL [revision] | reload (re-read the config, like SIGHUP) |
-    verify MODEL (the admission checks, every finding)."""
-
-    TAG: ClassVar[str] = "admin"
-    request_id: str
-    op: str
-    model: Optional[str] = None
-    revision: Optional[str] = None
-    path: Optional[str] = None  # probe: a snapshot directory
-    target: Optional[str] = None  # swap: the model that takes over `model`'s requests
-
-
-@dataclass
 class HistoryRequest(Message):
     TAG: ClassVar[str] = "history"
     request_id: str
@@ -355,9 +312,9 @@ def from_wire(cls: type[Message], data: Any) -> Message:
         raise BadRequest(f"{cls.TAG}: body must be a map")
     hints = _HINTS.get(cls)
     if hints is None:
-        hints = _HINTS[cls] = {
-            k: v for k, v in typing.get_type_hints(cls).items() if k != "TAG"
-        }
+        # The dataclass fields only: a ClassVar (TAG, an admin request's OP) is no wire field.
+        every = typing.get_type_hints(cls)
+        hints = _HINTS[cls] = {f.name: every[f.name] for f in dataclasses.fields(cls)}
     unknown = set(data) - set(hints)
     if unknown:
         raise BadRequest(f"{cls.TAG}: unknown field(s) {sorted(map(str, unknown))}")
@@ -378,12 +335,14 @@ def from_wire(cls: type[Message], data: Any) -> Message:
 
 
 def _tags(*classes: type[Message]) -> dict[str, type[Message]]:
-    return {c.TAG: c for c in classes}
+    table = {c.TAG: c for c in classes}
+    assert len(table) == len(classes), "two messages of one direction share a tag"
+    return table
 
 
 # One table per direction: a message that may not travel that way is a BAD_REQUEST.
 TO_SUPERVISOR_FROM_CLIENT = _tags(StatusRequest, GenerateRequest, Cancel, LoadRequest, UnloadRequest,
-                                  AdminRequest, HistoryRequest)
-TO_CLIENT = _tags(StatusReply, Chunk, Final, Error, Ack, HistoryReply)
+                                  A.AdminRequest, HistoryRequest, *A.REQUESTS)
+TO_CLIENT = _tags(StatusReply, Chunk, Final, Error, Ack, HistoryReply, *A.REPLIES)
 TO_WORKER = _tags(Init, GenerateRequest, Cancel, Shutdown, Adopt, ClearPrefixCache)
 TO_SUPERVISOR_FROM_WORKER = _tags(Hello, Ready, Heartbeat, Chunk, Chunks, Final, Error)

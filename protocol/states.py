@@ -1,10 +1,12 @@
-"""The model states every reader shares (client, lmxctl, gateway, daemon): the enum and its named
-groups. The transition table and the one function that applies it stay with the daemon
+"""The model states every reader shares (client, lmxctl, gateway, daemon): the enum, its named
+groups and one model's status. The transition table and the one function that applies it stay with the daemon
 (supervisor/states.py); status carries a state as its `.value` string."""
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+from typing import Any, Optional
 
 
 class ModelState(enum.Enum):
@@ -34,3 +36,52 @@ def is_state(value: object, *states: ModelState) -> bool:
     """Whether a status's `state` string is one of `states`; a state this reader does not know (a
     newer supervisor's) is none of them, never an error."""
     return any(value == s.value for s in states)
+
+
+@dataclasses.dataclass
+class ModelStatus:
+    """One model's entry in status, as `StatusReply.models` carries it (a map with exactly these
+    keys: the LMX server and `lmxctl status --json` read them; tests/test_admin_wire.py pins them)."""
+
+    id: str
+    state: str  # a ModelState value
+    autoload: bool
+    pinned: bool
+    idled_out: bool
+    wanted: Optional[bool]  # the operator's last load/unload (None: as the config says)
+    revision: str
+    configured_revision: Optional[str]
+    lkg_revision: Optional[str]
+    worker_pid: Optional[int]
+    restarts: int
+    failures_in_window: int
+    last_error: Optional[dict]  # {code, message}
+    quarantined: bool
+    retry_after_s: Optional[float]
+    ready_for_s: Optional[float]
+    queued: int
+    active: int
+    phase: Optional[str]
+    memory: dict
+    prefix_cache: dict
+    canary: Any
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelStatus":
+        """Exactly these keys, or a KeyError/TypeError naming the difference: the daemon and the
+        wire cannot drift apart unnoticed."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        if set(d) != set(names):
+            raise KeyError(f"model status keys differ: extra {sorted(set(d) - set(names))}, "
+                           f"missing {sorted(set(names) - set(d))}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def model_state(self) -> Optional[ModelState]:
+        """The state as the enum; None for a state this reader does not know (a newer supervisor's)."""
+        try:
+            return ModelState(self.state)
+        except ValueError:
+            return None

@@ -17,7 +17,8 @@ import zmq.utils.z85
 
 from protocol import errors as E
 from protocol import keys
-from protocol.messages import AdminRequest, Message
+from protocol.admin import AdminOp, AdminRequest
+from protocol.messages import Message
 from supervisor.ratelimit import LogLimit
 
 ROLES = ("read", "admin")
@@ -109,7 +110,10 @@ def check_listen(settings: Any, base_dir: Path) -> Any:
 
 
 def op_name(msg: Message) -> str:
-    return msg.op if isinstance(msg, AdminRequest) else msg.TAG
+    """An admin operation by its op name, typed (`OP`) or legacy (`op`): one role whichever wire."""
+    if isinstance(msg, AdminRequest):
+        return msg.op
+    return msg.OP if isinstance(msg, AdminOp) else msg.TAG
 
 
 def allowed(role: str | None, msg: Message) -> bool:
@@ -117,7 +121,9 @@ def allowed(role: str | None, msg: Message) -> bool:
         return True
     if role != "read":
         return False
-    return msg.op in READ_ADMIN_OPS if isinstance(msg, AdminRequest) else msg.TAG in READ_MESSAGES
+    if isinstance(msg, (AdminRequest, AdminOp)):
+        return op_name(msg) in READ_ADMIN_OPS
+    return msg.TAG in READ_MESSAGES
 
 
 def key_digest(public_key_z85: bytes) -> str:

@@ -14,6 +14,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
+from protocol import admin as A
 from protocol import codec
 from protocol import errors as E
 from protocol.loopreader import LoopReader, monitor_socket
@@ -21,6 +22,7 @@ from protocol.messages import (
     TO_SUPERVISOR_FROM_CLIENT, Ack, AdminRequest, Cancel, Chunk, Error, Final, GenerateRequest,
     HistoryReply, HistoryRequest, LoadRequest, Message, StatusReply, StatusRequest, UnloadRequest,
 )
+from protocol.states import ModelStatus
 from supervisor import config as cfg_mod
 from supervisor import compat, snapshot
 from supervisor import logs
@@ -86,6 +88,7 @@ class ControlServer:
         self._task: asyncio.Task | None = None
         self._reader: LoopReader | None = None
         self._bg: set[asyncio.Task] = set()
+        self._admin_handlers = self._admin_table()
         self.log = logs.get()
         self._log_limit = LogLimit(self.log)  # what a peer can make us log, it cannot make us log forever
 
@@ -182,7 +185,9 @@ class ControlServer:
     def _handle(self, identity: bytes, msg: Message) -> None:
         if isinstance(msg, StatusRequest):
             s = self._status()
-            self.send(identity, StatusReply(msg.request_id, s["supervisor"], s["models"]))
+            # Each model's entry through ModelStatus: the keys on the wire are exactly its fields.
+            models = [ModelStatus.from_dict(m).to_dict() for m in s["models"]]
+            self.send(identity, StatusReply(msg.request_id, s["supervisor"], models))
         elif isinstance(msg, GenerateRequest):
             self._generate(identity, msg)
         elif isinstance(msg, Cancel):
@@ -203,55 +208,72 @@ class ControlServer:
             runtime = self._runtime(msg.model)
             records = runtime.store.crashes(msg.model, max(1, min(msg.limit, 500)))
             self.send(identity, HistoryReply(msg.request_id, msg.model, records))
-        elif isinstance(msg, AdminRequest):
-            self._background(self._admin(identity, msg))
+        elif isinstance(msg, A.AdminOp):
+            self._background(self._admin(identity, msg, legacy=False))
+        elif isinstance(msg, AdminRequest):  # an older client: served by the same typed handler
+            self._background(self._admin(identity, msg.typed(), legacy=True))
 
-    async def _admin(self, identity: bytes, msg: AdminRequest) -> None:
+    def _admin_table(self) -> dict[type[A.AdminOp], Callable[[Any], Awaitable[A.AdminReply | dict[str, Any]]]]:
+        """Admin dispatch: the request's type -> its handler. A handler returns a typed reply where
+        the answer has a fixed shape, else the detail dict an Ack carries."""
+        return {
+            A.ReloadRequest: lambda req: self._reload(), A.SwapRequest: self._swap_op,
+            A.MetricsRequest: self._metrics_op, A.CacheClearRequest: self._cache_clear_op,
+            A.CompatRequest: self._compat_op, A.ProbeRequest: self._probe_op,
+            A.RepairRequest: lambda req: self._ops().repair(self._runtime(req.model).cfg.id),
+            A.VerifyRequest: self._verify_op,
+            A.ReleaseRequest: lambda req: self._ops().release(self._runtime(req.model).cfg.id),
+            A.RollbackRequest: lambda req: self._ops().rollback(self._runtime(req.model).cfg.id, req.revision),
+        }
+
+    async def _admin(self, identity: bytes, msg: A.AdminOp, legacy: bool) -> None:
+        """Run one admin operation and answer it: a legacy `AdminRequest` (an older client, which
+        reads only Ack) gets the reply's detail in an Ack, a typed request its typed reply."""
         try:
-            if msg.op == "reload":
-                detail = await self._reload()
-            elif msg.op == "swap":
-                if not msg.model or not msg.target or self.swap is None:
-                    raise E.BadRequest("swap needs the old and the new model")
-                detail = await self.swap(msg.model, msg.target)
-            elif msg.op == "metrics":
-                detail = {"text": self._metrics.render().decode()}
-            elif msg.op == "cache-clear":
-                chosen = [self._runtime(msg.model)] if msg.model else list(self._models.values())
-                detail = {"models": [r.cfg.id for r in chosen], "files": 0, "bytes": 0}
-                for r in chosen:
-                    for k, v in r.clear_prefix_cache().items():
-                        detail[k] += v
-            elif msg.op == "compat":
-                detail = {"backend": compat.backend(), "rows": self._store.compat()}
-            elif msg.op == "probe":
-                if not msg.path:
-                    raise E.BadRequest("probe needs a path")
-                detail = await self._probe(msg.path)
-            elif msg.op == "repair":
-                detail = await self._ops().repair(self._runtime(msg.model or "").cfg.id)
-            elif msg.op == "verify":
-                runtime = self._runtime(msg.model or "")
-                findings = snapshot.verify(runtime.running.path)
-                detail = {"path": runtime.running.path, "findings": [f.to_dict() for f in findings]}
-            elif msg.op in ("release", "rollback"):
-                model_id = self._runtime(msg.model or "").cfg.id
-                if msg.op == "release":
-                    detail = await self._ops().release(model_id)
-                else:
-                    detail = await self._ops().rollback(model_id, msg.revision)
-            else:
-                raise E.BadRequest(f"unknown admin op {msg.op[:32]!r}")
-            if msg.op != "metrics":
-                self.log.info("admin.done", op=msg.op, model=msg.model, **detail)
-            self.send(identity, Ack(msg.request_id, detail))
+            reply = await self._admin_handlers[type(msg)](msg)
+            detail = reply.detail() if isinstance(reply, A.AdminReply) else reply
+            if not isinstance(msg, A.MetricsRequest):  # the exposition is no event
+                self.log.info("admin.done", op=msg.OP, model=msg.subject(), **detail)
+            if legacy or not isinstance(reply, A.AdminReply):
+                reply = Ack(msg.request_id, detail)
+            self.send(identity, reply)
         except cfg_mod.ConfigError as exc:
             self.send(identity, Error.from_exc(msg.request_id, E.ConfigInvalid(str(exc), key=exc.key)))
         except E.LmxError as exc:
             self.send(identity, Error.from_exc(msg.request_id, exc))
         except Exception as exc:  # a bug: the client still gets an answer, never a silent wait
-            self.log.exception("internal.control_failed", type=msg.TAG, op=msg.op[:64])
+            self.log.exception("internal.control_failed", type=msg.TAG, op=msg.OP)
             self.send(identity, Error.from_exc(msg.request_id, E.InternalError(f"internal error: {exc!r}")))
+
+    async def _swap_op(self, req: A.SwapRequest) -> dict[str, Any]:
+        if not req.model or not req.target or self.swap is None:
+            raise E.BadRequest("swap needs the old and the new model")
+        return await self.swap(req.model, req.target)
+
+    async def _metrics_op(self, req: A.MetricsRequest) -> A.MetricsReply:
+        return A.MetricsReply(req.request_id, self._metrics.render().decode())
+
+    async def _cache_clear_op(self, req: A.CacheClearRequest) -> A.CacheClearReply:
+        chosen = [self._runtime(req.model)] if req.model else list(self._models.values())
+        reply = A.CacheClearReply(req.request_id, [r.cfg.id for r in chosen], 0, 0)
+        for r in chosen:
+            cleared = r.clear_prefix_cache()
+            reply.files += cleared.get("files", 0)
+            reply.bytes += cleared.get("bytes", 0)
+        return reply
+
+    async def _compat_op(self, req: A.CompatRequest) -> A.CompatReply:
+        return A.CompatReply(req.request_id, compat.backend(), self._store.compat())
+
+    async def _probe_op(self, req: A.ProbeRequest) -> dict[str, Any]:
+        if not req.path:
+            raise E.BadRequest("probe needs a path")
+        return await self._probe(req.path)
+
+    async def _verify_op(self, req: A.VerifyRequest) -> A.VerifyReply:
+        runtime = self._runtime(req.model)
+        findings = snapshot.verify(runtime.running.path)
+        return A.VerifyReply(req.request_id, runtime.running.path, [f.to_dict() for f in findings])
 
     def _generate(self, identity: bytes, req: GenerateRequest) -> None:
         if self.draining:

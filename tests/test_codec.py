@@ -8,6 +8,7 @@ from typing import ClassVar, Optional
 import msgpack
 import pytest
 
+from protocol import admin as A
 from protocol import codec
 from protocol import errors as E
 from protocol import messages as M
@@ -38,6 +39,13 @@ SAMPLES = [
     M.UnloadRequest("r5", "m"),
     M.Ack("r4", {"state": "ADMITTING"}),
     M.AdminRequest("r6", "rollback", "m", "abc123"),
+    # The typed admin wire (protocol.admin): one request per operation, typed replies.
+    A.ReloadRequest("r8"), A.ReleaseRequest("r8", "m"), A.RollbackRequest("r8", "m", "abc"),
+    A.RollbackRequest("r8", "m"), A.SwapRequest("r8", "m", "n"), A.ProbeRequest("r8", "/snap"),
+    A.RepairRequest("r8", "m"), A.VerifyRequest("r8", "m"), A.CompatRequest("r8"), A.MetricsRequest("r8"),
+    A.CacheClearRequest("r8"), A.CacheClearRequest("r8", "m"),
+    A.MetricsReply("r8", "# HELP x\n"), A.VerifyReply("r8", "/snap", [{"code": "MISSING_FILE"}]),
+    A.CompatReply("r8", "mlx-lm 0.1", [{"model": "m"}]), A.CacheClearReply("r8", ["m"], 2, 100),
     M.HistoryRequest("r7", "m", 10),
     M.HistoryReply("r7", "m", [{"code": "WORKER_OOM"}]),
     M.Hello("tok", 123, "m", {"python": "3.11"}),
