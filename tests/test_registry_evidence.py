@@ -196,7 +196,9 @@ def test_a_warm_spare_stays_warm_while_its_supervisor_lives_and_goes_with_it(mak
     assert len([e for e in sup.events("worker.spawned") if e.get("model") == "spare"]) == 1
     sup.proc.kill()  # the death pipe: an orphaned spare is nobody's, and ends by itself
     sup.proc.wait()
-    wait_until(lambda: spare not in workers_of(sup.state_dir), 90, "the orphaned spare to exit", interval_s=1.0)
+    wait_until(lambda: spare not in workers_of(sup.state_dir), 15, "the orphaned spare to exit at once")
+    # The model's own worker waits out its orphan grace (a new supervisor could adopt it).
+    wait_until(lambda: not workers_of(sup.state_dir), 30, "the model's orphaned worker after its grace")
 
 
 def test_an_automatic_rollback_outside_model_roots_is_refused(make_supervisor, tiny_model: Path,

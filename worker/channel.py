@@ -122,7 +122,9 @@ class Channel:
     def __init__(self, endpoint: str, token: str, death_fd: int | None, progress: Progress) -> None:
         self.progress = progress
         self.heartbeat_interval_s = 1.0
-        self.orphan_grace_s = 60.0
+        # Until an Init says otherwise. A warm spare has no model and nothing to be adopted for:
+        # orphaned, it ends at once rather than hold a process (and mlx's imports) for a minute.
+        self.orphan_grace_s = 0.0 if os.environ.get("LMX_WORKER_SPARE") else 60.0
         self._ctx = zmq.Context.instance()
         self._endpoint = endpoint
         self._control_identity, self._data_identity = worker_identities(token)
