@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -17,17 +16,9 @@ import pytest
 
 from protocol import errors as E
 from tests.harness import REPO, wait_until
-from tests.test_store_guard import Locker
+from tests.test_store_guard import Locker, rows
 
 pytestmark = pytest.mark.timeout(240)
-
-
-def _rows(path: Path, sql: str) -> list[tuple]:
-    db = sqlite3.connect(path)
-    try:
-        return db.execute(sql).fetchall()
-    finally:
-        db.close()
 
 
 def _kill_mid_stream(sup, pid: int) -> float:
@@ -63,16 +54,16 @@ def test_a_locked_store_while_serving_fails_nothing_and_loses_nothing(make_super
         assert _kill_mid_stream(sup, m["worker_pid"]) < 3.0
         q = sup.wait_model("m", lambda m: m["state"] == "QUARANTINED", 30, "QUARANTINED, store locked")
         assert q["failures_in_window"] == 2 and len(sup.client.history("m")) == 2
-        assert _rows(store, "SELECT count(*) FROM crashes") == [(0,)]  # nothing on disk yet
+        assert rows(store, "SELECT count(*) FROM crashes") == [(0,)]  # nothing on disk yet
         (degraded,) = sup.events("store.degraded")
         assert degraded["level"] == "error"
     finally:
         locker.release()
     wait_until(lambda: not sup.status()["supervisor"]["store_degraded"], 30, "the store to recover")
     assert "lmx_store_degraded 0.0" in sup.client.metrics()
-    assert _rows(store, "SELECT quarantined FROM models WHERE model='m'") == [(1,)]
-    assert _rows(store, "SELECT code, counted FROM failures") == [("WORKER_CRASHED", 1)] * 2
-    assert _rows(store, "SELECT count(*) FROM crashes WHERE model='m'") == [(2,)]
+    assert rows(store, "SELECT quarantined FROM models WHERE model='m'") == [(1,)]
+    assert rows(store, "SELECT code, counted FROM failures") == [("WORKER_CRASHED", 1)] * 2
+    assert rows(store, "SELECT count(*) FROM crashes WHERE model='m'") == [(2,)]
     assert sup.events("store.recovered")
     # What was acknowledged while degraded survives the supervisor.
     assert sup.stop() == 0

@@ -44,7 +44,8 @@ class Locker:
         assert self.proc.wait(timeout=10) == 0
 
 
-def _rows(path: Path, sql: str) -> list[tuple]:
+def rows(path: Path, sql: str) -> list[tuple]:
+    """What the store file holds, read by a connection of its own (as another process would)."""
     db = sqlite3.connect(path)
     try:
         return db.execute(sql).fetchall()
@@ -122,17 +123,17 @@ def test_writes_that_fail_wait_in_order_and_nothing_is_lost(tmp_path: Path) -> N
         assert store.crashes("m")[0]["signal"] == "SIGKILL"
         assert store.model_flags("m")["lkg_revision"] == good.revision
         assert store.revision("m", good.revision) == good  # a rollback target, before it is on disk
-        assert not _rows(tmp_path / STORE_FILE, "SELECT * FROM crashes")
+        assert not rows(tmp_path / STORE_FILE, "SELECT * FROM crashes")
     finally:
         locker.release()
     assert store.writes.flush() and not store.degraded
     path = tmp_path / STORE_FILE
-    assert _rows(path, "SELECT quarantined, wanted FROM models WHERE model='m'") == [(1, 0)]
-    assert _rows(path, "SELECT code FROM failures") == [("WORKER_CRASHED",)]
-    assert _rows(path, "SELECT signal FROM crashes") == [("SIGKILL",)]
-    assert _rows(path, "SELECT old, new FROM aliases") == [("a", "m")]
-    assert _rows(path, "SELECT lkg_revision FROM models WHERE model='m'") == [(good.revision,)]
-    assert _rows(path, "SELECT revision FROM revisions") == [(good.revision,)]
+    assert rows(path, "SELECT quarantined, wanted FROM models WHERE model='m'") == [(1, 0)]
+    assert rows(path, "SELECT code FROM failures") == [("WORKER_CRASHED",)]
+    assert rows(path, "SELECT signal FROM crashes") == [("SIGKILL",)]
+    assert rows(path, "SELECT old, new FROM aliases") == [("a", "m")]
+    assert rows(path, "SELECT lkg_revision FROM models WHERE model='m'") == [(good.revision,)]
+    assert rows(path, "SELECT revision FROM revisions") == [(good.revision,)]
     assert len(store.failures("m", 0.0)) == 1 and len(store.crashes("m")) == 1  # no double count
     store.close()
 
@@ -146,7 +147,7 @@ def test_an_unversioned_store_migrates_and_a_newer_one_is_refused(tmp_path: Path
     store = Store(tmp_path)
     assert store.model_flags("m")["quarantined"]
     store.close()
-    assert _rows(path, "PRAGMA user_version") == [(storeguard.SCHEMA_VERSION,)]
+    assert rows(path, "PRAGMA user_version") == [(storeguard.SCHEMA_VERSION,)]
     db = sqlite3.connect(path, isolation_level=None)
     db.execute(f"PRAGMA user_version={storeguard.SCHEMA_VERSION + 1}")
     db.close()
@@ -165,11 +166,11 @@ def test_history_is_pruned_by_age_and_count_but_not_inside_the_window(tmp_path: 
     store.close()
     store = Store(tmp_path, retention=Retention(max_age_s=30 * 86400, max_rows=10, floor_s=600))
     path = tmp_path / STORE_FILE
-    assert _rows(path, "SELECT count(*) FROM crashes") == [(10,)]
-    assert _rows(path, "SELECT count(*) FROM failures") == [(10,)]
-    assert _rows(path, "SELECT min(at) FROM crashes")[0][0] > now - 15  # the newest were kept
+    assert rows(path, "SELECT count(*) FROM crashes") == [(10,)]
+    assert rows(path, "SELECT count(*) FROM failures") == [(10,)]
+    assert rows(path, "SELECT min(at) FROM crashes")[0][0] > now - 15  # the newest were kept
     store.close()
     # The restart window is never pruned: with a floor of a day, 40-day-old rows go, the rest stay.
     store = Store(tmp_path, retention=Retention(max_age_s=1.0, max_rows=1000, floor_s=86400))
-    assert _rows(path, "SELECT count(*) FROM failures") == [(10,)]
+    assert rows(path, "SELECT count(*) FROM failures") == [(10,)]
     store.close()

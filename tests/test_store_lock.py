@@ -4,7 +4,6 @@ and never takes the locked store for a corrupt one: a quarantine survives either
 
 from __future__ import annotations
 
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ import pytest
 
 from tests.harness import REPO
 from tests.test_chaos import chaos
-from tests.test_store_guard import Locker
+from tests.test_store_guard import Locker, rows
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -35,14 +34,6 @@ sys.exit(0 if seen() > before else 1)
 """
 
 
-def _rows(path: Path, sql: str) -> list[tuple]:
-    db = sqlite3.connect(path)
-    try:
-        return db.execute(sql).fetchall()
-    finally:
-        db.close()
-
-
 def test_a_locked_store_is_waited_for_or_refused_never_replaced(make_supervisor, tiny_model: Path) -> None:
     crashing = {"id": "bad", "path": str(tiny_model), "worker_command": chaos("--at", "load", "--signal", "SIGBUS")}
     models = [crashing, {"id": "good", "path": str(tiny_model)}]
@@ -52,7 +43,7 @@ def test_a_locked_store_is_waited_for_or_refused_never_replaced(make_supervisor,
     sup.wait_model("good", lambda m: m["state"] == "READY", 60, "READY")
     assert sup.stop() == 0
     store = sup.state_dir / "store.sqlite3"
-    boots = _rows(store, "SELECT count(*) FROM boots")
+    boots = rows(store, "SELECT count(*) FROM boots")
 
     # Locked past the bound: exit 75 (launchd/systemd try again), a message that says why, the store untouched.
     locker = Locker(store)
@@ -68,8 +59,8 @@ def test_a_locked_store_is_waited_for_or_refused_never_replaced(make_supervisor,
     assert refused["reason"] == "locked" and refused["level"] == "critical"
     assert not list(sup.state_dir.glob("store.sqlite3.corrupt-*"))
     assert not (sup.state_dir / "control.sock").exists()
-    assert _rows(store, "SELECT count(*) FROM boots") == boots  # it never started
-    assert _rows(store, "SELECT quarantined FROM models WHERE model='bad'") == [(1,)]
+    assert rows(store, "SELECT count(*) FROM boots") == boots  # it never started
+    assert rows(store, "SELECT quarantined FROM models WHERE model='bad'") == [(1,)]
 
     # Locked for a while, within the bound: it waits, then starts on the real store.
     sup.rewrite(models, restart=restart, supervisor={"store_lock_wait_s": 60.0})
