@@ -69,6 +69,7 @@ class Supervisor:
                                 sup.hub_downloads) if sup.warm_spares > 0 else None
         self.models = {m.id: self._runtime(m) for m in config.models}
         self.gate = AdminGate()
+        self._draining = asyncio.Event()  # set once, when shutdown begins
         self.ops = ModelOps(self.gate, self.models)
         self.control = ControlServer(
             self.ctx, ep.control_endpoint(state_dir), state_dir / ep.CONTROL_SOCKET, self.models, self.status,
@@ -202,9 +203,14 @@ class Supervisor:
         """Until the model is READY or has given up (REJECTED, QUARANTINED, UNLOADED), bounded by
         its load and canary timeouts; a drain cuts it short (the operation then stops what it began)."""
         settled = (ModelState.READY, ModelState.REJECTED, ModelState.QUARANTINED, ModelState.UNLOADED)
-        deadline = time.monotonic() + rt.config.supervisor.load_timeout_s + rt.cfg.canary.timeout_s + 60
-        while rt.state not in settled and time.monotonic() < deadline and not self.gate.draining:
-            await asyncio.sleep(0.05)
+        timeout_s = rt.config.supervisor.load_timeout_s + rt.cfg.canary.timeout_s + 60
+        waits = (asyncio.ensure_future(rt.until(lambda: rt.state in settled)),
+                 asyncio.ensure_future(self._draining.wait()))
+        try:
+            await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
 
     def _autostart(self, rt: ModelRuntime, reason: str, force: bool = False) -> None:
         if self.gate.draining:  # nothing starts while the supervisor drains
@@ -350,6 +356,7 @@ class Supervisor:
 
     async def shutdown(self, reason: str) -> None:
         """Stop taking work, let in-flight generations finish (drain_grace_s), stop every worker."""
+        self._draining.set()  # before the gate closes: an operation waiting in _settled ends now
         self.control.draining = True
         if self.remote is not None:
             self.remote.server.draining = True

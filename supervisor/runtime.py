@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ from protocol import errors as E
 from protocol.messages import (
     Chunk, Chunks, ClearPrefixCache, Error, Final, GenerateRequest, Init, Message, Shutdown,
 )
-from supervisor import admission, adoption, kvcache, logs, modelrepair, policy, states
+from supervisor import admission, adoption, kvcache, lifecycle, logs, modelrepair, policy, states
 from supervisor.canary import run_canary
 from supervisor.classify import Verdict, classify
 from supervisor.config import Config, ModelConfig
@@ -67,6 +68,9 @@ class ModelRuntime:
         self.metrics = Metrics()
         self.cache_totals = kvcache.Totals()  # prefix cache counters across this model's workers
         self.spares: SparePool | None = None  # the daemon's warm spares, when configured
+        # Set and replaced on each state change, so a waiter wakes once per change, never polls.
+        self._changed = asyncio.Event()
+        self._idle: asyncio.Event | None = None  # while draining: set when the last request ends
         self._restore()
 
     # --- state ---------------------------------------------------------------------------------
@@ -80,6 +84,13 @@ class ModelRuntime:
                             reason=reason, **fields)
         if to in (S.UNLOADED, S.REJECTED, S.QUARANTINED):
             self._ledger.release(self.cfg.id)  # no worker will hold memory for it
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def until(self, done: Callable[[], bool]) -> None:
+        """Until `done()` holds, re-checked at each state change (the caller bounds the wait)."""
+        while not done():
+            await self._changed.wait()
 
     def _restore(self) -> None:
         """Pick up what the store remembers: quarantine, and the revision that was running."""
@@ -93,10 +104,10 @@ class ModelRuntime:
         if flags["running_revision"] and flags["running_revision"] != self.cfg.revision:
             self.running = self.store.revision(self.cfg.id, flags["running_revision"]) or self.cfg
         if flags["quarantined"]:
-            self.state = S.QUARANTINED
             q = dict(flags["quarantine"] or {})
             self.last_error = E.ModelQuarantined(q.pop("message", "quarantined"), **q)
             self.log.warning("model.restored", state="QUARANTINED", **q)
+            self._to(S.QUARANTINED, "restored from the store", **q)
 
     def wanted(self) -> bool | None:
         return self.store.model_flags(self.cfg.id)["wanted"]
@@ -173,13 +184,11 @@ class ModelRuntime:
         self.last_error = refusal
         self.log.warning("model.rejected", code=refusal.code.code, message=refusal.message,
                          file=refusal.details.get("file"), revision=self.running.revision)
-        if self.state is S.ROLLING_BACK:  # rolling back did not help either: an operator decides
-            now, window = time.time(), self.config.restart.window_s
-            count = policy.failures_in_window(self.store.failures(self.cfg.id, now - window), now, window)
-            self._quarantine(refusal, policy.Decision(policy.Action.QUARANTINE, failures_in_window=count))
-            return
-        self._to(S.REJECTED, refusal.code.code, code=refusal.code.code, message=refusal.message,
-                 file=refusal.details.get("file"))
+        now = time.time()
+        event = lifecycle.Refused(refusal.code.code, refusal.message, self.running.revision)
+        _, effects = lifecycle.reduce(self.state, event, self._history(now), now, self.config.restart)
+        for effect in effects:  # Quarantine or Reject
+            self._perform(effect, refusal, {})
 
     async def _start_worker(self) -> None:
         cfg = self.running
@@ -324,8 +333,8 @@ class ModelRuntime:
         self.log.info("model.stable", revision=self.running.revision, lkg=True)
 
     async def _failed(self, exc: E.LmxError, verdict: Verdict | None = None) -> None:
-        """A start or a READY worker failed: stop what is left, fail its requests, then let the
-        policy say restart (BACKOFF), roll back, or quarantine."""
+        """A start or a READY worker failed: stop what is left, fail its requests, then perform what
+        lifecycle.reduce says: restart (BACKOFF), roll back, or quarantine."""
         self.last_error = exc
         self.restarts += 1
         self.metrics.restarts.labels(self.cfg.id).inc()
@@ -338,46 +347,41 @@ class ModelRuntime:
         self.requests.fail_all(exc)  # before the stop ladder and the store: nobody waits on either
         await self._stop_worker(f"failed: {exc.code.code}")
         now = time.time()
-        victim = bool(verdict and verdict.victim)
-        self.store.add_failure(self.cfg.id, policy.Failure(now, self.running.revision, exc.code.code, not victim))
-        record = self._crash_record(exc, verdict, worker, phase, now)
-        self.store.add_crash(record)
-        self.metrics.crashes.labels(self.cfg.id, exc.code.code).inc()
-        self.events.publish("model.failed", **{k: v for k, v in record.items() if k != "at"})
-        history = self.store.failures(self.cfg.id, now - self.config.restart.window_s)
-        lkg = self.store.model_flags(self.cfg.id)["lkg_revision"]
-        decision = policy.decide(history, now, self.config.restart, self.running.revision, lkg,
-                                 self.consecutive_failures)
-        self._evidence().failure(record)  # the registry takes only what is about compatibility
-        self.retry_at = time.monotonic() + decision.delay_s
-        self._to(S.BACKOFF, exc.code.code, code=exc.code.code, retry_after_s=round(decision.delay_s, 3),
-                 failures_in_window=decision.failures_in_window)
-        if decision.action is policy.Action.QUARANTINE:
-            self._quarantine(exc, decision)
-        elif decision.action is policy.Action.ROLLBACK:
-            await self.rollback(decision.revision, f"{decision.failures_in_window} failures in window")
-        else:
-            self._spawn_task(self._restart_after(decision.delay_s))
+        event = lifecycle.Failed(exc.code.code, exc.message, self.running.revision,
+                                 self.store.model_flags(self.cfg.id)["lkg_revision"], self.consecutive_failures,
+                                 bool(verdict and verdict.victim))
+        _, effects = lifecycle.reduce(self.state, event, self._history(now), now, self.config.restart)
+        record = lifecycle.crash_record(self.cfg.id, self.running.revision, now, exc, verdict, worker, phase)
+        for effect in effects:
+            if isinstance(effect, lifecycle.RollBack):
+                await self.rollback(effect.revision, effect.reason)
+            else:
+                self._perform(effect, exc, record)
 
-    def _crash_record(self, exc: E.LmxError, verdict: Verdict | None, worker: Worker | None,
-                      phase: str, now: float) -> dict[str, Any]:
-        return {
-            "model": self.cfg.id, "revision": self.running.revision, "at": now, "code": exc.code.code,
-            "cause": verdict.cause if verdict else exc.message, "victim": bool(verdict and verdict.victim),
-            "signal": exc.details.get("signal"), "exit_code": exc.details.get("exit_code"), "phase": phase,
-            "request_id": worker.death_request if worker else None,
-            "worker_pid": worker.process.pid if worker else None,
-            "memory": worker.memory if worker else {},
-            "stderr_tail": list(worker.process.stderr_tail) if worker else [],
-        }
+    def _history(self, now: float) -> list[policy.Failure]:
+        return self.store.failures(self.cfg.id, now - self.config.restart.window_s)
 
-    def _quarantine(self, exc: E.LmxError, decision: policy.Decision) -> None:
-        summary = {
-            "failures": decision.failures_in_window, "window_s": self.config.restart.window_s,
-            "last_code": exc.code.code, "revision": self.running.revision,
-            "message": f"{decision.failures_in_window} failures in {self.config.restart.window_s:.0f}s, "
-                       f"last {exc.code.code}: {exc.message}",
-        }
+    def _perform(self, effect: lifecycle.Effect, exc: E.LmxError, record: dict[str, Any]) -> None:
+        if isinstance(effect, lifecycle.RecordFailure):
+            self.store.add_failure(self.cfg.id, effect.failure)
+        elif isinstance(effect, lifecycle.RecordCrash):
+            self.store.add_crash(record)
+            self.metrics.crashes.labels(self.cfg.id, exc.code.code).inc()
+            self.events.publish("model.failed", **{k: v for k, v in record.items() if k != "at"})
+            self._evidence().failure(record)  # the registry takes only what is about compatibility
+        elif isinstance(effect, lifecycle.EnterBackoff):
+            self.retry_at = time.monotonic() + effect.delay_s
+            self._to(S.BACKOFF, exc.code.code, code=exc.code.code, retry_after_s=round(effect.delay_s, 3),
+                     failures_in_window=effect.failures_in_window)
+        elif isinstance(effect, lifecycle.Quarantine):
+            self._quarantine(exc, effect.summary)
+        elif isinstance(effect, lifecycle.ScheduleRestart):
+            self._spawn_task(self._restart_after(effect.delay_s))
+        elif isinstance(effect, lifecycle.Reject):
+            self._to(S.REJECTED, exc.code.code, code=exc.code.code, message=exc.message,
+                     file=exc.details.get("file"))
+
+    def _quarantine(self, exc: E.LmxError, summary: dict[str, Any]) -> None:
         self.retry_at = None
         self.store.set_quarantine(self.cfg.id, summary)
         details = {k: v for k, v in summary.items() if k != "message"}
@@ -451,9 +455,18 @@ class ModelRuntime:
             self._to(S.UNLOADED, reason)
 
     async def _drain(self, grace_s: float) -> None:
-        deadline = time.monotonic() + grace_s
-        while len(self.requests) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        """Until no request is left (each ending calls _check_idle), for at most grace_s."""
+        self._idle = asyncio.Event()
+        self._check_idle()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), grace_s)
+        self._idle = None  # a cancelled drain leaves an Event nobody awaits: harmless
+
+    def _check_idle(self) -> None:
+        # Called where requests end in our sight: results, cancels, a death. A queued request's
+        # deadline ends it unseen, but it waits only behind active ones, whose ends are seen.
+        if self._idle is not None and not len(self.requests):
+            self._idle.set()
 
     async def _stop_worker(self, reason: str) -> None:
         worker = self.worker
@@ -489,6 +502,7 @@ class ModelRuntime:
         worker.death = verdict
         worker.death_request = self.requests.first_active_origin()
         self.requests.fail_all(exc)  # clients hear of the death before anything touches the disk
+        self._check_idle()
         self.store.set_worker(self.cfg.id, None)
         if self.state is S.READY:
             self._spawn_task(self._failed(exc, verdict))
@@ -513,6 +527,7 @@ class ModelRuntime:
             if not isinstance(msg, Chunk):
                 worker.via_io.discard(msg.request_id)
             self.requests.on_result(msg)
+        self._check_idle()
 
     # --- requests ------------------------------------------------------------------------------
 
@@ -549,6 +564,7 @@ class ModelRuntime:
 
     def cancel(self, wrid: str) -> None:
         self.requests.cancel(wrid)
+        self._check_idle()
 
     # --- status --------------------------------------------------------------------------------
 
