@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Union
 from protocol import errors as E
 from supervisor import policy
 from supervisor.config import RestartSettings
+from supervisor.states import WORKER_STATES
 from supervisor.states import ModelState as S
 
 if TYPE_CHECKING:
@@ -37,7 +38,29 @@ class Refused:
     revision: str
 
 
-Event = Union[Failed, Refused]
+@dataclass(frozen=True)
+class StopRequested:
+    """An operator's unload, an idle timeout, a reload or the supervisor's drain."""
+
+
+@dataclass(frozen=True)
+class RestartDue:
+    """The backoff delay has passed."""
+
+
+@dataclass(frozen=True)
+class WorkerExited:
+    """The model's own worker exited (one already replaced is no event)."""
+    stopping: bool  # we asked it to stop: its exit is no failure
+
+
+@dataclass(frozen=True)
+class Stable:
+    """READY for stable_after_s (as the timer set at READY sees it)."""
+    current: bool
+
+
+Event = Union[Failed, Refused, StopRequested, RestartDue, WorkerExited, Stable]
 
 # --- effects -------------------------------------------------------------------------------------
 
@@ -80,15 +103,86 @@ class Reject:
     code: str
 
 
-Effect = Union[RecordFailure, RecordCrash, EnterBackoff, ScheduleRestart, RollBack, Quarantine, Reject]
+@dataclass(frozen=True)
+class Go:
+    """A plain state change, for the reason the caller gave."""
+    to: S
+
+
+@dataclass(frozen=True)
+class Drain:
+    """Wait (bounded by drain_grace_s) for the requests in flight."""
+
+
+@dataclass(frozen=True)
+class StopWorker:
+    pass
+
+
+@dataclass(frozen=True)
+class FailRequests:
+    pass
+
+
+@dataclass(frozen=True)
+class BringUp:
+    pass
+
+
+@dataclass(frozen=True)
+class WorkerDied:
+    """Its requests fail with the cause, its record is forgotten."""
+
+
+@dataclass(frozen=True)
+class HandleFailure:
+    """A READY worker died: the failure runs as the model's task (its start failures are already one)."""
+
+
+@dataclass(frozen=True)
+class MarkStable:
+    """The backoff resets and the running revision becomes last-known-good."""
+
+
+Effect = Union[RecordFailure, RecordCrash, EnterBackoff, ScheduleRestart, RollBack, Quarantine, Reject, Go,
+               Drain, StopWorker, FailRequests, BringUp, WorkerDied, HandleFailure, MarkStable]
+
+# States with no worker that a stop still has to leave (ADMITTING: an admission may be in flight).
+_STOPPABLE = frozenset({S.BACKOFF, S.ADMITTING, S.REJECTED, S.ROLLING_BACK, S.QUARANTINED})
 
 
 def reduce(state: S, event: Event, history: list[policy.Failure], now: float,
            restart: RestartSettings) -> tuple[S, list[Effect]]:
-    """`history`: the model's failures in the window, not yet including this event's."""
+    """`history`: the model's failures in the window, not yet including this event's (only
+    Failed and Refused read it, and `now`)."""
     if isinstance(event, Failed):
         return _failed(event, history, now, restart)
-    return _refused(state, event, history, now, restart)
+    if isinstance(event, Refused):
+        return _refused(state, event, history, now, restart)
+    if isinstance(event, StopRequested):
+        return _stop(state)
+    if isinstance(event, RestartDue):  # a stop during the backoff has moved the model on
+        return (state, [BringUp()]) if state is S.BACKOFF else (state, [])
+    if isinstance(event, Stable):
+        return state, [MarkStable()] if event.current and state is S.READY else []
+    return _exited(state, event)
+
+
+def _stop(state: S) -> tuple[S, list[Effect]]:
+    if state in WORKER_STATES and state is not S.DRAINING:
+        # Before READY only the canary can be in flight: nobody to wait for.
+        drain: list[Effect] = [Drain()] if state is S.READY else []
+        return S.UNLOADED, [Go(S.DRAINING), *drain, StopWorker(), FailRequests(), Go(S.UNLOADED)]
+    if state in _STOPPABLE:
+        return S.UNLOADED, [StopWorker(), Go(S.UNLOADED)]
+    return state, []  # UNLOADED already, or DRAINING: another stop is under way
+
+
+def _exited(state: S, ev: WorkerExited) -> tuple[S, list[Effect]]:
+    if ev.stopping:  # a failure while stopping is the stop's own doing
+        return state, []
+    # A death during start surfaces as the error of what the start awaits; only READY needs a task.
+    return state, [WorkerDied(), *([HandleFailure()] if state is S.READY else [])]
 
 
 def _failed(ev: Failed, history: list[policy.Failure], now: float,

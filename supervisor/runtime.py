@@ -151,7 +151,7 @@ class ModelRuntime:
         if self.state in (S.ADMITTING, S.ROLLING_BACK):  # a rollback's revision is admitted like any
             refusal = await self._admit()
             if refusal is not None:
-                self._refused(refusal)
+                await self._refused(refusal)
                 return
         else:  # a restart keeps its reservation, but a dead worker's memory must be back first
             await self._ledger.settle()
@@ -180,15 +180,12 @@ class ModelRuntime:
             self._end_orphan(orphan, f"admission refused: {refusal.code.code}")
         return refusal
 
-    def _refused(self, refusal: E.LmxError) -> None:
+    async def _refused(self, refusal: E.LmxError) -> None:
         self.last_error = refusal
         self.log.warning("model.rejected", code=refusal.code.code, message=refusal.message,
                          file=refusal.details.get("file"), revision=self.running.revision)
-        now = time.time()
-        event = lifecycle.Refused(refusal.code.code, refusal.message, self.running.revision)
-        _, effects = lifecycle.reduce(self.state, event, self._history(now), now, self.config.restart)
-        for effect in effects:  # Quarantine or Reject
-            self._perform(effect, refusal, {})
+        await self._apply(lifecycle.Refused(refusal.code.code, refusal.message, self.running.revision),
+                          refusal.code.code, refusal, now=time.time())
 
     async def _start_worker(self) -> None:
         cfg = self.running
@@ -325,12 +322,8 @@ class ModelRuntime:
         asyncio.get_running_loop().create_task(process.stop(why, self.config.supervisor.stop_timeout_s))
 
     def _on_stable(self, worker: Worker) -> None:
-        """READY for stable_after_s: the backoff resets and this revision is last-known-good."""
-        if self.worker is not worker or self.state is not S.READY:
-            return
-        self.consecutive_failures = 0
-        self.store.set_lkg(self.running)
-        self.log.info("model.stable", revision=self.running.revision, lkg=True)
+        for effect in self._reduce(lifecycle.Stable(self.worker is worker)):
+            self._do(effect, "stable")
 
     async def _failed(self, exc: E.LmxError, verdict: Verdict | None = None) -> None:
         """A start or a READY worker failed: stop what is left, fail its requests, then perform what
@@ -350,21 +343,40 @@ class ModelRuntime:
         event = lifecycle.Failed(exc.code.code, exc.message, self.running.revision,
                                  self.store.model_flags(self.cfg.id)["lkg_revision"], self.consecutive_failures,
                                  bool(verdict and verdict.victim))
-        _, effects = lifecycle.reduce(self.state, event, self._history(now), now, self.config.restart)
         record = lifecycle.crash_record(self.cfg.id, self.running.revision, now, exc, verdict, worker, phase)
-        for effect in effects:
+        await self._apply(event, exc.code.code, exc, record, now)
+
+    def _reduce(self, event: lifecycle.Event, now: float = 0.0) -> list[lifecycle.Effect]:
+        history = self.store.failures(self.cfg.id, now - self.config.restart.window_s) if now else []
+        return lifecycle.reduce(self.state, event, history, now, self.config.restart)[1]
+
+    async def _apply(self, event: lifecycle.Event, reason: str, exc: E.LmxError | None = None,
+                     record: dict[str, Any] | None = None, now: float = 0.0) -> None:
+        """Ask lifecycle.reduce what `event` means in this state, then do it, in order."""
+        for effect in self._reduce(event, now):
             if isinstance(effect, lifecycle.RollBack):
                 await self.rollback(effect.revision, effect.reason)
+            elif isinstance(effect, lifecycle.Drain):
+                await self._drain(self.config.supervisor.drain_grace_s)
+            elif isinstance(effect, lifecycle.StopWorker):
+                await self._stop_worker(reason)
+            elif isinstance(effect, lifecycle.BringUp):
+                self.retry_at = None
+                await self._bring_up()
             else:
-                self._perform(effect, exc, record)
+                self._do(effect, reason, exc, record)
 
-    def _history(self, now: float) -> list[policy.Failure]:
-        return self.store.failures(self.cfg.id, now - self.config.restart.window_s)
-
-    def _perform(self, effect: lifecycle.Effect, exc: E.LmxError, record: dict[str, Any]) -> None:
-        if isinstance(effect, lifecycle.RecordFailure):
+    def _do(self, effect: lifecycle.Effect, reason: str, exc: E.LmxError | None = None,
+            record: dict[str, Any] | None = None) -> None:
+        """The effects that need no waiting (those of a worker's exit, which is a callback)."""
+        exc = exc or E.ShuttingDown(f"model stopped: {reason}")
+        if isinstance(effect, lifecycle.Go):
+            self._to(effect.to, reason)
+        elif isinstance(effect, lifecycle.FailRequests):
+            self.requests.fail_all(exc)
+        elif isinstance(effect, lifecycle.RecordFailure):
             self.store.add_failure(self.cfg.id, effect.failure)
-        elif isinstance(effect, lifecycle.RecordCrash):
+        elif isinstance(effect, lifecycle.RecordCrash) and record is not None:
             self.store.add_crash(record)
             self.metrics.crashes.labels(self.cfg.id, exc.code.code).inc()
             self.events.publish("model.failed", **{k: v for k, v in record.items() if k != "at"})
@@ -380,6 +392,10 @@ class ModelRuntime:
         elif isinstance(effect, lifecycle.Reject):
             self._to(S.REJECTED, exc.code.code, code=exc.code.code, message=exc.message,
                      file=exc.details.get("file"))
+        elif isinstance(effect, lifecycle.MarkStable):
+            self.consecutive_failures = 0
+            self.store.set_lkg(self.running)
+            self.log.info("model.stable", revision=self.running.revision, lkg=True)
 
     def _quarantine(self, exc: E.LmxError, summary: dict[str, Any]) -> None:
         self.retry_at = None
@@ -392,9 +408,7 @@ class ModelRuntime:
 
     async def _restart_after(self, delay: float) -> None:
         await asyncio.sleep(delay)
-        if self.state is S.BACKOFF:
-            self.retry_at = None
-            await self._bring_up()
+        await self._apply(lifecycle.RestartDue(), "restart")
 
     async def rollback(self, revision: str | None, reason: str) -> str:
         """Run `revision` (default: last-known-good) instead of what runs now. From BACKOFF this is
@@ -442,17 +456,7 @@ class ModelRuntime:
             self._task.cancel()
         if remember:
             self._remember(False)
-        if self.state in states.WORKER_STATES and self.state is not S.DRAINING:
-            was_serving = self.state is S.READY
-            self._to(S.DRAINING, reason)
-            if was_serving:  # before READY only the canary can be in flight: nobody to wait for
-                await self._drain(self.config.supervisor.drain_grace_s)
-            await self._stop_worker(reason)
-            self.requests.fail_all(E.ShuttingDown(f"model stopped: {reason}"))
-            self._to(S.UNLOADED, reason)
-        elif self.state in (S.BACKOFF, S.ADMITTING, S.REJECTED, S.ROLLING_BACK, S.QUARANTINED):
-            await self._stop_worker(reason)
-            self._to(S.UNLOADED, reason)
+        await self._apply(lifecycle.StopRequested(), reason)
 
     async def _drain(self, grace_s: float) -> None:
         """Until no request is left (each ending calls _check_idle), for at most grace_s."""
@@ -489,22 +493,24 @@ class ModelRuntime:
 
     def _on_exit(self, process: WorkerProcess, rc: int | None) -> None:
         worker = self.worker
-        if worker is not None and worker.process is process:
-            self._ledger.worker_exited(self.cfg.id, process.pid, worker.memory.get("rss_bytes", 0),
-                                       worker.available_at_beat)
-        if worker is None or worker.process is not process or worker.stopping:
+        if worker is None or worker.process is not process:
+            return  # a worker already replaced: its exit was seen to when it was
+        self._ledger.worker_exited(self.cfg.id, process.pid, worker.memory.get("rss_bytes", 0),
+                                   worker.available_at_beat)
+        effects = self._reduce(lifecycle.WorkerExited(worker.stopping))
+        if not effects:
             return
         verdict = classify(rc, process.stderr_tail, killed_for=worker.killed_for, last_memory=worker.memory,
                            memory_limit_bytes=worker.cfg.memory_limit_bytes)
         exc = E.error_class(verdict.code)(verdict.message(process.pid), worker_pid=process.pid,
                                           cause=verdict.cause, **verdict.details)
-        worker.fail_handshake(exc)
+        worker.fail_handshake(exc)  # WorkerDied: each exit that is not our stop is one
         worker.death = verdict
         worker.death_request = self.requests.first_active_origin()
         self.requests.fail_all(exc)  # clients hear of the death before anything touches the disk
         self._check_idle()
         self.store.set_worker(self.cfg.id, None)
-        if self.state is S.READY:
+        if lifecycle.HandleFailure() in effects:
             self._spawn_task(self._failed(exc, verdict))
 
     def on_worker_garbage(self, error: Exception) -> None:

@@ -134,3 +134,43 @@ def test_a_refusal_rejects_but_a_refused_rollback_quarantines() -> None:
     state, effects = L.reduce(S.ROLLING_BACK, refused, _history((0, "new"), (5, "new"), (8, "new")), 10.0, R)
     assert state is S.QUARANTINED and effects[0].summary["failures"] == 3  # type: ignore[union-attr]
     assert effects[0].summary["message"].endswith("last SNAPSHOT_INCOMPLETE: missing shard")  # type: ignore[union-attr]
+
+
+def _plain(state: S, event: L.Event) -> tuple[S, list[L.Effect]]:
+    return L.reduce(state, event, [], 0.0, R)
+
+
+def test_a_stop_drains_only_a_serving_worker_then_stops_it() -> None:
+    ready = [L.Go(S.DRAINING), L.Drain(), L.StopWorker(), L.FailRequests(), L.Go(S.UNLOADED)]
+    assert _plain(S.READY, L.StopRequested()) == (S.UNLOADED, ready)
+    for starting in (S.STARTING, S.LOADING, S.CANARY):  # only the canary can be in flight
+        assert _plain(starting, L.StopRequested()) == (S.UNLOADED, [e for e in ready if e != L.Drain()])
+
+
+def test_a_stop_during_backoff_leaves_and_the_due_restart_then_does_nothing() -> None:
+    for waiting in (S.BACKOFF, S.ADMITTING, S.REJECTED, S.ROLLING_BACK, S.QUARANTINED):
+        assert _plain(waiting, L.StopRequested()) == (S.UNLOADED, [L.StopWorker(), L.Go(S.UNLOADED)])
+    assert _plain(S.BACKOFF, L.RestartDue()) == (S.BACKOFF, [L.BringUp()])
+    assert _plain(S.UNLOADED, L.RestartDue()) == (S.UNLOADED, [])
+
+
+def test_a_second_stop_changes_nothing() -> None:
+    for s in (S.UNLOADED, S.DRAINING):
+        assert _plain(s, L.StopRequested()) == (s, [])
+
+
+def test_a_worker_exit_while_stopping_is_no_failure() -> None:
+    for s in (S.READY, S.DRAINING, S.LOADING):
+        assert _plain(s, L.WorkerExited(stopping=True)) == (s, [])
+
+
+def test_a_death_fails_its_requests_and_only_a_ready_one_becomes_a_failure_task() -> None:
+    assert _plain(S.READY, L.WorkerExited(stopping=False)) == (S.READY, [L.WorkerDied(), L.HandleFailure()])
+    # During a start, the death is the error of the future the start awaits.
+    assert _plain(S.LOADING, L.WorkerExited(stopping=False)) == (S.LOADING, [L.WorkerDied()])
+
+
+def test_stable_marks_lkg_only_for_the_current_ready_worker() -> None:
+    assert _plain(S.READY, L.Stable(current=True)) == (S.READY, [L.MarkStable()])
+    assert _plain(S.READY, L.Stable(current=False)) == (S.READY, [])
+    assert _plain(S.BACKOFF, L.Stable(current=True)) == (S.BACKOFF, [])
