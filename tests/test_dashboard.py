@@ -225,6 +225,8 @@ def test_every_query_names_metrics_and_labels_a_real_supervisor_exposes(
     os.kill(pid, signal.SIGKILL)  # so the crash and restart counters have samples (and their labels)
     sup.wait_model("m", lambda m: m["state"] == "READY" and m["worker_pid"] != pid, 30, "READY again")
     sup.client.complete("m", "Hello", max_tokens=4)
+    # The new worker's figures (memory, prefix cache) come with its heartbeats: one must have come.
+    sup.wait_model("m", lambda m: "bytes" in m["prefix_cache"] and m["memory"], 30, "the new worker's heartbeat")
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
         text = resp.read().decode()
 
