@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import openai
 import pytest
@@ -28,9 +28,10 @@ CALL_SCRIPT = ('I should call the tool.</think>\n\nLet me check.<tool_call>\n'
                '{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>')
 
 
-def start_agent_gateway(root: Path, tiny_model: Path) -> tuple[RunningSupervisor, GatewayProcess]:
-    """One supervisor with "thinker", "caller" (scripted, with markers) and "plain" (no tool-call
-    format), and one gateway in front. Shared with tests/test_gateway_anthropic.py."""
+def agent_gateway(root: Path, tiny_model: Path) -> Iterator[tuple[RunningSupervisor, GatewayProcess]]:
+    """A module fixture's body: one supervisor with "thinker", "caller" (scripted, with markers) and
+    "plain" (no tool-call format), one gateway in front, both stopped (and checked) afterwards.
+    Shared with tests/test_gateway_anthropic.py."""
     agent_model = write_tiny_llama(root / "agent-model", agent=True)
     sup = RunningSupervisor(root / "sup", [
         _scripted("thinker", agent_model, THINK_SCRIPT),
@@ -39,20 +40,16 @@ def start_agent_gateway(root: Path, tiny_model: Path) -> tuple[RunningSupervisor
     ])
     try:
         sup.start()
-        return sup, GatewayProcess(root / "gw", sup.state_dir)
-    except BaseException:
-        sup.cleanup()
-        raise
-
-
-@pytest.fixture(scope="module")
-def gw(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path):
-    sup, gateway = start_agent_gateway(tmp_path_factory.mktemp("gateway-agent"), tiny_model)
-    try:
+        gateway = GatewayProcess(root / "gw", sup.state_dir)
         yield sup, gateway
         assert gateway.stop() == 0
     finally:
         sup.cleanup()
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path):
+    yield from agent_gateway(tmp_path_factory.mktemp("gateway-agent"), tiny_model)
 
 
 @pytest.fixture(scope="module")

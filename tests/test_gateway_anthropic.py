@@ -16,9 +16,8 @@ import pytest
 
 from gateway import anthropic as anthropic_params
 from protocol import errors as E
-from tests.harness import RunningSupervisor, wait_until
 from tests.test_gateway import GatewayProcess
-from tests.test_gateway_agent import start_agent_gateway
+from tests.test_gateway_agent import agent_gateway
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -29,12 +28,7 @@ TOOLS = [{"name": "get_weather", "description": "The weather in a city",
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path):
-    sup, gateway = start_agent_gateway(tmp_path_factory.mktemp("gateway-anthropic"), tiny_model)
-    try:
-        yield sup, gateway
-        assert gateway.stop() == 0
-    finally:
-        sup.cleanup()
+    yield from agent_gateway(tmp_path_factory.mktemp("gateway-anthropic"), tiny_model)
 
 
 def _client(gateway: GatewayProcess) -> anthropic.Anthropic:
