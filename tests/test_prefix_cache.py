@@ -119,7 +119,8 @@ def test_an_unfinished_request_leaves_no_entry(sup: RunningSupervisor, how: str)
 
 
 def test_status_and_metrics_account_for_the_cache(sup: RunningSupervisor) -> None:
-    pc = sup.model("cached")["prefix_cache"]
+    # The worker's figures arrive with its heartbeats: wait for one that has seen the hits above.
+    pc = sup.wait_model("cached", lambda m: m["prefix_cache"].get("hit_tokens", 0) > 0, 10, "a hit in the heartbeat")["prefix_cache"]
     assert 0 < pc["bytes"] <= pc["budget_bytes"] and pc["entries"] >= 1
     assert pc["hit_tokens"] > 0 and pc["miss_tokens"] > 0 and pc["hit_tokens_total"] >= pc["hit_tokens"]
     assert sup.model("plain")["prefix_cache"].get("bytes", 0) == 0
@@ -133,11 +134,19 @@ def test_a_small_budget_evicts_and_is_never_exceeded(make_supervisor, model32: P
     budget = 400_000  # about one of these prompts' KV (float32, 2 layers)
     s = make_supervisor([{"id": "small", "path": str(model32), "prefix_cache_bytes": budget,
                           "prefix_cache_persist": False}]).start()
+    seen = 0  # prompt tokens the worker has accounted for (hit or miss), per its heartbeats
     for i in range(4):
         s.client.complete("small", f"{i} " + SUFFIXES[i] * 60, max_tokens=4)
-        pc = s.model("small")["prefix_cache"]
+        # Status carries the worker's figures as of its last heartbeat: wait for the one after this request.
+        pc = s.wait_model("small", lambda m: _looked_up(m) > seen, 10, f"request {i} in the heartbeat")["prefix_cache"]
+        seen = _looked_up({"prefix_cache": pc})
         assert pc["bytes"] <= budget
     assert pc["evictions"] >= 2 and "disk_entries" not in pc
+
+
+def _looked_up(model: dict) -> int:
+    pc = model["prefix_cache"]
+    return pc.get("hit_tokens", 0) + pc.get("miss_tokens", 0)
 
 
 def _disk_entries(state: Path, model: str) -> list[Path]:
