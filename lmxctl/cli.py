@@ -273,16 +273,8 @@ COMMANDS = {"status": _status, "generate": _generate, "load": _load, "unload": _
             "compat": _compat, "events": _events, "metrics": _metrics, "cache": _cache}
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lmxctl", description="Operate lmx-supervisor.")
-    p.add_argument("--state-dir", help="supervisor state dir (default: LMX_STATE_DIR or platform)")
-    p.add_argument("--endpoint", help="control endpoint URL, e.g. tcp://host:5555 with CURVE keys (overrides "
-                   f"--state-dir; env {keys.ENV_ENDPOINT})")
-    keys.add_global_options(p)
-    p.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds")
-    json_flag = argparse.ArgumentParser(add_help=False)
-    json_flag.add_argument("--json", action="store_true", help="machine-readable output")
-    sub = p.add_subparsers(dest="command", required=True)
+def _add_model_commands(sub: argparse._SubParsersAction, json_flag: argparse.ArgumentParser) -> None:
+    """The commands that read or drive a model's lifecycle (status, generate, load ... swap, cache)."""
     sub.add_parser("status", parents=[json_flag], help="supervisor and per-model state")
     g = sub.add_parser("generate", parents=[json_flag], help="stream a generation")
     g.add_argument("model")
@@ -314,6 +306,10 @@ def _parser() -> argparse.ArgumentParser:
     cc = sub.add_parser("cache", parents=[json_flag], help="the prefix KV cache: `cache clear [MODEL]`")
     cc.add_argument("action", choices=["clear"])
     cc.add_argument("model", nargs="?", help="one model (default: every model)")
+
+
+def _add_snapshot_commands(sub: argparse._SubParsersAction, json_flag: argparse.ArgumentParser) -> None:
+    """Commands about snapshots on disk and what can run them (probe, repair, compat, verify, import-gguf)."""
     pr = sub.add_parser("probe", parents=[json_flag], help="admit, load and canary a snapshot in a throwaway worker")
     pr.add_argument("path")
     rp = sub.add_parser("repair", parents=[json_flag], help="fetch missing/corrupt files from the model's mirror or hub")
@@ -325,12 +321,32 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("import-gguf", parents=[json_flag], help="write an MLX snapshot from a llama GGUF")
     i.add_argument("gguf")
     i.add_argument("dest")
+
+
+def _add_observe_commands(sub: argparse._SubParsersAction, json_flag: argparse.ArgumentParser) -> None:
+    """The commands that watch the supervisor without changing it (events, metrics)."""
     ev = sub.add_parser("events", parents=[json_flag], help="follow lifecycle events (state changes, crashes, ...)")
     ev.add_argument("prefix", nargs="*", help="only events whose name starts with one of these (e.g. model.)")
     ev.add_argument("--model", help="only this model's events")
     ev.add_argument("--count", type=int, help="exit after this many events")
     ev.add_argument("--idle-timeout", type=float, help="fail (exit 1) when no event comes within this many seconds")
     sub.add_parser("metrics", parents=[json_flag], help="Prometheus metrics (text exposition)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lmxctl", description="Operate lmx-supervisor.")
+    p.add_argument("--state-dir", help="supervisor state dir (default: LMX_STATE_DIR or platform)")
+    p.add_argument("--endpoint", help="control endpoint URL, e.g. tcp://host:5555 with CURVE keys (overrides "
+                   f"--state-dir; env {keys.ENV_ENDPOINT})")
+    keys.add_global_options(p)
+    p.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds")
+    json_flag = argparse.ArgumentParser(add_help=False)
+    json_flag.add_argument("--json", action="store_true", help="machine-readable output")
+    sub = p.add_subparsers(dest="command", required=True)
+    # The order of the groups is the order of `lmxctl --help` and of the completion scripts.
+    _add_model_commands(sub, json_flag)
+    _add_snapshot_commands(sub, json_flag)
+    _add_observe_commands(sub, json_flag)
     logview.add_parser(sub, json_flag)
     completion.add_parser(sub)
     service.add_parser(sub, json_flag)

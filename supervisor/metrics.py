@@ -44,63 +44,74 @@ def _prefix_cache(models: list[dict[str, Any]]) -> Iterator[Any]:
     yield from families.values()
 
 
+def _supervisor_gauges(sup: dict[str, Any], connections: int) -> Iterator[GaugeMetricFamily]:
+    """The supervisor's own gauges (status's `supervisor`): one unlabelled sample each."""
+    yield GaugeMetricFamily("lmx_supervisor_uptime_seconds", "Seconds since the supervisor started.",
+                            value=sup["uptime_s"])
+    yield GaugeMetricFamily("lmx_supervisor_rss_bytes", "Resident memory of the supervisor process.",
+                            value=sup["rss_bytes"])
+    yield GaugeMetricFamily("lmx_supervisor_client_connections", "Open client connections.",
+                            value=connections)
+    yield GaugeMetricFamily("lmx_supervisor_safe_mode", "1 when started in crash-loop safe mode.",
+                            value=1 if sup["safe_mode"] else 0)
+    yield GaugeMetricFamily("lmx_store_degraded",
+                            "1 while store writes fail and wait in memory to be retried (lock, full disk).",
+                            value=1 if sup.get("store_degraded") else 0)
+    yield GaugeMetricFamily("lmx_memory_budget_bytes", "Memory budget for models.",
+                            value=sup["memory_budget_bytes"])
+    yield GaugeMetricFamily("lmx_memory_reserved_bytes", "Memory reserved by admitted models.",
+                            value=sup["memory_reserved_bytes"])
+    yield GaugeMetricFamily("lmx_memory_stranded_bytes",
+                            "Memory dead workers did not give back (held from the budget).",
+                            value=sup["memory_stranded_bytes"])
+
+
+def _model_gauges(models: list[dict[str, Any]]) -> Iterator[GaugeMetricFamily]:
+    """Per-model gauges (status's `models`), labelled by model: the state as one-hot, the failure and
+    queue counts, and the worker memory of its last heartbeat (a key absent there gives no sample)."""
+    state = GaugeMetricFamily("lmx_model_state", "1 for the state the model is in, 0 for the others.",
+                              labels=["model", "state"])
+    gauges = {
+        "quarantined": GaugeMetricFamily("lmx_model_quarantined", "1 when the model is QUARANTINED.",
+                                         labels=["model"]),
+        "failures": GaugeMetricFamily("lmx_model_failures_in_window",
+                                      "Counted failures within the restart window.", labels=["model"]),
+        "queued": GaugeMetricFamily("lmx_model_queued_requests", "Requests waiting for the worker.",
+                                    labels=["model"]),
+        "rss_bytes": GaugeMetricFamily("lmx_worker_rss_bytes", "Worker resident memory (last heartbeat).",
+                                       labels=["model"]),
+        "mlx_active_bytes": GaugeMetricFamily("lmx_worker_mlx_active_bytes",
+                                              "mlx active memory in the worker (last heartbeat).",
+                                              labels=["model"]),
+        "mlx_peak_bytes": GaugeMetricFamily("lmx_worker_mlx_peak_bytes",
+                                            "mlx peak memory in the worker (last heartbeat).",
+                                            labels=["model"]),
+    }
+    for m in models:
+        mid = m["id"]
+        for st in ModelState:
+            state.add_metric([mid, st.value], 1 if m["state"] == st.value else 0)
+        gauges["quarantined"].add_metric([mid], 1 if m["quarantined"] else 0)
+        gauges["failures"].add_metric([mid], m["failures_in_window"])
+        gauges["queued"].add_metric([mid], m["queued"])
+        memory = m.get("memory") or {}
+        for key in ("rss_bytes", "mlx_active_bytes", "mlx_peak_bytes"):
+            if key in memory:
+                gauges[key].add_metric([mid], memory[key])
+    yield state
+    yield from gauges.values()
+
+
 class _StatusCollector(Collector):
     def __init__(self, status: Callable[[], dict[str, Any]], connections: Callable[[], int]) -> None:
         self._status = status
         self._connections = connections
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
+        # One status read per scrape, so every family describes the same moment.
         s = self._status()
-        sup = s["supervisor"]
-        yield GaugeMetricFamily("lmx_supervisor_uptime_seconds", "Seconds since the supervisor started.",
-                                value=sup["uptime_s"])
-        yield GaugeMetricFamily("lmx_supervisor_rss_bytes", "Resident memory of the supervisor process.",
-                                value=sup["rss_bytes"])
-        yield GaugeMetricFamily("lmx_supervisor_client_connections", "Open client connections.",
-                                value=self._connections())
-        yield GaugeMetricFamily("lmx_supervisor_safe_mode", "1 when started in crash-loop safe mode.",
-                                value=1 if sup["safe_mode"] else 0)
-        yield GaugeMetricFamily("lmx_store_degraded",
-                                "1 while store writes fail and wait in memory to be retried (lock, full disk).",
-                                value=1 if sup.get("store_degraded") else 0)
-        yield GaugeMetricFamily("lmx_memory_budget_bytes", "Memory budget for models.",
-                                value=sup["memory_budget_bytes"])
-        yield GaugeMetricFamily("lmx_memory_reserved_bytes", "Memory reserved by admitted models.",
-                                value=sup["memory_reserved_bytes"])
-        yield GaugeMetricFamily("lmx_memory_stranded_bytes",
-                                "Memory dead workers did not give back (held from the budget).",
-                                value=sup["memory_stranded_bytes"])
-        state = GaugeMetricFamily("lmx_model_state", "1 for the state the model is in, 0 for the others.",
-                                  labels=["model", "state"])
-        gauges = {
-            "quarantined": GaugeMetricFamily("lmx_model_quarantined", "1 when the model is QUARANTINED.",
-                                             labels=["model"]),
-            "failures": GaugeMetricFamily("lmx_model_failures_in_window",
-                                          "Counted failures within the restart window.", labels=["model"]),
-            "queued": GaugeMetricFamily("lmx_model_queued_requests", "Requests waiting for the worker.",
-                                        labels=["model"]),
-            "rss_bytes": GaugeMetricFamily("lmx_worker_rss_bytes", "Worker resident memory (last heartbeat).",
-                                           labels=["model"]),
-            "mlx_active_bytes": GaugeMetricFamily("lmx_worker_mlx_active_bytes",
-                                                  "mlx active memory in the worker (last heartbeat).",
-                                                  labels=["model"]),
-            "mlx_peak_bytes": GaugeMetricFamily("lmx_worker_mlx_peak_bytes",
-                                                "mlx peak memory in the worker (last heartbeat).",
-                                                labels=["model"]),
-        }
-        for m in s["models"]:
-            mid = m["id"]
-            for st in ModelState:
-                state.add_metric([mid, st.value], 1 if m["state"] == st.value else 0)
-            gauges["quarantined"].add_metric([mid], 1 if m["quarantined"] else 0)
-            gauges["failures"].add_metric([mid], m["failures_in_window"])
-            gauges["queued"].add_metric([mid], m["queued"])
-            memory = m.get("memory") or {}
-            for key in ("rss_bytes", "mlx_active_bytes", "mlx_peak_bytes"):
-                if key in memory:
-                    gauges[key].add_metric([mid], memory[key])
-        yield state
-        yield from gauges.values()
+        yield from _supervisor_gauges(s["supervisor"], self._connections())
+        yield from _model_gauges(s["models"])
         yield from _prefix_cache(s["models"])
 
 
