@@ -37,6 +37,9 @@ class SupervisorSettings:
     drain_grace_s: float = 30.0
     stop_timeout_s: float = 5.0
     load_timeout_s: float = 300.0
+    # The handshake, both ways: a spawned worker's hello must come this soon, and a worker that got
+    # no Init this long after its hello gives up and exits (a warm spare waits as long as we live).
+    handshake_timeout_s: float = 60.0
     # After a worker exits, how long the next admission waits for its memory to come back.
     memory_return_timeout_s: float = 5.0
     # This many starts within the window without a clean shutdown: start in safe mode.

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
 import os
 import time
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Protocol
 
 import zmq
 import zmq.asyncio
@@ -28,37 +27,40 @@ from supervisor import compat, snapshot
 from supervisor import logs
 from supervisor.admin import ModelOps
 from supervisor.auth import Access
-from supervisor.metrics import Metrics, RequestTimer
+from supervisor.metrics import RequestTimer
 from supervisor.ratelimit import LogLimit
+from supervisor.router import Key, Router
 from supervisor.runtime import ModelRuntime
-from supervisor.store import Store
+from supervisor.services import Services
+
+
+class Daemon(Protocol):
+    """What a control server asks of the daemon beyond the router: whole-supervisor operations."""
+
+    ops: ModelOps  # per-model operations, one at a time per model
+
+    def status(self) -> dict[str, Any]: ...
+
+    async def reload(self) -> dict[str, Any]: ...
+
+    async def probe(self, path: str) -> dict[str, Any]: ...
+
+    async def swap(self, old_id: str, new_id: str) -> dict[str, Any]: ...
 
 
 class ControlServer:
     """Decodes client frames, answers each with a typed reply; never lets one client block another."""
 
-    def __init__(
-        self,
-        ctx: zmq.asyncio.Context,
-        endpoint: str,
-        socket_path: Path | None,
-        models: dict[str, ModelRuntime],
-        status: Callable[[], dict[str, Any]],
-        reload: Callable[[], Awaitable[dict[str, Any]]],
-        store: Store,
-        probe: Callable[[str], Awaitable[dict[str, Any]]],
-        metrics: Metrics | None = None,
-        configure: Callable[[zmq.Socket], None] | None = None,
-        access: Access | None = None,
-        client_buffer_messages: int = 10_000,
-    ) -> None:
+    def __init__(self, ctx: zmq.asyncio.Context, endpoint: str, socket_path: Path | None, daemon: Daemon,
+                 router: Router, services: Services, configure: Callable[[zmq.Socket], None] | None = None,
+                 access: Access | None = None) -> None:
         # A plain socket read by the loop's reader callback (protocol.loopreader); the connection
         # monitor is read by a task, so it lives on the asyncio context.
         self._sock = zmq.Context.shadow(ctx.underlying).socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.MAXMSGSIZE, codec.MAX_FRAME_BYTES)
         # Per client: a slow reader is cancelled past it (see send).
-        self._sock.setsockopt(zmq.SNDHWM, client_buffer_messages)
+        self._sock.setsockopt(zmq.SNDHWM, services.config.supervisor.client_buffer_messages)
         # A send to a client that is gone, or whose buffer is full, fails instead of vanishing.
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         if configure is not None:  # the tcp endpoint: CURVE server options, before bind
@@ -69,28 +71,24 @@ class ControlServer:
         # None: the ipc socket, where only the owner can connect (the owner is admin); else the
         # roles of the tcp endpoint's CURVE clients.
         self._access = access
-        self._models = models
-        self._status = status
-        self._reload = reload
-        self._store = store
-        self._probe = probe
-        self._metrics = metrics or Metrics()
+        self._name = endpoint  # a client is (endpoint, identity): identities are unique per socket only
+        self._daemon = daemon
+        self._router = router
+        self._store = services.store
+        self._metrics = services.metrics
         self.connections = 0  # open client connections, from the socket's monitor
         self._monitor = monitor_socket(self._sock, ctx, zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
-        # (client identity, client request id) -> (runtime, worker-side request id)
-        self._routes: dict[tuple[bytes, str], tuple[ModelRuntime, str]] = {}
-        self._per_client: collections.Counter[bytes] = collections.Counter()
-        self.limits = cfg_mod.SupervisorSettings()  # the daemon sets its own (and again on reload)
-        self.aliases: dict[str, str] = {}  # after `swap OLD NEW`: requests for OLD go to NEW
-        self.swap: Callable[[str, str], Awaitable[dict[str, Any]]] | None = None
-        self.admin: ModelOps | None = None  # the daemon's per-model operations, one at a time per model
-        self.draining = False
         self._task: asyncio.Task | None = None
         self._reader: LoopReader | None = None
         self._bg: set[asyncio.Task] = set()
         self._admin_handlers = self._admin_table()
         self.log = logs.get()
         self._log_limit = LogLimit(self.log)  # what a peer can make us log, it cannot make us log forever
+
+    @property
+    def task(self) -> asyncio.Task | None:
+        """The reading task: it ends only when reading failed (the daemon exits on that)."""
+        return self._task
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -160,7 +158,7 @@ class ControlServer:
             self._handle(identity, msg)
         except E.LmxError as exc:
             if isinstance(msg, GenerateRequest):
-                self._metrics.requests.labels(msg.model if msg.model in self._models else "",
+                self._metrics.requests.labels(msg.model if msg.model in self._router.models else "",
                                               exc.code.code).inc()
             self._refuse(identity, getattr(msg, "request_id", None), exc)
         except Exception as exc:
@@ -171,34 +169,28 @@ class ControlServer:
         """Answer `exc` for request `rid`. When that id is in flight (a reused id, a broken cancel)
         the client takes the error as that request's end, so its generation is cancelled too:
         nothing generates for nobody."""
-        route = self._routes.get((identity, rid)) if rid is not None else None
-        if route is not None:
-            route[0].cancel(route[1])
+        if rid is not None:
+            self._router.cancel(((self._name, identity), rid))
         self.send(identity, Error.from_exc(rid, exc))
 
     def _runtime(self, model: str) -> ModelRuntime:
-        runtime = self._models.get(self.aliases.get(model, model))
-        if runtime is None:
-            raise E.UnknownModel(f"model {model!r} is not declared", model=model)
-        return runtime
+        return self._router.runtime(model)
 
     def _handle(self, identity: bytes, msg: Message) -> None:
         if isinstance(msg, StatusRequest):
-            s = self._status()
+            s = self._daemon.status()
             # Each model's entry through ModelStatus: the keys on the wire are exactly its fields.
             models = [ModelStatus.from_dict(m).to_dict() for m in s["models"]]
             self.send(identity, StatusReply(msg.request_id, s["supervisor"], models))
         elif isinstance(msg, GenerateRequest):
             self._generate(identity, msg)
         elif isinstance(msg, Cancel):
-            route = self._routes.get((identity, msg.request_id))
-            if route is not None:
-                route[0].cancel(route[1])
+            self._router.cancel(((self._name, identity), msg.request_id))
         elif isinstance(msg, LoadRequest):
-            if self.aliases.pop(msg.model, None) is not None:  # loading a swapped-out model takes its name back
+            if self._router.unalias(msg.model):  # loading a swapped-out model takes its name back
                 self._store.set_alias(msg.model, None)
             runtime = self._runtime(msg.model)
-            if self.draining:
+            if self._router.draining:
                 raise E.ShuttingDown("supervisor is shutting down")
             self._background(self._answer(identity, msg.request_id, self._ops().load(runtime.cfg.id, msg.force)))
         elif isinstance(msg, UnloadRequest):
@@ -217,7 +209,7 @@ class ControlServer:
         """Admin dispatch: the request's type -> its handler. A handler returns a typed reply where
         the answer has a fixed shape, else the detail dict an Ack carries."""
         return {
-            A.ReloadRequest: lambda req: self._reload(), A.SwapRequest: self._swap_op,
+            A.ReloadRequest: lambda req: self._daemon.reload(), A.SwapRequest: self._swap_op,
             A.MetricsRequest: self._metrics_op, A.CacheClearRequest: self._cache_clear_op,
             A.CompatRequest: self._compat_op, A.ProbeRequest: self._probe_op,
             A.RepairRequest: lambda req: self._ops().repair(self._runtime(req.model).cfg.id),
@@ -246,15 +238,15 @@ class ControlServer:
             self.send(identity, Error.from_exc(msg.request_id, E.InternalError(f"internal error: {exc!r}")))
 
     async def _swap_op(self, req: A.SwapRequest) -> dict[str, Any]:
-        if not req.model or not req.target or self.swap is None:
+        if not req.model or not req.target:
             raise E.BadRequest("swap needs the old and the new model")
-        return await self.swap(req.model, req.target)
+        return await self._daemon.swap(req.model, req.target)
 
     async def _metrics_op(self, req: A.MetricsRequest) -> A.MetricsReply:
         return A.MetricsReply(req.request_id, self._metrics.render().decode())
 
     async def _cache_clear_op(self, req: A.CacheClearRequest) -> A.CacheClearReply:
-        chosen = [self._runtime(req.model)] if req.model else list(self._models.values())
+        chosen = [self._runtime(req.model)] if req.model else list(self._router.models.values())
         reply = A.CacheClearReply(req.request_id, [r.cfg.id for r in chosen], 0, 0)
         for r in chosen:
             cleared = r.clear_prefix_cache()
@@ -268,7 +260,7 @@ class ControlServer:
     async def _probe_op(self, req: A.ProbeRequest) -> dict[str, Any]:
         if not req.path:
             raise E.BadRequest("probe needs a path")
-        return await self._probe(req.path)
+        return await self._daemon.probe(req.path)
 
     async def _verify_op(self, req: A.VerifyRequest) -> A.VerifyReply:
         runtime = self._runtime(req.model)
@@ -276,30 +268,14 @@ class ControlServer:
         return A.VerifyReply(req.request_id, runtime.running.path, [f.to_dict() for f in findings])
 
     def _generate(self, identity: bytes, req: GenerateRequest) -> None:
-        if self.draining:
-            raise E.ShuttingDown("supervisor is shutting down", retry_after_s=5.0)
-        runtime = self._runtime(req.model)
-        if (req.prompt is None) == (req.messages is None):
-            raise E.BadRequest("exactly one of prompt or messages is required")
-        if req.max_tokens < 1:
-            raise E.BadRequest(f"max_tokens must be >= 1, got {req.max_tokens}")
-        key = (identity, req.request_id)
-        if key in self._routes:
-            raise E.BadRequest(f"request id {req.request_id!r} is already in flight")
-        limits = self.limits
-        if len(self._routes) >= limits.max_requests:
-            raise E.Overloaded(f"the supervisor has {len(self._routes)} requests in flight (max_requests)",
-                               retry_after_s=1.0)
-        if self._per_client[identity] >= limits.max_requests_per_client:
-            raise E.Overloaded(f"this client has {self._per_client[identity]} requests in flight "
-                               "(max_requests_per_client)", retry_after_s=1.0)
-        # Every request has a deadline: the client's, capped by request_timeout_s.
-        if req.timeout_s is not None and req.timeout_s <= 0:
-            raise E.BadRequest(f"timeout_s must be > 0, got {req.timeout_s}")
-        deadline = limits.request_timeout_s if req.timeout_s is None else min(req.timeout_s, limits.request_timeout_s)
-        if deadline != req.timeout_s:
-            req = dataclasses.replace(req, timeout_s=deadline)
-        client_rid = req.request_id
+        runtime, req = self._router.admit((self._name, identity), req)
+        key = ((self._name, identity), req.request_id)
+        wrid = runtime.submit(req, self._sink(identity, key, req))
+        self._router.add(key, runtime, wrid)
+
+    def _sink(self, identity: bytes, key: Key, req: GenerateRequest) -> Callable[[Message], None]:
+        """Where a request's results go: to its client, under the client's own id, counted and logged."""
+        client_rid, router = req.request_id, self._router
         log = self.log.bind(model=req.model, request_id=client_rid)
         metrics, timer = self._metrics, RequestTimer(self._metrics, req.model)
 
@@ -307,41 +283,31 @@ class ControlServer:
             if isinstance(msg, Chunk):
                 timer.chunk()
                 unsent = self.send(identity, dataclasses.replace(msg, request_id=client_rid))
-                route = self._routes.get(key) if unsent else None
-                if route is not None:
-                    # Its client is gone, or its buffer is full because it stopped reading: cancel
-                    # rather than generate for nobody, or send a stream with a hole in it; the slot
-                    # goes back to clients that read.
+                # Its client is gone, or its buffer is full because it stopped reading: cancel
+                # rather than generate for nobody, or send a stream with a hole in it; the slot
+                # goes back to clients that read.
+                if unsent and router.cancel(key):
                     if unsent == "full":
                         log.warning("client.slow_reader_cancelled", code="CANCELLED")
                     else:
                         log.info("client.gone_cancelled", code="CANCELLED", reason=unsent)
-                    route[0].cancel(route[1])
                 return
-            if self._routes.pop(key, None) is not None:
-                self._per_client[identity] -= 1
-                if not self._per_client[identity]:
-                    del self._per_client[identity]
+            router.end(key)
+            duration_s = round(time.monotonic() - timer.start, 4)
             if isinstance(msg, Final):
                 self.send(identity, dataclasses.replace(msg, request_id=client_rid))
                 metrics.requests.labels(req.model, "ok").inc()
                 metrics.tokens.labels(req.model).inc(msg.usage.get("completion_tokens", 0))
-                log.info("request.done", finish_reason=msg.finish_reason,
-                         duration_s=round(time.monotonic() - timer.start, 4), **msg.usage)
+                log.info("request.done", finish_reason=msg.finish_reason, duration_s=duration_s, **msg.usage)
             elif isinstance(msg, Error):
                 self.send(identity, Error(client_rid, msg.code, msg.message, msg.details))
                 metrics.requests.labels(req.model, msg.code).inc()
-                log.info("request.failed", code=msg.code, message=msg.message,
-                         duration_s=round(time.monotonic() - timer.start, 4))
+                log.info("request.failed", code=msg.code, message=msg.message, duration_s=duration_s)
 
-        wrid = runtime.submit(req, sink)
-        self._routes[key] = (runtime, wrid)
-        self._per_client[identity] += 1
+        return sink
 
     def _ops(self) -> ModelOps:
-        if self.admin is None:
-            raise E.InternalError("no admin operations on this endpoint")
-        return self.admin
+        return self._daemon.ops
 
     async def _answer(self, identity: bytes, request_id: str, op: Awaitable[dict[str, Any]]) -> None:
         """A per-model operation, answered when it is done (it may wait for another on its model)."""

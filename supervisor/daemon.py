@@ -28,7 +28,9 @@ from supervisor import memory
 from supervisor.memory import MemoryLedger
 from supervisor.metrics import Metrics, serve_http
 from supervisor.remote import RemoteListener
+from supervisor.router import Router
 from supervisor.runtime import ModelRuntime
+from supervisor.services import Services
 from supervisor.spares import SparePool
 from supervisor.states import ModelState
 # Re-exported: the CLI and tests take the state dir's set-up from here.
@@ -65,41 +67,27 @@ class Supervisor:
         self.ledger = MemoryLedger(memory.budget_bytes(sup.memory_budget_bytes, sup.memory_reserve_bytes),
                                    sup.memory_return_timeout_s, self.log, self.events)
         self.hub = WorkerHub(self.ctx, ep.worker_endpoint(state_dir), state_dir / ep.WORKER_SOCKET)
-        self.spares = SparePool(sup.warm_spares, self.hub, ep.worker_endpoint(state_dir), state_dir / "logs",
-                                sup.hub_downloads) if sup.warm_spares > 0 else None
-        self.models = {m.id: self._runtime(m) for m in config.models}
+        # What every runtime and control server shares, handed over once (a reload replaces
+        # services.config); the spare pool, made from them, is one of them.
+        self.services = Services(config, self.store, self.hub, ep.worker_endpoint(state_dir), state_dir / "logs",
+                                 self.ledger, self.events, self.metrics, evict=self._evict_for)
+        self.spares = self.services.spares = SparePool(sup.warm_spares, self.services) if sup.warm_spares > 0 else None
+        self.models = {m.id: ModelRuntime(m, self.services) for m in config.models}
         self.gate = AdminGate()
         self._draining = asyncio.Event()  # set once, when shutdown begins
         self.ops = ModelOps(self.gate, self.models)
-        self.control = ControlServer(
-            self.ctx, ep.control_endpoint(state_dir), state_dir / ep.CONTROL_SOCKET, self.models, self.status,
-            self.reload, self.store, self.probe, self.metrics,
-            client_buffer_messages=sup.client_buffer_messages,
-        )
-        self.control.limits = config.supervisor
-        self.control.swap = self.swap
+        self.router = Router(self.services, self.models)  # one for both control endpoints
         self._restore_aliases()
-        self.control.admin = self.ops
+        self.control = ControlServer(self.ctx, ep.control_endpoint(state_dir), state_dir / ep.CONTROL_SOCKET, self,
+                                     self.router, self.services)
         # Optional tcp endpoint: CURVE clients of the [[clients]] allow-list, each with its role.
         self.remote = RemoteListener(config, self._remote_server) if config.supervisor.listen else None
         self.metrics.watch_status(self.status, lambda: self.control.connections)
         self._metrics_server: asyncio.AbstractServer | None = None
         self._exit_code = 0
 
-    def _runtime(self, model: cfg_mod.ModelConfig, evict: bool = True) -> ModelRuntime:
-        rt = ModelRuntime(model, self.config, self.hub, ep.worker_endpoint(self.state_dir), self.store,
-                          self.state_dir / "logs", self.ledger, self._evict_for if evict else None)
-        rt.events, rt.metrics, rt.spares = self.events, self.metrics, self.spares
-        return rt
-
     def _remote_server(self, ctx: zmq.asyncio.Context, endpoint: str, configure: Any, access: Any) -> ControlServer:
-        server = ControlServer(ctx, endpoint, None, self.models, self.status, self.reload, self.store, self.probe,
-                               self.metrics, configure=configure, access=access,
-                               client_buffer_messages=self.config.supervisor.client_buffer_messages)
-        server.limits = self.config.supervisor
-        server.admin = self.ops
-        server.aliases, server.swap = self.control.aliases, self.swap  # one table of swaps for both endpoints
-        return server
+        return ControlServer(ctx, endpoint, None, self, self.router, self.services, configure=configure, access=access)
 
     def _note(self, level: str, event: str, **fields: Any) -> None:
         """Log a supervisor-level event and publish it on the events socket."""
@@ -146,7 +134,7 @@ class Supervisor:
 
     async def swap(self, old_id: str, new_id: str) -> dict[str, Any]:
         """`_swap` under both models' locks (by their ids, as aliases resolve)."""
-        ids = [self.control.aliases.get(m, m) for m in (old_id, new_id)]
+        ids = [self.router.aliases.get(m, m) for m in (old_id, new_id)]
         async with self.gate.hold(*ids):
             return await self._swap(old_id, new_id)
 
@@ -179,7 +167,7 @@ class Supervisor:
     def _alias(self, old_id: str, new_id: str) -> None:
         """Written before it takes effect: a swap outlives a restart of the supervisor."""
         self.store.set_alias(old_id, new_id)
-        self.control.aliases[old_id] = new_id
+        self.router.aliases[old_id] = new_id
 
     def _restore_aliases(self) -> None:
         for old_id, new_id in self.store.aliases().items():
@@ -188,7 +176,7 @@ class Supervisor:
                                  reason=f"{new_id} is not in the config")
                 self.store.set_alias(old_id, None)
                 continue
-            self.control.aliases[old_id] = new_id
+            self.router.aliases[old_id] = new_id
             self.log.info("model.alias_restored", model=old_id, new_model=new_id)
 
     async def _bring_to_ready(self, rt: ModelRuntime, reason: str) -> None:
@@ -236,7 +224,7 @@ class Supervisor:
                 "mlx_imported": "mlx" in sys.modules or "mlx_lm" in sys.modules,  # any submodule imports these
                 "state_dir": str(self.state_dir),
                 "config": self.config.source,
-                "draining": self.control.draining,
+                "draining": self.router.draining,
                 "safe_mode": self.safe_mode,
                 **self.store.health(),
                 "memory_budget_bytes": self.ledger.budget,
@@ -264,8 +252,8 @@ class Supervisor:
             self.remote.start()
         # A dead receive loop leaves a supervisor that is up but deaf: exit non-zero instead, so
         # launchd/systemd restart it (a clean 0 would be taken as a deliberate stop).
-        remote = (self.remote.server._task, self.remote._task) if self.remote is not None else ()
-        for task in (self.hub._task, self.control._task, *remote):
+        remote = (self.remote.server.task, self.remote.task) if self.remote is not None else ()
+        for task in (self.hub.task, self.control.task, *remote):
             if task is None:
                 continue
             task.add_done_callback(self._fatal_if_failed)
@@ -324,8 +312,7 @@ class Supervisor:
     async def _apply_config(self, new: Config) -> dict[str, Any]:
         old_ids, new_ids = set(self.models), {m.id for m in new.models}
         changed = [m for m in new.models if m.id in old_ids and m.revision != self.models[m.id].cfg.revision]
-        self.config = new
-        self.control.limits = new.supervisor
+        self.config = self.services.config = new
         self.store.retention = Retention.of(new)
         sup = new.supervisor
         # The budget follows the config too; models already admitted keep their reservations.
@@ -333,21 +320,18 @@ class Supervisor:
         self.ledger.return_timeout_s = sup.memory_return_timeout_s
         if self.remote is not None:
             self.remote.update(new)
-            self.remote.server.limits = new.supervisor
-        for rt in self.models.values():
-            rt.config = new
         for model_id in old_ids - new_ids:
             await self.models.pop(model_id).stop("removed from config", remember=False)
         for m in changed:
             rt = self.models[m.id]
             await rt.stop("config changed", remember=False)
             self.store.set_quarantine(m.id, None)
-            self.models[m.id] = self._runtime(m)
+            self.models[m.id] = ModelRuntime(m, self.services)
             # A changed section is a new attempt: the registry's "failed" was about the old one.
             self._autostart(self.models[m.id], "config changed", force=True)
         for m in new.models:
             if m.id not in old_ids:
-                self.models[m.id] = self._runtime(m)
+                self.models[m.id] = ModelRuntime(m, self.services)
                 self._autostart(self.models[m.id], "added to config")
         summary = {"added": sorted(new_ids - old_ids), "removed": sorted(old_ids - new_ids),
                    "changed": sorted(m.id for m in changed)}
@@ -357,9 +341,7 @@ class Supervisor:
     async def shutdown(self, reason: str) -> None:
         """Stop taking work, let in-flight generations finish (drain_grace_s), stop every worker."""
         self._draining.set()  # before the gate closes: an operation waiting in _settled ends now
-        self.control.draining = True
-        if self.remote is not None:
-            self.remote.server.draining = True
+        self.router.draining = True  # both endpoints refuse new work from here on
         sup = self.config.supervisor
         self._note("info", "supervisor.draining", reason=reason, drain_grace_s=sup.drain_grace_s)
         # Operations in flight finish first (they start nothing more), so the table below is the

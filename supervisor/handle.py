@@ -1,21 +1,28 @@
-"""What the supervisor knows of one live worker: its process, handshake futures, heartbeat state,
-and the liveness watch that kills it when it stops doing its job."""
+"""One worker, owned by one object: its process, its identities on the hub, which socket a message
+takes, its handshake and heartbeats, the liveness watch, and the stop ladder. Spawning, taking a
+warm spare, adopting a previous run's worker and ending an orphan are its constructors; `close()`
+is idempotent. Nothing outside mutates a handle's fields."""
 
 from __future__ import annotations
 
 import asyncio
+import secrets
 import signal
 import time
-from typing import Any
+from typing import Any, Callable, Protocol
 
 from protocol import errors as E
-from protocol.messages import Error, Heartbeat, Hello, Message, Ready
+from protocol.messages import Error, Final, Heartbeat, Hello, Message, Ready, Shutdown
 from protocol.phase import Phase
-from supervisor.classify import Verdict
+from supervisor import adoption, logs
+from supervisor.classify import Verdict, classify
 from supervisor.config import ModelConfig, SupervisorSettings
 from supervisor.liveness import liveness_verdict
 from supervisor.memory import available_bytes
-from supervisor.process import WorkerProcess
+from supervisor.process import AdoptionRefused, WorkerProcess
+from supervisor.services import Services
+
+__all__ = ["AdoptionRefused", "Owner", "WorkerHandle", "wait_for"]
 
 
 async def wait_for(fut: asyncio.Future, timeout_s: float, on_timeout: E.LmxError) -> Any:
@@ -26,10 +33,21 @@ async def wait_for(fut: asyncio.Future, timeout_s: float, on_timeout: E.LmxError
         raise on_timeout from None
 
 
-class Worker:
-    def __init__(self, process: WorkerProcess, cfg: ModelConfig, loop: asyncio.AbstractEventLoop) -> None:
+class Owner(Protocol):
+    """Who a worker works for (a model's runtime, or the spare pool): what is not the handle's own."""
+
+    def on_worker_result(self, handle: "WorkerHandle", msg: Message) -> None: ...
+
+    def on_worker_exit(self, handle: "WorkerHandle", rc: int | None) -> None: ...
+
+
+class WorkerHandle:
+    def __init__(self, process: WorkerProcess, services: Services, owner: Owner) -> None:
         self.process = process
-        self.cfg = cfg
+        self.cfg = process.model
+        self._hub = services.hub
+        self._owner = owner
+        loop = asyncio.get_running_loop()
         self.hello: asyncio.Future = loop.create_future()
         self.ready: asyncio.Future = loop.create_future()
         now = time.monotonic()
@@ -42,11 +60,82 @@ class Worker:
         self.available_at_beat: int | None = None  # the machine's, when the last figures came
         self.stopping = False
         self.killed_for: tuple[E.ErrorCode, str] | None = None  # why the supervisor killed it
-        self.death: Verdict | None = None
-        self.death_request: str | None = None  # the request on the worker when it died
+        self.death: Verdict | None = None  # how it died, when it died unasked
         # Requests sent through its IO thread (its main thread's socket not heard from yet): their
         # cancels go the same way, so a cancel never overtakes its request.
-        self.via_io: set[str] = set()
+        self._via_io: set[str] = set()
+        self._watch: asyncio.Task | None = None
+        self._closed: asyncio.Task | None = None
+        self.log = logs.get(model=self.cfg.id)
+        if self._hub is not None:
+            self._hub.register(process.token, self)
+
+    # --- constructors --------------------------------------------------------------------------
+
+    @classmethod
+    def _process(cls, cfg: ModelConfig, services: Services, token: str, on_exit: Callable,
+                 spare: bool = False) -> WorkerProcess:
+        sup = services.config.supervisor
+        return WorkerProcess(cfg, services.worker_endpoint, token, asyncio.get_running_loop(), on_exit,
+                             services.log_dir, hub_downloads=sup.hub_downloads, spare=spare,
+                             handshake_timeout_s=sup.handshake_timeout_s)
+
+    @classmethod
+    def spawn(cls, cfg: ModelConfig, services: Services, owner: Owner, spare: bool = False) -> "WorkerHandle":
+        """A new worker process (with `spare`: one that imports mlx-lm and waits for a model)."""
+        handle: WorkerHandle | None = None
+        process = cls._process(cfg, services, secrets.token_hex(16), lambda p, rc: handle and handle._exited(rc),
+                               spare)
+        handle = cls(process, services, owner)
+        process.spawn()
+        return handle
+
+    def assign(self, cfg: ModelConfig, owner: Owner) -> None:
+        """A warm spare becomes `cfg`'s worker: its exit, its results and its log lines are the model's now."""
+        self.process.assign(cfg, lambda p, rc: self._exited(rc))
+        self.cfg, self._owner = cfg, owner
+        self.log = logs.get(model=cfg.id)
+        self.log.info("worker.from_spare", worker_pid=self.process.pid)
+
+    @classmethod
+    def adopt(cls, record: dict[str, Any], cfg: ModelConfig, services: Services, owner: Owner) -> "WorkerHandle":
+        """A previous supervisor run's worker, once pid and start time match; AdoptionRefused if not.
+        It has yet to prove itself with an adoption hello (`prove`)."""
+        handle: WorkerHandle | None = None
+        process = cls._process(cfg, services, record["token"], lambda p, rc: handle and handle._exited(rc))
+        handle = cls(process, services, owner)
+        try:
+            process.adopt(record["pid"], record["start_time"])
+        except AdoptionRefused:
+            handle._unregister()
+            raise
+        return handle
+
+    async def prove(self, record: dict[str, Any], revision: str, timeout_s: float) -> str | None:
+        """Wait for the adoption hello; None when it proves this is the recorded worker on `revision`
+        (it is then told it is ours again), else why not."""
+        try:
+            hello = await wait_for(self.hello, timeout_s, E.LoadTimeout("no adoption hello"))
+            why = adoption.refusal(hello, record, revision)
+        except E.LmxError as exc:
+            why = exc.message
+        if why is None:
+            self.tell(adoption.adopt_message())
+        return why
+
+    @classmethod
+    def end_orphan(cls, record: dict[str, Any], cfg: ModelConfig, services: Services, why: str) -> None:
+        """A previous run's worker nobody will adopt: ended (once pid and start time match, so a
+        stranger that reused the pid is never touched). Nothing routes to it meanwhile."""
+        process = cls._process(cfg, services.throwaway(hub=None), record["token"], lambda *_: None)
+        try:
+            process.adopt(record["pid"], record["start_time"])
+        except AdoptionRefused:
+            return
+        process.log.info("worker.orphan_ended", reason=why)
+        asyncio.get_running_loop().create_task(process.stop(why, services.config.supervisor.stop_timeout_s))
+
+    # --- the wire ------------------------------------------------------------------------------
 
     @property
     def direct_requests(self) -> bool:
@@ -54,8 +143,39 @@ class Worker:
         hello = self.hello
         return hello.done() and not hello.cancelled() and hello.exception() is None and hello.result().direct_requests
 
-    def on_message(self, msg: Message) -> bool:
-        """Handshake and heartbeat messages; False for what belongs to a request."""
+    def tell(self, msg: Message) -> None:
+        """A control message (Init, Shutdown, Adopt, ClearPrefixCache): to the worker's IO thread."""
+        if self._hub is not None:
+            self._hub.send(self.process.token, msg)
+
+    def send(self, msg: Message) -> bool:
+        """A request, or a cancel, which goes the way its request went: on one socket, so they are
+        never reordered. False when the worker is gone."""
+        if not self.process.alive or self._hub is None:
+            return False
+        rid = getattr(msg, "request_id", None)
+        direct = self.direct_requests and rid not in self._via_io
+        if not self._hub.send(self.process.token, msg, to_main=direct) and rid is not None:
+            self._via_io.add(rid)
+        return True
+
+    def on_worker_message(self, msg: Message) -> None:
+        """From the hub: handshake and heartbeats are the handle's; the rest is its owner's."""
+        if self._on_handshake_or_beat(msg):
+            return
+        if isinstance(msg, (Final, Error)) and msg.request_id:
+            self._via_io.discard(msg.request_id)  # its request is over: the id may come again
+        self._owner.on_worker_result(self, msg)
+
+    def on_worker_garbage(self, error: Exception) -> None:
+        """A frame from its identity that breaks the protocol: no longer trusted. It is killed; its
+        death is a counted WORKER_CRASHED, cause "protocol violation"."""
+        if self.killed_for is not None or self.stopping:
+            return  # already on its way out: its further frames change nothing
+        self.log.error("worker.protocol_violation", error=str(error)[:500], worker_pid=self.process.pid)
+        self.kill_for(E.ErrorCode.WORKER_CRASHED, f"protocol violation: {str(error)[:200]}")
+
+    def _on_handshake_or_beat(self, msg: Message) -> bool:
         now = time.monotonic()
         if isinstance(msg, Heartbeat):
             self.last_heartbeat = now
@@ -84,6 +204,8 @@ class Worker:
             return False
         return True
 
+    # --- liveness and death --------------------------------------------------------------------
+
     def fail_handshake(self, exc: E.LmxError) -> None:
         for fut in (self.hello, self.ready):
             if not fut.done():
@@ -96,7 +218,12 @@ class Worker:
             self.killed_for = (code, reason)
             self.process.signal_group(signal.SIGKILL)
 
-    async def watch(self, sup: SupervisorSettings, log: Any) -> None:
+    def watch(self, sup: SupervisorSettings) -> None:
+        """Start the liveness watch (once)."""
+        if self._watch is None:
+            self._watch = asyncio.get_running_loop().create_task(self._watching(sup), name=f"watch-{self.cfg.id}")
+
+    async def _watching(self, sup: SupervisorSettings) -> None:
         """Heartbeats must keep coming; while prefilling or decoding, progress must move; memory
         must stay under the model's limit. A verdict kills the worker's process group."""
         while self.process.alive and not self.stopping:
@@ -105,6 +232,43 @@ class Worker:
                                        self.progress_at, self.memory, self.cfg.memory_limit_bytes)
             if verdict and self.process.alive and not self.stopping:
                 self.killed_for = verdict
-                log.error("worker.killed", code=verdict[0].code, reason=verdict[1], worker_pid=self.process.pid)
+                self.log.error("worker.killed", code=verdict[0].code, reason=verdict[1], worker_pid=self.process.pid)
                 self.process.signal_group(signal.SIGKILL)
                 return
+
+    def _exited(self, rc: int | None) -> None:
+        """Its process is gone. Unless we stopped it, the death is classified here, once, and fails
+        the handshake (whoever awaits its hello or ready hears why); then its owner is told."""
+        if self._watch is not None:
+            self._watch.cancel()
+        if not self.stopping:
+            self.death = classify(rc, self.process.stderr_tail, killed_for=self.killed_for, last_memory=self.memory,
+                                  memory_limit_bytes=self.cfg.memory_limit_bytes)
+            self.fail_handshake(self.death_error())
+        self._owner.on_worker_exit(self, rc)
+
+    def death_error(self) -> E.LmxError:
+        """The typed error its death is (WORKER_CRASHED, WORKER_OOM, WORKER_HUNG, ...)."""
+        v, pid = self.death, self.process.pid
+        assert v is not None
+        return E.error_class(v.code)(v.message(pid), worker_pid=pid, cause=v.cause, **v.details)
+
+    async def close(self, reason: str, timeout_s: float) -> None:
+        """The stop ladder (ask over the socket -> SIGTERM -> SIGKILL of the process group), then off
+        the hub. Idempotent: a second call waits for the first."""
+        if self._closed is None:
+            self._closed = asyncio.get_running_loop().create_task(self._close(reason, timeout_s))
+        await asyncio.shield(self._closed)
+
+    async def _close(self, reason: str, timeout_s: float) -> None:
+        self.stopping = True
+        if self._watch is not None:
+            self._watch.cancel()
+        try:
+            await self.process.stop(reason, timeout_s, ask=lambda: self.tell(Shutdown(reason)))
+        finally:
+            self._unregister()
+
+    def _unregister(self) -> None:
+        if self._hub is not None:
+            self._hub.unregister(self.process.token)

@@ -1,4 +1,5 @@
-"""The worker-side ROUTER socket: every worker connects here; messages are routed by worker token."""
+"""The worker-side ROUTER socket: every worker connects here; a plain router from a worker's identities
+(derived from its token) to its handle, which owns everything else about it."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from supervisor.ratelimit import LogLimit
 
 
 class WorkerPeer(Protocol):
+    """What the hub routes to: a worker's handle (supervisor.handle.WorkerHandle)."""
+
     def on_worker_message(self, msg: Message) -> None: ...
 
     def on_worker_garbage(self, error: Exception) -> None: ...
@@ -69,6 +72,11 @@ class WorkerHub:
         if self._reader is not None:
             self._reader.after_send()
         return to_main
+
+    @property
+    def task(self) -> asyncio.Task | None:
+        """The reading task: it ends only when reading failed (the daemon exits on that)."""
+        return self._task
 
     def start(self) -> None:
         self._reader = LoopReader(self._sock, self._handle)

@@ -14,7 +14,7 @@ from supervisor.states import ModelState as S
 
 if TYPE_CHECKING:
     from supervisor.classify import Verdict
-    from supervisor.handle import Worker
+    from supervisor.handle import WorkerHandle
 
 # --- events --------------------------------------------------------------------------------------
 
@@ -217,13 +217,14 @@ def _summary(failures: int, restart: RestartSettings, code: str, message: str, r
 
 
 def crash_record(model: str, revision: str, now: float, exc: E.LmxError, verdict: "Verdict | None",
-                 worker: "Worker | None", phase: str) -> dict[str, Any]:
-    """What RecordCrash keeps: the failure, its cause, and what the worker last showed."""
+                 worker: "WorkerHandle | None", phase: str, request_id: str | None) -> dict[str, Any]:
+    """What RecordCrash keeps: the failure, its cause, the request the worker was serving, and what
+    the worker last showed."""
     return {
         "model": model, "revision": revision, "at": now, "code": exc.code.code,
         "cause": verdict.cause if verdict else exc.message, "victim": bool(verdict and verdict.victim),
         "signal": exc.details.get("signal"), "exit_code": exc.details.get("exit_code"), "phase": phase,
-        "request_id": worker.death_request if worker else None,
+        "request_id": request_id,
         "worker_pid": worker.process.pid if worker else None,
         "memory": worker.memory if worker else {},
         "stderr_tail": list(worker.process.stderr_tail) if worker else [],

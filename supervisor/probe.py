@@ -14,9 +14,10 @@ from supervisor import confinement
 from supervisor import config as cfg_mod
 from supervisor.evidence import Evidence
 
+from supervisor.runtime import ModelRuntime
+
 if TYPE_CHECKING:
     from supervisor.daemon import Supervisor
-    from supervisor.runtime import ModelRuntime
 
 
 def probe_model(path: str, roots: tuple[str, ...]) -> cfg_mod.ModelConfig:
@@ -42,8 +43,8 @@ async def probe(sup: "Supervisor", path: str,
         # Each probe is a fresh attempt: an earlier probe's verdict lives in the registry, not here.
         sup.store.set_quarantine(model.id, None)
         sup.store.clear_failures(model.id)
-        rt = sup._runtime(model, evict=False)
-        rt.config = config
+        # Its own services: no eviction for a throwaway worker, one failure is the verdict.
+        rt = ModelRuntime(model, sup.services.throwaway(config=config, evict=None))
         rt.start("probe", force=True)
         try:
             await settled(rt)

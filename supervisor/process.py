@@ -43,10 +43,12 @@ class WorkerProcess:
         log_dir: Path | None = None,
         hub_downloads: bool = False,
         spare: bool = False,
+        handshake_timeout_s: float = 60.0,
     ) -> None:
         self.model = model
         self._hub_downloads = hub_downloads
         self._spare = spare  # a warm spare: imports mlx-lm before its hello, gets a model later
+        self._handshake_timeout_s = handshake_timeout_s
         self.token = token
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
         self.returncode: int | None = None
@@ -109,6 +111,7 @@ class WorkerProcess:
             LMX_WORKER_TOKEN=self.token,
             LMX_MODEL_ID=self.model.id,
             LMX_DEATH_FD=str(death_r),
+            LMX_WORKER_HANDSHAKE_TIMEOUT_S=str(self._handshake_timeout_s),
             PYTHONUNBUFFERED="1",
         ), self._hub_downloads)
         if self._log_dir is not None:

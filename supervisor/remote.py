@@ -41,6 +41,11 @@ class RemoteListener:
         self.server = make_server(self.ctx, sup.listen, configure, self.access)
         self._task: asyncio.Task | None = None
 
+    @property
+    def task(self) -> asyncio.Task | None:
+        """The ZAP handler's task: it ends only when it failed (the daemon exits on that)."""
+        return self._task
+
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self.zap.run(), name="zap")
         self.server.start()

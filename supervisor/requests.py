@@ -34,11 +34,15 @@ class Pending:
 
 class RequestQueue:
     """Up to `max_active` requests on the worker (its batch), up to `max_queue` more waiting; past
-    that, OVERLOADED at once with a retry hint. Never an unbounded queue."""
+    that, OVERLOADED at once with a retry hint. Never an unbounded queue. `ended` is called each
+    time requests leave, however they leave (a result, a cancel, a deadline, a death): a drain
+    waits on it."""
 
-    def __init__(self, model_id: str, send: Send, max_active: int = 1, max_queue: int = MAX_QUEUE) -> None:
+    def __init__(self, model_id: str, send: Send, max_active: int = 1, max_queue: int = MAX_QUEUE,
+                 ended: Callable[[], None] = lambda: None) -> None:
         self._model_id = model_id
         self._send = send
+        self._ended = ended
         self.max_active = max(1, max_active)
         self.max_queue = max_queue
         self._ids = itertools.count(1)
@@ -84,6 +88,7 @@ class RequestQueue:
                 p.timer.cancel()
             del self.active[p.wrid]
             self.dispatch()
+            self._ended()
 
     def end(self, wrid: str, exc: E.LmxError) -> None:
         """End one request for its client now; an active one is also cancelled in the worker, and
@@ -92,6 +97,7 @@ class RequestQueue:
             if p.wrid == wrid:
                 self._queue.remove(p)
                 self._finish(p, exc)
+                self._ended()
                 return
         p = self.active.get(wrid)
         if p is not None and p.sink is not _discard:
@@ -122,3 +128,5 @@ class RequestQueue:
         self._queue.clear()
         for p in pending:
             self._finish(p, exc)
+        if pending:
+            self._ended()

@@ -6,46 +6,27 @@ refills itself after every take."""
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
-from pathlib import Path
 
-from protocol.messages import Hello, Message, Shutdown
+from protocol.messages import Message
 from supervisor import logs
 from supervisor.config import ModelConfig
-from supervisor.hub import WorkerHub
-from supervisor.process import WorkerProcess
+from supervisor.handle import WorkerHandle
+from supervisor.services import Services
 
 SPARE_ID = "spare"
 # A spare that dies this soon after its start is not replaced at once (no spawn loop).
 REFILL_BACKOFF_S = 5.0
 
 
-class Spare:
-    """A started worker waiting for a model; the hub routes its messages here until it is taken."""
-
-    def __init__(self, process: WorkerProcess) -> None:
-        self.process = process
-        self.hello: Hello | None = None
-        self.started = time.monotonic()
-
-    def on_worker_message(self, msg: Message) -> None:
-        if isinstance(msg, Hello):
-            self.hello = msg
-
-    def on_worker_garbage(self, error: Exception) -> None:
-        self.process.signal_group(9)  # not trusted with a model
-
-
 class SparePool:
-    def __init__(self, size: int, hub: WorkerHub, endpoint: str, log_dir: Path | None,
-                 hub_downloads: bool) -> None:
+    """Owns the spares (their handles' owner until a model takes one)."""
+
+    def __init__(self, size: int, services: Services) -> None:
         self.size = size
-        self._hub = hub
-        self._endpoint = endpoint
-        self._log_dir = log_dir
-        self._hub_downloads = hub_downloads
-        self._spares: dict[str, Spare] = {}
+        self._services = services
+        self._spares: dict[str, WorkerHandle] = {}
+        self._started: dict[str, float] = {}
         self._closed = False
         self._refill: asyncio.TimerHandle | None = None
         self.log = logs.get(model=SPARE_ID)
@@ -53,43 +34,40 @@ class SparePool:
     def fill(self) -> None:
         self._refill = None
         while not self._closed and len(self._spares) < self.size:
-            self._spawn()
+            handle = WorkerHandle.spawn(ModelConfig(id=SPARE_ID, path=""), self._services, self, spare=True)
+            self._spares[handle.process.token] = handle
+            self._started[handle.process.token] = time.monotonic()
 
-    def _spawn(self) -> None:
-        token = secrets.token_hex(16)
-        cfg = ModelConfig(id=SPARE_ID, path="")
-        process = WorkerProcess(cfg, self._endpoint, token, asyncio.get_running_loop(), self._on_exit,
-                                self._log_dir, hub_downloads=self._hub_downloads, spare=True)
-        spare = Spare(process)
-        self._spares[token] = spare
-        self._hub.register(token, spare)
-        process.spawn()
-
-    def take(self) -> Spare | None:
-        """A spare that has said hello (imports done), or None: then the caller spawns a worker."""
+    def take(self) -> WorkerHandle | None:
+        """A spare that has said hello (imports done), or None: then the caller spawns a worker.
+        The caller assigns it a model (WorkerHandle.assign)."""
         for token, spare in self._spares.items():
-            if spare.hello is not None and spare.process.alive:
+            if spare.hello.done() and not spare.hello.exception() and spare.process.alive:
                 del self._spares[token]
-                self._hub.unregister(token)
+                self._started.pop(token, None)
                 self.log.info("worker.spare_taken", worker_pid=spare.process.pid)
                 if not self._closed and self._refill is None:
                     self._refill = asyncio.get_running_loop().call_soon(self.fill)
                 return spare
         return None
 
-    def _on_exit(self, process: WorkerProcess, rc: int | None) -> None:
-        spare = self._spares.pop(process.token, None)
-        if spare is None or self._closed:
+    def on_worker_result(self, handle: WorkerHandle, msg: Message) -> None:
+        pass  # a spare has no requests: only its hello and heartbeats, which its handle takes
+
+    def on_worker_exit(self, handle: WorkerHandle, rc: int | None) -> None:
+        token = handle.process.token
+        started = self._started.pop(token, time.monotonic())
+        if self._spares.pop(token, None) is None or self._closed:
             return
-        self._hub.unregister(process.token)
-        self.log.warning("worker.spare_died", worker_pid=process.pid, exit_code=rc)
+        asyncio.get_running_loop().create_task(handle.close("spare died", 0.0))  # off the hub
+        self.log.warning("worker.spare_died", worker_pid=handle.process.pid, exit_code=rc)
         if self._refill is None:
-            delay = REFILL_BACKOFF_S if time.monotonic() - spare.started < REFILL_BACKOFF_S else 0.0
+            delay = REFILL_BACKOFF_S if time.monotonic() - started < REFILL_BACKOFF_S else 0.0
             self._refill = asyncio.get_running_loop().call_later(delay, self.fill)
 
     @property
     def ready(self) -> int:
-        return sum(1 for s in self._spares.values() if s.hello is not None)
+        return sum(1 for s in self._spares.values() if s.hello.done() and not s.hello.exception())
 
     async def close(self, timeout_s: float) -> None:
         self._closed = True
@@ -97,8 +75,4 @@ class SparePool:
             self._refill.cancel()
         spares = list(self._spares.values())
         self._spares.clear()
-        await asyncio.gather(*(s.process.stop(
-            "supervisor stopping", timeout_s, lambda s=s: self._hub.send(s.process.token, Shutdown("stop")))
-            for s in spares))
-        for s in spares:
-            self._hub.unregister(s.process.token)
+        await asyncio.gather(*(s.close("supervisor stopping", timeout_s) for s in spares))

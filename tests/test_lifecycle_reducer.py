@@ -10,6 +10,7 @@ from structlog.testing import capture_logs
 from protocol.messages import GenerateRequest
 from supervisor import config as cfg_mod
 from supervisor.runtime import ModelRuntime
+from supervisor.services import Services
 from supervisor.states import ModelState as S
 from supervisor.store import Store
 
@@ -17,7 +18,7 @@ from supervisor.store import Store
 def _runtime(tmp_path: Path) -> ModelRuntime:
     (tmp_path / "m").mkdir(exist_ok=True)
     config = cfg_mod.parse(f'[[models]]\nid = "m"\npath = "{tmp_path / "m"}"\n')
-    return ModelRuntime(config.models[0], config, None, "ipc://unused", Store(tmp_path))  # type: ignore[arg-type]
+    return ModelRuntime(config.models[0], Services(config, Store(tmp_path), None, "ipc://unused"))
 
 
 def _quarantine(tmp_path: Path) -> None:
@@ -49,10 +50,10 @@ def test_until_wakes_on_the_state_change_that_makes_it_hold(tmp_path: Path) -> N
 
     async def scenario() -> tuple[bool, bool]:
         waiter = asyncio.ensure_future(rt.until(lambda: rt.state is S.REJECTED))
-        rt._to(S.ADMITTING, "test")
+        rt.to(S.ADMITTING, "test")
         await _turns(3)
         early = waiter.done()  # woken by a change, but the condition does not hold yet
-        rt._to(S.REJECTED, "test")
+        rt.to(S.REJECTED, "test")
         await _turns(3)
         return early, waiter.done()
 

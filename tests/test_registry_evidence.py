@@ -9,19 +9,21 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from protocol.errors import ErrorCode
+from protocol.exitcodes import WorkerExit
 from protocol.messages import Final
 from supervisor import logs
 from supervisor.classify import classify
 from supervisor.config import CanarySettings
 from supervisor.evidence import Evidence, about_compat, canary_key
 from supervisor.store import Store
-from tests.harness import wait_until, workers_of
+from tests.harness import REPO, wait_until, workers_of
 
 
 def chaos(*args: str) -> list[str]:
@@ -183,22 +185,31 @@ def test_lmx_events_counts_what_is_published(make_supervisor, tiny_model: Path) 
     assert float(line.split()[-1]) >= 4  # UNLOADED -> ADMITTING -> STARTING -> LOADING -> CANARY -> READY
 
 
-@pytest.mark.timeout(240)
 def test_a_warm_spare_stays_warm_while_its_supervisor_lives_and_goes_with_it(make_supervisor,
                                                                             tiny_model: Path) -> None:
-    sup = make_supervisor([{"id": "m", "path": str(tiny_model)}], supervisor={"warm_spares": 1}).start()
+    handshake_s = 5.0  # a worker with no Init this long after its hello exits; a spare must not
+    sup = make_supervisor([{"id": "m", "path": str(tiny_model)}],
+                          supervisor={"warm_spares": 1, "handshake_timeout_s": handshake_s}).start()
     wait_until(lambda: sup.status()["supervisor"]["warm_spares"]["ready"] == 1, 60, "a warm spare")
     (spare,) = [e["worker_pid"] for e in sup.events("worker.spawned") if e.get("model") == "spare"]
-    deadline_s = 75.0  # past the 60 s the spare used to wait for an Init before it exited
     with pytest.raises(AssertionError, match="timed out"):
-        wait_until(lambda: spare not in workers_of(sup.state_dir) or sup.events("worker.spare_died"), deadline_s,
-                   "the spare to exit", interval_s=1.0)
+        wait_until(lambda: spare not in workers_of(sup.state_dir) or sup.events("worker.spare_died"),
+                   handshake_s * 2, "the spare to exit", interval_s=0.5)
     assert len([e for e in sup.events("worker.spawned") if e.get("model") == "spare"]) == 1
     sup.proc.kill()  # the death pipe: an orphaned spare is nobody's, and ends by itself
     sup.proc.wait()
     wait_until(lambda: spare not in workers_of(sup.state_dir), 15, "the orphaned spare to exit at once")
     # The model's own worker waits out its orphan grace (a new supervisor could adopt it).
     wait_until(lambda: not workers_of(sup.state_dir), 30, "the model's orphaned worker after its grace")
+
+
+def test_a_worker_that_gets_no_init_within_the_handshake_timeout_exits(tmp_path: Path) -> None:
+    # Nobody answers its hello: the timeout the supervisor hands down is the one it keeps.
+    env = {**os.environ, "LMX_WORKER_ENDPOINT": f"ipc://{tmp_path}/nobody.sock", "LMX_WORKER_TOKEN": "t" * 32,
+           "LMX_WORKER_HANDSHAKE_TIMEOUT_S": "0.5"}
+    proc = subprocess.run([sys.executable, "-m", "worker"], cwd=REPO, env=env, capture_output=True, timeout=60)
+    assert proc.returncode == WorkerExit.HANDSHAKE, proc.stderr.decode()[-2000:]
+    assert b"worker.handshake_timeout" in proc.stdout + proc.stderr
 
 
 def test_an_automatic_rollback_outside_model_roots_is_refused(make_supervisor, tiny_model: Path,

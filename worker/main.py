@@ -34,12 +34,13 @@ def _wait_init(channel: Channel) -> Init:
     # A warm spare waits for its model as long as its supervisor lives: the death pipe's orphan
     # timer (worker.channel) ends it once the supervisor is gone. With a timeout here every spare
     # exited after a minute and was spawned again, mlx imports and all, forever.
-    deadline = None if os.environ.get("LMX_WORKER_SPARE") else time.monotonic() + INIT_TIMEOUT_S
+    timeout_s = float(os.environ.get("LMX_WORKER_HANDSHAKE_TIMEOUT_S") or INIT_TIMEOUT_S)
+    deadline = None if os.environ.get("LMX_WORKER_SPARE") else time.monotonic() + timeout_s
     while True:
         try:
             msg = channel.inbox.get(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
         except queue.Empty:
-            log("worker.handshake_timeout", level="error", timeout_s=INIT_TIMEOUT_S)
+            log("worker.handshake_timeout", level="error", timeout_s=timeout_s)
             raise SystemExit(WorkerExit.HANDSHAKE) from None
         if isinstance(msg, Init):
             return msg
