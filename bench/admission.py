@@ -19,9 +19,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from supervisor import admission, logs  # noqa: E402
+from supervisor.admission import admit as admission  # noqa: E402
+
+from supervisor import logs
 from supervisor.config import ModelConfig  # noqa: E402
-from supervisor.store import Store  # noqa: E402
+from supervisor.persistence.store import Store  # noqa: E402
 from tests.snapshots import smollm2_gguf_path, write_tiny_llama  # noqa: E402
 
 SHARDS = 20

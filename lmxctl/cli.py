@@ -162,7 +162,7 @@ async def _verify(client: SupervisorClient, args: argparse.Namespace) -> int:
     if os.path.sep in args.target or os.path.isdir(args.target):
         # A path: the same checks, here, without a supervisor. The daemon's own snapshot checks, not a
         # copy, so a path and a model id get the same verdict (they never import mlx).
-        from supervisor import snapshot
+        from supervisor.admission import snapshot
 
         detail = {"path": os.path.abspath(args.target),
                   "findings": [f.to_dict() for f in snapshot.verify(args.target)]}

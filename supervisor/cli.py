@@ -8,10 +8,9 @@ import os
 import sys
 
 from protocol import endpoint as ep
-from supervisor import config as cfg
-from supervisor import logs
-from supervisor.daemon import EXIT_SOFTWARE, EXIT_STORE_UNAVAILABLE, StateDirError, Supervisor, prepare_state_dir
-from supervisor.storeguard import StoreUnavailable
+from supervisor import config as cfg, logs
+from supervisor.daemon import EXIT_SOFTWARE, EXIT_STORE_UNAVAILABLE, prepare_state_dir, StateDirError, Supervisor
+from supervisor.persistence.storeguard import StoreUnavailable
 
 EXIT_CONFIG = 78  # EX_CONFIG: launchd/systemd see a real failure, not a clean stop
 

@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from supervisor import auth, confinement
+from supervisor.control import auth
+
+from supervisor.admission import confinement
 
 
 class ConfigError(Exception):
@@ -118,7 +120,7 @@ class ModelConfig:
     # After a stream's first chunk, tokens that come within this of the last send go together.
     stream_interval_s: float = 0.05
     max_queue: int = 64  # requests waiting beyond the batch; past it: OVERLOADED
-    # The worker's prefix KV cache (supervisor.kvcache): memory for it (-1: twice the KV of
+    # The worker's prefix KV cache (supervisor.admission.kvcache): memory for it (-1: twice the KV of
     # context_tokens, 0: off), disk for hot prefixes across workers (-1: four times that), and
     # whether they go to disk at all.
     prefix_cache_bytes: int = -1

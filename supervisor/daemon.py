@@ -17,25 +17,24 @@ import zmq.asyncio
 import supervisor
 from protocol import endpoint as ep
 from protocol import errors as E
-from supervisor import logs, probe
-from supervisor import config as cfg_mod
+from supervisor import config as cfg_mod, logs
+from supervisor.admission import memory, probe
+from supervisor.admission.memory import MemoryLedger
 from supervisor.config import Config
-from supervisor.admin import CONFIG_KEY, AdminGate, ModelOps
-from supervisor.control import ControlServer
-from supervisor.events import EventPublisher
-from supervisor.hub import WorkerHub
-from supervisor import memory
-from supervisor.memory import MemoryLedger
-from supervisor.metrics import Metrics, serve_http
-from supervisor.remote import RemoteListener
-from supervisor.router import Router
-from supervisor.runtime import ModelRuntime
+from supervisor.control.admin import AdminGate, CONFIG_KEY, ModelOps
+from supervisor.control.events import EventPublisher
+from supervisor.control.metrics import Metrics, serve_http
+from supervisor.control.remote import RemoteListener
+from supervisor.control.router import Router
+from supervisor.control.server import ControlServer
+from supervisor.lifecycle.runtime import ModelRuntime
+from supervisor.lifecycle.states import ModelState
 from supervisor.services import Services
-from supervisor.spares import SparePool
-from supervisor.states import ModelState
+from supervisor.workers.hub import WorkerHub
+from supervisor.workers.spares import SparePool
 # Re-exported: the CLI and tests take the state dir's set-up from here.
-from supervisor.statedir import LOCK_FILE, StateDirError, prepare_state_dir  # noqa: F401
-from supervisor.store import Retention, Store
+from supervisor.persistence.statedir import LOCK_FILE, StateDirError, prepare_state_dir  # noqa: F401
+from supervisor.persistence.store import Retention, Store
 
 EXIT_SOFTWARE = 70  # EX_SOFTWARE: an internal failure; the service manager restarts us
 EXIT_STORE_UNAVAILABLE = 75  # EX_TEMPFAIL: the store is locked (or read-only, full): try again later

@@ -9,15 +9,15 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
+from supervisor.admission.memory import MemoryLedger
 from supervisor.config import Config
-from supervisor.events import EventPublisher, NoEvents
-from supervisor.memory import MemoryLedger
-from supervisor.metrics import Metrics
-from supervisor.store import Store
+from supervisor.control.events import EventPublisher, NoEvents
+from supervisor.control.metrics import Metrics
+from supervisor.persistence.store import Store
 
 if TYPE_CHECKING:
-    from supervisor.hub import WorkerHub
-    from supervisor.spares import SparePool
+    from supervisor.workers.hub import WorkerHub
+    from supervisor.workers.spares import SparePool
 
 
 @dataclasses.dataclass

@@ -16,7 +16,7 @@ from protocol import errors as E
 from protocol import messages as M
 from protocol.client import SupervisorClient
 from protocol.states import ModelState, ModelStatus
-from supervisor import auth
+from supervisor.control import auth
 from tests.harness import RunningSupervisor
 
 # What one model's status carries today (the LMX server and `lmxctl status --json` read these).

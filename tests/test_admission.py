@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from protocol import errors as E
-from supervisor import snapshot
+from supervisor.admission import snapshot
 from tests.harness import REPO, RunningSupervisor
 from tests.snapshots import write_safetensors
 
@@ -204,8 +204,10 @@ def test_checksums_catch_same_size_corruption_and_cache_unchanged_files(
 def test_a_shipped_manifest_is_the_reference(tmp_path: Path, tiny_model: Path) -> None:
     import hashlib
 
-    from supervisor import checksums, logs
-    from supervisor.store import Store
+    from supervisor.admission import checksums
+
+    from supervisor import logs
+    from supervisor.persistence.store import Store
 
     logs.configure(None)
     snap = tmp_path / "snap"

@@ -7,7 +7,7 @@ import signal
 import pytest
 
 from protocol.errors import ErrorCode
-from supervisor.classify import classify
+from supervisor.workers.classify import classify
 
 METAL = "[METAL] Command buffer execution failed: {} (00000008:kIOGPUCommandBufferCallbackError{})"
 

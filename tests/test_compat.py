@@ -14,9 +14,9 @@ import pytest
 from protocol import errors as E
 from protocol.messages import Final
 from supervisor import logs
+from supervisor.admission.evidence import Evidence
 from supervisor.config import CanarySettings
-from supervisor.evidence import Evidence
-from supervisor.store import Store
+from supervisor.persistence.store import Store
 from tests.harness import REPO, workers_of
 
 

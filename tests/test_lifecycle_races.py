@@ -13,7 +13,7 @@ import pytest
 
 from protocol import errors as E
 from protocol.client import SupervisorClient
-from supervisor.admin import AdminGate
+from supervisor.control.admin import AdminGate
 from tests.harness import wait_until, workers_of
 
 

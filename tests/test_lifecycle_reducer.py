@@ -9,10 +9,10 @@ from structlog.testing import capture_logs
 
 from protocol.messages import GenerateRequest
 from supervisor import config as cfg_mod
-from supervisor.runtime import ModelRuntime
+from supervisor.lifecycle.runtime import ModelRuntime
+from supervisor.lifecycle.states import ModelState as S
+from supervisor.persistence.store import Store
 from supervisor.services import Services
-from supervisor.states import ModelState as S
-from supervisor.store import Store
 
 
 def _runtime(tmp_path: Path) -> ModelRuntime:
@@ -83,9 +83,9 @@ def test_drain_ends_when_the_last_request_ends(tmp_path: Path) -> None:
 
 # --- the reducer, with plain data ---------------------------------------------------------------
 
-from supervisor import lifecycle as L  # noqa: E402
+from supervisor.lifecycle import reducer as L  # noqa: E402
 from supervisor.config import RestartSettings  # noqa: E402
-from supervisor.policy import Failure  # noqa: E402
+from supervisor.lifecycle.policy import Failure  # noqa: E402
 
 R = RestartSettings(quarantine_after=3, window_s=600.0, backoff_initial_s=1.0, backoff_max_s=60.0)
 
@@ -175,3 +175,26 @@ def test_stable_marks_lkg_only_for_the_current_ready_worker() -> None:
     assert _plain(S.READY, L.Stable(current=True)) == (S.READY, [L.MarkStable()])
     assert _plain(S.READY, L.Stable(current=False)) == (S.READY, [])
     assert _plain(S.BACKOFF, L.Stable(current=True)) == (S.BACKOFF, [])
+
+
+def test_a_start_begins_only_from_unloaded_or_rejected() -> None:
+    for s in (S.UNLOADED, S.REJECTED):
+        assert _plain(s, L.StartRequested()) == (S.ADMITTING, [L.Go(S.ADMITTING), L.Begin()])
+    for s in set(S) - {S.UNLOADED, S.REJECTED}:  # on its way up, serving, failing or quarantined
+        assert _plain(s, L.StartRequested()) == (s, [])
+
+
+def test_a_release_forgives_only_a_quarantined_or_rejected_model() -> None:
+    for s in (S.QUARANTINED, S.REJECTED):
+        assert _plain(s, L.ReleaseRequested()) == (S.ADMITTING, [L.Forgive(), L.Go(S.ADMITTING), L.Begin()])
+    state, effects = _plain(S.READY, L.ReleaseRequested())
+    assert state is S.READY and effects == [L.RefuseOperation("it is READY, not QUARANTINED or REJECTED")]
+
+
+def test_a_rollback_from_backoff_is_the_policys_and_any_other_the_operators() -> None:
+    assert _plain(S.BACKOFF, L.RollbackRequested("old", "new")) == (S.ROLLING_BACK, [
+        L.RunRevision("old"),
+        L.Go(S.ROLLING_BACK, (("target_revision", "old"), ("configured_revision", "new"))), L.Begin()])
+    for s in (S.READY, S.QUARANTINED, S.UNLOADED):  # stop what runs, then start on the revision, forced
+        assert _plain(s, L.RollbackRequested("old", "new")) == (
+            S.ADMITTING, [L.StopFirst(), L.RunRevision("old"), L.StartForced()])

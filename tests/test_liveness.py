@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from protocol.errors import ErrorCode
 from supervisor.config import SupervisorSettings
-from supervisor.liveness import liveness_verdict
+from supervisor.workers.liveness import liveness_verdict
 
 SUP = SupervisorSettings(heartbeat_timeout_s=5.0, decode_stall_s=60.0, prefill_stall_s=120.0)
 

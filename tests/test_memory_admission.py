@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from supervisor.memory import STRANDED_MIN_BYTES, WORKER_OVERHEAD_BYTES, Departure, MemoryLedger, estimate
+from supervisor.admission.memory import STRANDED_MIN_BYTES, WORKER_OVERHEAD_BYTES, Departure, MemoryLedger, estimate
 
 ONE_MODEL_BUDGET = WORKER_OVERHEAD_BYTES + 40 * 2**20  # room for one tiny model, not two
 

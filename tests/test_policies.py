@@ -12,7 +12,7 @@ import pytest
 
 from protocol import errors as E
 from protocol.client import SupervisorClient
-from supervisor.memory import WORKER_OVERHEAD_BYTES
+from supervisor.admission.memory import WORKER_OVERHEAD_BYTES
 from tests.harness import REPO, wait_until
 
 ONE_MODEL_BUDGET = WORKER_OVERHEAD_BYTES + 40 * 2**20

@@ -19,10 +19,10 @@ from protocol.errors import ErrorCode
 from protocol.exitcodes import WorkerExit
 from protocol.messages import Final
 from supervisor import logs
-from supervisor.classify import classify
+from supervisor.admission.evidence import about_compat, canary_key, Evidence
 from supervisor.config import CanarySettings
-from supervisor.evidence import Evidence, about_compat, canary_key
-from supervisor.store import Store
+from supervisor.persistence.store import Store
+from supervisor.workers.classify import classify
 from tests.harness import REPO, wait_until, workers_of
 
 

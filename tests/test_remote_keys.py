@@ -12,7 +12,7 @@ import pytest
 from protocol import errors as E
 from protocol import keys
 from protocol.client import SyncSupervisorClient
-from supervisor.auth import key_digest
+from supervisor.control.auth import key_digest
 from tests.harness import RunningSupervisor
 
 pytestmark = pytest.mark.timeout(90)

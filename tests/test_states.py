@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from supervisor import states
-from supervisor.states import ModelState as S
+from supervisor.lifecycle import states
+from supervisor.lifecycle.states import ModelState as S
 
 
 def test_every_state_has_a_row_and_every_target_is_a_state() -> None:

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import storeguard
 from supervisor.config import ModelConfig
-from supervisor.policy import Failure
-from supervisor.store import STORE_FILE, Retention, Store
-from supervisor.storeguard import StoreUnavailable
+from supervisor.lifecycle.policy import Failure
+from supervisor.persistence import storeguard
+from supervisor.persistence.store import Retention, Store, STORE_FILE
+from supervisor.persistence.storeguard import StoreUnavailable
 
 pytestmark = pytest.mark.timeout(60)
 

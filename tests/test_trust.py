@@ -18,9 +18,10 @@ import pytest
 from protocol import errors as E
 from protocol import keys
 from supervisor import config as cfg
-from supervisor import confinement, snapshot, workerenv
-from supervisor.daemon import StateDirError, prepare_state_dir
-from supervisor.ratelimit import LogLimit
+from supervisor.admission import confinement, snapshot
+from supervisor.control.ratelimit import LogLimit
+from supervisor.daemon import prepare_state_dir, StateDirError
+from supervisor.workers import workerenv
 from tests.harness import REPO, render_config
 
 ROOT_USER = os.getuid() == 0

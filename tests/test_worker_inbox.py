@@ -17,7 +17,7 @@ import zmq.asyncio
 from protocol import codec
 from protocol.client import SupervisorClient
 from protocol.messages import TO_WORKER, Cancel, GenerateRequest, Heartbeat, Shutdown
-from supervisor.hub import WorkerHub
+from supervisor.workers.hub import WorkerHub
 from tests.harness import wait_until
 from worker.channel import Inbox
 

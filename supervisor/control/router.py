@@ -14,7 +14,7 @@ from protocol.messages import GenerateRequest
 from supervisor.services import Services
 
 if TYPE_CHECKING:
-    from supervisor.runtime import ModelRuntime
+    from supervisor.lifecycle.runtime import ModelRuntime
 
 Client = Hashable  # (endpoint, ZeroMQ identity): identities are unique per socket only
 Key = tuple[Client, str]  # (client, the client's own request id)

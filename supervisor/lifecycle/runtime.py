@@ -8,17 +8,20 @@ import time
 from typing import Any, Callable
 
 from protocol import errors as E
-from protocol.messages import Chunk, Chunks, ClearPrefixCache, Error, Final, GenerateRequest, Message
-from supervisor import adoption, kvcache, lifecycle, logs, modelrepair, modelstatus, states
-from supervisor.canary import run_canary
-from supervisor.classify import Verdict
+from protocol.messages import Chunk, Chunks, Error, Final, GenerateRequest, Message
+from supervisor import logs
+from supervisor.admission import kvcache
+from supervisor.admission.evidence import Evidence
 from supervisor.config import Config, ModelConfig
-from supervisor.evidence import Evidence
-from supervisor.handle import WorkerHandle
-from supervisor.requests import RequestQueue, Sink
+from supervisor.lifecycle import modelstatus, reducer as lifecycle, states
+from supervisor.lifecycle.canary import run_canary
+from supervisor.lifecycle.requests import RequestQueue, Sink
+from supervisor.lifecycle.startup import Startup
+from supervisor.lifecycle.states import ModelState as S
 from supervisor.services import Services
-from supervisor.startup import Startup
-from supervisor.states import ModelState as S
+from supervisor.workers import adoption
+from supervisor.workers.classify import Verdict
+from supervisor.workers.handle import WorkerHandle
 
 
 class ModelRuntime:
@@ -108,13 +111,14 @@ class ModelRuntime:
     def start(self, reason: str, wanted: bool | None = None, force: bool = False) -> bool:
         """Begin bringing the model to READY; False when it is already on its way or there.
         `force`: an operator's word that a combination the registry knows as bad may be tried."""
-        if self.state not in (S.UNLOADED, S.REJECTED):
+        effects = self._reduce(lifecycle.StartRequested())
+        if not effects:
             return False
         self.idled_out = False
         self.startup.force = force
         self._remember(wanted if wanted is not None else self.wanted())
-        self.to(S.ADMITTING, reason)
-        self._spawn_task(self._bring_up())
+        for effect in effects:
+            self._do(effect, reason)
         return True
 
     def _spawn_task(self, coro: Any) -> None:
@@ -171,15 +175,6 @@ class ModelRuntime:
         await self._apply(lifecycle.Refused(refusal.code.code, refusal.message, self.running.revision),
                           refusal.code.code, refusal, now=time.time())
 
-    def clear_prefix_cache(self) -> dict[str, int]:
-        """lmxctl cache clear: the worker forgets its entries; their files go now, from here too."""
-        if self.worker is not None and self.worker.process.alive:
-            self.worker.tell(ClearPrefixCache())
-        state_dir = self.services.state_dir
-        removed = kvcache.clear(state_dir, self.cfg.id) if state_dir is not None else {}
-        self.log.info("model.prefix_cache_cleared", **removed)
-        return removed
-
     def _on_stable(self, worker: WorkerHandle) -> None:
         for effect in self._reduce(lifecycle.Stable(self.worker is worker)):
             self._do(effect, "stable")
@@ -223,6 +218,8 @@ class ModelRuntime:
             elif isinstance(effect, lifecycle.BringUp):
                 self.retry_at = None
                 await self._bring_up()
+            elif isinstance(effect, lifecycle.StopFirst):
+                await self.stop(reason, remember=False)
             else:
                 self._do(effect, reason, exc, record)
 
@@ -231,31 +228,56 @@ class ModelRuntime:
         """The effects that need no waiting (those of a worker's exit, which is a callback)."""
         exc = exc or E.ShuttingDown(f"model stopped: {reason}")
         if isinstance(effect, lifecycle.Go):
-            self.to(effect.to, reason)
+            self.to(effect.to, reason, **dict(effect.fields))
         elif isinstance(effect, lifecycle.FailRequests):
             self.requests.fail_all(exc)
         elif isinstance(effect, lifecycle.RecordFailure):
             self.store.add_failure(self.cfg.id, effect.failure)
         elif isinstance(effect, lifecycle.RecordCrash) and record is not None:
-            self.store.add_crash(record)
-            self.metrics.crashes.labels(self.cfg.id, exc.code.code).inc()
-            self.events.publish("model.failed", **{k: v for k, v in record.items() if k != "at"})
-            self._evidence().failure(record)  # the registry takes only what is about compatibility
+            self._record_crash(record, exc)
         elif isinstance(effect, lifecycle.EnterBackoff):
             self.retry_at = time.monotonic() + effect.delay_s
             self.to(S.BACKOFF, exc.code.code, code=exc.code.code, retry_after_s=round(effect.delay_s, 3),
-                     failures_in_window=effect.failures_in_window)
+                    failures_in_window=effect.failures_in_window)
         elif isinstance(effect, lifecycle.Quarantine):
             self._quarantine(exc, effect.summary)
         elif isinstance(effect, lifecycle.ScheduleRestart):
             self._spawn_task(self._restart_after(effect.delay_s))
         elif isinstance(effect, lifecycle.Reject):
-            self.to(S.REJECTED, exc.code.code, code=exc.code.code, message=exc.message,
-                     file=exc.details.get("file"))
+            self.to(S.REJECTED, exc.code.code, code=exc.code.code, message=exc.message, file=exc.details.get("file"))
+        else:
+            self._do_operator(effect, reason)
+
+    def _do_operator(self, effect: lifecycle.Effect, reason: str) -> None:
+        """The effects of what an operator asked for, and of a stable worker."""
+        if isinstance(effect, lifecycle.Begin):
+            self._spawn_task(self._bring_up())
+        elif isinstance(effect, lifecycle.RunRevision):
+            self.running = self.store.revision(self.cfg.id, effect.revision) or self.running
+            self._remember(self.wanted())
+        elif isinstance(effect, lifecycle.Forgive):
+            self.store.set_quarantine(self.cfg.id, None)
+            self.store.clear_failures(self.cfg.id)
+            self.consecutive_failures = 0
+            self.last_error = None  # the operator fixed the cause; a new failure will say its own
+            self.running = self.cfg
+            self._remember(True)
+            self.startup.force = self.startup.doubt = True  # whatever it was, every file is read again
+        elif isinstance(effect, lifecycle.StartForced):
+            self.store.set_quarantine(self.cfg.id, None)
+            self.start(reason, wanted=True, force=True)
+        elif isinstance(effect, lifecycle.RefuseOperation):
+            raise E.BadRequest(f"model {self.cfg.id}: {effect.message}")
         elif isinstance(effect, lifecycle.MarkStable):
             self.consecutive_failures = 0
             self.store.set_lkg(self.running)
             self.log.info("model.stable", revision=self.running.revision, lkg=True)
+
+    def _record_crash(self, record: dict[str, Any], exc: E.LmxError) -> None:
+        self.store.add_crash(record)
+        self.metrics.crashes.labels(self.cfg.id, exc.code.code).inc()
+        self.events.publish("model.failed", **{k: v for k, v in record.items() if k != "at"})
+        self._evidence().failure(record)  # the registry takes only what is about compatibility
 
     def _quarantine(self, exc: E.LmxError, summary: dict[str, Any]) -> None:
         self.retry_at = None
@@ -275,39 +297,16 @@ class ModelRuntime:
         the policy's automatic rollback; from any other state an operator's, which also lifts a
         quarantine."""
         target = revision or self.store.model_flags(self.cfg.id)["lkg_revision"]
-        cfg = self.store.revision(self.cfg.id, target) if target else None
-        if cfg is None:
+        if not target or self.store.revision(self.cfg.id, target) is None:
             raise E.BadRequest(f"model {self.cfg.id} has no known revision {target!r}")
-        if self.state is S.BACKOFF:
-            self.running = cfg
-            self._remember(self.wanted())
-            self.to(S.ROLLING_BACK, reason, target_revision=target, configured_revision=self.cfg.revision)
-            self._spawn_task(self._bring_up())
-            return self.state.value
-        await self.stop(f"operator rollback to {target}", remember=False)
-        self.store.set_quarantine(self.cfg.id, None)
-        self.running = cfg
-        self.start(f"operator rollback to {target}", wanted=True, force=True)
+        operator = self.state is not S.BACKOFF
+        await self._apply(lifecycle.RollbackRequested(target, self.cfg.revision),
+                          f"operator rollback to {target}" if operator else reason)
         return self.state.value
-
-    async def repair(self) -> dict[str, Any]:
-        """Operator: fetch what admission found missing or corrupt, verify, re-admit (modelrepair)."""
-        return await modelrepair.repair(self)
 
     async def release(self) -> str:
         """Operator: leave QUARANTINED (or REJECTED) and try again on the configured revision."""
-        if self.state not in (S.QUARANTINED, S.REJECTED):
-            raise E.BadRequest(f"model {self.cfg.id} is {self.state.value}, not QUARANTINED or REJECTED")
-        self.store.set_quarantine(self.cfg.id, None)
-        self.store.clear_failures(self.cfg.id)
-        self.consecutive_failures = 0
-        self.last_error = None  # the operator fixed the cause; a new failure will say its own
-        self.running = self.cfg
-        self._remember(True)
-        self.startup.force = True  # the operator asks: a registry verdict of "failed" does not stop it
-        self.startup.doubt = True  # whatever it was, the files are read again before they are trusted
-        self.to(S.ADMITTING, "operator release")
-        self._spawn_task(self._bring_up())
+        await self._apply(lifecycle.ReleaseRequested(), "operator release")
         return self.state.value
 
     async def stop(self, reason: str, remember: bool = True) -> None:

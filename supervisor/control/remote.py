@@ -11,8 +11,9 @@ import zmq
 import zmq.asyncio
 
 from protocol import keys
-from supervisor import auth, logs
+from supervisor import logs
 from supervisor.config import Config
+from supervisor.control import auth
 
 # (context, endpoint, configure the socket before bind, access) -> a started-later ControlServer
 MakeServer = Callable[[zmq.asyncio.Context, str, Callable[[zmq.Socket], None], auth.Access], Any]

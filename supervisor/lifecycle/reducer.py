@@ -7,14 +7,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Union
 
 from protocol import errors as E
-from supervisor import policy
 from supervisor.config import RestartSettings
-from supervisor.states import WORKER_STATES
-from supervisor.states import ModelState as S
+from supervisor.lifecycle import policy
+from supervisor.lifecycle.states import ModelState as S, WORKER_STATES
 
 if TYPE_CHECKING:
-    from supervisor.classify import Verdict
-    from supervisor.handle import WorkerHandle
+    from supervisor.workers.classify import Verdict
+    from supervisor.workers.handle import WorkerHandle
 
 # --- events --------------------------------------------------------------------------------------
 
@@ -60,7 +59,26 @@ class Stable:
     current: bool
 
 
-Event = Union[Failed, Refused, StopRequested, RestartDue, WorkerExited, Stable]
+@dataclass(frozen=True)
+class StartRequested:
+    """An operator's load, autoload, a reload, a request for a model unloaded for idleness."""
+
+
+@dataclass(frozen=True)
+class ReleaseRequested:
+    """An operator's release: leave QUARANTINED or REJECTED and try the configured revision again."""
+
+
+@dataclass(frozen=True)
+class RollbackRequested:
+    """Run another known revision: from BACKOFF the policy's own rollback, else an operator's (which
+    also lifts a quarantine)."""
+    revision: str
+    configured_revision: str  # for the record: what the config says, which it runs instead of
+
+
+Event = Union[Failed, Refused, StopRequested, RestartDue, WorkerExited, Stable, StartRequested, ReleaseRequested,
+              RollbackRequested]
 
 # --- effects -------------------------------------------------------------------------------------
 
@@ -107,6 +125,40 @@ class Reject:
 class Go:
     """A plain state change, for the reason the caller gave."""
     to: S
+    fields: tuple[tuple[str, Any], ...] = ()  # extra fields of its model.state event
+
+
+@dataclass(frozen=True)
+class Begin:
+    """Bring the model up (admission first, in ADMITTING and ROLLING_BACK) as the model's task."""
+
+
+@dataclass(frozen=True)
+class Forgive:
+    """The operator fixed the cause: failures, quarantine and the last error go; the next admission
+    reads every file again and a registry verdict of "failed" does not stop it."""
+
+
+@dataclass(frozen=True)
+class RunRevision:
+    """Run this revision from now on (a rollback's)."""
+    revision: str
+
+
+@dataclass(frozen=True)
+class StopFirst:
+    """Stop the model (drain and all, as StopRequested), then go on with the next effects."""
+
+
+@dataclass(frozen=True)
+class StartForced:
+    """Start again as the operator's word: wanted, its quarantine lifted, forced past the registry."""
+
+
+@dataclass(frozen=True)
+class RefuseOperation:
+    """The operation makes no sense in this state: the operator gets BAD_REQUEST with this."""
+    message: str
 
 
 @dataclass(frozen=True)
@@ -145,7 +197,8 @@ class MarkStable:
 
 
 Effect = Union[RecordFailure, RecordCrash, EnterBackoff, ScheduleRestart, RollBack, Quarantine, Reject, Go,
-               Drain, StopWorker, FailRequests, BringUp, WorkerDied, HandleFailure, MarkStable]
+               Drain, StopWorker, FailRequests, BringUp, WorkerDied, HandleFailure, MarkStable, Begin, Forgive,
+               RunRevision, StopFirst, StartForced, RefuseOperation]
 
 # States with no worker that a stop still has to leave (ADMITTING: an admission may be in flight).
 _STOPPABLE = frozenset({S.BACKOFF, S.ADMITTING, S.REJECTED, S.ROLLING_BACK, S.QUARANTINED})
@@ -165,7 +218,24 @@ def reduce(state: S, event: Event, history: list[policy.Failure], now: float,
         return (state, [BringUp()]) if state is S.BACKOFF else (state, [])
     if isinstance(event, Stable):
         return state, [MarkStable()] if event.current and state is S.READY else []
-    return _exited(state, event)
+    if isinstance(event, WorkerExited):
+        return _exited(state, event)
+    return _operator(state, event)
+
+
+def _operator(state: S, event: Event) -> tuple[S, list[Effect]]:
+    """Start, release and rollback: what an operator (or the daemon on its behalf) asks for."""
+    if isinstance(event, StartRequested):  # anywhere else it is on its way up, or there, already
+        return (S.ADMITTING, [Go(S.ADMITTING), Begin()]) if state in (S.UNLOADED, S.REJECTED) else (state, [])
+    if isinstance(event, ReleaseRequested):
+        if state not in (S.QUARANTINED, S.REJECTED):
+            return state, [RefuseOperation(f"it is {state.value}, not QUARANTINED or REJECTED")]
+        return S.ADMITTING, [Forgive(), Go(S.ADMITTING), Begin()]
+    assert isinstance(event, RollbackRequested)
+    if state is S.BACKOFF:  # the policy's rollback: the new revision is admitted like any start
+        fields = (("target_revision", event.revision), ("configured_revision", event.configured_revision))
+        return S.ROLLING_BACK, [RunRevision(event.revision), Go(S.ROLLING_BACK, fields), Begin()]
+    return S.ADMITTING, [StopFirst(), RunRevision(event.revision), StartForced()]
 
 
 def _stop(state: S) -> tuple[S, list[Effect]]:

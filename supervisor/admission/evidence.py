@@ -9,9 +9,9 @@ from typing import Any
 
 from protocol import errors as E
 from protocol.messages import Final
-from supervisor import compat
+from supervisor.admission import compat
 from supervisor.config import CanarySettings
-from supervisor.store import Store
+from supervisor.persistence.store import Store
 
 # Phases in which a failure is the model's own doing on this stack: its weights loading, its first
 # generation. Later deaths (READY) are about requests, load, neighbours and operators.

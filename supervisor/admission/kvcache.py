@@ -9,9 +9,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from supervisor import compat
+from supervisor.admission import compat
+from supervisor.admission.memory import estimate
 from supervisor.config import ModelConfig
-from supervisor.memory import estimate
 
 AUTO = -1
 AUTO_CONTEXTS = 2  # auto memory budget: the KV of this many full contexts (context_tokens each)

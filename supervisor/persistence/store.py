@@ -11,9 +11,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from supervisor import logs, storeguard
+from supervisor import logs
+
 from supervisor.config import CanarySettings, Config, ModelConfig
-from supervisor.policy import Failure
+from supervisor.lifecycle.policy import Failure
+from supervisor.persistence import storeguard
 
 STORE_FILE = "store.sqlite3"
 _NO_FLAGS = (0, None, None, None, None, None)

@@ -11,8 +11,8 @@ import hashlib
 from pathlib import Path
 
 from protocol import errors as E
-from supervisor.snapshot import Finding
-from supervisor.store import Store
+from supervisor.admission.snapshot import Finding
+from supervisor.persistence.store import Store
 
 SHIPPED = "sha256sums.txt"
 _CHUNK = 8 * 2**20

@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from protocol import errors as E
-from supervisor import checksums, repair as fetching, snapshot
-from supervisor.states import ModelState as S
+from supervisor.admission import checksums, repair as fetching, snapshot
+from supervisor.lifecycle.states import ModelState as S
 
 if TYPE_CHECKING:
-    from supervisor.runtime import ModelRuntime
+    from supervisor.lifecycle.runtime import ModelRuntime
 
 
 async def repair(rt: "ModelRuntime") -> dict[str, Any]:

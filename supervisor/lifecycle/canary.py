@@ -8,7 +8,7 @@ from typing import Any
 from protocol import errors as E
 from protocol.messages import Error, Final, GenerateRequest, Message
 from supervisor.config import CanarySettings
-from supervisor.requests import RequestQueue
+from supervisor.lifecycle.requests import RequestQueue
 
 _DEATHS = (E.ErrorCode.WORKER_CRASHED, E.ErrorCode.WORKER_OOM, E.ErrorCode.WORKER_HUNG)
 

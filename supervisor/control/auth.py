@@ -19,7 +19,7 @@ from protocol import errors as E
 from protocol import keys
 from protocol.admin import AdminOp, AdminRequest
 from protocol.messages import Message
-from supervisor.ratelimit import LogLimit
+from supervisor.control.ratelimit import LogLimit
 
 ROLES = ("read", "admin")
 # Everything else needs admin, including ops added later: new ops are denied until listed here.

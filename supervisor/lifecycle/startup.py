@@ -10,13 +10,13 @@ from typing import TYPE_CHECKING, Any
 
 from protocol import errors as E
 from protocol.messages import Init
-from supervisor import admission, kvcache
+from supervisor.admission import admit as admission, kvcache
 from supervisor.config import ModelConfig
-from supervisor.handle import AdoptionRefused, WorkerHandle, wait_for
-from supervisor.states import ModelState as S
+from supervisor.lifecycle.states import ModelState as S
+from supervisor.workers.handle import AdoptionRefused, wait_for, WorkerHandle
 
 if TYPE_CHECKING:
-    from supervisor.runtime import ModelRuntime
+    from supervisor.lifecycle.runtime import ModelRuntime
 
 
 class Startup:

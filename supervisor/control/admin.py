@@ -9,9 +9,10 @@ import contextlib
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from protocol import errors as E
+from supervisor.admission import modelrepair
 
 if TYPE_CHECKING:
-    from supervisor.runtime import ModelRuntime
+    from supervisor.lifecycle.runtime import ModelRuntime
 
 # Reloads hold this besides their models' locks: two reloads never interleave, even when they
 # touch no model in common (the second must compare against what the first left).
@@ -107,4 +108,5 @@ class ModelOps:
 
     async def repair(self, model_id: str) -> dict[str, Any]:
         async with self.gate.hold(model_id):
-            return await self._current(model_id).repair()
+            # Fetch what admission found missing or corrupt, verify, re-admit.
+            return await modelrepair.repair(self._current(model_id))

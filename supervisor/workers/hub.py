@@ -17,11 +17,11 @@ from protocol.endpoint import worker_identities
 from protocol.loopreader import LoopReader
 from protocol.messages import TO_SUPERVISOR_FROM_WORKER, Message
 from supervisor import logs
-from supervisor.ratelimit import LogLimit
+from supervisor.control.ratelimit import LogLimit
 
 
 class WorkerPeer(Protocol):
-    """What the hub routes to: a worker's handle (supervisor.handle.WorkerHandle)."""
+    """What the hub routes to: a worker's handle (supervisor.workers.handle.WorkerHandle)."""
 
     def on_worker_message(self, msg: Message) -> None: ...
 

@@ -18,19 +18,18 @@ from protocol import codec
 from protocol import errors as E
 from protocol.loopreader import LoopReader, monitor_socket
 from protocol.messages import (
-    TO_SUPERVISOR_FROM_CLIENT, Ack, AdminRequest, Cancel, Chunk, Error, Final, GenerateRequest,
+    TO_SUPERVISOR_FROM_CLIENT, Ack, AdminRequest, Cancel, Chunk, ClearPrefixCache, Error, Final, GenerateRequest,
     HistoryReply, HistoryRequest, LoadRequest, Message, StatusReply, StatusRequest, UnloadRequest,
 )
 from protocol.states import ModelStatus
-from supervisor import config as cfg_mod
-from supervisor import compat, snapshot
-from supervisor import logs
-from supervisor.admin import ModelOps
-from supervisor.auth import Access
-from supervisor.metrics import RequestTimer
-from supervisor.ratelimit import LogLimit
-from supervisor.router import Key, Router
-from supervisor.runtime import ModelRuntime
+from supervisor import config as cfg_mod, logs
+from supervisor.admission import compat, kvcache, snapshot
+from supervisor.control.admin import ModelOps
+from supervisor.control.auth import Access
+from supervisor.control.metrics import RequestTimer
+from supervisor.control.ratelimit import LogLimit
+from supervisor.control.router import Key, Router
+from supervisor.lifecycle.runtime import ModelRuntime
 from supervisor.services import Services
 
 
@@ -74,6 +73,7 @@ class ControlServer:
         self._name = endpoint  # a client is (endpoint, identity): identities are unique per socket only
         self._daemon = daemon
         self._router = router
+        self._services = services
         self._store = services.store
         self._metrics = services.metrics
         self.connections = 0  # open client connections, from the socket's monitor
@@ -248,8 +248,12 @@ class ControlServer:
     async def _cache_clear_op(self, req: A.CacheClearRequest) -> A.CacheClearReply:
         chosen = [self._runtime(req.model)] if req.model else list(self._router.models.values())
         reply = A.CacheClearReply(req.request_id, [r.cfg.id for r in chosen], 0, 0)
+        state_dir = self._services.state_dir
         for r in chosen:
-            cleared = r.clear_prefix_cache()
+            if r.worker is not None:  # it forgets its entries; their files go now, from here too
+                r.worker.tell(ClearPrefixCache())
+            cleared = kvcache.clear(state_dir, r.cfg.id) if state_dir is not None else {}
+            r.log.info("model.prefix_cache_cleared", **cleared)
             reply.files += cleared.get("files", 0)
             reply.bytes += cleared.get("bytes", 0)
         return reply

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 from protocol import errors as E
-from supervisor.snapshot import Finding
+from supervisor.admission.snapshot import Finding
 
 _REPAIRABLE = (E.ErrorCode.SNAPSHOT_INCOMPLETE, E.ErrorCode.SNAPSHOT_CORRUPT, E.ErrorCode.CONFIG_INVALID)
 # What a hub repo of an mlx-lm model may ship for its tokenizer; absent ones are skipped.

@@ -6,11 +6,13 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from supervisor import policy, states
-from supervisor.states import ModelState as S
+from supervisor.lifecycle import policy
+
+from supervisor.lifecycle import states
+from supervisor.lifecycle.states import ModelState as S
 
 if TYPE_CHECKING:
-    from supervisor.runtime import ModelRuntime
+    from supervisor.lifecycle.runtime import ModelRuntime
 
 
 def of(rt: "ModelRuntime") -> dict[str, Any]:

@@ -8,11 +8,11 @@ import asyncio
 from typing import Awaitable, Callable
 
 from protocol import errors as E
-from supervisor import architectures, checksums, confinement, kvcache, snapshot
+from supervisor.admission import architectures, checksums, confinement, kvcache, snapshot
+from supervisor.admission.evidence import Evidence
+from supervisor.admission.memory import estimate, MemoryLedger
 from supervisor.config import ModelConfig
-from supervisor.evidence import Evidence
-from supervisor.memory import MemoryLedger, estimate
-from supervisor.store import Store
+from supervisor.persistence.store import Store
 
 Evict = Callable[[str, int], Awaitable[bool]]
 

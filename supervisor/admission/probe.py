@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from protocol import errors as E
-from supervisor import confinement
 from supervisor import config as cfg_mod
-from supervisor.evidence import Evidence
+from supervisor.admission import confinement
+from supervisor.admission.evidence import Evidence
 
-from supervisor.runtime import ModelRuntime
+from supervisor.lifecycle.runtime import ModelRuntime
 
 if TYPE_CHECKING:
     from supervisor.daemon import Supervisor

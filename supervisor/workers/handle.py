@@ -14,13 +14,14 @@ from typing import Any, Callable, Protocol
 from protocol import errors as E
 from protocol.messages import Error, Final, Heartbeat, Hello, Message, Ready, Shutdown
 from protocol.phase import Phase
-from supervisor import adoption, logs
-from supervisor.classify import Verdict, classify
+from supervisor import logs
+from supervisor.admission.memory import available_bytes
 from supervisor.config import ModelConfig, SupervisorSettings
-from supervisor.liveness import liveness_verdict
-from supervisor.memory import available_bytes
-from supervisor.process import AdoptionRefused, WorkerProcess
 from supervisor.services import Services
+from supervisor.workers import adoption
+from supervisor.workers.classify import classify, Verdict
+from supervisor.workers.liveness import liveness_verdict
+from supervisor.workers.process import AdoptionRefused, WorkerProcess
 
 __all__ = ["AdoptionRefused", "Owner", "WorkerHandle", "wait_for"]
 

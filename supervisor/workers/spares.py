@@ -11,8 +11,8 @@ import time
 from protocol.messages import Message
 from supervisor import logs
 from supervisor.config import ModelConfig
-from supervisor.handle import WorkerHandle
 from supervisor.services import Services
+from supervisor.workers.handle import WorkerHandle
 
 SPARE_ID = "spare"
 # A spare that dies this soon after its start is not replaced at once (no spawn loop).

@@ -16,9 +16,11 @@ from typing import Callable
 
 import psutil
 
-from supervisor import logs, workerenv
-from supervisor.classify import exit_details
+from supervisor import logs
+
 from supervisor.config import ModelConfig
+from supervisor.workers import workerenv
+from supervisor.workers.classify import exit_details
 
 STDERR_TAIL_LINES = 200
 ADOPTED_POLL_S = 0.02
