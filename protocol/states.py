@@ -1,6 +1,6 @@
 """The model states every reader shares (client, lmxctl, gateway, daemon): the enum, its named
 groups and one model's status. The transition table and the one function that applies it stay with the daemon
-(supervisor/states.py); status carries a state as its `.value` string."""
+(supervisor/lifecycle/states.py); status carries a state as its `.value` string."""
 
 from __future__ import annotations
 
