@@ -23,6 +23,7 @@ from gateway.shapes import Shaper
 from gateway.sse import GenerationResponse
 from protocol import errors as E
 from protocol.client import GenerateStream, SupervisorClient
+from protocol.states import ModelState
 
 log = structlog.get_logger("lmx.gateway")
 
@@ -78,7 +79,7 @@ class Gateway:
         data = [{"id": m["id"], "object": "model",
                  "created": int(now - (m.get("ready_for_s") or 0.0)),  # when it became routable
                  "owned_by": "lmx-supervisor", "state": m["state"], "revision": m["revision"]}
-                for m in status["models"] if m["state"] == "READY"]
+                for m in status["models"] if m["state"] == ModelState.READY.value]
         return JSONResponse({"object": "list", "data": data})
 
     # --- generations -------------------------------------------------------------------------
