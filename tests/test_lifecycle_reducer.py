@@ -188,7 +188,7 @@ def test_a_release_forgives_only_a_quarantined_or_rejected_model() -> None:
     for s in (S.QUARANTINED, S.REJECTED):
         assert _plain(s, L.ReleaseRequested()) == (S.ADMITTING, [L.Forgive(), L.Go(S.ADMITTING), L.Begin()])
     state, effects = _plain(S.READY, L.ReleaseRequested())
-    assert state is S.READY and effects == [L.RefuseOperation("it is READY, not QUARANTINED or REJECTED")]
+    assert state is S.READY and effects == [L.RefuseOperation("is READY, not QUARANTINED or REJECTED")]
 
 
 def test_a_rollback_from_backoff_is_the_policys_and_any_other_the_operators() -> None:

@@ -229,7 +229,7 @@ def _operator(state: S, event: Event) -> tuple[S, list[Effect]]:
         return (S.ADMITTING, [Go(S.ADMITTING), Begin()]) if state in (S.UNLOADED, S.REJECTED) else (state, [])
     if isinstance(event, ReleaseRequested):
         if state not in (S.QUARANTINED, S.REJECTED):
-            return state, [RefuseOperation(f"it is {state.value}, not QUARANTINED or REJECTED")]
+            return state, [RefuseOperation(f"is {state.value}, not QUARANTINED or REJECTED")]
         return S.ADMITTING, [Forgive(), Go(S.ADMITTING), Begin()]
     assert isinstance(event, RollbackRequested)
     if state is S.BACKOFF:  # the policy's rollback: the new revision is admitted like any start

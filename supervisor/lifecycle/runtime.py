@@ -267,7 +267,7 @@ class ModelRuntime:
             self.store.set_quarantine(self.cfg.id, None)
             self.start(reason, wanted=True, force=True)
         elif isinstance(effect, lifecycle.RefuseOperation):
-            raise E.BadRequest(f"model {self.cfg.id}: {effect.message}")
+            raise E.BadRequest(f"model {self.cfg.id} {effect.message}")
         elif isinstance(effect, lifecycle.MarkStable):
             self.consecutive_failures = 0
             self.store.set_lkg(self.running)
