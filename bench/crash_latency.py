@@ -25,7 +25,7 @@ from tests.snapshots import smollm2_gguf_path, write_tiny_llama  # noqa: E402
 KILLS = int(os.environ.get("LMX_BENCH_KILLS", "50"))
 CONFIG = """
 [restart]
-quarantine_after = 100000
+quarantine_after = 1000  # never reached here (history_max_rows must be at least this)
 backoff_initial_s = 0.01
 backoff_max_s = 0.01
 [[models]]
@@ -82,9 +82,11 @@ def supervise(tmp: Path, name: str, model: Path, prompt: str, body) -> object:  
     cfg.write_text(CONFIG.format(path=model, prompt=prompt))
     state = tmp / f"{name}-state"
     sup = subprocess.Popen([sys.executable, "-m", "supervisor.cli", "run", "--config", str(cfg),
-                            "--state-dir", str(state)], cwd=REPO, stderr=subprocess.DEVNULL)
+                            "--state-dir", str(state)], cwd=REPO, stderr=open(tmp / f"{name}.stderr", "wb"))
     try:
         while not (state / "control.sock").exists():
+            if sup.poll() is not None:  # a refused config, a locked state dir: say so, never wait forever
+                raise SystemExit(f"supervisor exited {sup.returncode}: {(tmp / f'{name}.stderr').read_text()[-2000:]}")
             time.sleep(0.05)
         return asyncio.run(body(state))
     finally:
