@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -146,3 +147,36 @@ def test_the_gate_runs_operations_on_one_model_one_at_a_time_and_refuses_after_c
     trace = asyncio.run(scenario())
     a_ops = [t for t in trace if t[0] == "a"]  # in arrival order, never interleaved
     assert a_ops == ["a1+", "a1-", "ab+", "ab-", "a2+", "a2-"]
+
+
+def test_closing_a_dead_worker_does_not_yield_to_the_loop(tmp_path: Path) -> None:
+    # A failure's handling closes the dead worker, then goes to BACKOFF. Had the close yielded, a
+    # status read in between would show READY with the dead pid, and a request sent on that word
+    # would meet BACKOFF (bench/crash_latency hit exactly that).
+    from supervisor import config as cfg_mod
+    from supervisor.persistence.store import Store
+    from supervisor.services import Services
+    from supervisor.workers.handle import WorkerHandle
+
+    config = cfg_mod.parse(f'[[models]]\nid = "m"\npath = "{tmp_path}"\n'
+                           f'worker_command = ["{sys.executable}", "-c", "pass"]\n')
+
+    class Owner:
+        exited = asyncio.Event()
+
+        def on_worker_result(self, handle, msg) -> None: ...
+
+        def on_worker_exit(self, handle, rc) -> None:
+            self.exited.set()
+
+    async def run() -> None:
+        owner = Owner()
+        services = Services(config, Store(tmp_path), None, "ipc://unused")
+        handle = WorkerHandle.spawn(config.models[0], services, owner)
+        await asyncio.wait_for(owner.exited.wait(), 30)
+        closing = handle.close("failed", 5.0)
+        with pytest.raises(StopIteration):  # done in one step: it never suspended
+            closing.send(None)
+        await handle.close("again", 5.0)  # idempotent
+
+    asyncio.run(run())

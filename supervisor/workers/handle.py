@@ -66,7 +66,7 @@ class WorkerHandle:
         # cancels go the same way, so a cancel never overtakes its request.
         self._via_io: set[str] = set()
         self._watch: asyncio.Task | None = None
-        self._closed: asyncio.Task | None = None
+        self._closed: asyncio.Future | None = None
         self.log = logs.get(model=self.cfg.id)
         if self._hub is not None:
             self._hub.register(process.token, self)
@@ -256,9 +256,19 @@ class WorkerHandle:
 
     async def close(self, reason: str, timeout_s: float) -> None:
         """The stop ladder (ask over the socket -> SIGTERM -> SIGKILL of the process group), then off
-        the hub. Idempotent: a second call waits for the first."""
+        the hub. Idempotent: a second call waits for the first. A worker already dead is closed
+        at once, without yielding to the loop: a failure's handling goes on to BACKOFF before
+        anyone can read the dead worker as serving."""
         if self._closed is None:
-            self._closed = asyncio.get_running_loop().create_task(self._close(reason, timeout_s))
+            if self.process.alive:
+                self._closed = asyncio.get_running_loop().create_task(self._close(reason, timeout_s))
+            else:
+                self.stopping = True
+                if self._watch is not None:
+                    self._watch.cancel()
+                self._unregister()
+                self._closed = asyncio.get_running_loop().create_future()
+                self._closed.set_result(None)
         await asyncio.shield(self._closed)
 
     async def _close(self, reason: str, timeout_s: float) -> None:
