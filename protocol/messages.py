@@ -262,6 +262,9 @@ class Ready(Message):
     revision: str
     load_s: float
     memory: dict = field(default_factory=dict)
+    # The prefix cache's figures at READY (empty when it is off): status has them from READY on,
+    # not only from the first heartbeat.
+    cache: dict = added(factory=dict)
 
 
 @dataclass

@@ -130,6 +130,19 @@ def test_status_and_metrics_account_for_the_cache(sup: RunningSupervisor) -> Non
         assert f'{name}{{model="cached"}}' in text, name
 
 
+def test_status_has_the_cache_figures_from_ready_on_also_after_a_restart(make_supervisor, model32: Path) -> None:
+    # The worker's Ready carries them: no window, after a start or a restart, where a READY model's
+    # status lacks them until its first heartbeat.
+    s = make_supervisor([{"id": "m", "path": str(model32), "prefix_cache_persist": False}],
+                        supervisor={"heartbeat_interval_s": 2.0, "heartbeat_timeout_s": 10.0}).start()
+    first = s.model("m")
+    assert {"bytes", "entries", "budget_bytes"} <= first["prefix_cache"].keys(), first["prefix_cache"]
+    os.kill(first["worker_pid"], signal.SIGKILL)
+    m = s.wait_model("m", lambda m: m["state"] == "READY" and m["worker_pid"] != first["worker_pid"], 60,
+                     "READY on a new worker")
+    assert {"bytes", "entries", "budget_bytes"} <= m["prefix_cache"].keys(), m["prefix_cache"]
+
+
 def test_a_small_budget_evicts_and_is_never_exceeded(make_supervisor, model32: Path) -> None:
     budget = 400_000  # about one of these prompts' KV (float32, 2 layers)
     s = make_supervisor([{"id": "small", "path": str(model32), "prefix_cache_bytes": budget,

@@ -117,7 +117,7 @@ def main() -> int:
     log("worker.loaded", revision=init.revision, load_s=round(load_s, 3))
     prefix = _prefix_cache(init, engine)
     progress.cache = prefix.stats if prefix.enabled else dict
-    channel.send(Ready(init.revision, load_s, engine.memory()))
+    channel.send(Ready(init.revision, load_s, engine.memory(), progress.cache()))
     from worker.batch import Batcher
 
     batcher = Batcher(engine, progress, channel.send, max(1, init.max_batch_size), init.prefill_step_size,

@@ -195,7 +195,7 @@ class WorkerHandle:
             elif msg.revision != self.cfg.revision:
                 self.ready.set_exception(E.LoadFailed(f"worker loaded revision {msg.revision}"))
             else:
-                self.memory = msg.memory
+                self.memory, self.cache = msg.memory, msg.cache
                 self.available_at_beat = available_bytes()
                 self.ready.set_result(msg)
         elif isinstance(msg, Error) and not msg.request_id:
