@@ -27,6 +27,7 @@ from supervisor.control.metrics import Metrics, serve_http
 from supervisor.control.remote import RemoteListener
 from supervisor.control.router import Router
 from supervisor.control.server import ControlServer
+from supervisor.lifecycle import modelstatus
 from supervisor.lifecycle.runtime import ModelRuntime
 from supervisor.lifecycle.states import ModelState
 from supervisor.services import Services
@@ -42,7 +43,6 @@ EXIT_STORE_UNAVAILABLE = 75  # EX_TEMPFAIL: the store is locked (or read-only, f
 
 class Supervisor:
     def __init__(self, config: Config, state_dir: Path) -> None:
-        self.config = config
         self.state_dir = state_dir
         self.started = time.monotonic()
         self._proc = psutil.Process()
@@ -84,6 +84,10 @@ class Supervisor:
         self.metrics.watch_status(self.status, lambda: self.control.connections)
         self._metrics_server: asyncio.AbstractServer | None = None
         self._exit_code = 0
+
+    @property
+    def config(self) -> Config:
+        return self.services.config  # the one current config: a reload replaces it there
 
     def _remote_server(self, ctx: zmq.asyncio.Context, endpoint: str, configure: Any, access: Any) -> ControlServer:
         return ControlServer(ctx, endpoint, None, self, self.router, self.services, configure=configure, access=access)
@@ -232,7 +236,7 @@ class Supervisor:
                 "memory_stranded": list(self.ledger.stranded.values()),
                 "warm_spares": {"configured": self.spares.size, "ready": self.spares.ready} if self.spares else None,
             },
-            "models": [rt.status() for rt in self.models.values()],
+            "models": [modelstatus.of(rt) for rt in self.models.values()],
         }
 
     def _on_signal(self, signame: str) -> None:
@@ -311,7 +315,7 @@ class Supervisor:
     async def _apply_config(self, new: Config) -> dict[str, Any]:
         old_ids, new_ids = set(self.models), {m.id for m in new.models}
         changed = [m for m in new.models if m.id in old_ids and m.revision != self.models[m.id].cfg.revision]
-        self.config = self.services.config = new
+        self.services.config = new
         self.store.retention = Retention.of(new)
         sup = new.supervisor
         # The budget follows the config too; models already admitted keep their reservations.

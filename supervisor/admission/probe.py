@@ -14,6 +14,7 @@ from supervisor import config as cfg_mod
 from supervisor.admission import confinement
 from supervisor.admission.evidence import Evidence
 
+from supervisor.lifecycle import modelstatus
 from supervisor.lifecycle.runtime import ModelRuntime
 
 if TYPE_CHECKING:
@@ -48,7 +49,7 @@ async def probe(sup: "Supervisor", path: str,
         rt.start("probe", force=True)
         try:
             await settled(rt)
-            outcome = rt.status()
+            outcome = modelstatus.of(rt)
         finally:  # whatever happened, the throwaway worker is not left behind
             await rt.stop("probe done", remember=False)
     err = outcome["last_error"]

@@ -18,18 +18,17 @@ from protocol import codec
 from protocol import errors as E
 from protocol.loopreader import LoopReader, monitor_socket
 from protocol.messages import (
-    TO_SUPERVISOR_FROM_CLIENT, Ack, AdminRequest, Cancel, Chunk, ClearPrefixCache, Error, Final, GenerateRequest,
+    TO_SUPERVISOR_FROM_CLIENT, Ack, AdminRequest, Cancel, Chunk, Error, Final, GenerateRequest,
     HistoryReply, HistoryRequest, LoadRequest, Message, StatusReply, StatusRequest, UnloadRequest,
 )
 from protocol.states import ModelStatus
 from supervisor import config as cfg_mod, logs
-from supervisor.admission import compat, kvcache, snapshot
+from supervisor.admission import compat, snapshot
 from supervisor.control.admin import ModelOps
 from supervisor.control.auth import Access
 from supervisor.control.metrics import RequestTimer
 from supervisor.control.ratelimit import LogLimit
 from supervisor.control.router import Key, Router
-from supervisor.lifecycle.runtime import ModelRuntime
 from supervisor.services import Services
 
 
@@ -73,7 +72,6 @@ class ControlServer:
         self._name = endpoint  # a client is (endpoint, identity): identities are unique per socket only
         self._daemon = daemon
         self._router = router
-        self._services = services
         self._store = services.store
         self._metrics = services.metrics
         self.connections = 0  # open client connections, from the socket's monitor
@@ -173,9 +171,6 @@ class ControlServer:
             self._router.cancel(((self._name, identity), rid))
         self.send(identity, Error.from_exc(rid, exc))
 
-    def _runtime(self, model: str) -> ModelRuntime:
-        return self._router.runtime(model)
-
     def _handle(self, identity: bytes, msg: Message) -> None:
         if isinstance(msg, StatusRequest):
             s = self._daemon.status()
@@ -189,15 +184,15 @@ class ControlServer:
         elif isinstance(msg, LoadRequest):
             if self._router.unalias(msg.model):  # loading a swapped-out model takes its name back
                 self._store.set_alias(msg.model, None)
-            runtime = self._runtime(msg.model)
+            runtime = self._router.runtime(msg.model)
             if self._router.draining:
                 raise E.ShuttingDown("supervisor is shutting down")
-            self._background(self._answer(identity, msg.request_id, self._ops().load(runtime.cfg.id, msg.force)))
+            self._background(self._answer(identity, msg.request_id, self._daemon.ops.load(runtime.cfg.id, msg.force)))
         elif isinstance(msg, UnloadRequest):
-            runtime = self._runtime(msg.model)
-            self._background(self._answer(identity, msg.request_id, self._ops().unload(runtime.cfg.id)))
+            runtime = self._router.runtime(msg.model)
+            self._background(self._answer(identity, msg.request_id, self._daemon.ops.unload(runtime.cfg.id)))
         elif isinstance(msg, HistoryRequest):
-            runtime = self._runtime(msg.model)
+            runtime = self._router.runtime(msg.model)
             records = runtime.store.crashes(msg.model, max(1, min(msg.limit, 500)))
             self.send(identity, HistoryReply(msg.request_id, msg.model, records))
         elif isinstance(msg, A.AdminOp):
@@ -212,10 +207,10 @@ class ControlServer:
             A.ReloadRequest: lambda req: self._daemon.reload(), A.SwapRequest: self._swap_op,
             A.MetricsRequest: self._metrics_op, A.CacheClearRequest: self._cache_clear_op,
             A.CompatRequest: self._compat_op, A.ProbeRequest: self._probe_op,
-            A.RepairRequest: lambda req: self._ops().repair(self._runtime(req.model).cfg.id),
+            A.RepairRequest: lambda req: self._daemon.ops.repair(self._router.runtime(req.model).cfg.id),
             A.VerifyRequest: self._verify_op,
-            A.ReleaseRequest: lambda req: self._ops().release(self._runtime(req.model).cfg.id),
-            A.RollbackRequest: lambda req: self._ops().rollback(self._runtime(req.model).cfg.id, req.revision),
+            A.ReleaseRequest: lambda req: self._daemon.ops.release(self._router.runtime(req.model).cfg.id),
+            A.RollbackRequest: lambda req: self._daemon.ops.rollback(self._router.runtime(req.model).cfg.id, req.revision),
         }
 
     async def _admin(self, identity: bytes, msg: A.AdminOp, legacy: bool) -> None:
@@ -246,14 +241,10 @@ class ControlServer:
         return A.MetricsReply(req.request_id, self._metrics.render().decode())
 
     async def _cache_clear_op(self, req: A.CacheClearRequest) -> A.CacheClearReply:
-        chosen = [self._runtime(req.model)] if req.model else list(self._router.models.values())
+        chosen = [self._router.runtime(req.model)] if req.model else list(self._router.models.values())
         reply = A.CacheClearReply(req.request_id, [r.cfg.id for r in chosen], 0, 0)
-        state_dir = self._services.state_dir
         for r in chosen:
-            if r.worker is not None:  # it forgets its entries; their files go now, from here too
-                r.worker.tell(ClearPrefixCache())
-            cleared = kvcache.clear(state_dir, r.cfg.id) if state_dir is not None else {}
-            r.log.info("model.prefix_cache_cleared", **cleared)
+            cleared = r.clear_prefix_cache()
             reply.files += cleared.get("files", 0)
             reply.bytes += cleared.get("bytes", 0)
         return reply
@@ -267,7 +258,7 @@ class ControlServer:
         return await self._daemon.probe(req.path)
 
     async def _verify_op(self, req: A.VerifyRequest) -> A.VerifyReply:
-        runtime = self._runtime(req.model)
+        runtime = self._router.runtime(req.model)
         findings = snapshot.verify(runtime.running.path)
         return A.VerifyReply(req.request_id, runtime.running.path, [f.to_dict() for f in findings])
 
@@ -309,9 +300,6 @@ class ControlServer:
                 log.info("request.failed", code=msg.code, message=msg.message, duration_s=duration_s)
 
         return sink
-
-    def _ops(self) -> ModelOps:
-        return self._daemon.ops
 
     async def _answer(self, identity: bytes, request_id: str, op: Awaitable[dict[str, Any]]) -> None:
         """A per-model operation, answered when it is done (it may wait for another on its model)."""

@@ -8,12 +8,12 @@ import time
 from typing import Any, Callable
 
 from protocol import errors as E
-from protocol.messages import Chunk, Chunks, Error, Final, GenerateRequest, Message
+from protocol.messages import Chunks, ClearPrefixCache, GenerateRequest, Message
 from supervisor import logs
 from supervisor.admission import kvcache
 from supervisor.admission.evidence import Evidence
 from supervisor.config import Config, ModelConfig
-from supervisor.lifecycle import modelstatus, reducer as lifecycle, states
+from supervisor.lifecycle import reducer as lifecycle, states
 from supervisor.lifecycle.canary import run_canary
 from supervisor.lifecycle.requests import RequestQueue, Sink
 from supervisor.lifecycle.startup import Startup
@@ -40,7 +40,6 @@ class ModelRuntime:
         self.ready_since: float | None = None
         self.requests = RequestQueue(model.id, self._send_to_worker, model.max_batch_size, model.max_queue,
                                      ended=self._check_idle)
-        self._ledger = services.ledger
         self.last_used = 0.0  # monotonic time of the last request: eviction takes the oldest idle
         self.idled_out = False  # unloaded by idle_ttl_s: the next request brings it back
         self.canary: dict[str, Any] | None = None  # the last passing canary's evidence
@@ -62,14 +61,14 @@ class ModelRuntime:
     # --- state ---------------------------------------------------------------------------------
 
     def to(self, to: S, reason: str, **fields: Any) -> None:
-        pid = self.worker.process.pid if self.worker else None
-        fields = {"worker_pid": pid, "revision": self.running.revision, **fields}
+        fields = {"worker_pid": self.worker.process.pid if self.worker else None, "revision": self.running.revision,
+                  **fields}
         previous = self.state
         self.state = states.apply(self.state, to, reason, self.log.info, **fields)
         self.events.publish("model.state", model=self.cfg.id, **{"from": previous.value, "to": to.value},
                             reason=reason, **fields)
         if to in (S.UNLOADED, S.REJECTED, S.QUARANTINED):
-            self._ledger.release(self.cfg.id)  # no worker will hold memory for it
+            self.services.ledger.release(self.cfg.id)  # no worker will hold memory for it
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
@@ -102,9 +101,7 @@ class ModelRuntime:
         self.store.set_wanted(self.cfg.id, wanted, self.running.revision, self.cfg.revision)
 
     def retry_after_s(self) -> float:
-        if self.retry_at is not None:
-            return round(max(0.0, self.retry_at - time.monotonic()), 3)
-        return 1.0
+        return 1.0 if self.retry_at is None else round(max(0.0, self.retry_at - time.monotonic()), 3)
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -141,7 +138,7 @@ class ModelRuntime:
                 await self._refused(refusal)
                 return
         else:  # a restart keeps its reservation, but a dead worker's memory must be back first
-            await self._ledger.settle()
+            await self.services.ledger.settle()
         try:
             await self._go_ready(await self.startup.run())
         except E.LmxError as exc:
@@ -156,9 +153,8 @@ class ModelRuntime:
         """CANARY -> READY once the canary passes; the worker is then recorded for adoption."""
         cfg = self.running
         result = await run_canary(cfg.canary, self.requests, self.log)
-        ready = worker.ready.result() if worker.ready.done() and not worker.ready.exception() else None
-        self.canary = self._evidence().canary_passed(cfg.canary, result, ready.load_s if ready else None,
-                                                     worker.memory)
+        load_s = worker.loaded.load_s if worker.loaded else None
+        self.canary = self._evidence().canary_passed(cfg.canary, result, load_s, worker.memory)
         self.retry_at = None
         self.ready_since = time.monotonic()
         self.to(S.READY, "canary passed", canary_tokens=result.usage.get("completion_tokens"))
@@ -174,6 +170,15 @@ class ModelRuntime:
                          file=refusal.details.get("file"), revision=self.running.revision)
         await self._apply(lifecycle.Refused(refusal.code.code, refusal.message, self.running.revision),
                           refusal.code.code, refusal, now=time.time())
+
+    def clear_prefix_cache(self) -> dict[str, int]:
+        """lmxctl cache clear: the worker forgets its entries; their files go now, from here too."""
+        if self.worker is not None:
+            self.worker.tell(ClearPrefixCache())
+        state_dir = self.services.state_dir
+        removed = kvcache.clear(state_dir, self.cfg.id) if state_dir is not None else {}
+        self.log.info("model.prefix_cache_cleared", **removed)
+        return removed
 
     def _on_stable(self, worker: WorkerHandle) -> None:
         for effect in self._reduce(lifecycle.Stable(self.worker is worker)):
@@ -347,7 +352,7 @@ class ModelRuntime:
     def on_worker_exit(self, worker: WorkerHandle, rc: int | None) -> None:
         if worker is not self.worker:
             return  # a worker already replaced: its exit was seen to when it was
-        self._ledger.worker_exited(self.cfg.id, worker.process.pid, worker.memory.get("rss_bytes", 0),
+        self.services.ledger.worker_exited(self.cfg.id, worker.process.pid, worker.memory.get("rss_bytes", 0),
                                    worker.available_at_beat)
         effects = self._reduce(lifecycle.WorkerExited(worker.stopping))
         if not effects or worker.death is None:
@@ -360,13 +365,9 @@ class ModelRuntime:
             self._spawn_task(self._failed(exc, worker.death))
 
     def on_worker_result(self, worker: WorkerHandle, msg: Message) -> None:
-        if worker is not self.worker:
-            return
-        if isinstance(msg, Chunks):
-            for chunk in msg.chunks():
-                self.requests.on_result(chunk)
-        elif isinstance(msg, (Chunk, Final, Error)) and msg.request_id:
-            self.requests.on_result(msg)
+        if worker is self.worker:  # the queue matches results to requests by id, and drops the rest
+            for result in msg.chunks() if isinstance(msg, Chunks) else (msg,):
+                self.requests.on_result(result)
 
     # --- requests ------------------------------------------------------------------------------
 
@@ -394,6 +395,3 @@ class ModelRuntime:
 
     def cancel(self, wrid: str) -> None:
         self.requests.cancel(wrid)
-
-    def status(self) -> dict[str, Any]:
-        return modelstatus.of(self)

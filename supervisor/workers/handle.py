@@ -34,6 +34,11 @@ async def wait_for(fut: asyncio.Future, timeout_s: float, on_timeout: E.LmxError
         raise on_timeout from None
 
 
+def _outcome(fut: asyncio.Future) -> Any:
+    """A handshake future's result, or None while pending or when it failed."""
+    return fut.result() if fut.done() and not fut.cancelled() and fut.exception() is None else None
+
+
 class Owner(Protocol):
     """Who a worker works for (a model's runtime, or the spare pool): what is not the handle's own."""
 
@@ -82,13 +87,19 @@ class WorkerHandle:
                              handshake_timeout_s=sup.handshake_timeout_s)
 
     @classmethod
+    def _new(cls, cfg: ModelConfig, services: Services, owner: Owner, token: str,
+             spare: bool = False) -> "WorkerHandle":
+        """A handle on the hub whose process (not started or adopted yet) reports its exit to it."""
+        handle: WorkerHandle
+        process = cls._process(cfg, services, token, lambda p, rc: handle._exited(rc), spare)
+        handle = cls(process, services, owner)
+        return handle
+
+    @classmethod
     def spawn(cls, cfg: ModelConfig, services: Services, owner: Owner, spare: bool = False) -> "WorkerHandle":
         """A new worker process (with `spare`: one that imports mlx-lm and waits for a model)."""
-        handle: WorkerHandle | None = None
-        process = cls._process(cfg, services, secrets.token_hex(16), lambda p, rc: handle and handle._exited(rc),
-                               spare)
-        handle = cls(process, services, owner)
-        process.spawn()
+        handle = cls._new(cfg, services, owner, secrets.token_hex(16), spare)
+        handle.process.spawn()
         return handle
 
     def assign(self, cfg: ModelConfig, owner: Owner) -> None:
@@ -102,11 +113,9 @@ class WorkerHandle:
     def adopt(cls, record: dict[str, Any], cfg: ModelConfig, services: Services, owner: Owner) -> "WorkerHandle":
         """A previous supervisor run's worker, once pid and start time match; AdoptionRefused if not.
         It has yet to prove itself with an adoption hello (`prove`)."""
-        handle: WorkerHandle | None = None
-        process = cls._process(cfg, services, record["token"], lambda p, rc: handle and handle._exited(rc))
-        handle = cls(process, services, owner)
+        handle = cls._new(cfg, services, owner, record["token"])
         try:
-            process.adopt(record["pid"], record["start_time"])
+            handle.process.adopt(record["pid"], record["start_time"])
         except AdoptionRefused:
             handle._unregister()
             raise
@@ -128,7 +137,7 @@ class WorkerHandle:
     def end_orphan(cls, record: dict[str, Any], cfg: ModelConfig, services: Services, why: str) -> None:
         """A previous run's worker nobody will adopt: ended (once pid and start time match, so a
         stranger that reused the pid is never touched). Nothing routes to it meanwhile."""
-        process = cls._process(cfg, services.throwaway(hub=None), record["token"], lambda *_: None)
+        process = cls._process(cfg, services, record["token"], lambda *_: None)
         try:
             process.adopt(record["pid"], record["start_time"])
         except AdoptionRefused:
@@ -139,10 +148,19 @@ class WorkerHandle:
     # --- the wire ------------------------------------------------------------------------------
 
     @property
+    def greeting(self) -> Hello | None:
+        """Its hello, once it has said it (a spare's: its imports are done)."""
+        return _outcome(self.hello)
+
+    @property
+    def loaded(self) -> Ready | None:
+        """Its ready, once its weights are loaded."""
+        return _outcome(self.ready)
+
+    @property
     def direct_requests(self) -> bool:
         """Its main thread reads requests and cancels itself (Hello.direct_requests)."""
-        hello = self.hello
-        return hello.done() and not hello.cancelled() and hello.exception() is None and hello.result().direct_requests
+        return self.greeting is not None and self.greeting.direct_requests
 
     def tell(self, msg: Message) -> None:
         """A control message (Init, Shutdown, Adopt, ClearPrefixCache): to the worker's IO thread."""
@@ -232,9 +250,8 @@ class WorkerHandle:
             verdict = liveness_verdict(sup, time.monotonic(), self.last_heartbeat, self.phase,
                                        self.progress_at, self.memory, self.cfg.memory_limit_bytes)
             if verdict and self.process.alive and not self.stopping:
-                self.killed_for = verdict
                 self.log.error("worker.killed", code=verdict[0].code, reason=verdict[1], worker_pid=self.process.pid)
-                self.process.signal_group(signal.SIGKILL)
+                self.kill_for(*verdict)
                 return
 
     def _exited(self, rc: int | None) -> None:
@@ -260,21 +277,19 @@ class WorkerHandle:
         at once, without yielding to the loop: a failure's handling goes on to BACKOFF before
         anyone can read the dead worker as serving."""
         if self._closed is None:
+            self.stopping = True
+            if self._watch is not None:
+                self._watch.cancel()
+            loop = asyncio.get_running_loop()
             if self.process.alive:
-                self._closed = asyncio.get_running_loop().create_task(self._close(reason, timeout_s))
+                self._closed = loop.create_task(self._stop_ladder(reason, timeout_s))
             else:
-                self.stopping = True
-                if self._watch is not None:
-                    self._watch.cancel()
                 self._unregister()
-                self._closed = asyncio.get_running_loop().create_future()
+                self._closed = loop.create_future()
                 self._closed.set_result(None)
         await asyncio.shield(self._closed)
 
-    async def _close(self, reason: str, timeout_s: float) -> None:
-        self.stopping = True
-        if self._watch is not None:
-            self._watch.cancel()
+    async def _stop_ladder(self, reason: str, timeout_s: float) -> None:
         try:
             await self.process.stop(reason, timeout_s, ask=lambda: self.tell(Shutdown(reason)))
         finally:

@@ -26,7 +26,6 @@ class SparePool:
         self.size = size
         self._services = services
         self._spares: dict[str, WorkerHandle] = {}
-        self._started: dict[str, float] = {}
         self._closed = False
         self._refill: asyncio.TimerHandle | None = None
         self.log = logs.get(model=SPARE_ID)
@@ -36,15 +35,13 @@ class SparePool:
         while not self._closed and len(self._spares) < self.size:
             handle = WorkerHandle.spawn(ModelConfig(id=SPARE_ID, path=""), self._services, self, spare=True)
             self._spares[handle.process.token] = handle
-            self._started[handle.process.token] = time.monotonic()
 
     def take(self) -> WorkerHandle | None:
         """A spare that has said hello (imports done), or None: then the caller spawns a worker.
         The caller assigns it a model (WorkerHandle.assign)."""
         for token, spare in self._spares.items():
-            if spare.hello.done() and not spare.hello.exception() and spare.process.alive:
+            if spare.greeting is not None and spare.process.alive:
                 del self._spares[token]
-                self._started.pop(token, None)
                 self.log.info("worker.spare_taken", worker_pid=spare.process.pid)
                 if not self._closed and self._refill is None:
                     self._refill = asyncio.get_running_loop().call_soon(self.fill)
@@ -55,19 +52,18 @@ class SparePool:
         pass  # a spare has no requests: only its hello and heartbeats, which its handle takes
 
     def on_worker_exit(self, handle: WorkerHandle, rc: int | None) -> None:
-        token = handle.process.token
-        started = self._started.pop(token, time.monotonic())
-        if self._spares.pop(token, None) is None or self._closed:
+        if self._spares.pop(handle.process.token, None) is None or self._closed:
             return
         asyncio.get_running_loop().create_task(handle.close("spare died", 0.0))  # off the hub
         self.log.warning("worker.spare_died", worker_pid=handle.process.pid, exit_code=rc)
         if self._refill is None:
-            delay = REFILL_BACKOFF_S if time.monotonic() - started < REFILL_BACKOFF_S else 0.0
+            lived_s = time.time() - (handle.process.start_time or 0.0)  # the process's own start (wall clock)
+            delay = REFILL_BACKOFF_S if lived_s < REFILL_BACKOFF_S else 0.0
             self._refill = asyncio.get_running_loop().call_later(delay, self.fill)
 
     @property
     def ready(self) -> int:
-        return sum(1 for s in self._spares.values() if s.hello.done() and not s.hello.exception())
+        return sum(1 for s in self._spares.values() if s.greeting is not None)
 
     async def close(self, timeout_s: float) -> None:
         self._closed = True
