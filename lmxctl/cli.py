@@ -106,8 +106,9 @@ async def _history(client: SupervisorClient, args: argparse.Namespace) -> int:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["at"]))
         how = r["signal"] or (f"exit {r['exit_code']}" if r["exit_code"] is not None else "-")
         victim = " (innocent victim, not counted)" if r["victim"] else ""
+        rank = f"  rank {r['rank']} on {r.get('host') or '-'}" if r.get("rank") is not None else ""
         print(f"{when}  {r['code']:<16} {how:<8} rev {r['revision']}  during {r['phase']}  "
-              f"pid {r['worker_pid'] or '-'}  {r['cause']}{victim}")
+              f"pid {r['worker_pid'] or '-'}{rank}  {r['cause']}{victim}")
     return EXIT_OK
 
 

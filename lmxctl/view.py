@@ -44,6 +44,7 @@ NEXT_STEP = {
     "WORKER_CRASHED": "lmxctl history {model} has the crash record; the supervisor restarts the model",
     "WORKER_OOM": "raise the model's memory_limit_bytes or lower context_tokens; lmxctl history {model}",
     "WORKER_HUNG": "lmxctl history {model}; raise decode_stall_s / prefill_stall_s if the model is just slow",
+    "PEER_UNAVAILABLE": "lmxctl history {model} names the host; check that its supervisor runs and the link (docs/distributed.md)",
     "REQUEST_TIMEOUT": "raise the request's timeout, or lower max_tokens",
     "CANCELLED": "the request was cancelled; nothing to do",
     "OVERLOADED": "retry after retry_after_s; the model's queue is full",
@@ -123,6 +124,9 @@ def status_table(status: dict[str, Any], colour: bool = False) -> str:
         lines.append(f"{m['id'][:14]:<14} {paint(state, STATE_COLOUR.get(m['state']), colour)} {m['revision']:<12} "
                      f"{human_duration(m.get('ready_for_s')):>7} {m['restarts']:>8} {m['failures_in_window']:>5} "
                      f"{human_bytes(memory):>7}  {err_s}")
+        for r in m.get("group") or []:  # a group's ranks, under it
+            lines.append(f"  rank {r['rank']:<3} {r['host'][:12]:<12} pid {r['pid'] or '-':<8} {r['state']:<8} "
+                         f"{human_bytes((r.get('memory') or {}).get('rss_bytes')):>7}  {r['address']}")
         if err and not is_state(m["state"], S.READY):
             hints.append(paint(f"{m['id']} is {m['state']}: {err['code']}: ", "bold", colour)
                          + textwrap.shorten(err["message"], 400, placeholder=" …"))

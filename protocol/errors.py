@@ -28,6 +28,9 @@ class ErrorCode(enum.Enum):
     WORKER_CRASHED = ("WORKER_CRASHED", True, 502)
     WORKER_OOM = ("WORKER_OOM", True, 507)
     WORKER_HUNG = ("WORKER_HUNG", True, 504)
+    # A group's member host was lost: its link to the owning supervisor was silent past the link
+    # timeout, or its supervisor refused or could not place a rank (details: rank, host).
+    PEER_UNAVAILABLE = ("PEER_UNAVAILABLE", True, 503)
     REQUEST_TIMEOUT = ("REQUEST_TIMEOUT", True, 504)
     CANCELLED = ("CANCELLED", False, 499)
     OVERLOADED = ("OVERLOADED", True, 429)
@@ -119,6 +122,7 @@ ModelQuarantined = _make("ModelQuarantined", ErrorCode.MODEL_QUARANTINED)
 WorkerCrashed = _make("WorkerCrashed", ErrorCode.WORKER_CRASHED)
 WorkerOOM = _make("WorkerOOM", ErrorCode.WORKER_OOM)
 WorkerHung = _make("WorkerHung", ErrorCode.WORKER_HUNG)
+PeerUnavailable = _make("PeerUnavailable", ErrorCode.PEER_UNAVAILABLE)
 RequestTimeout = _make("RequestTimeout", ErrorCode.REQUEST_TIMEOUT)
 Cancelled = _make("Cancelled", ErrorCode.CANCELLED)
 Overloaded = _make("Overloaded", ErrorCode.OVERLOADED)

@@ -244,6 +244,8 @@ class Init(Message):
     # with BAD_REQUEST before prefill (0 = not given, nothing refused). The memory estimate budgets
     # the KV cache for this many tokens, so a longer prompt is one the model was not admitted for.
     context_tokens: int = added(0)
+    # A rank of a group (worker.group): {"rank", "size", "backend", "parallel"}; None: a whole model.
+    group: Optional[dict] = added()
 
 
 @dataclass

@@ -9,6 +9,9 @@ import enum
 class Phase(str, enum.Enum):
     STARTING = "starting"  # before the weights load
     LOADING = "loading"
+    # A group's rank inside mx.distributed.init, which holds the GIL until every rank has joined:
+    # no heartbeat comes meanwhile. load_timeout_s bounds it, and a rank that dies ends the group.
+    JOINING = "joining"
     IDLE = "idle"  # nothing to generate: no progress is expected
     PREFILL = "prefill"  # prompt work: progress moves per prefill slice
     DECODE = "decode"  # generating: progress moves per step

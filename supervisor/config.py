@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from supervisor import topology
 from supervisor.control import auth
 
 from supervisor.admission import confinement
@@ -78,6 +79,11 @@ class SupervisorSettings:
     # per model (boots: in all) the oldest go, so the store cannot grow without bound.
     history_retention_s: float = 30 * 86400.0
     history_max_rows: int = 1000
+    # Groups (docs/distributed.md): where this host's ranks listen for each other (default: the
+    # host of `listen`, else 127.0.0.1), and how long a peer's link may stay silent before its
+    # host counts as lost (PEER_UNAVAILABLE for the group).
+    data_address: str = ""
+    link_timeout_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -98,7 +104,7 @@ class CanarySettings:
 
 
 # Model keys added after revisions were first recorded, with their defaults.
-_ADDED_LATER = {"hub_repo": None, "hub_revision": None, "max_batch_size": 8, "prefill_step_size": 512,
+_ADDED_LATER = {"group": None, "hub_repo": None, "hub_revision": None, "max_batch_size": 8, "prefill_step_size": 512,
                 "max_queue": 64, "idle_ttl_s": 0.0, "pinned": False, "stream_interval_s": 0.05,
                 "prefix_cache_bytes": -1, "prefix_cache_disk_bytes": -1, "prefix_cache_persist": True}
 
@@ -129,6 +135,7 @@ class ModelConfig:
     idle_ttl_s: float = 0.0  # READY and unused this long: unload (0 = never); the next request loads it
     pinned: bool = False  # never evicted, never unloaded for idleness
     canary: CanarySettings = field(default_factory=CanarySettings)
+    group: topology.GroupConfig | None = None  # served by ranks on several hosts (docs/distributed.md)
 
     @functools.cached_property
     def revision(self) -> str:
@@ -148,6 +155,7 @@ class Config:
     restart: RestartSettings
     models: tuple[ModelConfig, ...]
     clients: tuple[auth.ClientKey, ...] = ()  # [[clients]]: who may use the tcp endpoint, and as what
+    peers: tuple[topology.PeerConfig, ...] = ()  # [[peers]]: supervisors this one may place ranks on
 
     def model(self, model_id: str) -> ModelConfig | None:
         return next((m for m in self.models if m.id == model_id), None)
@@ -229,9 +237,25 @@ def _mirror(reader: _Reader, base_dir: Path) -> str | None:
     return str((base_dir / os.path.expanduser(value)).resolve()) if value else None
 
 
-def _model(file: str, index: int, raw: Any, base_dir: Path) -> ModelConfig:
+def _group(file: str, prefix: str, reader: _Reader, peers: tuple) -> topology.GroupConfig | None:
+    """A group serves one request at a time, without a prefix cache (docs/distributed.md)."""
+    if "group" not in reader.table:
+        return None
+    try:
+        group = topology.parse_group(prefix, reader.table.pop("group"), peers)
+    except topology.Problem as exc:
+        raise ConfigError(file, exc.key, exc.problem) from None
+    if reader.table.get("max_batch_size", 1) != 1:
+        raise ConfigError(file, f"{prefix}.max_batch_size", "a group serves one request at a time: must be 1")
+    reader.table["max_batch_size"] = 1
+    reader.table.setdefault("prefix_cache_bytes", 0)
+    return group
+
+
+def _model(file: str, index: int, raw: Any, base_dir: Path, peers: tuple = ()) -> ModelConfig:
     prefix = f"models[{index}]"
     reader = _Reader(file, prefix, raw)
+    group = _group(file, prefix, reader, peers)
     model_id = reader.take("id", str)
     if not model_id or not all(c.isalnum() or c in "-_." for c in model_id):
         raise ConfigError(file, f"{prefix}.id", f"expected letters, digits, '-', '_', '.', got {model_id!r}")
@@ -257,6 +281,7 @@ def _model(file: str, index: int, raw: Any, base_dir: Path) -> ModelConfig:
         pinned=reader.take("pinned", bool, False),
         worker_command=reader.take_list("worker_command", str, None),
         canary=_canary(file, f"{prefix}.canary", reader.table.pop("canary", {})),
+        group=group,
     )
     reader.finish()
     for key in ("max_batch_size", "prefill_step_size"):
@@ -286,10 +311,14 @@ def parse(text: str, file: str = "<config>", base_dir: Path | None = None) -> Co
     base_dir = base_dir or Path.cwd()
     supervisor = _section(file, "supervisor", raw, SupervisorSettings)
     restart = _section(file, "restart", raw, RestartSettings)
+    try:
+        peers = topology.parse_peers(raw.pop("peers", []), base_dir)
+    except topology.Problem as exc:
+        raise ConfigError(file, exc.key, exc.problem) from None
     models_raw = raw.pop("models", [])
     if not isinstance(models_raw, list):
         raise ConfigError(file, "models", "expected an array of tables ([[models]])")
-    models = tuple(_model(file, i, m, base_dir) for i, m in enumerate(models_raw))
+    models = tuple(_model(file, i, m, base_dir, peers) for i, m in enumerate(models_raw))
     seen: set[str] = set()
     for i, m in enumerate(models):
         if m.id in seen:
@@ -317,7 +346,7 @@ def parse(text: str, file: str = "<config>", base_dir: Path | None = None) -> Co
                           f"must be >= 10 and >= restart.quarantine_after ({restart.quarantine_after})")
     if supervisor.heartbeat_timeout_s <= supervisor.heartbeat_interval_s:
         raise ConfigError(file, "supervisor.heartbeat_timeout_s", "must exceed heartbeat_interval_s")
-    return Config(file, supervisor, restart, models, clients)
+    return Config(file, supervisor, restart, models, clients, peers)
 
 
 def load(path: str | os.PathLike) -> Config:

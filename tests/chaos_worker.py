@@ -16,6 +16,7 @@ parser.add_argument("--signal", default="SIGABRT")
 parser.add_argument("--after", type=int, default=1, help="generate: calls that pass first (1 = the canary)")
 parser.add_argument("--unless-exists", default=None, help="no fault once this file exists")
 parser.add_argument("--stall-s", type=float, default=0.0, help="generate: sleep this long first (a slow canary)")
+parser.add_argument("--rank", type=int, default=None, help="in a group, only this rank (MLX_RANK) faults")
 parser.add_argument("--strand", default=None,
                     help="a tmpfs file to fill and map at start: memory that outlives the worker")
 parser.add_argument("--strand-bytes", type=int, default=0)
@@ -41,6 +42,8 @@ def fault() -> None:
         return
     if args.unless_exists and Path(args.unless_exists).exists():
         return
+    if args.rank is not None and os.environ.get("MLX_RANK") != str(args.rank):
+        return
     if args.say:
         sys.stderr.write(args.say + "\n")
         sys.stderr.flush()
@@ -59,6 +62,15 @@ elif args.at == "load":
         return _load(self, path)
 
     engine.Engine.load = load
+    import worker.group as group
+
+    _group_load = group.load
+
+    def group_load(*a, **kw):  # type: ignore[no-untyped-def]
+        fault()
+        return _group_load(*a, **kw)
+
+    group.load = group_load
 elif args.at == "generate":
     import worker.batch as batch
 

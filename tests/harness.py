@@ -37,11 +37,11 @@ def render_config(models: list[dict], sections: dict[str, dict]) -> str:
         lines += [f"{k} = {toml_value(v)}" for k, v in table.items()]
     for model in models:
         lines.append("[[models]]")
-        canary = model.get("canary")
-        lines += [f"{k} = {toml_value(v)}" for k, v in model.items() if k != "canary"]
-        if canary:
-            lines.append("[models.canary]")
-            lines += [f"{k} = {toml_value(v)}" for k, v in canary.items()]
+        lines += [f"{k} = {toml_value(v)}" for k, v in model.items() if not isinstance(v, dict)]
+        for name, table in model.items():  # [models.canary], [models.group]
+            if isinstance(table, dict) and table:
+                lines.append(f"[models.{name}]")
+                lines += [f"{k} = {toml_value(v)}" for k, v in table.items()]
     return "\n".join(lines) + "\n"
 
 

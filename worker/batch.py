@@ -38,6 +38,7 @@ class _Solo:
     cache: list
     rest: list[int]  # the prompt tokens generate_step was given (the cache holds the others)
     sampler: Any
+    limit: int = 0  # its max_tokens: generate_step yields at most this many
     yielded: int = 0
 
 
@@ -94,7 +95,7 @@ class Batcher:
                 # worker (and everyone's requests on it) down.
                 raise ValueError(f"the prompt has {len(prompt)} tokens; the model's context_tokens is "
                                  f"{self.context_tokens}")
-            sampler = sampling.make(req.temperature, req.top_p, req.top_k)
+            sampler = self._sampler(req)
             stream = self._stream(req, prompt)
             processors = self._processors(req)
         except Exception as exc:  # this request's input is unusable; the batch goes on
@@ -105,8 +106,8 @@ class Batcher:
         try:
             # A request with logits processors never runs alone: a processor follows its sequence's
             # tokens, which a move from generate_step into the batch would feed it twice.
-            if self._solo_ok and not self._streams and req.max_tokens > 1 and not processors:
-                uid = self._start_solo(req, rest, cache, sampler)
+            if self._runs_alone(req, processors):
+                uid = self._start_solo(req, rest, cache, sampler, processors)
             else:
                 if self._solo is not None:
                     self._solo_to_batch()
@@ -119,6 +120,12 @@ class Batcher:
         self._streams[uid] = stream
         self._uids[req.request_id] = uid
         self._first.add(req.request_id)
+
+    def _runs_alone(self, req: GenerateRequest, processors: list) -> bool:
+        return self._solo_ok and not self._streams and req.max_tokens > 1 and not processors
+
+    def _sampler(self, req: GenerateRequest) -> Any:
+        return sampling.make(req.temperature, req.top_p, req.top_k)
 
     def _stream(self, req: GenerateRequest, prompt: list[int]) -> Stream:
         tok = self._engine.tokenizer
@@ -160,7 +167,8 @@ class Batcher:
 
     # --- a request alone: generate_step, then into the batch when company comes --------------
 
-    def _start_solo(self, req: GenerateRequest, rest: list[int], cache: list | None, sampler: Any) -> int:
+    def _start_solo(self, req: GenerateRequest, rest: list[int], cache: list | None, sampler: Any,
+                    processors: list | None = None) -> int:
         import mlx.core as mx
         from mlx_lm.generate import generate_step
         from mlx_lm.models.cache import make_prompt_cache
@@ -176,8 +184,8 @@ class Batcher:
 
         tokens_gen = generate_step(mx.array(rest), self._engine.model, prompt_cache=cache, sampler=sampler,
                                    max_tokens=req.max_tokens, prefill_step_size=self._prefill_step,
-                                   prompt_progress_callback=on_prefill)
-        self._solo = _Solo(tokens_gen, cache, rest, sampler)
+                                   prompt_progress_callback=on_prefill, logits_processors=processors or None)
+        self._solo = _Solo(tokens_gen, cache, rest, sampler, req.max_tokens)
         return self._SOLO
 
     def _solo_step(self) -> None:

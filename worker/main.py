@@ -97,6 +97,29 @@ def main() -> int:
         worker_log.assign(init.model_id)
     _apply_memory_limit(init.memory_limit_bytes)
     progress.phase = Phase.LOADING
+    engine, group, load_s = _load(init, channel, progress, death_fd)
+    progress.memory = engine.memory
+    progress.phase = Phase.IDLE
+    progress.revision = init.revision
+    log("worker.loaded", revision=init.revision, load_s=round(load_s, 3))
+    if group is not None:
+        from worker.group import GroupBatcher
+
+        channel.send(Ready(init.revision, load_s, engine.memory(), {}))
+        return _serve(channel, GroupBatcher(engine, progress, channel.send, group, init.prefill_step_size,
+                                            init.stream_interval_s, init.context_tokens), progress)
+    prefix = _prefix_cache(init, engine)
+    progress.cache = prefix.stats if prefix.enabled else dict
+    channel.send(Ready(init.revision, load_s, engine.memory(), progress.cache()))
+    from worker.batch import Batcher
+
+    batcher = Batcher(engine, progress, channel.send, max(1, init.max_batch_size), init.prefill_step_size,
+                      init.stream_interval_s, prefix, init.context_tokens)
+    return _serve(channel, batcher, progress)
+
+
+def _load(init: Init, channel: Channel, progress: Progress, death_fd: int | None):
+    """(the engine, the group or None, load seconds); exits LOAD_FAILED (after saying why) if not."""
     try:
         from worker.engine import Engine
 
@@ -106,23 +129,17 @@ def main() -> int:
             # and the supervisor's watchdog on the reported footprint.
             engine.set_memory_limit(init.memory_limit_bytes)
         log("worker.loading", path=init.path, revision=init.revision, **engine.versions())
-        load_s = engine.load(init.path)
+        if init.group:
+            from worker import group as ranks
+
+            group, load_s = ranks.join_and_load(engine, init, channel, progress, death_fd)
+            return engine, group, load_s
+        return engine, None, engine.load(init.path)
     except Exception as exc:
         log("worker.load_failed", level="error", error=repr(exc), traceback=traceback.format_exc(limit=8))
         channel.send(Error(None, ErrorCode.LOAD_FAILED.code, f"load failed: {exc!r}"))
         _flush_and_exit(WorkerExit.LOAD_FAILED)
-    progress.memory = engine.memory
-    progress.phase = Phase.IDLE
-    progress.revision = init.revision
-    log("worker.loaded", revision=init.revision, load_s=round(load_s, 3))
-    prefix = _prefix_cache(init, engine)
-    progress.cache = prefix.stats if prefix.enabled else dict
-    channel.send(Ready(init.revision, load_s, engine.memory(), progress.cache()))
-    from worker.batch import Batcher
-
-    batcher = Batcher(engine, progress, channel.send, max(1, init.max_batch_size), init.prefill_step_size,
-                      init.stream_interval_s, prefix, init.context_tokens)
-    return _serve(channel, batcher, progress)
+        raise
 
 
 def _prefix_cache(init: Init, engine):

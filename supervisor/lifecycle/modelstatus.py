@@ -44,4 +44,5 @@ def of(rt: "ModelRuntime") -> dict[str, Any]:
         "memory": dict(w.memory) if w else {},
         "prefix_cache": rt.cache_totals.observe(w.process.pid if w else None, w.cache if w else {}),
         "canary": rt.canary,
+        "group": w.status() if w is not None and hasattr(w, "status") else None,
     }

@@ -298,4 +298,6 @@ def crash_record(model: str, revision: str, now: float, exc: E.LmxError, verdict
         "worker_pid": worker.process.pid if worker else None,
         "memory": worker.memory if worker else {},
         "stderr_tail": list(worker.process.stderr_tail) if worker else [],
+        # A group's failure names the rank and the host it ran on (supervisor.workers.group).
+        **{k: exc.details[k] for k in ("rank", "host") if k in exc.details},
     }

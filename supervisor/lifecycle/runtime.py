@@ -21,6 +21,7 @@ from supervisor.lifecycle.states import ModelState as S
 from supervisor.services import Services
 from supervisor.workers import adoption
 from supervisor.workers.classify import Verdict
+from supervisor.workers.group import RankGroup
 from supervisor.workers.handle import WorkerHandle
 
 
@@ -32,7 +33,7 @@ class ModelRuntime:
         self.store = services.store
         self.events, self.metrics = services.events, services.metrics
         self.state = S.UNLOADED
-        self.worker: WorkerHandle | None = None
+        self.worker: WorkerHandle | RankGroup | None = None
         self.restarts = 0
         self.consecutive_failures = 0
         self.last_error: E.LmxError | None = None
@@ -159,8 +160,9 @@ class ModelRuntime:
         self.ready_since = time.monotonic()
         self.to(S.READY, "canary passed", canary_tokens=result.usage.get("completion_tokens"))
         p = worker.process
-        self.store.set_worker(self.cfg.id, adoption.worker_record(
-            p.pid, p.start_time, p.token, cfg.revision, self.services.worker_endpoint, self.store.boot_id))
+        if cfg.group is None:  # a group's ranks end with their supervisor: nothing to adopt
+            self.store.set_worker(self.cfg.id, adoption.worker_record(
+                p.pid, p.start_time, p.token, cfg.revision, self.services.worker_endpoint, self.store.boot_id))
         self._stable = asyncio.get_running_loop().call_later(
             self.config.restart.stable_after_s, self._on_stable, worker)
 

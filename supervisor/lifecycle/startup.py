@@ -13,6 +13,7 @@ from protocol.messages import Init
 from supervisor.admission import admit as admission, kvcache
 from supervisor.config import ModelConfig
 from supervisor.lifecycle.states import ModelState as S
+from supervisor.workers.group import RankGroup
 from supervisor.workers.handle import AdoptionRefused, wait_for, WorkerHandle
 
 if TYPE_CHECKING:
@@ -59,7 +60,27 @@ class Startup:
         if worker is not None:
             rt.to(S.CANARY, "adopted: weights already loaded")
             return worker
+        if cfg.group is not None:
+            return await self._start_group(cfg)
         return await self._spawn_and_load(cfg)
+
+    async def _start_group(self, cfg: ModelConfig) -> RankGroup:
+        """Every rank spawned with its place in the group; CANARY once every rank has loaded."""
+        rt, sup = self.rt, self.rt.config.supervisor
+        group = RankGroup(cfg, rt.services, rt)
+        rt.worker = group
+        group.spawn(sup)
+        await group.start(self._init(cfg), sup)
+        rt.to(S.LOADING, "handshake done with every rank")
+        await group.until_ready(sup)
+        rt.to(S.CANARY, "weights loaded on every rank")
+        return group
+
+    def _init(self, cfg: ModelConfig) -> Init:
+        sup = self.rt.config.supervisor
+        return Init(cfg.id, cfg.revision, cfg.path, sup.heartbeat_interval_s, sup.orphan_grace_s,
+                    cfg.memory_limit_bytes, cfg.max_batch_size, cfg.prefill_step_size, cfg.stream_interval_s,
+                    context_tokens=cfg.context_tokens, **self._prefix_cache_init(cfg))
 
     async def _adopt(self, record: dict[str, Any]) -> WorkerHandle | None:
         """The worker proves itself with an adoption hello, or is ended and a fresh one spawned.
@@ -96,9 +117,7 @@ class Startup:
         worker.watch(sup)
         await wait_for(worker.hello, sup.handshake_timeout_s,
                        E.LoadTimeout(f"no hello within handshake_timeout_s={sup.handshake_timeout_s}"))
-        worker.tell(Init(cfg.id, cfg.revision, cfg.path, sup.heartbeat_interval_s, sup.orphan_grace_s,
-                         cfg.memory_limit_bytes, cfg.max_batch_size, cfg.prefill_step_size, cfg.stream_interval_s,
-                         context_tokens=cfg.context_tokens, **self._prefix_cache_init(cfg)))
+        worker.tell(self._init(cfg))
         rt.to(S.LOADING, "handshake done")
         await wait_for(worker.ready, sup.load_timeout_s,
                        E.LoadTimeout(f"no ready within load_timeout_s={sup.load_timeout_s}"))

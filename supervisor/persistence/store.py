@@ -175,7 +175,7 @@ class Store:
 
     def add_crash(self, record: dict[str, Any]) -> None:
         cols = ("model", "revision", "at", "code", "cause", "victim", "signal", "exit_code", "phase",
-                "request_id", "worker_pid", "memory", "stderr_tail")
+                "request_id", "worker_pid", "memory", "stderr_tail", "rank", "host")
         values = [record.get(c) for c in cols]
         values[cols.index("memory")] = json.dumps(record.get("memory") or {})
         values[cols.index("stderr_tail")] = "\n".join(record.get("stderr_tail") or [])

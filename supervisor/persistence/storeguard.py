@@ -101,6 +101,11 @@ CREATE INDEX crashes_model_at ON crashes(model, at);
 CREATE INDEX failures_model_at ON failures(model, at);
 CREATE INDEX boots_at ON boots(at)
 """,
+    # 3: a group's failure names the rank that failed and the host it ran on.
+    """
+ALTER TABLE crashes ADD COLUMN rank INTEGER;
+ALTER TABLE crashes ADD COLUMN host TEXT
+""",
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

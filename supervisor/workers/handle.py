@@ -80,25 +80,27 @@ class WorkerHandle:
 
     @classmethod
     def _process(cls, cfg: ModelConfig, services: Services, token: str, on_exit: Callable,
-                 spare: bool = False) -> WorkerProcess:
+                 spare: bool = False, env: dict[str, str] | None = None) -> WorkerProcess:
         sup = services.config.supervisor
         return WorkerProcess(cfg, services.worker_endpoint, token, asyncio.get_running_loop(), on_exit,
                              services.log_dir, hub_downloads=sup.hub_downloads, spare=spare,
-                             handshake_timeout_s=sup.handshake_timeout_s)
+                             handshake_timeout_s=sup.handshake_timeout_s, env=env)
 
     @classmethod
     def _new(cls, cfg: ModelConfig, services: Services, owner: Owner, token: str,
-             spare: bool = False) -> "WorkerHandle":
+             spare: bool = False, env: dict[str, str] | None = None) -> "WorkerHandle":
         """A handle on the hub whose process (not started or adopted yet) reports its exit to it."""
         handle: WorkerHandle
-        process = cls._process(cfg, services, token, lambda p, rc: handle._exited(rc), spare)
+        process = cls._process(cfg, services, token, lambda p, rc: handle._exited(rc), spare, env)
         handle = cls(process, services, owner)
         return handle
 
     @classmethod
-    def spawn(cls, cfg: ModelConfig, services: Services, owner: Owner, spare: bool = False) -> "WorkerHandle":
-        """A new worker process (with `spare`: one that imports mlx-lm and waits for a model)."""
-        handle = cls._new(cfg, services, owner, secrets.token_hex(16), spare)
+    def spawn(cls, cfg: ModelConfig, services: Services, owner: Owner, spare: bool = False,
+              env: dict[str, str] | None = None) -> "WorkerHandle":
+        """A new worker process (with `spare`: one that imports mlx-lm and waits for a model; with
+        `env`: MLX's variables that make it a rank of a group)."""
+        handle = cls._new(cfg, services, owner, secrets.token_hex(16), spare, env)
         handle.process.spawn()
         return handle
 
@@ -235,6 +237,14 @@ class WorkerHandle:
         """The supervisor's own verdict: SIGKILL the process group; the death is classified as `code`."""
         if self.process.alive and not self.stopping:
             self.killed_for = (code, reason)
+            self.process.signal_group(signal.SIGKILL)
+
+    def end_with_group(self) -> None:
+        """Another rank of its group failed: SIGKILL now; its death is the group's, not its own."""
+        self.stopping = True
+        if self._watch is not None:
+            self._watch.cancel()
+        if self.process.alive:
             self.process.signal_group(signal.SIGKILL)
 
     def watch(self, sup: SupervisorSettings) -> None:

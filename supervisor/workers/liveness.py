@@ -19,7 +19,7 @@ def liveness_verdict(
     """None while healthy; else why to kill it. Separate stall budgets for prefill and decode, so a
     long prompt or a long answer is never mistaken for a wedge (a total-time deadline would be)."""
     silent_s = now - last_heartbeat
-    if silent_s > sup.heartbeat_timeout_s:
+    if silent_s > sup.heartbeat_timeout_s and phase != Phase.JOINING:
         return ErrorCode.WORKER_HUNG, f"no heartbeat for {silent_s:.1f}s"
     stall_s = now - progress_at
     budget = {Phase.DECODE: sup.decode_stall_s, Phase.PREFILL: sup.prefill_stall_s}.get(phase)

@@ -46,8 +46,10 @@ class WorkerProcess:
         hub_downloads: bool = False,
         spare: bool = False,
         handshake_timeout_s: float = 60.0,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.model = model
+        self._env = dict(env or {})  # beside the LMX_* variables: a group rank's MLX_* ones
         self._hub_downloads = hub_downloads
         self._spare = spare  # a warm spare: imports mlx-lm before its hello, gets a model later
         self._handshake_timeout_s = handshake_timeout_s
@@ -120,6 +122,7 @@ class WorkerProcess:
             env["LMX_WORKER_LOG_DIR"] = str(self._log_dir)
         if self._spare:
             env["LMX_WORKER_SPARE"] = "1"
+        env.update(self._env)
         cmd = list(self.model.worker_command or (sys.executable, "-m", "worker"))
         try:
             self._proc = subprocess.Popen(

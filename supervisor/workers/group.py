@@ -1,0 +1,251 @@
+"""A group: one model served by several ranks (worker processes on mx.distributed, docs/distributed.md),
+owned as one unit. To its model's runtime it is one worker: one handshake (every rank's hello, then
+every rank's ready), one process to report (rank 0's, or the rank that failed), one death. The first
+rank to die, or to be judged hung or over its memory, is the group's death: every other rank is
+SIGKILLed at once and the error names the rank and its host. Requests go to every rank, in the same
+order (the ranks run them in lockstep, worker.group); cancels go to rank 0, which decides for all."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from protocol import errors as E
+from protocol.messages import Cancel, GenerateRequest, Init, Message
+from supervisor import logs, topology
+from supervisor.config import ModelConfig, SupervisorSettings
+from supervisor.services import Services
+from supervisor.workers.classify import Verdict
+from supervisor.workers.handle import Owner, WorkerHandle, wait_for
+
+
+def free_ports(host: str, n: int) -> list[int]:
+    """n TCP ports free on `host` now (the ranks bind them a moment later)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((host, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@dataclasses.dataclass
+class Rank:
+    index: int
+    host: str
+    address: str  # "ip:port" its ring listens on
+    handle: Any = None  # a WorkerHandle (local rank)
+
+
+class RankGroup:
+    def __init__(self, cfg: ModelConfig, services: Services, owner: Owner) -> None:
+        assert cfg.group is not None
+        self.cfg = cfg
+        self.spec = cfg.group
+        self._services = services
+        self._owner = owner
+        self.log = logs.get(model=cfg.id)
+        sup = services.config.supervisor
+        here = topology.local_data_address(sup.data_address, sup.listen)
+        peers = {p.name: p for p in services.config.peers}
+        hosts = [here if h == topology.LOCAL else peers[h].data_host for h in self.spec.hosts]
+        if self.spec.ring_port:
+            ports = [self.spec.ring_port + i for i in range(self.spec.size)]
+        else:
+            ports = free_ports(here, self.spec.size)
+        self.ranks = [Rank(i, h, f"{addr}:{port}") for i, (h, addr, port) in enumerate(zip(self.spec.hosts, hosts, ports))]
+        self.stopping = False
+        self.death: Verdict | None = None
+        self.failed: Rank | None = None
+        self._hostfile = self._write_hostfile()
+        loop = asyncio.get_running_loop()
+        self.hello: asyncio.Future = loop.create_future()
+        self.ready: asyncio.Future = loop.create_future()
+
+    # --- start ---------------------------------------------------------------------------------
+
+    def _write_hostfile(self) -> Path:
+        state_dir = self._services.state_dir
+        base = Path(state_dir) / "groups" if state_dir is not None else Path(tempfile.gettempdir())
+        base.mkdir(parents=True, exist_ok=True)
+        path = base / f"{self.cfg.id}.hostfile.json"
+        path.write_text(json.dumps([[r.address] for r in self.ranks]))
+        return path
+
+    def rank_env(self, rank: Rank) -> dict[str, str]:
+        """MLX's own variables for this rank (what mlx.launch would set)."""
+        env = {"MLX_RANK": str(rank.index), "MLX_WORLD_SIZE": str(self.spec.size)}
+        if self.spec.backend == "ring":
+            env["MLX_HOSTFILE"] = str(self._hostfile)
+        else:
+            coordinator = self.ranks[0].address.rsplit(":", 1)[0]
+            port = self.spec.jaccl_coordinator_port or free_ports(coordinator, 1)[0]
+            env["MLX_IBV_DEVICES"] = self.spec.jaccl_devices_file
+            env["MLX_JACCL_COORDINATOR"] = f"{coordinator}:{port}"
+        return env
+
+    def spawn(self, sup: SupervisorSettings) -> None:
+        for rank in self.ranks:
+            if rank.host != topology.LOCAL:
+                raise E.PeerUnavailable(f"rank {rank.index} is placed on peer {rank.host!r}; placing ranks on "
+                                        "peers is not built yet", rank=rank.index, host=rank.host)
+            rank.handle = WorkerHandle.spawn(self.cfg, self._services, self, env=self.rank_env(rank))
+            rank.handle.watch(sup)
+        self.log.info("group.spawned", ranks=[{"rank": r.index, "host": r.host, "address": r.address,
+                                               "worker_pid": r.handle.process.pid} for r in self.ranks])
+
+    async def start(self, init: Init, sup: SupervisorSettings) -> None:
+        """Every rank's hello, then Init (with its place in the group), then every rank's ready.
+        A rank's death on the way fails the awaited step with the group's error."""
+        try:
+            await wait_for(self._all("hello"), sup.handshake_timeout_s,
+                           E.LoadTimeout(f"not every rank said hello within handshake_timeout_s={sup.handshake_timeout_s}"))
+            for rank in self.ranks:
+                group = {"rank": rank.index, "size": self.spec.size, "backend": self.spec.backend,
+                         "parallel": self.spec.parallel}
+                # orphan_grace_s 0: a rank whose supervisor is gone ends at once (the group is over)
+                rank.handle.tell(dataclasses.replace(init, group=group, orphan_grace_s=0.0))
+            self._resolve(self.hello, None)
+        except E.LmxError as exc:
+            self._resolve(self.hello, exc)
+            raise
+
+    async def until_ready(self, sup: SupervisorSettings) -> None:
+        try:
+            await wait_for(self._all("ready"), sup.load_timeout_s,
+                           E.LoadTimeout(f"not every rank was ready within load_timeout_s={sup.load_timeout_s}"))
+            self._resolve(self.ready, self.ranks[0].handle.loaded)
+        except E.LmxError as exc:
+            self._resolve(self.ready, exc)
+            raise
+
+    async def _all(self, which: str) -> None:
+        """Every rank's `which` future; the group's error as soon as one rank fails (its death, or
+        an error it sent, named with its rank and host)."""
+        waits = {}
+        for r in self.ranks:
+            fut = getattr(r.handle, which)
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # the others', once one failed
+            waits[asyncio.ensure_future(asyncio.shield(fut))] = r
+        try:
+            for done in asyncio.as_completed(list(waits)):
+                try:
+                    await done
+                except E.LmxError as exc:
+                    if self.death is None:
+                        rank = next(r for t, r in waits.items() if t.done() and t.exception() is exc)
+                        exc.details.update(rank=rank.index, host=rank.host)
+                        raise
+                if self.death is not None:
+                    raise self.death_error()
+        finally:
+            for t in waits:
+                t.cancel()
+
+    @staticmethod
+    def _resolve(fut: asyncio.Future, outcome: Any) -> None:
+        if fut.done():
+            return
+        if isinstance(outcome, BaseException):
+            fut.set_exception(outcome)
+            fut.exception()
+        else:
+            fut.set_result(outcome)
+
+    # --- what the runtime reads of its "worker" -----------------------------------------------
+
+    @property
+    def process(self) -> Any:
+        """The process a status or a crash record names: the rank that failed, else rank 0's."""
+        rank = self.failed or self.ranks[0]
+        return rank.handle.process
+
+    @property
+    def loaded(self) -> Any:
+        return self.ranks[0].handle.loaded
+
+    @property
+    def memory(self) -> dict:
+        return (self.failed or self.ranks[0]).handle.memory
+
+    @property
+    def phase(self) -> str:
+        return self.ranks[0].handle.phase
+
+    @property
+    def cache(self) -> dict:
+        return {}
+
+    @property
+    def available_at_beat(self) -> int | None:
+        return self.ranks[0].handle.available_at_beat
+
+    def status(self) -> list[dict[str, Any]]:
+        """Each rank, for lmxctl status."""
+        out = []
+        for r in self.ranks:
+            h = r.handle
+            alive = h is not None and h.process.alive
+            out.append({"rank": r.index, "host": r.host, "address": r.address,
+                        "pid": h.process.pid if h else None, "state": h.phase if alive else "exited",
+                        "memory": dict(h.memory) if h else {}})
+        return out
+
+    # --- the wire ------------------------------------------------------------------------------
+
+    def send(self, msg: Message) -> bool:
+        """A request to every rank (in one order: the ranks run it together); a cancel to rank 0."""
+        if self.death is not None or self.stopping:
+            return False
+        if isinstance(msg, GenerateRequest):
+            return all([r.handle.send(msg) for r in self.ranks])
+        if isinstance(msg, Cancel):
+            return self.ranks[0].handle.send(msg)
+        return False
+
+    def tell(self, msg: Message) -> None:
+        pass  # control messages are per rank (Init, Shutdown): the group sends them itself
+
+    # --- the ranks' owner ----------------------------------------------------------------------
+
+    def on_worker_result(self, handle: WorkerHandle, msg: Message) -> None:
+        if handle is self.ranks[0].handle:  # a follower's output would repeat rank 0's
+            self._owner.on_worker_result(self, msg)
+
+    def on_worker_exit(self, handle: WorkerHandle, rc: int | None) -> None:
+        rank = next((r for r in self.ranks if r.handle is handle), None)
+        if rank is None or self.stopping or self.death is not None or handle.death is None:
+            return
+        self.death = dataclasses.replace(handle.death, details={**handle.death.details, "rank": rank.index,
+                                                                "host": rank.host})
+        self.failed = rank
+        self.log.error("group.failed", rank=rank.index, host=rank.host, code=self.death.code.code,
+                       cause=self.death.cause, worker_pid=handle.process.pid)
+        for other in self.ranks:
+            if other is not rank and other.handle is not None:
+                other.handle.end_with_group()
+        exc = self.death_error()
+        self._resolve(self.hello, exc)
+        self._resolve(self.ready, exc)
+        self._owner.on_worker_exit(self, rc)
+
+    def death_error(self) -> E.LmxError:
+        v, rank = self.death, self.failed
+        assert v is not None and rank is not None
+        pid = rank.handle.process.pid
+        return E.error_class(v.code)(f"rank {rank.index} on {rank.host}: {v.message(pid)}", worker_pid=pid,
+                                     cause=v.cause, **v.details)
+
+    async def close(self, reason: str, timeout_s: float) -> None:
+        """Every rank, at once: the ladder for each (a group cannot serve with one rank gone)."""
+        self.stopping = True
+        await asyncio.gather(*(r.handle.close(reason, timeout_s) for r in self.ranks if r.handle is not None))
