@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
 from protocol import admin as A
+from protocol import peer as P
 from protocol.admin import AdminRequest  # noqa: F401  (the legacy admin message; its schema's home)
 from protocol.errors import BadRequest, LmxError
 # The base and `added()` live in protocol/wirebase.py so protocol/admin.py builds on them too;
@@ -347,7 +348,7 @@ def _tags(*classes: type[Message]) -> dict[str, type[Message]]:
 
 # One table per direction: a message that may not travel that way is a BAD_REQUEST.
 TO_SUPERVISOR_FROM_CLIENT = _tags(StatusRequest, GenerateRequest, Cancel, LoadRequest, UnloadRequest,
-                                  A.AdminRequest, HistoryRequest, *A.REQUESTS)
-TO_CLIENT = _tags(StatusReply, Chunk, Final, Error, Ack, HistoryReply, *A.REPLIES)
+                                  A.AdminRequest, HistoryRequest, *A.REQUESTS, *P.REQUESTS)
+TO_CLIENT = _tags(StatusReply, Chunk, Final, Error, Ack, HistoryReply, *A.REPLIES, *P.REPLIES)
 TO_WORKER = _tags(Init, GenerateRequest, Cancel, Shutdown, Adopt, ClearPrefixCache)
 TO_SUPERVISOR_FROM_WORKER = _tags(Hello, Ready, Heartbeat, Chunk, Chunks, Final, Error)

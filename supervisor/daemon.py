@@ -32,6 +32,7 @@ from supervisor.lifecycle.runtime import ModelRuntime
 from supervisor.lifecycle.states import ModelState
 from supervisor.services import Services
 from supervisor.workers.hub import WorkerHub
+from supervisor.workers.placed import PlacedRanks
 from supervisor.workers.spares import SparePool
 # Re-exported: the CLI and tests take the state dir's set-up from here.
 from supervisor.persistence.statedir import LOCK_FILE, StateDirError, prepare_state_dir  # noqa: F401
@@ -71,6 +72,7 @@ class Supervisor:
         self.services = Services(config, self.store, self.hub, ep.worker_endpoint(state_dir), state_dir / "logs",
                                  self.ledger, self.events, self.metrics, evict=self._evict_for)
         self.spares = self.services.spares = SparePool(sup.warm_spares, self.services) if sup.warm_spares > 0 else None
+        self.services.placed = PlacedRanks(self.services) if sup.listen else None  # ranks for peers' groups
         self.models = {m.id: ModelRuntime(m, self.services) for m in config.models}
         self.gate = AdminGate()
         self._draining = asyncio.Event()  # set once, when shutdown begins
@@ -354,6 +356,8 @@ class Supervisor:
         await asyncio.gather(*(rt.stop(f"supervisor {reason}", remember=False) for rt in self.models.values()))
         if self.spares is not None:
             await self.spares.close(self.config.supervisor.stop_timeout_s)
+        if self.services.placed is not None:
+            self.services.placed.close()
         if self._metrics_server is not None:
             self._metrics_server.close()
         self._note("info", "supervisor.stopping", reason=reason)

@@ -17,6 +17,7 @@ from supervisor.persistence.store import Store
 
 if TYPE_CHECKING:
     from supervisor.workers.hub import WorkerHub
+    from supervisor.workers.placed import PlacedRanks
     from supervisor.workers.spares import SparePool
 
 
@@ -33,6 +34,7 @@ class Services:
     spares: "SparePool | None" = None
     # evict = "lru": make room for (model id, bytes); None where a start must never unload others.
     evict: Callable[[str, int], Awaitable[bool]] | None = None
+    placed: "PlacedRanks | None" = None  # ranks run here for peers' groups (the peer link)
 
     @property
     def state_dir(self) -> Path | None:

@@ -21,10 +21,11 @@ from protocol.admin import AdminOp, AdminRequest
 from protocol.messages import Message
 from supervisor.control.ratelimit import LogLimit
 
-ROLES = ("read", "admin")
+ROLES = ("read", "admin", "peer")  # peer: a supervisor that places ranks of its groups here, nothing else
 # Everything else needs admin, including ops added later: new ops are denied until listed here.
 READ_MESSAGES = frozenset({"status", "generate", "cancel", "history"})
 READ_ADMIN_OPS = frozenset({"verify", "compat", "metrics"})
+PEER_MESSAGES = frozenset({"rank_place", "rank_send", "rank_end"})
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 ZAP_DOMAIN = b"lmx"
 
@@ -119,6 +120,8 @@ def op_name(msg: Message) -> str:
 def allowed(role: str | None, msg: Message) -> bool:
     if role == "admin":
         return True
+    if role == "peer":
+        return msg.TAG in PEER_MESSAGES
     if role != "read":
         return False
     if isinstance(msg, (AdminRequest, AdminOp)):

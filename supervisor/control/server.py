@@ -14,6 +14,7 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from protocol import admin as A
+from protocol import peer as P
 from protocol import codec
 from protocol import errors as E
 from protocol.loopreader import LoopReader, monitor_socket
@@ -73,6 +74,7 @@ class ControlServer:
         self._daemon = daemon
         self._router = router
         self._store = services.store
+        self._placed = services.placed  # ranks for peers' groups (None: this supervisor places none)
         self._metrics = services.metrics
         self.connections = 0  # open client connections, from the socket's monitor
         self._monitor = monitor_socket(self._sock, ctx, zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
@@ -195,10 +197,33 @@ class ControlServer:
             runtime = self._router.runtime(msg.model)
             records = runtime.store.crashes(msg.model, max(1, min(msg.limit, 500)))
             self.send(identity, HistoryReply(msg.request_id, msg.model, records))
+        elif isinstance(msg, (P.RankPlace, P.RankSend, P.RankEnd)):
+            self._peer(identity, msg)
         elif isinstance(msg, A.AdminOp):
             self._background(self._admin(identity, msg, legacy=False))
         elif isinstance(msg, AdminRequest):  # an older client: served by the same typed handler
             self._background(self._admin(identity, msg.typed(), legacy=True))
+
+    def _peer(self, identity: bytes, msg: Message) -> None:
+        """The peer link: a group's owner places, feeds and ends ranks here (supervisor.workers.placed)."""
+        placed = self._placed
+        if placed is None:
+            raise E.BadRequest("this supervisor places no ranks for peers")
+        if isinstance(msg, P.RankSend):
+            placed.send(msg)
+        elif isinstance(msg, P.RankEnd):
+            placed.end(msg)
+            self.send(identity, Ack(msg.request_id, {"group": msg.group}))
+        else:
+            async def place() -> None:
+                try:
+                    await placed.place(msg, lambda report: self.send(identity, report))
+                except E.LmxError as exc:
+                    self.log.warning("peer.rank_refused", group=msg.group, rank=msg.rank, code=exc.code.code,
+                                     message=exc.message)
+                    self.send(identity, Error.from_exc(msg.request_id, exc))
+
+            self._background(place())
 
     def _admin_table(self) -> dict[type[A.AdminOp], Callable[[Any], Awaitable[A.AdminReply | dict[str, Any]]]]:
         """Admin dispatch: the request's type -> its handler. A handler returns a typed reply where

@@ -69,8 +69,9 @@ class Startup:
         rt, sup = self.rt, self.rt.config.supervisor
         group = RankGroup(cfg, rt.services, rt)
         rt.worker = group
-        group.spawn(sup)
-        await group.start(self._init(cfg), sup)
+        init = self._init(cfg)
+        group.spawn(sup, init)
+        await group.start(init, sup)
         rt.to(S.LOADING, "handshake done with every rank")
         await group.until_ready(sup)
         rt.to(S.CANARY, "weights loaded on every rank")

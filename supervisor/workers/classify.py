@@ -12,6 +12,7 @@ from typing import Any, Iterable
 from protocol.errors import ErrorCode
 from protocol.exitcodes import WorkerExit
 
+PEER_LOST = "group_peer_lost"
 # Lines a dying worker prints, most specific first. (pattern, code, cause, victim)
 PATTERNS: tuple[tuple[re.Pattern[str], ErrorCode, str, bool], ...] = tuple(
     (re.compile(p), code, cause, victim)
@@ -28,6 +29,10 @@ PATTERNS: tuple[tuple[re.Pattern[str], ErrorCode, str, bool], ...] = tuple(
         # numpy's OpenBLAS under an address-space limit exits 1 with this, before mlx even loads.
         (r"OpenBLAS error: Memory allocation still failed", ErrorCode.WORKER_OOM, "openblas_alloc", False),
         (r"Cannot allocate memory", ErrorCode.WORKER_OOM, "enomem", False),
+        # A group's rank whose collective lost a peer (mx.distributed's ring): the peer's death is
+        # the cause, and the group waits a moment for it (supervisor.workers.group).
+        (r"\[ring\] connection to a peer was lost|\[ring\] Couldn't connect", ErrorCode.WORKER_CRASHED,
+         PEER_LOST, False),
     )
 )
 # A death with the last reported memory this close to the limit is taken as OOM.

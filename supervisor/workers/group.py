@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import secrets
 import socket
 import tempfile
 from pathlib import Path
@@ -20,8 +21,15 @@ from protocol.messages import Cancel, GenerateRequest, Init, Message
 from supervisor import logs, topology
 from supervisor.config import ModelConfig, SupervisorSettings
 from supervisor.services import Services
-from supervisor.workers.classify import Verdict
+from supervisor.workers.classify import PEER_LOST, Verdict
 from supervisor.workers.handle import Owner, WorkerHandle, wait_for
+from supervisor.workers.placed import versions as placed_versions
+from supervisor.workers.remoterank import RemoteRank, place_message
+
+
+# A rank that died because a peer went away waits this long for that peer's own death (or its
+# host's loss) to be the group's cause: the supervisor reaps a local rank within milliseconds.
+PEER_LOST_GRACE_S = 1.0
 
 
 def free_ports(host: str, n: int) -> list[int]:
@@ -66,6 +74,7 @@ class RankGroup:
         self.stopping = False
         self.death: Verdict | None = None
         self.failed: Rank | None = None
+        self._grace: asyncio.TimerHandle | None = None  # a rank lost a peer: waiting for the peer's death
         self._hostfile = self._write_hostfile()
         loop = asyncio.get_running_loop()
         self.hello: asyncio.Future = loop.create_future()
@@ -93,23 +102,34 @@ class RankGroup:
             env["MLX_JACCL_COORDINATOR"] = f"{coordinator}:{port}"
         return env
 
-    def spawn(self, sup: SupervisorSettings) -> None:
+    def spawn(self, sup: SupervisorSettings, init: Init) -> None:
+        """Every rank at once: local ones as workers here, the others placed on their peers."""
+        peers = {p.name: p for p in self._services.config.peers}
+        group_id = f"{self.cfg.id}-{secrets.token_hex(4)}"
         for rank in self.ranks:
-            if rank.host != topology.LOCAL:
-                raise E.PeerUnavailable(f"rank {rank.index} is placed on peer {rank.host!r}; placing ranks on "
-                                        "peers is not built yet", rank=rank.index, host=rank.host)
-            rank.handle = WorkerHandle.spawn(self.cfg, self._services, self, env=self.rank_env(rank))
+            env = self.rank_env(rank)
+            if rank.host == topology.LOCAL:
+                rank.handle = WorkerHandle.spawn(self.cfg, self._services, self, env=env)
+            else:
+                env.pop("MLX_HOSTFILE", None)  # the member writes its own copy
+                place = place_message(group_id, self.cfg, rank.index, self.spec.size, self.spec, env,
+                                      [[r.address] for r in self.ranks], init, placed_versions())
+                rank.handle = RemoteRank(peers[rank.host], place, self, sup)
             rank.handle.watch(sup)
-        self.log.info("group.spawned", ranks=[{"rank": r.index, "host": r.host, "address": r.address,
-                                               "worker_pid": r.handle.process.pid} for r in self.ranks])
+        self.log.info("group.spawned", group=group_id, ranks=[
+            {"rank": r.index, "host": r.host, "address": r.address, "worker_pid": r.handle.process.pid}
+            for r in self.ranks])
 
     async def start(self, init: Init, sup: SupervisorSettings) -> None:
-        """Every rank's hello, then Init (with its place in the group), then every rank's ready.
-        A rank's death on the way fails the awaited step with the group's error."""
+        """Every rank's hello, then Init (with its place in the group) to the local ones (a peer
+        gives its own theirs), then every rank's ready. A rank's death on the way fails the awaited
+        step with the group's error."""
         try:
             await wait_for(self._all("hello"), sup.handshake_timeout_s,
                            E.LoadTimeout(f"not every rank said hello within handshake_timeout_s={sup.handshake_timeout_s}"))
             for rank in self.ranks:
+                if rank.host != topology.LOCAL:
+                    continue
                 group = {"rank": rank.index, "size": self.spec.size, "backend": self.spec.backend,
                          "parallel": self.spec.parallel}
                 # orphan_grace_s 0: a rank whose supervisor is gone ends at once (the group is over)
@@ -175,7 +195,10 @@ class RankGroup:
 
     @property
     def memory(self) -> dict:
-        return (self.failed or self.ranks[0]).handle.memory
+        """This host's: the failed rank's if it ran here, else rank 0's (what the ledger and the
+        crash record read)."""
+        rank = self.failed if self.failed is not None and self.failed.host == topology.LOCAL else self.ranks[0]
+        return rank.handle.memory
 
     @property
     def phase(self) -> str:
@@ -221,10 +244,25 @@ class RankGroup:
         if handle is self.ranks[0].handle:  # a follower's output would repeat rank 0's
             self._owner.on_worker_result(self, msg)
 
-    def on_worker_exit(self, handle: WorkerHandle, rc: int | None) -> None:
+    def on_worker_exit(self, handle: Any, rc: int | None) -> None:
+        """The first rank to die is the group's death, unless it only lost a peer (its collective
+        broke because another rank died, or a host was lost): then that other rank's death, if it
+        comes within PEER_LOST_GRACE_S, is the cause."""
         rank = next((r for r in self.ranks if r.handle is handle), None)
         if rank is None or self.stopping or self.death is not None or handle.death is None:
             return
+        if handle.death.cause == PEER_LOST:
+            if self._grace is None:
+                self._grace = asyncio.get_running_loop().call_later(PEER_LOST_GRACE_S, self._conclude, rank, rc)
+            return
+        if self._grace is not None:
+            self._grace.cancel()
+        self._conclude(rank, rc)
+
+    def _conclude(self, rank: Rank, rc: int | None) -> None:
+        if self.death is not None or self.stopping:
+            return
+        handle = rank.handle
         self.death = dataclasses.replace(handle.death, details={**handle.death.details, "rank": rank.index,
                                                                 "host": rank.host})
         self.failed = rank
@@ -248,4 +286,6 @@ class RankGroup:
     async def close(self, reason: str, timeout_s: float) -> None:
         """Every rank, at once: the ladder for each (a group cannot serve with one rank gone)."""
         self.stopping = True
+        if self._grace is not None:
+            self._grace.cancel()
         await asyncio.gather(*(r.handle.close(reason, timeout_s) for r in self.ranks if r.handle is not None))

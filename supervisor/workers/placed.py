@@ -1,0 +1,155 @@
+"""The member's side of the peer link (protocol.peer, docs/distributed.md): ranks this supervisor
+runs for groups that peer supervisors own. A rank here is a worker like any other (its own watch:
+heartbeats, stalls, memory), placed only inside this supervisor's model_roots, on a snapshot that
+passes this host's own integrity check, by a peer whose mlx and mlx-lm match ours. Everything it
+does is reported on the RankPlace's stream; the owner decides what it means for the group. When the
+owner cannot be reached any more (its connection gone), the rank is ended: its group is over."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from protocol import errors as E
+from protocol.messages import GenerateRequest, Init, Message
+from protocol.peer import RankEnd, RankPlace, RankReport, RankSend
+from supervisor import logs
+from supervisor.admission import admit, compat
+from supervisor.config import ModelConfig
+from supervisor.services import Services
+from supervisor.workers.handle import WorkerHandle
+
+Report = Callable[[Message], "str | None"]  # ControlServer.send for the owner's connection
+
+
+def versions() -> dict[str, str | None]:
+    return {"mlx": compat._version("mlx"), "mlx_lm": compat._version("mlx-lm")}
+
+
+class PlacedRank:
+    """One rank run for a peer: the owner of its WorkerHandle, reporting on the place stream."""
+
+    def __init__(self, msg: RankPlace, services: Services, report: Report) -> None:
+        self.msg = msg
+        self._services = services
+        self._report = report
+        self.log = logs.get(model=msg.model)
+        self.cfg = ModelConfig(id=msg.model, path=msg.path, max_batch_size=1, prefix_cache_bytes=0,
+                               memory_limit_bytes=int(msg.init.get("memory_limit_bytes", 0)))
+        self.handle: WorkerHandle | None = None
+        self._tasks: list[asyncio.Task] = []
+        self.done = asyncio.get_running_loop().create_future()
+
+    def say(self, kind: str, **fields: Any) -> None:
+        if self._report(RankReport(self.msg.request_id, kind, **fields)) == "gone" and not self.done.done():
+            self.log.warning("peer.owner_gone", group=self.msg.group, rank=self.msg.rank)
+            self.end("the owning supervisor is gone")
+
+    def start(self) -> None:
+        msg, sup = self.msg, self._services.config.supervisor
+        state_dir = self._services.state_dir or Path("/tmp")
+        hostfile = state_dir / "groups" / f"{msg.group}.rank{msg.rank}.hostfile.json"
+        hostfile.parent.mkdir(parents=True, exist_ok=True)
+        hostfile.write_text(json.dumps(msg.hostfile))
+        env = {k: str(v) for k, v in msg.env.items()}
+        if msg.backend == "ring":
+            env["MLX_HOSTFILE"] = str(hostfile)
+        self.handle = WorkerHandle.spawn(self.cfg, self._services, self, env=env)
+        self.handle.watch(sup)
+        self.say("placed", pid=self.handle.process.pid)
+        self.log.info("peer.rank_placed", group=msg.group, rank=msg.rank, worker_pid=self.handle.process.pid)
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._run(), name=f"placed-{msg.group}"),
+                       loop.create_task(self._beat(), name=f"beat-{msg.group}")]
+
+    async def _run(self) -> None:
+        msg, sup, handle = self.msg, self._services.config.supervisor, self.handle
+        assert handle is not None
+        try:
+            await handle.hello
+            self.say("hello", pid=handle.process.pid)
+            group = {"rank": msg.rank, "size": msg.size, "backend": msg.backend, "parallel": msg.parallel}
+            # The revision the worker echoes back is this host's hash of the section it runs.
+            handle.tell(Init(msg.model, self.cfg.revision, msg.path, sup.heartbeat_interval_s, 0.0,
+                             group=group, **msg.init))
+            ready = await handle.ready
+            self.say("ready", pid=handle.process.pid, load_s=ready.load_s, memory=handle.memory)
+        except E.LmxError as exc:
+            if handle.death is None:  # an error it sent, not its death (which on_worker_exit reports)
+                self.say("exit", pid=handle.process.pid, code=exc.code.code, cause=exc.message)
+                self.end(exc.message)
+
+    async def _beat(self) -> None:
+        """The link's pulse, from placement on (a rank may load for minutes), with the rank's figures."""
+        handle, interval = self.handle, self._services.config.supervisor.heartbeat_interval_s
+        assert handle is not None
+        while not self.done.done():
+            self.say("beat", pid=handle.process.pid, progress=handle.progress, phase=handle.phase,
+                     memory=handle.memory)
+            await asyncio.sleep(interval)
+
+    def end(self, reason: str) -> None:
+        if self.handle is not None and not self.done.done():
+            self.handle.end_with_group()
+            asyncio.get_running_loop().create_task(
+                self.handle.close(reason, self._services.config.supervisor.stop_timeout_s))
+        for task in self._tasks:
+            task.cancel()
+        if not self.done.done():
+            self.done.set_result(reason)
+
+    # --- the WorkerHandle's owner --------------------------------------------------------------
+
+    def on_worker_result(self, handle: WorkerHandle, msg: Message) -> None:
+        pass  # a follower's output repeats rank 0's, which the owner has
+
+    def on_worker_exit(self, handle: WorkerHandle, rc: int | None) -> None:
+        v = handle.death
+        if v is not None:
+            self.say("exit", pid=handle.process.pid, code=v.code.code, cause=v.cause, details=dict(v.details),
+                     stderr_tail=list(handle.process.stderr_tail)[-20:], memory=handle.memory)
+        self.end("exited")
+
+
+class PlacedRanks:
+    def __init__(self, services: Services) -> None:
+        self._services = services
+        self.ranks: dict[str, PlacedRank] = {}
+        self.log = logs.get()
+
+    async def place(self, msg: RankPlace, report: Report) -> None:
+        """Refuse (raise the typed error) or start the rank; its reports go out on `report`."""
+        sup = self._services.config.supervisor
+        if not sup.model_roots:
+            raise E.Unauthorized("this supervisor places no ranks for peers: it has no model_roots")
+        mine = versions()
+        if {k: msg.versions.get(k) for k in mine} != mine:
+            raise E.PeerUnavailable(f"versions differ: the owner runs {msg.versions}, this host {mine}")
+        if msg.group in self.ranks:
+            raise E.BadRequest(f"group {msg.group} already has a rank here")
+        cfg = ModelConfig(id=msg.model, path=msg.path)
+        refusal = await admit.integrity(cfg, self._services.store, sup.model_roots)
+        if refusal is not None:
+            raise refusal
+        rank = PlacedRank(msg, self._services, report)
+        self.ranks[msg.group] = rank
+        rank.done.add_done_callback(lambda _: self.ranks.pop(msg.group, None))
+        rank.start()
+
+    def send(self, msg: RankSend) -> None:
+        rank = self.ranks.get(msg.group)
+        if rank is not None and rank.handle is not None:
+            rank.handle.send(GenerateRequest(**msg.request))
+
+    def end(self, msg: RankEnd) -> None:
+        rank = self.ranks.get(msg.group)
+        if rank is not None:
+            rank.log.info("peer.rank_ended", group=msg.group, rank=rank.msg.rank, reason=msg.reason)
+            rank.end(msg.reason or "ended by its owner")
+
+    def close(self) -> None:
+        for rank in list(self.ranks.values()):
+            rank.end("supervisor stopping")
+

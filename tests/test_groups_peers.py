@@ -1,0 +1,137 @@
+"""Groups across hosts, on one machine (docs/distributed.md): two supervisors with their own state
+dirs and ports stand for two hosts. The owner ("local") runs rank 0; the member ("b") runs rank 1
+for it over the peer link (CURVE, role "peer"); the ranks' ring runs over 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from protocol import errors as E
+from protocol.client import SupervisorClient, SyncSupervisorClient
+from protocol.keys import new_keypair
+from tests.harness import process_gone, wait_until, workers_of
+from tests.test_groups import PROMPT, sharp_llama  # noqa: F401 (a fixture)
+
+LINK = {"heartbeat_interval_s": 0.1, "heartbeat_timeout_s": 1.5, "link_timeout_s": 2.0}
+
+
+def _free_port_pair() -> int:
+    for _ in range(100):
+        with socket.socket() as a, socket.socket() as b:
+            try:
+                a.bind(("127.0.0.1", 0))
+                port = a.getsockname()[1]
+                b.bind(("127.0.0.1", port + 1))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no two free ports in a row")
+
+
+def _append(sup, toml: str) -> None:
+    sup.config_path.write_text(sup.config_path.read_text() + toml)
+
+
+@pytest.fixture
+def pair(make_supervisor, tmp_path: Path, sharp_llama: Path):  # noqa: F811
+    kd = tmp_path / "keys"
+    new_keypair("a", kd)
+    new_keypair("b", kd)
+    b_port = _free_port_pair()
+    member = make_supervisor([], supervisor={**LINK, "listen": f"tcp://127.0.0.1:{b_port}",
+                                             "curve_secret_key_file": str(kd / "b.key_secret"),
+                                             "model_roots": [str(sharp_llama.parent)]})
+    _append(member, f'[[clients]]\npublic_key_file = "{kd / "a.key"}"\nrole = "peer"\n')
+    member.start()
+    owner = make_supervisor([{"id": "big", "path": str(sharp_llama),
+                              "group": {"hosts": ["local", "b"], "ring_port": _free_port_pair()}},
+                             {"id": "one", "path": str(sharp_llama), "max_batch_size": 1}],
+                            supervisor=LINK, restart={"quarantine_after": 100, "backoff_max_s": 1.0})
+    _append(owner, f'[[peers]]\nname = "b"\nendpoint = "tcp://127.0.0.1:{b_port}"\n'
+                   f'server_key_file = "{kd / "b.key"}"\nclient_cert = "{kd / "a.key_secret"}"\n')
+    owner.start(timeout_s=90)
+    owner.keydir, owner.member_port = kd, b_port
+    return owner, member
+
+
+def ranks(owner) -> list[dict]:
+    return owner.model("big")["group"]
+
+
+@pytest.mark.timeout(150)
+def test_a_group_across_two_supervisors_serves_what_one_worker_serves(pair) -> None:
+    owner, member = pair
+    group = ranks(owner)
+    assert [(r["rank"], r["host"]) for r in group] == [(0, "local"), (1, "b")]
+    assert workers_of(member.state_dir) == {group[1]["pid"]}  # rank 1 is the member's worker
+    for kwargs in ({"max_tokens": 12}, {"max_tokens": 10, "stop": ["e"]}):
+        assert owner.client.complete("big", PROMPT, **kwargs).text == owner.client.complete("one", PROMPT, **kwargs).text
+    # The peer role may place ranks and nothing else.
+    with SyncSupervisorClient(f"tcp://127.0.0.1:{owner.member_port}", client_cert=owner.keydir / "a.key_secret",
+                              server_key_file=owner.keydir / "b.key") as as_peer:
+        with pytest.raises(E.Unauthorized):
+            as_peer.status()
+    assert owner.client.unload("big")["state"] == "UNLOADED"
+    wait_until(lambda: not workers_of(member.state_dir), 10, "the member's rank ended with its group")
+    assert all(process_gone(r["pid"]) for r in group)
+
+
+def _fault_mid_stream(owner, fault) -> tuple[E.LmxError, float]:
+    async def scenario() -> tuple[E.LmxError, float]:
+        async with SupervisorClient(state_dir=owner.state_dir) as client:
+            seen = 0
+            try:
+                async for _ in client.generate("big", "Hello", max_tokens=5000):
+                    seen += 1
+                    if seen == 3:
+                        at = time.monotonic()
+                        fault()
+            except E.LmxError as exc:
+                return exc, time.monotonic() - at
+            raise AssertionError("the stream ended without an error")
+
+    return asyncio.run(scenario())
+
+
+@pytest.mark.timeout(150)
+def test_sigkill_of_the_remote_rank_fails_the_group_naming_the_member(pair) -> None:
+    owner, member = pair
+    before = ranks(owner)
+    exc, latency_s = _fault_mid_stream(owner, lambda: os.kill(before[1]["pid"], signal.SIGKILL))
+    assert exc.code.code == "WORKER_CRASHED" and (exc.details["rank"], exc.details["host"]) == (1, "b"), exc
+    assert latency_s < 1.0 + 1.0, f"{latency_s:.2f}s"
+    wait_until(lambda: all(process_gone(r["pid"]) for r in before), 5, "every rank of the failed group gone")
+    owner.wait_model("big", lambda m: m["state"] == "READY" and m["group"][0]["pid"] != before[0]["pid"], 60,
+                     "READY on fresh ranks")
+    crash = owner.client.history("big")[0]
+    assert (crash["rank"], crash["host"]) == (1, "b")
+    assert owner.client.complete("big", PROMPT, max_tokens=4).usage["completion_tokens"] == 4
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP])
+def test_losing_the_member_supervisor_fails_the_group_with_peer_unavailable(pair, sig: int) -> None:
+    owner, member = pair
+    before = ranks(owner)
+    exc, latency_s = _fault_mid_stream(owner, lambda: member.proc.send_signal(sig))
+    assert exc.code.code == "PEER_UNAVAILABLE" and (exc.details["rank"], exc.details["host"]) == (1, "b"), exc
+    assert latency_s < LINK["link_timeout_s"] + 1.0, f"{latency_s:.2f}s"
+    wait_until(lambda: process_gone(before[0]["pid"]), 5, "the owner's rank gone")
+    if sig == signal.SIGSTOP:
+        member.proc.send_signal(signal.SIGCONT)
+    else:  # its rank ends with it (the death pipe), and the member comes back
+        member.proc.wait(10)
+        member.start()
+    wait_until(lambda: process_gone(before[1]["pid"]), 10, "the member's old rank gone")
+    after = owner.wait_model("big", lambda m: m["state"] == "READY" and m["group"][0]["pid"] != before[0]["pid"],
+                             90, "READY again with the member back")
+    assert after["group"][1]["host"] == "b" and after["group"][1]["pid"] != before[1]["pid"]
+    assert owner.client.complete("big", PROMPT, max_tokens=4).usage["completion_tokens"] == 4
+    assert workers_of(member.state_dir) == {after["group"][1]["pid"]}
