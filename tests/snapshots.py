@@ -136,18 +136,19 @@ def _tiny_weights(cfg: dict, seed: int, dtype: str = "float16", scale: float = 0
 
 
 def write_tiny_llama(dest: Path, *, seed: int = 0, model_type: str = "llama", dtype: str = "float16",
-                     scale: float = 0.05, agent: bool = False) -> Path:
+                     scale: float = 0.05, agent: bool = False, shape: dict | None = None) -> Path:
     """Write a random 2-layer llama snapshot (gibberish output) that mlx_lm.load accepts; returns dest.
     dtype "float32" gives greedy outputs that do not flip on rounding, and a larger weight `scale`
     outputs that follow the whole context instead of repeating one token (prefix-cache equality).
-    `agent`: think and tool-call markers in the vocab and AGENT_TEMPLATE as the chat template."""
+    `agent`: think and tool-call markers in the vocab and AGENT_TEMPLATE as the chat template.
+    `shape`: other sizes than TINY_LLAMA's (hidden_size, layers, heads) for benchmarks."""
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     tokenizer_json = _tiny_tokenizer_json(tuple(AGENT_TOKENS) if agent else ())
     vocab = json.loads(tokenizer_json)["model"]["vocab"]
     ids = {t: vocab[t] for t in SPECIAL_TOKENS}
     # The embedding must cover every id the tokenizer can emit, and no more, or decoding breaks.
-    cfg = dict(TINY_LLAMA, model_type=model_type, architectures=["LlamaForCausalLM"], vocab_size=len(vocab),
+    cfg = dict(TINY_LLAMA, **(shape or {}), model_type=model_type, architectures=["LlamaForCausalLM"], vocab_size=len(vocab),
                bos_token_id=ids["<|im_start|>"], eos_token_id=ids["<|im_end|>"], torch_dtype=dtype)
     (dest / "config.json").write_text(json.dumps(cfg, indent=2))
     write_safetensors(dest / "model.safetensors", _tiny_weights(cfg, seed, dtype, scale), {"format": "mlx"})

@@ -12,6 +12,7 @@ from protocol import admin as A
 from protocol import codec
 from protocol import errors as E
 from protocol import messages as M
+from protocol import peer as P
 
 SAMPLES = [
     M.StatusRequest("r1"),
@@ -56,6 +57,15 @@ SAMPLES = [
     M.Heartbeat(7, "decode", {"rss_bytes": 2}),
     M.Heartbeat(7, "idle", {"rss_bytes": 2}, {"bytes": 10, "entries": 1}),
     M.Shutdown("bye"),
+    M.Init("m", "abc", "/p", 1.0, 0.0, 0, group={"rank": 1, "size": 2, "backend": "ring", "parallel": ""}),
+    # The peer link (protocol.peer): an owner places, feeds and ends a rank; the member reports.
+    P.RankPlace("r9", "big-1", "big", "abc", "/snap", 1, 2, "ring", "tensor", {"MLX_RANK": "1"},
+                [["127.0.0.1:1"], ["127.0.0.1:2"]], {"max_batch_size": 1}, {"mlx": "0.1", "mlx_lm": "0.2"}),
+    P.RankReport("r9", "beat", pid=5, progress=3, phase="decode", memory={"rss_bytes": 1}),
+    P.RankReport("r9", "exit", pid=5, code="WORKER_CRASHED", cause="killed by SIGKILL",
+                 details={"signal": "SIGKILL"}, stderr_tail=["boom"]),
+    P.RankSend("r10", "big-1", {"request_id": "x", "model": "big", "prompt": "hi"}),
+    P.RankEnd("r11", "big-1", "its group failed"),
 ]
 ALL_TABLES = [M.TO_SUPERVISOR_FROM_CLIENT, M.TO_CLIENT, M.TO_WORKER, M.TO_SUPERVISOR_FROM_WORKER]
 
@@ -135,6 +145,8 @@ def test_error_table_matches_the_brief() -> None:
         "WORKER_HUNG": (True, 504), "REQUEST_TIMEOUT": (True, 504), "CANCELLED": (False, 499),
         "OVERLOADED": (True, 429), "SHUTTING_DOWN": (True, 503), "INTERNAL": (False, 500),
         "SUPERVISOR_UNAVAILABLE": (True, 503),
+        # Beyond the BRIEF's table: a group's lost member host (issue 18, docs/distributed.md).
+        "PEER_UNAVAILABLE": (True, 503),
     }
     assert {c.code: (c.retryable, c.http_status) for c in E.ErrorCode} == expected
 

@@ -69,6 +69,6 @@ async def admit(model_id: str, model: ModelConfig, store: Store, ledger: MemoryL
     refusal = await integrity(model, store, roots, fresh)
     if refusal is not None:
         return refusal
-    evidence = Evidence(store, model_id, model.path, model.worker_command)
+    evidence = Evidence(store, model_id, model.path, model.worker_command, model.group)
     known_bad = None if force else evidence.known_bad()
     return known_bad or await reserve_memory(model_id, model, evidence, ledger, evict)

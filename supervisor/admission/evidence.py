@@ -43,14 +43,18 @@ def canary_key(c: CanarySettings) -> str:
 
 
 class Evidence:
-    def __init__(self, store: Store, model_id: str, path: str, worker_command: tuple[str, ...] | None) -> None:
+    def __init__(self, store: Store, model_id: str, path: str, worker_command: tuple[str, ...] | None,
+                 group: Any = None) -> None:
         self.store = store
         self.model_id = model_id
         self.path = path
         self.fingerprint = compat.fingerprint(path)
         # A custom worker command (a wrapper, a test fault injector) is another stack: what it
-        # did must not condemn the model on the standard worker.
+        # did must not condemn the model on the standard worker. So is a group (its backend, its
+        # size, its sharding): a model that fails split in two may well run whole, and back.
         self.backend = compat.backend() + (f" / worker {' '.join(worker_command)}" if worker_command else "")
+        if group is not None:
+            self.backend += f" / group {group.backend} x{group.size} {group.parallel or 'auto'}"
 
     def row(self) -> dict[str, Any] | None:
         rows = self.store.compat(self.fingerprint, self.backend)

@@ -130,7 +130,7 @@ class ModelRuntime:
                            exc_info=(type(exc), exc, exc.__traceback__))
 
     def _evidence(self) -> Evidence:
-        return Evidence(self.store, self.cfg.id, self.running.path, self.running.worker_command)
+        return Evidence(self.store, self.cfg.id, self.running.path, self.running.worker_command, self.running.group)
 
     async def _bring_up(self) -> None:
         if self.state in (S.ADMITTING, S.ROLLING_BACK):  # a rollback's revision is admitted like any
