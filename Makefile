@@ -33,6 +33,7 @@ bench: setup
 	$(BIN)/python bench/compat_sweep.py
 	$(BIN)/python bench/vs_mlx_lm_server.py
 	$(BIN)/python bench/constrain_cost.py
+	$(BIN)/python bench/group.py
 	$(BIN)/python bench/template_hits.py
 
 clean:

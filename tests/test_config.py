@@ -97,3 +97,47 @@ def test_config_is_immutable(tmp_path: Path) -> None:
     c = cfg.parse(GOOD, "x", tmp_path)
     with pytest.raises(AttributeError):
         c.models[0].path = "/elsewhere"  # type: ignore[misc]
+
+
+GROUP = "[[models]]\nid = 'big'\npath = '/m'\n[models.group]\n"
+PEER = "[[peers]]\nname = 'b'\nendpoint = 'tcp://10.0.0.2:7600'\nserver_key_file = 'b.key'\nclient_cert = 'a.key_secret'\n"
+
+
+@pytest.mark.parametrize(
+    "text, key, problem",
+    [
+        (GROUP + "hosts = ['local']", "models[0].group.hosts", "at least two"),
+        (GROUP + "hosts = ['b', 'local']", "models[0].group.hosts", "hosts[0] must be \"local\""),
+        (GROUP + "hosts = ['local', 'nowhere']", "models[0].group.hosts", "neither \"local\" nor a [[peers]]"),
+        (GROUP + "hosts = ['local', 'local']\nbackend = 'mpi'", "models[0].group.backend", "expected \"ring\""),
+        (GROUP + "hosts = ['local', 'local']\nparallel = 'data'", "models[0].group.parallel", "expected \"tensor\""),
+        (GROUP + "hosts = ['local', 'local']\nrings = 2", "models[0].group.rings", "unknown key"),
+        (GROUP + "hosts = ['local', 'local']\nbackend = 'jaccl'", "models[0].group.jaccl_devices_file", "required"),
+        ("[[models]]\nid = 'big'\npath = '/m'\nmax_batch_size = 4\n[models.group]\nhosts = ['local', 'local']",
+         "models[0].max_batch_size", "one request at a time"),
+        ("[[peers]]\nname = 'b'\nendpoint = 'tcp://x:1'", "peers[0].server_key_file", "required"),
+        ("[[peers]]\nname = 'local'\nendpoint = 'tcp://x:1'\nserver_key_file = 'k'\nclient_cert = 'c'",
+         "peers[0].name", "taken"),
+        ("[[peers]]\nname = 'b'\nendpoint = 'http://x:1'\nserver_key_file = 'k'\nclient_cert = 'c'",
+         "peers[0].endpoint", "tcp://"),
+    ],
+)
+def test_group_and_peer_errors_name_the_key(text: str, key: str, problem: str) -> None:
+    with pytest.raises(cfg.ConfigError) as info:
+        cfg.parse(text, "/etc/lmx.toml")
+    assert (info.value.key, problem in info.value.problem) == (key, True), info.value
+
+
+def test_a_group_with_a_peer_parses_one_request_at_a_time_and_keeps_older_revisions(tmp_path: Path) -> None:
+    (tmp_path / "b.key").write_text("x")
+    (tmp_path / "a.key_secret").write_text("x")
+    text = PEER + GROUP + "hosts = ['local', 'b']\nring_port = 38500\n"
+    c = cfg.parse(text, "x", tmp_path)
+    (model,) = c.models
+    assert model.group is not None and model.group.hosts == ("local", "b") and model.group.size == 2
+    assert (model.max_batch_size, model.prefix_cache_bytes) == (1, 0)
+    assert c.peers[0].data_host == "10.0.0.2" and c.peers[0].server_key_file == str(tmp_path / "b.key")
+    with pytest.raises(cfg.ConfigError, match="ring_port"):  # a rank on a peer needs known ports
+        cfg.parse(PEER + GROUP + "hosts = ['local', 'b']\n", "x", tmp_path)
+    # No group: the revision of an older config does not change.
+    assert cfg.parse(GOOD, "x", Path("/srv")).models[0].revision == "f8d99eb03c8b"

@@ -125,6 +125,8 @@ def test_a_rank_killed_or_stopped_mid_stream_ends_the_whole_group_as_one_failure
     assert (crash["code"], crash["rank"], crash["host"], crash["worker_pid"]) == (code, 1, "local", pids[1])
     failed = [e for e in sup.events("group.failed") if e["model"] == "big"]
     assert [(e["rank"], e["code"]) for e in failed] == [(1, code)]
+    assert f'lmx_group_rank_failures_total{{classification="{code}",host="local",model="big",rank="1"}} 1.0' \
+        in sup.client.metrics()
 
 
 @pytest.mark.timeout(120)

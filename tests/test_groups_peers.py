@@ -135,3 +135,17 @@ def test_losing_the_member_supervisor_fails_the_group_with_peer_unavailable(pair
     assert after["group"][1]["host"] == "b" and after["group"][1]["pid"] != before[1]["pid"]
     assert owner.client.complete("big", PROMPT, max_tokens=4).usage["completion_tokens"] == 4
     assert workers_of(member.state_dir) == {after["group"][1]["pid"]}
+
+
+@pytest.mark.timeout(120)
+def test_no_rank_outlives_the_owner_supervisor(pair) -> None:
+    """SIGKILL of the owner: its own rank ends at once (the death pipe), and the member ends the
+    rank it ran for it as soon as a report finds the owner's connection gone."""
+    owner, member = pair
+    group = ranks(owner)
+    owner.proc.send_signal(signal.SIGKILL)
+    owner.proc.wait(10)
+    wait_until(lambda: process_gone(group[0]["pid"]), 3, "the owner's rank gone with it")
+    wait_until(lambda: not workers_of(member.state_dir), 5, "the member's rank ended")
+    assert member.events("peer.owner_gone")
+    assert member.status()["supervisor"]["pid"] == member.proc.pid  # the member itself is fine

@@ -42,11 +42,21 @@ async def integrity(model: ModelConfig, store: Store, roots: tuple[str, ...] = (
     return None
 
 
-async def reserve_memory(model_id: str, model: ModelConfig, evidence: Evidence, ledger: MemoryLedger,
-                         evict: Evict | None) -> E.LmxError | None:
-    row = evidence.row()
+def share(model: ModelConfig) -> float:
+    """The part of a model this host holds: all of it, or a group's local ranks' share."""
+    if model.group is None:
+        return 1.0
+    return sum(h == "local" for h in model.group.hosts) / model.group.size
+
+
+async def reserve_memory(model_id: str, model: ModelConfig, evidence: Evidence | None, ledger: MemoryLedger,
+                         evict: Evict | None, part: float = 1.0) -> E.LmxError | None:
+    """`part`: the share of the weights and KV this host holds (a group's ranks split them)."""
+    row = evidence.row() if evidence is not None else None
     peak = (row or {}).get("evidence", {}).get("peak_memory_bytes")
     est = estimate(model.path, model.context_tokens, peak, kvcache.budget_bytes(model))
+    if part < 1.0:
+        est = {k: int(v * part) if isinstance(v, int) else v for k, v in est.items()}
     await ledger.settle()  # a worker that just died must have given its memory back first
     if ledger.try_reserve(model_id, est["total"]):
         return None
@@ -71,4 +81,4 @@ async def admit(model_id: str, model: ModelConfig, store: Store, ledger: MemoryL
         return refusal
     evidence = Evidence(store, model_id, model.path, model.worker_command, model.group)
     known_bad = None if force else evidence.known_bad()
-    return known_bad or await reserve_memory(model_id, model, evidence, ledger, evict)
+    return known_bad or await reserve_memory(model_id, model, evidence, ledger, evict, share(model))

@@ -129,9 +129,18 @@ class Metrics:
         self.restarts = Counter("lmx_model_restarts", "Restarts after a failure.", ["model"], registry=r)
         self.crashes = Counter("lmx_worker_crashes", "Model failures by classification (the error code).",
                                ["model", "classification"], registry=r)
+        self.group_failures = Counter("lmx_group_rank_failures", "Group failures by the rank and host that "
+                                      "caused them (docs/distributed.md).", ["model", "rank", "host", "classification"],
+                                      registry=r)
         self.store_write = Histogram("lmx_store_write_seconds", "Latency of writes to the SQLite store.",
                                      buckets=_STORE_BUCKETS, registry=r)
         self.events = Counter("lmx_events", "Lifecycle events published.", ["event"], registry=r)
+
+    def failed(self, model: str, code: str, record: dict[str, Any]) -> None:
+        """A model's failure, by its classification; a group's also by the rank and host that failed."""
+        self.crashes.labels(model, code).inc()
+        if record.get("rank") is not None:
+            self.group_failures.labels(model, str(record["rank"]), str(record.get("host")), code).inc()
 
     def watch_status(self, status: Callable[[], dict[str, Any]], connections: Callable[[], int]) -> None:
         self.registry.register(_StatusCollector(status, connections))

@@ -282,7 +282,7 @@ class ModelRuntime:
 
     def _record_crash(self, record: dict[str, Any], exc: E.LmxError) -> None:
         self.store.add_crash(record)
-        self.metrics.crashes.labels(self.cfg.id, exc.code.code).inc()
+        self.metrics.failed(self.cfg.id, exc.code.code, record)
         self.events.publish("model.failed", **{k: v for k, v in record.items() if k != "at"})
         self._evidence().failure(record)  # the registry takes only what is about compatibility
 

@@ -76,6 +76,9 @@ class RankGroup:
         self.failed: Rank | None = None
         self._grace: asyncio.TimerHandle | None = None  # a rank lost a peer: waiting for the peer's death
         self._hostfile = self._write_hostfile()
+        if self.spec.backend == "jaccl":  # rank 0 runs the coordinator, on its host's data address
+            port = self.spec.jaccl_coordinator_port or free_ports(here, 1)[0]
+            self._coordinator = f"{here}:{port}"
         loop = asyncio.get_running_loop()
         self.hello: asyncio.Future = loop.create_future()
         self.ready: asyncio.Future = loop.create_future()
@@ -96,10 +99,8 @@ class RankGroup:
         if self.spec.backend == "ring":
             env["MLX_HOSTFILE"] = str(self._hostfile)
         else:
-            coordinator = self.ranks[0].address.rsplit(":", 1)[0]
-            port = self.spec.jaccl_coordinator_port or free_ports(coordinator, 1)[0]
             env["MLX_IBV_DEVICES"] = self.spec.jaccl_devices_file
-            env["MLX_JACCL_COORDINATOR"] = f"{coordinator}:{port}"
+            env["MLX_JACCL_COORDINATOR"] = self._coordinator
         return env
 
     def spawn(self, sup: SupervisorSettings, init: Init) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -49,10 +50,11 @@ class PlacedRank:
 
     def start(self) -> None:
         msg, sup = self.msg, self._services.config.supervisor
-        state_dir = self._services.state_dir or Path("/tmp")
+        state_dir = self._services.state_dir or Path(tempfile.gettempdir())
         hostfile = state_dir / "groups" / f"{msg.group}.rank{msg.rank}.hostfile.json"
         hostfile.parent.mkdir(parents=True, exist_ok=True)
         hostfile.write_text(json.dumps(msg.hostfile))
+        self.done.add_done_callback(lambda _: hostfile.unlink(missing_ok=True))
         env = {k: str(v) for k, v in msg.env.items()}
         if msg.backend == "ring":
             env["MLX_HOSTFILE"] = str(hostfile)
@@ -129,13 +131,17 @@ class PlacedRanks:
             raise E.PeerUnavailable(f"versions differ: the owner runs {msg.versions}, this host {mine}")
         if msg.group in self.ranks:
             raise E.BadRequest(f"group {msg.group} already has a rank here")
-        cfg = ModelConfig(id=msg.model, path=msg.path)
+        cfg = ModelConfig(id=msg.model, path=msg.path, prefix_cache_bytes=0,
+                          context_tokens=int(msg.init.get("context_tokens") or 4096))
         refusal = await admit.integrity(cfg, self._services.store, sup.model_roots)
+        # This host's share of the model's memory, held in its ledger while the rank lives.
+        key = f"{msg.model}:{msg.group}"
+        refusal = refusal or await admit.reserve_memory(key, cfg, None, self._services.ledger, None, 1 / msg.size)
         if refusal is not None:
             raise refusal
         rank = PlacedRank(msg, self._services, report)
         self.ranks[msg.group] = rank
-        rank.done.add_done_callback(lambda _: self.ranks.pop(msg.group, None))
+        rank.done.add_done_callback(lambda _: (self.ranks.pop(msg.group, None), self._services.ledger.release(key)))
         rank.start()
 
     def send(self, msg: RankSend) -> None:
