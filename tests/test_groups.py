@@ -17,7 +17,7 @@ import pytest
 from protocol import errors as E
 from protocol.client import SupervisorClient
 from tests.harness import REPO, process_gone, wait_until, workers_of
-from tests.snapshots import write_tiny_llama, write_tiny_qwen2
+from tests.snapshots import write_tiny_llama
 
 PROMPT = "Hello world, the capital of France"
 GROUP = {"hosts": ["local", "local"]}
@@ -74,18 +74,6 @@ def test_a_tensor_parallel_group_serves_what_one_worker_serves(make_supervisor, 
     assert all(process_gone(pid) for pid in pids)
 
 
-@pytest.mark.timeout(120)
-def test_a_pipeline_group_reads_only_its_layers_and_serves_what_one_worker_serves(
-        make_supervisor, tmp_path: Path) -> None:
-    qwen = write_tiny_qwen2(tmp_path / "qwen2")
-    sup = make_supervisor([{"id": "big", "path": str(qwen), "group": {**GROUP, "parallel": "pipeline"}},
-                           {"id": "one", "path": str(qwen), "max_batch_size": 1}]).start()
-    for kwargs in ({"max_tokens": 12}, {"max_tokens": 8, "temperature": 0.7, "seed": 3}):
-        assert sup.client.complete("big", PROMPT, **kwargs).text == sup.client.complete("one", PROMPT, **kwargs).text
-    joined = [e for e in sup.events() if e.get("event") == "group.spawned"]
-    assert joined and len(joined[-1]["ranks"]) == 2
-
-
 def _kill_mid_stream(sup, rank: int, sig: int) -> tuple[E.LmxError, float]:
     victim = rank_pids(sup)[rank]
 
@@ -105,28 +93,28 @@ def _kill_mid_stream(sup, rank: int, sig: int) -> tuple[E.LmxError, float]:
     return asyncio.run(scenario())
 
 
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize("sig, code, budget_s", [(signal.SIGKILL, "WORKER_CRASHED", 1.0),
-                                                 (signal.SIGSTOP, "WORKER_HUNG", 1.5 + 1.0)])
-def test_a_rank_killed_or_stopped_mid_stream_ends_the_whole_group_as_one_failure(
-        make_supervisor, sharp_llama: Path, sig: int, code: str, budget_s: float) -> None:
+@pytest.mark.timeout(150)
+def test_a_rank_killed_or_stopped_mid_stream_ends_the_whole_group_as_one_failure(make_supervisor,
+                                                                                 sharp_llama: Path) -> None:
     sup = make_supervisor([{"id": "big", "path": str(sharp_llama), "group": GROUP}], supervisor=FAST).start()
-    pids = rank_pids(sup)
-    exc, latency_s = _kill_mid_stream(sup, 1, sig)
-    assert exc.code.code == code and exc.details["rank"] == 1 and exc.details["host"] == "local"
-    assert exc.details["worker_pid"] == pids[1]
-    assert latency_s < budget_s, f"the client heard after {latency_s:.2f}s"
-    wait_until(lambda: all(process_gone(p) for p in pids), 5, "every rank of the failed group gone")
-    after = sup.wait_model("big", lambda m: m["state"] == "READY" and m["worker_pid"] not in pids, 60,
-                           "READY on fresh ranks")
-    assert after["restarts"] == 1 and after["failures_in_window"] == 1
-    assert sup.client.complete("big", PROMPT, max_tokens=4).usage["completion_tokens"] == 4
-    crash = sup.client.history("big")[0]
-    assert (crash["code"], crash["rank"], crash["host"], crash["worker_pid"]) == (code, 1, "local", pids[1])
+    for n, (sig, code, budget_s) in enumerate([(signal.SIGKILL, "WORKER_CRASHED", 1.0),
+                                               (signal.SIGSTOP, "WORKER_HUNG", FAST["heartbeat_timeout_s"] + 1.0)]):
+        pids = rank_pids(sup)
+        exc, latency_s = _kill_mid_stream(sup, 1, sig)
+        assert exc.code.code == code and exc.details["rank"] == 1 and exc.details["host"] == "local"
+        assert exc.details["worker_pid"] == pids[1]
+        assert latency_s < budget_s, f"the client heard after {latency_s:.2f}s"
+        wait_until(lambda: all(process_gone(p) for p in pids), 5, "every rank of the failed group gone")
+        after = sup.wait_model("big", lambda m: m["state"] == "READY" and m["worker_pid"] not in pids, 60,
+                               "READY on fresh ranks")
+        assert after["restarts"] == n + 1 and after["failures_in_window"] == n + 1
+        assert sup.client.complete("big", PROMPT, max_tokens=4).usage["completion_tokens"] == 4
+        crash = sup.client.history("big")[0]
+        assert (crash["code"], crash["rank"], crash["host"], crash["worker_pid"]) == (code, 1, "local", pids[1])
+        assert f'lmx_group_rank_failures_total{{classification="{code}",host="local",model="big",rank="1"}} 1.0' \
+            in sup.client.metrics()
     failed = [e for e in sup.events("group.failed") if e["model"] == "big"]
-    assert [(e["rank"], e["code"]) for e in failed] == [(1, code)]
-    assert f'lmx_group_rank_failures_total{{classification="{code}",host="local",model="big",rank="1"}} 1.0' \
-        in sup.client.metrics()
+    assert [(e["rank"], e["code"]) for e in failed] == [(1, "WORKER_CRASHED"), (1, "WORKER_HUNG")]
 
 
 @pytest.mark.timeout(120)
