@@ -10,15 +10,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from supervisor.control.auth import Problem  # a config problem at a key, as for [[clients]]
+
 BACKENDS = ("ring", "jaccl")
 PARALLEL = ("", "tensor", "pipeline")  # "": what the model supports (tensor first)
 LOCAL = "local"
-
-
-class Problem(Exception):
-    def __init__(self, key: str, problem: str) -> None:
-        super().__init__(f"{key}: {problem}")
-        self.key, self.problem = key, problem
 
 
 @dataclass(frozen=True)

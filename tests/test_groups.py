@@ -74,9 +74,9 @@ def test_a_tensor_parallel_group_serves_what_one_worker_serves(make_supervisor, 
     assert all(process_gone(pid) for pid in pids)
 
 
-def _kill_mid_stream(sup, rank: int, sig: int) -> tuple[E.LmxError, float]:
-    victim = rank_pids(sup)[rank]
-
+def fault_mid_stream(sup, fault) -> tuple[E.LmxError, float]:
+    """Start a long stream of "big", call `fault()` at its third chunk: (the error it ended with,
+    seconds from the fault to the error)."""
     async def scenario() -> tuple[E.LmxError, float]:
         async with SupervisorClient(state_dir=sup.state_dir) as client:
             seen = 0
@@ -85,12 +85,17 @@ def _kill_mid_stream(sup, rank: int, sig: int) -> tuple[E.LmxError, float]:
                     seen += 1
                     if seen == 3:
                         at = time.monotonic()
-                        os.kill(victim, sig)
+                        fault()
             except E.LmxError as exc:
                 return exc, time.monotonic() - at
-            raise AssertionError("the stream ended without an error")
+            raise AssertionError(f"the stream ended without an error after {seen} chunks")
 
     return asyncio.run(scenario())
+
+
+def _kill_mid_stream(sup, rank: int, sig: int) -> tuple[E.LmxError, float]:
+    victim = rank_pids(sup)[rank]
+    return fault_mid_stream(sup, lambda: os.kill(victim, sig))
 
 
 @pytest.mark.timeout(150)

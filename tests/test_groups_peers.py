@@ -4,21 +4,19 @@ for it over the peer link (CURVE, role "peer"); the ranks' ring runs over 127.0.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import socket
-import time
 from pathlib import Path
 
 import pytest
 
 from protocol import errors as E
-from protocol.client import SupervisorClient, SyncSupervisorClient
+from protocol.client import SyncSupervisorClient
 from protocol.keys import new_keypair
 from tests.harness import process_gone, wait_until, workers_of
 from tests.snapshots import write_tiny_qwen2
-from tests.test_groups import PROMPT, sharp_llama  # noqa: F401 (a fixture)
+from tests.test_groups import PROMPT, fault_mid_stream, sharp_llama  # noqa: F401 (a fixture)
 
 LINK = {"heartbeat_interval_s": 0.1, "heartbeat_timeout_s": 1.5, "link_timeout_s": 2.0}
 
@@ -72,23 +70,6 @@ def ranks(owner) -> list[dict]:
     return owner.model("big")["group"]
 
 
-def _fault_mid_stream(owner, fault) -> tuple[E.LmxError, float]:
-    async def scenario() -> tuple[E.LmxError, float]:
-        async with SupervisorClient(state_dir=owner.state_dir) as client:
-            seen = 0
-            try:
-                async for _ in client.generate("big", "Hello", max_tokens=5000):
-                    seen += 1
-                    if seen == 3:
-                        at = time.monotonic()
-                        fault()
-            except E.LmxError as exc:
-                return exc, time.monotonic() - at
-            raise AssertionError(f"the stream ended without an error after {seen} chunks")
-
-    return asyncio.run(scenario())
-
-
 def _ready_again(owner, before: list[dict]) -> dict:
     return owner.wait_model("big", lambda m: m["state"] == "READY" and m["group"][0]["pid"] != before[0]["pid"],
                             90, "READY again on fresh ranks")
@@ -108,7 +89,7 @@ def test_a_group_across_two_supervisors_serves_and_a_remote_rank_kill_fails_it_a
         with pytest.raises(E.Unauthorized):
             as_peer.status()
     # SIGKILL of the member's rank: the member's verdict, named with the rank and the host.
-    exc, latency_s = _fault_mid_stream(owner, lambda: os.kill(group[1]["pid"], signal.SIGKILL))
+    exc, latency_s = fault_mid_stream(owner, lambda: os.kill(group[1]["pid"], signal.SIGKILL))
     assert exc.code.code == "WORKER_CRASHED" and (exc.details["rank"], exc.details["host"]) == (1, "b"), exc
     assert latency_s < 1.0 + 1.0, f"{latency_s:.2f}s"
     wait_until(lambda: all(process_gone(r["pid"]) for r in group), 5, "every rank of the failed group gone")
@@ -146,7 +127,7 @@ def test_losing_either_supervisor_leaves_no_rank_and_the_member_rejoins(pair) ->
             if sig == signal.SIGSTOP:
                 os.kill(before[1]["pid"], signal.SIGSTOP)
 
-        exc, latency_s = _fault_mid_stream(owner, fault)
+        exc, latency_s = fault_mid_stream(owner, fault)
         assert exc.code.code == "PEER_UNAVAILABLE" and (exc.details["rank"], exc.details["host"]) == (1, "b"), exc
         assert latency_s < LINK["link_timeout_s"] + 1.0, f"{latency_s:.2f}s"
         wait_until(lambda: process_gone(before[0]["pid"]), 5, "the owner's rank gone")
