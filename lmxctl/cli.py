@@ -80,6 +80,9 @@ async def _load(client: SupervisorClient, args: argparse.Namespace) -> int:
         _print_json(model)
     if is_state(model["state"], S.READY):
         return EXIT_OK
+    if is_state(model["state"], S.UNLOADED) and model.get("wanted") is False:  # a later unload: the last word
+        print(f"{args.model}: unloaded by a later unload", file=sys.stderr) if not args.json else None
+        return EXIT_OK
     err = model.get("last_error") or {}
     if not args.json:
         print(f"{args.model} did not become READY: {err.get('code')}: {err.get('message')}", file=sys.stderr)
@@ -106,9 +109,8 @@ async def _history(client: SupervisorClient, args: argparse.Namespace) -> int:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["at"]))
         how = r["signal"] or (f"exit {r['exit_code']}" if r["exit_code"] is not None else "-")
         victim = " (innocent victim, not counted)" if r["victim"] else ""
-        rank = f"  rank {r['rank']} on {r.get('host') or '-'}" if r.get("rank") is not None else ""
         print(f"{when}  {r['code']:<16} {how:<8} rev {r['revision']}  during {r['phase']}  "
-              f"pid {r['worker_pid'] or '-'}{rank}  {r['cause']}{victim}")
+              f"pid {r['worker_pid'] or '-'}{view.rank_of(r)}  {r['cause']}{victim}")
     return EXIT_OK
 
 

@@ -137,3 +137,8 @@ def status_table(status: dict[str, Any], colour: bool = False) -> str:
         lines.append("")
         lines += hints
     return "\n".join(lines)
+
+
+def rank_of(record: dict[str, Any]) -> str:
+    """A crash record's rank and host, for a group's failure ("" for a single worker's)."""
+    return f"  rank {record['rank']} on {record.get('host') or '-'}" if record.get("rank") is not None else ""
