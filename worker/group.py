@@ -168,10 +168,6 @@ class GroupBatcher(Batcher):
             return
         super().cancel(request_id)
 
-    def cancel_all(self) -> None:
-        if self._rank == 0:
-            super().cancel_all()
-
     def _drop_solo(self) -> None:
         """Rank 0 is done with a request: its generator keeps stepping (its output unused) until the
         flag raised now comes back, unless max_tokens ends it here on every rank anyway."""

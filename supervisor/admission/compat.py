@@ -19,6 +19,12 @@ def _version(dist: str) -> str | None:
 
 
 @functools.lru_cache(maxsize=1)
+def versions() -> dict[str, str | None]:
+    """The installed mlx and mlx-lm: a group's hosts must all run the same (docs/distributed.md)."""
+    return {"mlx": _version("mlx"), "mlx_lm": _version("mlx-lm")}
+
+
+@functools.lru_cache(maxsize=1)
 def backend() -> str:
     """One string per stack, e.g. `mlx-lm 0.32.2 / mlx 0.32.4 / Linux 6.1 x86_64`."""
     os_version = platform.mac_ver()[0] or platform.release()

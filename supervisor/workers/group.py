@@ -19,11 +19,11 @@ from typing import Any
 from protocol import errors as E
 from protocol.messages import Cancel, GenerateRequest, Init, Message
 from supervisor import logs, topology
+from supervisor.admission import compat
 from supervisor.config import ModelConfig, SupervisorSettings
 from supervisor.services import Services
 from supervisor.workers.classify import PEER_LOST, Verdict
 from supervisor.workers.handle import Owner, WorkerHandle, wait_for
-from supervisor.workers.placed import versions as placed_versions
 from supervisor.workers.remoterank import RemoteRank, place_message
 
 
@@ -64,8 +64,8 @@ class RankGroup:
         self.log = logs.get(model=cfg.id)
         sup = services.config.supervisor
         here = topology.local_data_address(sup.data_address, sup.listen)
-        peers = {p.name: p for p in services.config.peers}
-        hosts = [here if h == topology.LOCAL else peers[h].data_host for h in self.spec.hosts]
+        self._peers = {p.name: p for p in services.config.peers}
+        hosts = [here if h == topology.LOCAL else self._peers[h].data_host for h in self.spec.hosts]
         if self.spec.ring_port:
             ports = [self.spec.ring_port + i for i in range(self.spec.size)]
         else:
@@ -90,8 +90,13 @@ class RankGroup:
         base = Path(state_dir) / "groups" if state_dir is not None else Path(tempfile.gettempdir())
         base.mkdir(parents=True, exist_ok=True)
         path = base / f"{self.cfg.id}.hostfile.json"
-        path.write_text(json.dumps([[r.address] for r in self.ranks]))
+        path.write_text(json.dumps(self.hostfile_rows))
         return path
+
+    @property
+    def hostfile_rows(self) -> list[list[str]]:
+        """The ring's hostfile: one ["ip:port"] per rank."""
+        return [[r.address] for r in self.ranks]
 
     def rank_env(self, rank: Rank) -> dict[str, str]:
         """MLX's own variables for this rank (what mlx.launch would set)."""
@@ -105,7 +110,6 @@ class RankGroup:
 
     def spawn(self, sup: SupervisorSettings, init: Init) -> None:
         """Every rank at once: local ones as workers here, the others placed on their peers."""
-        peers = {p.name: p for p in self._services.config.peers}
         group_id = f"{self.cfg.id}-{secrets.token_hex(4)}"
         for rank in self.ranks:
             env = self.rank_env(rank)
@@ -114,8 +118,8 @@ class RankGroup:
             else:
                 env.pop("MLX_HOSTFILE", None)  # the member writes its own copy
                 place = place_message(group_id, self.cfg, rank.index, self.spec.size, self.spec, env,
-                                      [[r.address] for r in self.ranks], init, placed_versions())
-                rank.handle = RemoteRank(peers[rank.host], place, self, sup)
+                                      self.hostfile_rows, init, compat.versions())
+                rank.handle = RemoteRank(self._peers[rank.host], place, self, sup)
             rank.handle.watch(sup)
         self.log.info("group.spawned", group=group_id, ranks=[
             {"rank": r.index, "host": r.host, "address": r.address, "worker_pid": r.handle.process.pid}

@@ -25,10 +25,6 @@ from supervisor.workers.handle import WorkerHandle
 Report = Callable[[Message], "str | None"]  # ControlServer.send for the owner's connection
 
 
-def versions() -> dict[str, str | None]:
-    return {"mlx": compat._version("mlx"), "mlx_lm": compat._version("mlx-lm")}
-
-
 class PlacedRank:
     """One rank run for a peer: the owner of its WorkerHandle, reporting on the place stream."""
 
@@ -126,7 +122,7 @@ class PlacedRanks:
         sup = self._services.config.supervisor
         if not sup.model_roots:
             raise E.Unauthorized("this supervisor places no ranks for peers: it has no model_roots")
-        mine = versions()
+        mine = compat.versions()
         if {k: msg.versions.get(k) for k in mine} != mine:
             raise E.PeerUnavailable(f"versions differ: the owner runs {msg.versions}, this host {mine}")
         if msg.group in self.ranks:
