@@ -1,5 +1,7 @@
 """Test-only worker wrapper, named in a model's `worker_command`: the real worker, but every
-generation writes the text given with --script (then EOS), whatever the random weights would say.
+generation writes the text given with --script (then EOS), whatever the random weights would say;
+with --after-tool, a request whose last message is a tool's result writes that text instead, so an
+agent loop (call a tool, send its result back, get the final answer) runs on one model.
 It goes in where constrained decoding does, as an mlx-lm logits processor, so everything after the
 model (detokenizing, think and tool-call markers, tool parsing, stop strings, logprobs) runs as it
 does in production."""
@@ -10,6 +12,7 @@ import argparse
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--script", required=True, help="the text every generation writes")
+parser.add_argument("--after-tool", help="the text written when the last message is a tool result")
 args = parser.parse_args()
 
 
@@ -32,14 +35,20 @@ class Scripted:
 
 import worker.batch as batch  # noqa: E402
 
-_ids: list[int] = []
+_ids: dict[str, list[int]] = {}
+
+
+def _after_tool(req) -> bool:  # type: ignore[no-untyped-def]
+    msgs = req.messages or []
+    return bool(args.after_tool) and bool(msgs) and msgs[-1].get("role") == "tool"
 
 
 def _processors(self, req):  # type: ignore[no-untyped-def]
     tok = self._engine.tokenizer
-    if not _ids:
-        _ids.extend(tok.encode(args.script, add_special_tokens=False))
-    return [Scripted(_ids, next(iter(tok.eos_token_ids)))]
+    script = args.after_tool if _after_tool(req) else args.script
+    if script not in _ids:
+        _ids[script] = tok.encode(script, add_special_tokens=False)
+    return [Scripted(_ids[script], next(iter(tok.eos_token_ids)))]
 
 
 batch.Batcher._processors = _processors

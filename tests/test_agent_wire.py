@@ -27,9 +27,13 @@ TOOLS = [{"type": "function", "function": {
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
-def _scripted(model_id: str, path: Path, script: str, **extra) -> dict:
+def _scripted(model_id: str, path: Path, script: str, after_tool: str | None = None, **extra) -> dict:
+    """A model writing `script`, or `after_tool` once the last message is a tool's result."""
+    command = [sys.executable, "-m", "tests.scripted_worker", "--script", script]
+    if after_tool is not None:
+        command += ["--after-tool", after_tool]
     return {"id": model_id, "path": str(path), "canary": {"prompt": "Hi", "max_tokens": 4},
-            "worker_command": [sys.executable, "-m", "tests.scripted_worker", "--script", script], **extra}
+            "worker_command": command, **extra}
 
 
 @pytest.fixture(scope="module")
