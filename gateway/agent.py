@@ -166,6 +166,33 @@ def chat_template_kwargs(body: dict) -> dict | None:
     return v or None
 
 
+# A reasoning effort (chat's reasoning_effort, Messages' output_config.effort, Responses'
+# reasoning.effort) as the chat template's own switches: every level travels as the template
+# variable `reasoning_effort` (gpt-oss's template reads low/medium/high), and "none"/"minimal" also
+# turn thinking off (`enable_thinking`, which Qwen3-style templates read). A template that reads
+# neither renders as before: there the effort is advisory.
+_EFFORTS = {"none": "low", "minimal": "low", "low": "low", "medium": "medium", "high": "high",
+            "xhigh": "high", "max": "high"}
+
+
+def effort(where: str, v: Any) -> dict[str, Any]:
+    if v is None:
+        return {}
+    if v not in _EFFORTS:
+        raise bad(where, f"expected one of {', '.join(_EFFORTS)}")
+    out: dict[str, Any] = {"reasoning_effort": _EFFORTS[v]}
+    if v in ("none", "minimal"):
+        out["enable_thinking"] = False
+    return out
+
+
+def template_kwargs(switches: dict[str, Any], given: dict | None) -> dict | None:
+    """The template variables a request sets: its switches (effort, thinking), under what the
+    client named itself in chat_template_kwargs."""
+    merged = {**switches, **(given or {})}
+    return merged or None
+
+
 def top_k(body: dict) -> int:
     v = body.get("top_k")
     if v is None or v == -1:  # -1: vLLM's and SGLang's "off"

@@ -1,16 +1,19 @@
 """Anthropic Messages API requests (`POST /v1/messages`) to generation parameters. Anthropic's
 content blocks become the OpenAI-style messages chat templates are written for: tool_use blocks an
 assistant message's `tool_calls`, tool_result blocks `role: "tool"` messages with `tool_call_id`,
-thinking blocks the assistant's `reasoning_content`, `system` the first message. What it cannot
-honour is refused with a 400 naming the field (gateway/fields.py), as on the OpenAI side."""
+thinking blocks the assistant's `reasoning_content` (when their signature proves this gateway
+wrote them; any other is passed on as the turn's text), `system` and any `role: "system"` message
+the first message. What it cannot honour is refused with a 400 naming the field
+(gateway/fields.py), as on the OpenAI side."""
 
 from __future__ import annotations
 
 import math
 from typing import Any
 
-from gateway import agent, fields
+from gateway import agent, context_edits, fields
 from gateway.params import GenParams
+from gateway.signing import ThinkingSigner
 from protocol import errors as E
 from protocol import limits
 
@@ -92,14 +95,18 @@ def _tool_use(where: str, block: dict) -> dict:
     return {"id": block["id"], "type": "function", "function": {"name": block["name"], "arguments": args}}
 
 
-def _assistant(where: str, content: Any) -> dict:
+def _assistant(where: str, content: Any, signer: ThinkingSigner | None) -> dict:
     msg: dict[str, Any] = {"role": "assistant", "content": ""}
     text, thinking, calls = [], [], []
     for j, block in enumerate(_blocks(f"{where}.content", content, _ASSISTANT_BLOCKS)):
         if block["type"] == "text":
             text.append(block["text"])
         elif block["type"] == "thinking":
-            thinking.append(block.get("thinking", ""))
+            said = block.get("thinking") or ""
+            if signer is None or signer.verify(said, block.get("signature")):
+                thinking.append(said)
+            else:  # not this gateway's (another model's, or edited): the model reads it as text
+                text.append(said)
         elif block["type"] == "tool_use":
             calls.append(_tool_use(f"{where}.content[{j}]", block))
     msg["content"] = "".join(text)
@@ -110,22 +117,28 @@ def _assistant(where: str, content: Any) -> dict:
     return msg
 
 
-def _messages(body: dict) -> list[dict]:
+def _messages(body: dict, signer: ThinkingSigner | None) -> list[dict]:
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise bad("messages", "expected a non-empty list of {role, content}")
-    out = _system(body)
+    system, out = _system(body), []
     for i, m in enumerate(msgs):
         where = f"messages[{i}]"
-        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
-            raise bad(where, "expected an object with role user or assistant")
+        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant", "system"):
+            raise bad(where, "expected an object with role user, assistant or system")
         for key in m:
             if key not in ("role", "content"):
                 raise bad(f"{where}.{str(key)[:64]}", "unknown message field")
-        if m["role"] == "user":
+        if m["role"] == "system":  # merged into the system prompt, as Anthropic does
+            system.append(_text_blocks(f"{where}.content", m.get("content")))
+        elif m["role"] == "user":
             out.extend(_user(where, m.get("content")))
         else:
-            out.append(_assistant(where, m.get("content")))
+            out.append(_assistant(where, m.get("content"), signer))
+    if not out:
+        raise bad("messages", "expected at least one user or assistant message")
+    if system:
+        out.insert(0, {"role": "system", "content": "\n\n".join(system)})
     if len(out) > limits.MAX_MESSAGES:
         raise bad("messages", f"{len(out)} messages, more than {limits.MAX_MESSAGES}")
     chars = sum(agent.message_chars(m) for m in out)
@@ -134,11 +147,11 @@ def _messages(body: dict) -> list[dict]:
     return out
 
 
-def _system(body: dict) -> list[dict]:
+def _system(body: dict) -> list[str]:
     v = body.get("system")
     if v is None:
         return []
-    return [{"role": "system", "content": _text_blocks("system", v)}]
+    return [_text_blocks("system", v)]
 
 
 def _tools(body: dict) -> list[dict] | None:
@@ -169,55 +182,61 @@ def _tool_choice(body: dict, tools: list[dict] | None) -> dict[str, Any]:
     if v is None:
         return {}
     kind = v.get("type") if isinstance(v, dict) else None
-    if isinstance(v, dict) and v.get("disable_parallel_tool_use"):
-        raise bad("tool_choice.disable_parallel_tool_use",
-                  "not supported: the model may call several tools at once and the gateway cannot stop it")
+    single = isinstance(v, dict) and v.get("disable_parallel_tool_use")
+    if single is not None and single is not False and single is not True:
+        raise bad("tool_choice.disable_parallel_tool_use", "expected a boolean")
     openai = {"auto": "auto", "none": "none", "any": "required"}.get(kind)
     if openai is None and kind == "tool" and isinstance(v.get("name"), str):
         openai = {"type": "function", "function": {"name": v["name"]}}
     if openai is None:
         raise bad("tool_choice", "expected {type: auto | any | tool (with name) | none}")
-    return agent.tool_choice(openai, tools, "tool_choice")
+    out = agent.tool_choice(openai, tools, "tool_choice")
+    if single and tools:  # at most one call: the worker ends the generation when it closes
+        out["parallel_tool_calls"] = False
+    return out
 
 
-def _thinking(body: dict) -> dict | None:
+def _thinking(body: dict) -> tuple[dict[str, Any], int | None]:
     """Anthropic's thinking switch as the chat template's enable_thinking (Qwen3 and others read
-    it). budget_tokens is accepted but not enforced apart: max_tokens bounds thinking and answer
-    together. Without `thinking`, or with "adaptive" (the model decides), the template's own
-    default holds."""
+    it), and budget_tokens as the worker's thinking budget: after that many thinking tokens it
+    makes the model close its think block and answer. Without `thinking`, or with "adaptive" (the
+    model decides), the template's own default holds."""
     v = body.get("thinking")
     if v is None:
-        return None
+        return {}, None
     kind = v.get("type") if isinstance(v, dict) else None
     if kind == "disabled":
-        return {"enable_thinking": False}
+        return {"enable_thinking": False}, None
     if kind not in ("enabled", "adaptive"):
         raise bad("thinking", "expected {type: enabled, budget_tokens}, {type: adaptive} or {type: disabled}")
-    if v.get("display") not in (None, "summarized"):
-        raise bad("thinking.display", "thinking is always returned as it was written")
+    if v.get("display") not in (None, "summarized", "omitted"):
+        raise bad("thinking.display", "expected summarized or omitted")
     budget = v.get("budget_tokens")
-    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
-        raise bad("thinking.budget_tokens", "expected a positive integer")
-    return {"enable_thinking": True} if kind == "enabled" else None
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int)
+                               or not 1 <= budget <= limits.MAX_TOKENS):
+        raise bad("thinking.budget_tokens", f"expected an integer in [1, {limits.MAX_TOKENS}]")
+    return ({"enable_thinking": True}, budget) if kind == "enabled" else ({}, budget)
 
 
-def _output_config(body: dict) -> dict | None:
+def _output_config(body: dict) -> tuple[dict | None, dict[str, Any]]:
     """output_config.format (structured outputs) as OpenAI's response_format json_schema: the
-    worker's constrained decoding enforces it. A reasoning effort cannot be set."""
+    worker's constrained decoding enforces it. output_config.effort as the template's reasoning
+    switches (gateway/agent.py: effort)."""
     v = body.get("output_config")
     if v is None:
-        return None
+        return None, {}
     if not isinstance(v, dict):
         raise bad("output_config", "expected an object")
     for key, value in v.items():
-        if key != "format" and value is not None:
-            raise bad(f"output_config.{str(key)[:64]}", "not supported (an effort cannot be set on these models)")
+        if key not in ("format", "effort") and value is not None:
+            raise bad(f"output_config.{str(key)[:64]}", "unknown field")
+    effort = agent.effort("output_config.effort", v.get("effort"))
     fmt = v.get("format")
     if fmt is None:
-        return None
+        return None, effort
     if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):
         raise bad("output_config.format", "expected {type: json_schema, schema}")
-    return {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt["schema"]}}
+    return {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt["schema"]}}, effort
 
 
 def _number(body: dict, name: str, default: float, hi: float) -> float:
@@ -256,12 +275,25 @@ def _head(body: Any) -> tuple[str, int, bool]:
     return model, max_tokens, stream
 
 
-def parse(body: Any) -> GenParams:
-    """POST /v1/messages."""
+def parse(body: Any, signer: ThinkingSigner | None = None) -> GenParams:
+    """POST /v1/messages. `signer` verifies the thinking blocks a client sends back."""
     model, max_tokens, stream = _head(body)
     tools = _tools(body)
+    switches, budget = _thinking(body)
+    response_format, effort = _output_config(body)
     extra: dict[str, Any] = {"tools": tools, **_tool_choice(body, tools), "top_k": agent.top_k(body),
-                             "chat_template_kwargs": _thinking(body), "response_format": _output_config(body)}
-    return GenParams(model=model, messages=_messages(body), max_tokens=max_tokens,
+                             "chat_template_kwargs": agent.template_kwargs({**effort, **switches}, None),
+                             "response_format": response_format, "thinking_budget": budget}
+    return GenParams(model=model, messages=_messages(body, signer), max_tokens=max_tokens,
                      temperature=_number(body, "temperature", 1.0, 1.0), top_p=_number(body, "top_p", 1.0, 1.0),
-                     stop=_stop_sequences(body), stream=stream, agent={k: v for k, v in extra.items() if v})
+                     stop=_stop_sequences(body), stream=stream,
+                     agent={k: v for k, v in extra.items() if v or k == "parallel_tool_calls"},
+                     context_edits=context_edits.parse(body.get("context_management")))
+
+
+def parse_count(body: Any, signer: ThinkingSigner | None = None) -> GenParams:
+    """POST /v1/messages/count_tokens: a Messages body whose max_tokens may be absent (nothing is
+    generated), so it takes the smallest one for the checks."""
+    if isinstance(body, dict) and body.get("max_tokens") is None:
+        body = {**body, "max_tokens": 1}
+    return parse(body, signer)

@@ -1,7 +1,7 @@
 """Anthropic Messages API responses: the message object, the streamed event sequence (message_start,
 content_block_start / _delta / _stop, message_delta, message_stop), and errors in Anthropic's shape
 with the LMX code's HTTP status. The framing differs from OpenAI's (named events, no `[DONE]`), so
-GenerationResponse takes ANTHROPIC as its dialect."""
+AnthropicDialect is its dialect (gateway/dialect.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,10 @@ from typing import Any, AsyncGenerator
 
 from starlette.responses import JSONResponse
 
+from gateway import anthropic
 from gateway import errors as http_errors
+from gateway.params import GenParams
+from gateway.signing import ThinkingSigner
 from gateway.sse import dumps
 from protocol import errors as E
 from protocol.client import GenerateStream, Result
@@ -44,7 +47,11 @@ def error_body(err: E.LmxError, request_id: str | None = None) -> dict[str, Any]
     where the anthropic SDK reads a stable cause (`APIStatusError.error_code`); the code's own
     details (param, signal, retry_after_s...) and `retryable` sit beside it."""
     details = {"error_code": err.code.code, "retryable": err.retryable, **err.details}
-    body: dict[str, Any] = {"type": "error", "error": {"type": error_type(err), "message": err.message,
+    message = err.message
+    if (over := http_errors.context_exceeded(err)) is not None:
+        # Claude Code's compaction and retry logic matches these words.
+        message = f"prompt is too long: {over[0]} tokens > {over[1]} maximum"
+    body: dict[str, Any] = {"type": "error", "error": {"type": error_type(err), "message": message,
                                                        "details": details}}
     if request_id:
         body["request_id"] = request_id
@@ -53,9 +60,19 @@ def error_body(err: E.LmxError, request_id: str | None = None) -> dict[str, Any]
 
 class AnthropicDialect:
     """Named SSE events (`event: TYPE`), no end marker (message_stop is the end), errors as an
-    `error` event; the anthropic SDK reads `request-id`."""
+    `error` event; the anthropic SDK reads `request-id`. `signer` signs the thinking blocks it
+    returns and verifies those a client sends back."""
 
     done: bytes | None = None
+
+    def __init__(self, signer: ThinkingSigner | None = None) -> None:
+        self.signer = signer
+
+    def parse(self, body: Any) -> GenParams:
+        return anthropic.parse(body, self.signer)
+
+    def shaper(self, p: GenParams, request_id: str, applied_edits: list[dict] | None) -> "MessageShaper":
+        return MessageShaper(p.model, request_id, self.signer, applied_edits)
 
     def id_headers(self, request_id: str) -> dict[str, str]:
         return {"x-request-id": request_id, "request-id": request_id}
@@ -70,8 +87,6 @@ class AnthropicDialect:
         return JSONResponse(error_body(err, headers.get("request-id")), status_code=err.http_status,
                             headers={**http_errors.headers(err), **headers})
 
-
-ANTHROPIC = AnthropicDialect()
 
 
 def usage(u: dict) -> dict[str, int]:
@@ -100,21 +115,31 @@ def tool_use(call: dict) -> dict[str, Any]:
 
 
 class MessageShaper:
-    """Every object of one /v1/messages response."""
+    """Every object of one /v1/messages response. `signer` signs its thinking blocks (the client
+    sends them back next turn); `applied_edits` is what context_management cleared, reported when
+    the request asked for context management (None: it did not)."""
 
-    def __init__(self, model: str, request_id: str) -> None:
+    def __init__(self, model: str, request_id: str, signer: ThinkingSigner | None = None,
+                 applied_edits: list[dict] | None = None) -> None:
         self.model = model
         self.id = "msg_" + request_id  # the supervisor's request id, as on the OpenAI side
+        self._signer = signer
+        self._context = None if applied_edits is None else {"applied_edits": applied_edits}
 
     def _message(self, content: list[dict], reason: str | None, u: dict, stop: str | None = None) -> dict[str, Any]:
-        return {"id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": content,
-                "stop_reason": reason, "stop_sequence": stop, "usage": u}
+        msg = {"id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": content,
+               "stop_reason": reason, "stop_sequence": stop, "usage": u}
+        if self._context is not None:
+            msg["context_management"] = self._context
+        return msg
+
+    def _sign(self, thinking: str) -> str:
+        return self._signer.sign(thinking) if self._signer is not None else ""
 
     def full(self, result: Result) -> dict[str, Any]:
         content: list[dict] = []
         if result.reasoning:
-            # No signature: it proves a Claude model wrote the thinking, which no local model can.
-            content.append({"type": "thinking", "thinking": result.reasoning, "signature": ""})
+            content.append({"type": "thinking", "thinking": result.reasoning, "signature": self._sign(result.reasoning)})
         if result.text or not (content or result.tool_calls):  # as the stream: never no block at all
             content.append({"type": "text", "text": result.text})
         content.extend(tool_use(c) for c in result.tool_calls)
@@ -128,7 +153,7 @@ class MessageShaper:
     async def events(self, stream: GenerateStream) -> AsyncGenerator[dict, None]:
         """The streamed sequence. message_start waits for the first chunk, so a request refused
         before any token exists is an HTTP error with its status, as on the OpenAI side."""
-        blocks = _Blocks()
+        blocks = _Blocks(self._sign)
         async with stream:  # leaving early any way cancels the generation
             started = False
             async for chunk in stream:
@@ -143,9 +168,12 @@ class MessageShaper:
             yield self._start()
         for obj in blocks.close():
             yield obj
-        yield {"type": "message_delta",
-               "delta": {"stop_reason": stop_reason(result), "stop_sequence": result.stop_sequence},
-               "usage": usage(result.usage)}
+        delta = {"type": "message_delta",
+                 "delta": {"stop_reason": stop_reason(result), "stop_sequence": result.stop_sequence},
+                 "usage": usage(result.usage)}
+        if self._context is not None:
+            delta["context_management"] = self._context
+        yield delta
         yield {"type": "message_stop"}
 
     def _start(self) -> dict[str, Any]:
@@ -158,10 +186,12 @@ class MessageShaper:
 class _Blocks:
     """Content blocks of a stream: one open at a time; a change of kind closes it and opens the next."""
 
-    def __init__(self) -> None:
+    def __init__(self, sign: Any) -> None:
         self._index = -1
         self._open: str | None = None
         self._any = False
+        self._sign = sign  # thinking text -> its signature, sent as the block's last delta
+        self._thinking: list[str] = []
 
     def _begin(self, kind: str, block: dict) -> list[dict]:
         out = self._end()
@@ -173,8 +203,12 @@ class _Blocks:
     def _end(self) -> list[dict]:
         if self._open is None:
             return []
+        out = []
+        if self._open == "thinking":
+            out.append(self._delta({"type": "signature_delta", "signature": self._sign("".join(self._thinking))}))
+            self._thinking = []
         self._open = None
-        return [{"type": "content_block_stop", "index": self._index}]
+        return out + [{"type": "content_block_stop", "index": self._index}]
 
     def _delta(self, delta: dict) -> dict:
         return {"type": "content_block_delta", "index": self._index, "delta": delta}
@@ -185,6 +219,7 @@ class _Blocks:
             if self._open != "thinking":
                 out += self._begin("thinking", {"type": "thinking", "thinking": "", "signature": ""})
             out.append(self._delta({"type": "thinking_delta", "thinking": chunk.reasoning}))
+            self._thinking.append(chunk.reasoning)
         if chunk.text:
             if self._open != "text":
                 out += self._begin("text", {"type": "text", "text": ""})

@@ -1,31 +1,37 @@
-"""The Starlette app: routes, the one SupervisorClient they share, and OpenAI requests turned into
-generations. Everything about the supervisor goes through protocol.client."""
+"""The Starlette app: routes, the one SupervisorClient they share, and the one path every
+generation takes whatever its dialect (`Gateway.respond`). Everything about the supervisor goes
+through protocol.client."""
 
 from __future__ import annotations
 
 import contextlib
-import json
-import time
+import dataclasses
 from dataclasses import dataclass
-from typing import Any, AsyncGenerator, AsyncIterator, Callable
+from typing import Any, AsyncIterator
 
 import structlog
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from gateway import anthropic, body, context_edits, listing, readiness, responses
 from gateway import errors as http_errors
-from gateway import anthropic, params, readiness
-from gateway.anthropic_shapes import ANTHROPIC, MessageShaper
-from gateway.shapes import Shaper
+from gateway.anthropic_shapes import AnthropicDialect
+from gateway.dialect import CHAT, COMPLETIONS, Dialect
+from gateway.params import GenParams
+from gateway.signing import ThinkingSigner
 from gateway.sse import GenerationResponse
+from protocol import endpoint as ep
 from protocol import errors as E
-from protocol.client import GenerateStream, SupervisorClient
-from protocol.states import ModelState
+from protocol.client import SupervisorClient
 
 log = structlog.get_logger("lmx.gateway")
+
+MAX_BODY_BYTES = body.MAX_BODY_BYTES
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,9 @@ class GatewayConfig:
     request_timeout_s: float = 300.0     # each generation's deadline, carried to the supervisor
     status_timeout_s: float = 5.0        # /v1/models and /readyz
     required_models: tuple[str, ...] = ()  # /readyz: exactly these must be READY (default: status' view)
+    cors_origins: tuple[str, ...] = ()   # browser origins allowed to call (CORS); none by default
+    responses_max_count: int = 10_000    # stored Responses kept (the oldest go first)
+    responses_max_age_s: float = 30 * 86_400.0  # and none older than this
 
 
 class Gateway:
@@ -42,6 +51,9 @@ class Gateway:
         self.config = config
         self.client = SupervisorClient(config.endpoint, state_dir=config.state_dir,
                                        timeout_s=config.request_timeout_s)
+        self.state_dir = ep.resolve_state_dir(config.state_dir)
+        self.signer = ThinkingSigner.from_state_dir(self.state_dir)
+        self.anthropic = AnthropicDialect(self.signer)
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
@@ -70,100 +82,75 @@ class Gateway:
         ready, report = readiness.check(status, self.config.required_models)
         return JSONResponse(report, status_code=200 if ready else 503)
 
+    def _listing_dialect(self, request: Request) -> tuple[bool, Dialect]:
+        wants = "anthropic-version" in request.headers  # the anthropic SDK sends it on every call
+        return wants, (self.anthropic if wants else CHAT)
+
     async def models(self, request: Request) -> Response:
+        wants, dialect = self._listing_dialect(request)
         try:
             status = await self.client.status(timeout_s=self.config.status_timeout_s)
         except E.LmxError as exc:
-            return http_errors.response(exc)
-        now = time.time()
-        data = [{"id": m["id"], "object": "model",
-                 "created": int(now - (m.get("ready_for_s") or 0.0)),  # when it became routable
-                 "owned_by": "lmx-supervisor", "state": m["state"], "revision": m["revision"]}
-                for m in status["models"] if m["state"] == ModelState.READY.value]
-        return JSONResponse({"object": "list", "data": data})
+            return dialect.error_response(exc, {})
+        return JSONResponse(listing.listing(status, wants))
+
+    async def model(self, request: Request) -> Response:
+        wants, dialect = self._listing_dialect(request)
+        try:
+            status = await self.client.status(timeout_s=self.config.status_timeout_s)
+            return JSONResponse(listing.one(status, request.path_params["model_id"], wants))
+        except E.LmxError as exc:
+            return dialect.error_response(exc, {})
 
     # --- generations -------------------------------------------------------------------------
 
     async def chat_completions(self, request: Request) -> Any:
-        return await self._generate(request, params.chat, chat=True)
+        return await self.respond(request, CHAT)
 
     async def completions(self, request: Request) -> Any:
-        return await self._generate(request, params.completion, chat=False)
+        return await self.respond(request, COMPLETIONS)
 
     async def messages(self, request: Request) -> Any:
-        """Anthropic's Messages API: its own request and response shapes and error bodies, over the
-        same generations."""
+        return await self.respond(request, self.anthropic)
+
+    async def respond(self, request: Request, dialect: Dialect) -> Any:
+        """Every generation: the body read and parsed by its dialect, context edits applied, the
+        generation started, its objects shaped and framed by the dialect. A failure before the
+        first token is an HTTP error in the dialect's shape (GenerationResponse)."""
         try:
-            p = anthropic.parse(await _json_body(request))
+            p = dialect.parse(await body.json_body(request))
+            p, applied = await self._edit(p)
         except E.LmxError as exc:
-            return ANTHROPIC.error_response(exc, {})
+            return dialect.error_response(exc, {})
         stream = self.client.generate(p.model, **p.client_kwargs())
-        shaper = MessageShaper(p.model, stream.request_id)
+        shaper = dialect.shaper(p, stream.request_id, applied)
         events = shaper.events(stream) if p.stream else shaper.whole(stream)
-        return GenerationResponse(events, streaming=p.stream, request_id=stream.request_id, dialect=ANTHROPIC)
+        return GenerationResponse(events, streaming=p.stream, request_id=stream.request_id, dialect=dialect)
 
-    async def _generate(self, request: Request, parse: Callable[[Any], params.GenParams], chat: bool) -> Any:
+    async def count(self, p: GenParams, messages: list[dict]) -> int:
+        """The prompt's tokens as the model renders it: tools and template switches included."""
+        return await self.client.count_tokens(p.model, messages=messages, tools=p.agent.get("tools"),
+                                              chat_template_kwargs=p.agent.get("chat_template_kwargs"))
+
+    async def _edit(self, p: GenParams) -> tuple[GenParams, list[dict] | None]:
+        if p.context_edits is None or p.messages is None:
+            return p, None
+        messages, applied = await context_edits.apply(p.context_edits, p.messages, lambda m: self.count(p, m))
+        return dataclasses.replace(p, messages=messages), applied
+
+    async def count_tokens(self, request: Request) -> Response:
+        """POST /v1/messages/count_tokens: the Messages body (max_tokens not needed), counted by
+        the model's worker through its tokenizer and chat template, without generating."""
         try:
-            p = parse(await _json_body(request))
+            p = anthropic.parse_count(await body.json_body(request), self.signer)
+            edited, applied = await self._edit(p)
+            assert edited.messages is not None
+            out: dict[str, Any] = {"input_tokens": await self.count(edited, edited.messages)}
+            if applied is not None:
+                out["context_management"] = {"original_input_tokens": await self.count(p, p.messages or [])}
         except E.LmxError as exc:
-            return http_errors.response(exc)
-        stream = self.client.generate(p.model, **p.client_kwargs())
-        shaper = Shaper(chat, p.model, stream.request_id)
-        events = _stream_events(stream, shaper, p) if p.stream else _full(stream, shaper)
-        return GenerationResponse(events, streaming=p.stream, request_id=stream.request_id)
-
-
-# The largest body whose fields can pass the wire's bounds: MAX_PROMPT_CHARS characters, each up to
-# 12 bytes as a JSON escape (a surrogate pair), plus the rest. Past it the body is not even read.
-MAX_BODY_BYTES = 32 * 1024 * 1024
-
-
-async def _read_body(request: Request) -> bytes:
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise E.BadRequest(f"the request body has {declared} bytes, more than {MAX_BODY_BYTES}")
-    parts, size = [], 0
-    async for part in request.stream():  # chunked bodies declare no length: count as they come
-        size += len(part)
-        if size > MAX_BODY_BYTES:
-            raise E.BadRequest(f"the request body has more than {MAX_BODY_BYTES} bytes")
-        parts.append(part)
-    return b"".join(parts)
-
-
-async def _json_body(request: Request) -> Any:
-    raw = await _read_body(request)
-    try:
-        return json.loads(raw)
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
-        raise E.BadRequest(f"the request body is not valid JSON: {exc}") from None
-
-
-async def _full(stream: GenerateStream, shaper: Shaper) -> AsyncGenerator[dict, None]:
-    async with stream:
-        result = await stream.collect()
-    yield shaper.full(result)
-
-
-async def _stream_events(stream: GenerateStream, shaper: Shaper, p: params.GenParams) -> AsyncGenerator[dict, None]:
-    # Leaving this generator any way (end, error, GeneratorExit, cancellation on disconnect)
-    # goes through `async with stream`, which cancels the request if it still runs.
-    async with stream:
-        opened = False
-        async for chunk in stream:
-            if not opened:
-                opened = True
-                if (first := shaper.opening()) is not None:
-                    yield first
-            for obj in shaper.deltas(chunk):  # text, thinking, tool calls, logprobs
-                yield obj
-        result = stream.result
-        assert result is not None
-    if not opened and (first := shaper.opening()) is not None:
-        yield first
-    yield shaper.closing(result.finish_reason)
-    if p.include_usage:
-        yield shaper.usage_chunk(result.usage)
+            return self.anthropic.error_response(exc, {})
+        return JSONResponse(out)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -177,17 +164,29 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
     return http_errors.response(E.InternalError(f"internal error in the gateway: {exc!r}"))
 
 
+def _middleware(config: GatewayConfig) -> list[Middleware]:
+    if not config.cors_origins:
+        return []  # off by default: no browser page may call a gateway its user did not name
+    return [Middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST", "DELETE"],
+                       allow_headers=["*"], expose_headers=["x-request-id", "request-id", "retry-after"],
+                       max_age=600)]
+
+
 def create_app(config: GatewayConfig | None = None) -> Starlette:
-    gw = Gateway(config or GatewayConfig())
+    config = config or GatewayConfig()
+    gw = Gateway(config)
     routes = [
         Route("/healthz", gw.healthz, methods=["GET"]),
         Route("/readyz", gw.readyz, methods=["GET"]),
         Route("/v1/models", gw.models, methods=["GET"]),
+        Route("/v1/models/{model_id:path}", gw.model, methods=["GET"]),
         Route("/v1/chat/completions", gw.chat_completions, methods=["POST"]),
         Route("/v1/completions", gw.completions, methods=["POST"]),
         Route("/v1/messages", gw.messages, methods=["POST"]),
+        Route("/v1/messages/count_tokens", gw.count_tokens, methods=["POST"]),
+        *responses.routes(gw),
     ]
-    app = Starlette(routes=routes, lifespan=gw.lifespan,
+    app = Starlette(routes=routes, lifespan=gw.lifespan, middleware=_middleware(config),
                     exception_handlers={HTTPException: _http_error, Exception: _internal_error})
     app.state.gateway = gw
     return app

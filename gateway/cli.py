@@ -29,6 +29,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="/readyz: these models must be READY (repeatable; default: every model that should run)")
     p.add_argument("--drain-grace-s", type=float, default=5.0,
                    help="on SIGTERM, how long responses in flight may finish before they are cancelled")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="a browser origin allowed to call the gateway, e.g. http://localhost:5173 (repeatable; "
+                        "CORS is off without it)")
+    p.add_argument("--responses-max-count", type=int, default=10_000, metavar="N",
+                   help="stored Responses (store: true) kept in <state-dir>/gateway/responses.sqlite; the oldest go first")
+    p.add_argument("--responses-max-age-days", type=float, default=30.0, metavar="DAYS",
+                   help="stored Responses older than this are dropped")
     p.add_argument("--access-log", action="store_true", help="one uvicorn access-log line per request")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
@@ -66,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _configure_logging(args.log_level)
     config = GatewayConfig(endpoint=args.endpoint, state_dir=args.state_dir, request_timeout_s=args.request_timeout_s,
-                           required_models=tuple(args.require_model))
+                           required_models=tuple(args.require_model), cors_origins=tuple(args.cors_origin),
+                           responses_max_count=args.responses_max_count,
+                           responses_max_age_s=args.responses_max_age_days * 86_400.0)
     try:
         sock = _bind(args.host, args.port)
     except OSError as exc:

@@ -1,9 +1,14 @@
 """Which request fields each endpoint knows, and what it does with each: honoured, advisory (accepted
-and ignored, because ignoring them changes nothing a client can observe), or refused unless at a
-value that asks for nothing (null, OpenAI's default). Anything else is a 400 naming the field: a
-client that sends `frequency_penalty: 0.5` or a field we never heard of learns that it was not
-applied, instead of getting an answer made without it. docs/gateway.md lists the same tables, and
-tests/test_gateway_agent.py checks that it lists every field here."""
+and ignored, because ignoring them changes nothing a client can observe, or a hint the model's
+template may not have a place for), or refused unless at a value that asks for nothing (null,
+OpenAI's default).
+
+The rule: a field that a widely used client sends by default is never a 400 — it is honoured or
+advisory. A field is refused only where accepting it would return something false (an answer
+made with a penalty that was never applied, a schema that was not enforced). An unknown field is
+a 400 naming it. docs/gateway.md lists the same tables, tests/test_gateway_agent.py checks that it
+lists every field here, and tests/test_client_captures.py that every field the pinned clients send
+is honoured or advisory."""
 
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ from protocol import errors as E
 CHAT_HONOURED = (
     "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop",
     "stream", "stream_options", "n", "tools", "tool_choice", "parallel_tool_calls", "response_format",
-    "logprobs", "top_logprobs", "chat_template_kwargs", "top_k",
+    "logprobs", "top_logprobs", "chat_template_kwargs", "top_k", "reasoning_effort",
 )
 COMPLETION_HONOURED = (
     "model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options",
@@ -23,13 +28,15 @@ COMPLETION_HONOURED = (
 )
 MESSAGES_HONOURED = (
     "model", "max_tokens", "messages", "system", "stop_sequences", "temperature", "top_p", "top_k", "tools",
-    "tool_choice", "thinking", "stream", "output_config",
+    "tool_choice", "thinking", "stream", "output_config", "context_management",
 )
 
 # Advisory: bookkeeping for the caller's side (who asked, what to store, which tier to bill), or a
 # hint whose job something else already does (prompt_cache_key: the worker's prefix cache matches
-# prefixes by itself). Nothing a client observes depends on them here.
-OPENAI_ADVISORY = ("user", "metadata", "service_tier", "store", "prompt_cache_key", "safety_identifier")
+# prefixes by itself) or that these models have no switch for (verbosity). Nothing a client
+# observes depends on them here.
+OPENAI_ADVISORY = ("user", "metadata", "service_tier", "store", "prompt_cache_key", "safety_identifier",
+                   "verbosity")
 # cache_control (top level, as on blocks): the prefix cache reuses every prefix without breakpoints.
 MESSAGES_ADVISORY = ("metadata", "service_tier", "cache_control", "user_profile_id")
 
@@ -51,9 +58,6 @@ _OPENAI_REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "frequency_penalty": (_zero, "penalties are not implemented by the workers"),
     "presence_penalty": (_zero, "penalties are not implemented by the workers"),
     "logit_bias": (_empty, "logit biases are not implemented by the workers"),
-    "reasoning_effort": (_null, "a reasoning effort cannot be set on these models; turn thinking off with "
-                                "chat_template_kwargs {\"enable_thinking\": false} where the template allows"),
-    "verbosity": (_null, "not implemented"),
     "modalities": (lambda v: v is None or v == ["text"], "only text output is supported"),
     "audio": (_null, "only text output is supported"),
     "prediction": (_null, "predicted outputs are not implemented"),
@@ -64,7 +68,6 @@ _OPENAI_REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
 _MESSAGES_REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "container": (_null, "there are no containers"),
     "mcp_servers": (_empty, "MCP servers are not supported"),
-    "context_management": (_null, "context management is not supported"),
     "inference_geo": (_null, "there is one place of inference: this machine"),
     "diagnostics": (_null, "prompt-cache diagnostics are not reported"),
     "speed": (lambda v: v in (None, "standard"), "there is one speed"),
@@ -72,6 +75,34 @@ _MESSAGES_REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 CHAT_REFUSED = tuple(_OPENAI_REFUSED)
 MESSAGES_REFUSED = tuple(_MESSAGES_REFUSED)
+
+# POST /v1/responses (gateway/responses.py). metadata is stored and echoed; store and
+# previous_response_id keep and continue conversations (gateway/responses_store.py).
+RESPONSES_HONOURED = (
+    "model", "input", "instructions", "tools", "tool_choice", "parallel_tool_calls", "text", "max_output_tokens",
+    "temperature", "top_p", "reasoning", "stream", "store", "previous_response_id", "metadata", "top_k",
+    "chat_template_kwargs",
+)
+# include names extra output (encrypted reasoning, logprobs...) nothing here has; truncation "auto"
+# would drop items from a prompt over the context, which here is an error instead; max_tool_calls
+# bounds built-in tool calls, and there are none.
+RESPONSES_ADVISORY = ("user", "service_tier", "prompt_cache_key", "prompt_cache_retention", "prompt_cache_options",
+                      "safety_identifier", "truncation", "include", "stream_options", "max_tool_calls")
+_RESPONSES_REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "background": (lambda v: v in (None, False), "background responses are not run: stream or wait instead"),
+    "conversation": (_null, "conversations are not kept: chain responses with previous_response_id"),
+    "prompt": (_null, "stored prompt templates are not available"),
+    "top_logprobs": (_zero, "this endpoint returns no logprobs"),
+    "context_management": (_empty, "server-side compaction is not implemented"),
+    "moderation": (_null, "there is no moderation model"),
+    "image": (_null, "only text output is supported"),
+    "access_programs": (_null, "not applicable here"),
+}
+RESPONSES_REFUSED = tuple(_RESPONSES_REFUSED)
+# POST /v1/responses/input_tokens: the fields that shape the prompt.
+INPUT_TOKENS_HONOURED = ("model", "input", "instructions", "tools", "tool_choice", "parallel_tool_calls", "text",
+                         "reasoning", "previous_response_id", "chat_template_kwargs")
+INPUT_TOKENS_ADVISORY = ("truncation", "personality")
 
 
 def _check(body: dict, honoured: tuple[str, ...], advisory: tuple[str, ...],
@@ -99,3 +130,11 @@ def check_completion(body: dict) -> None:
 
 def check_messages(body: dict) -> None:
     _check(body, MESSAGES_HONOURED, MESSAGES_ADVISORY, _MESSAGES_REFUSED)
+
+
+def check_responses(body: dict) -> None:
+    _check(body, RESPONSES_HONOURED, RESPONSES_ADVISORY, _RESPONSES_REFUSED)
+
+
+def check_input_tokens(body: dict) -> None:
+    _check(body, INPUT_TOKENS_HONOURED, INPUT_TOKENS_ADVISORY, {"conversation": _RESPONSES_REFUSED["conversation"]})

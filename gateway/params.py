@@ -33,6 +33,9 @@ class GenParams:
     # What agents send (gateway/agent.py): only those set travel, so a request without them is the
     # same wire message as before they existed (an adopted older worker still serves it).
     agent: dict[str, Any] = field(default_factory=dict)
+    # Anthropic's context_management edits (gateway/context_edits.py), applied to `messages` before
+    # the generation starts; None when the request named none.
+    context_edits: tuple | None = None
 
     def client_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of SupervisorClient.generate."""
@@ -142,16 +145,21 @@ def _common(body: Any, default_max_tokens: int) -> dict[str, Any]:
 
 def _chat_agent(body: dict) -> dict[str, Any]:
     """The agent fields of a chat request, as SupervisorClient.generate takes them (only those set)."""
-    if body.get("parallel_tool_calls") is False:
-        raise _bad("parallel_tool_calls", "false is not supported: the model may call several tools at once "
-                                          "and the gateway cannot stop it")
+    parallel = body.get("parallel_tool_calls")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise _bad("parallel_tool_calls", f"expected a boolean, got {parallel!r}")
     tools = agent.tools(body)
     logprobs, top = agent.chat_logprobs(body)
+    kwargs = agent.template_kwargs(agent.effort("reasoning_effort", body.get("reasoning_effort")),
+                                   agent.chat_template_kwargs(body))
     out: dict[str, Any] = {"tools": tools, **agent.tool_choice(body.get("tool_choice"), tools),
                            "response_format": agent.response_format(body), "logprobs": logprobs,
-                           "top_logprobs": top, "chat_template_kwargs": agent.chat_template_kwargs(body),
-                           "top_k": agent.top_k(body)}
-    return {k: v for k, v in out.items() if v}
+                           "top_logprobs": top, "chat_template_kwargs": kwargs, "top_k": agent.top_k(body)}
+    out = {k: v for k, v in out.items() if v}
+    if parallel is False and tools:
+        # At most one call: the worker ends the generation when the first call closes.
+        out["parallel_tool_calls"] = False
+    return out
 
 
 def chat(body: Any) -> GenParams:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, AsyncGenerator
 
-from protocol.client import Result
+from protocol.client import GenerateStream, Result
 from protocol.messages import Chunk
 
 SYSTEM_FINGERPRINT = "lmx-supervisor"
@@ -31,8 +31,9 @@ def _chat_logprobs(entries: list[dict]) -> dict[str, Any]:
 class Shaper:
     """Builds every object of one response, so they share id, created and model."""
 
-    def __init__(self, chat: bool, model: str, request_id: str) -> None:
+    def __init__(self, chat: bool, model: str, request_id: str, include_usage: bool = False) -> None:
         self.chat = chat
+        self.include_usage = include_usage  # stream_options.include_usage: a last chunk with usage
         self.model = model
         # The supervisor logs the same request id: a client's response id finds its log lines.
         self.id = ("chatcmpl-" if chat else "cmpl-") + request_id
@@ -74,6 +75,31 @@ class Shaper:
             choice = {"index": 0, "text": result.text, "logprobs": logprobs, "finish_reason": result.finish_reason}
             head = self._head("text_completion")
         return {**head, "choices": [choice], "usage": usage(result.usage)}
+
+    async def whole(self, stream: GenerateStream) -> AsyncGenerator[dict, None]:
+        async with stream:
+            result = await stream.collect()
+        yield self.full(result)
+
+    async def events(self, stream: GenerateStream) -> AsyncGenerator[dict, None]:
+        # Leaving this generator any way (end, error, GeneratorExit, cancellation on disconnect)
+        # goes through `async with stream`, which cancels the request if it still runs.
+        async with stream:
+            opened = False
+            async for chunk in stream:
+                if not opened:
+                    opened = True
+                    if (first := self.opening()) is not None:
+                        yield first
+                for obj in self.deltas(chunk):  # text, thinking, tool calls, logprobs
+                    yield obj
+            result = stream.result
+            assert result is not None
+        if not opened and (first := self.opening()) is not None:
+            yield first
+        yield self.closing(result.finish_reason)
+        if self.include_usage:
+            yield self.usage_chunk(result.usage)
 
     def _chunk(self, delta: dict | str, finish_reason: str | None, logprobs: dict | None = None) -> dict[str, Any]:
         if self.chat:

@@ -10,7 +10,6 @@ from typing import Any, AsyncGenerator
 import structlog
 from starlette.types import Receive, Scope, Send
 
-from gateway import errors as http_errors
 from protocol import errors as E
 
 DONE = b"data: [DONE]\n\n"
@@ -45,28 +44,6 @@ async def _cancel(task: asyncio.Future) -> None:
         await asyncio.wait((task,), timeout=0.05)
 
 
-class OpenAIDialect:
-    """How a generation's response is framed and how it fails, in OpenAI's dialect: `data:` events,
-    `[DONE]` at the end, errors as {"error": {...}}. gateway/anthropic.py has Anthropic's."""
-
-    done: bytes | None = DONE
-
-    def id_headers(self, request_id: str) -> dict[str, str]:
-        return {"x-request-id": request_id}
-
-    def frame(self, obj: dict) -> bytes:
-        return event(obj)
-
-    def error_event(self, err: E.LmxError) -> bytes:
-        return event(http_errors.body(err))
-
-    def error_response(self, err: E.LmxError, headers: dict[str, str]) -> Any:
-        return http_errors.response(err, headers)
-
-
-OPENAI = OpenAIDialect()
-
-
 def _as_lmx(exc: Exception) -> E.LmxError:
     if isinstance(exc, E.LmxError):
         return exc
@@ -75,18 +52,20 @@ def _as_lmx(exc: Exception) -> E.LmxError:
 
 
 class GenerationResponse:
-    """ASGI response over `events`, an async generator of OpenAI objects that raises LmxError.
+    """ASGI response over `events`, an async generator of a dialect's objects that raises LmxError;
+    the dialect (gateway/dialect.py) frames them and shapes the errors.
 
     Nothing is sent before the first event: a failure before anything was generated (unknown
     model, quarantine, overload...) is a plain JSON error with the code's HTTP status. Once the
-    stream started, a failure is one last SSE event `{"error": {...}}` and the stream ends
-    without `[DONE]`, so no client can take the cut for a complete answer.
+    stream started, a failure is one last SSE error event and the stream ends without the
+    dialect's end (`[DONE]`, message_stop, response.completed), so no client can take the cut
+    for a complete answer.
 
     A disconnect is watched for the whole time, also while no token is coming (prefill, queue):
     the events task is cancelled, which closes the GenerateStream, which sends `cancel`."""
 
     def __init__(self, events: AsyncGenerator[dict, None], *, streaming: bool, request_id: str,
-                 dialect: Any = OPENAI) -> None:
+                 dialect: Any) -> None:
         self._events = events
         self._streaming = streaming
         self._request_id = request_id

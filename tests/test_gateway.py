@@ -18,6 +18,7 @@ import pytest
 
 from gateway import params, readiness
 from gateway.app import GatewayConfig, create_app
+from gateway.dialect import CHAT
 from gateway.sse import GenerationResponse
 from protocol import errors as E
 from tests.harness import REPO, RunningSupervisor, wait_until
@@ -359,7 +360,7 @@ def test_an_error_after_the_stream_started_is_a_last_event_and_no_done() -> None
     async def run() -> tuple[httpx.Response, httpx.Response]:
         async def app(scope, receive, send):  # type: ignore[no-untyped-def]
             gen = events() if scope["path"] == "/late" else early()
-            await GenerationResponse(gen, streaming=True, request_id="r1")(scope, receive, send)
+            await GenerationResponse(gen, streaming=True, request_id="r1", dialect=CHAT)(scope, receive, send)
 
         async with _asgi_client(app) as client:
             return await client.get("/late"), await client.get("/early")

@@ -212,8 +212,8 @@ def test_completions_logprobs_in_the_legacy_shape(client: openai.OpenAI) -> None
     ({"frobnicate": 1}, "frobnicate"),
     ({"frequency_penalty": 0.5}, "frequency_penalty"),
     ({"logit_bias": {"1": 5}}, "logit_bias"),
-    ({"reasoning_effort": "low"}, "reasoning_effort"),
-    ({"parallel_tool_calls": False}, "parallel_tool_calls"),
+    ({"reasoning_effort": "extreme"}, "reasoning_effort"),
+    ({"parallel_tool_calls": "no"}, "parallel_tool_calls"),
     ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs
     ({"tool_choice": "required"}, "tool_choice"),  # without tools
     ({"tools": [{"type": "web_search"}]}, "tools[0]"),
@@ -232,7 +232,8 @@ def test_advisory_fields_and_harmless_defaults_are_accepted(client: openai.OpenA
     reply = client.chat.completions.create(
         model="plain", messages=ASK, max_tokens=2, user="u1", metadata={"k": "v"}, store=False,
         service_tier="auto", frequency_penalty=0, presence_penalty=0.0, logit_bias={}, parallel_tool_calls=True,
-        n=1, top_p=1, extra_body={"top_k": 5, "prompt_cache_key": "k", "modalities": ["text"]})
+        n=1, top_p=1, extra_body={"top_k": 5, "prompt_cache_key": "k", "modalities": ["text"], "verbosity": "low",
+                                  "reasoning_effort": "medium"})
     assert reply.usage.completion_tokens >= 1
     for extra, param in (({"echo": True}, "echo"), ({"best_of": 2}, "best_of"), ({"suffix": "x"}, "suffix"),
                          ({"tools": TOOLS}, "tools")):

@@ -183,9 +183,11 @@ def test_tools_to_a_model_without_a_call_format_are_400(client: anthropic.Anthro
     ({"max_tokens": None}, "max_tokens"),
     ({"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}, "messages[0].content[0]"),
     ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools[0]"),
-    ({"tool_choice": {"type": "any", "disable_parallel_tool_use": True}}, "tool_choice.disable_parallel_tool_use"),
+    ({"tool_choice": {"type": "any", "disable_parallel_tool_use": "yes"}}, "tool_choice.disable_parallel_tool_use"),
     ({"thinking": {"type": "between_tools"}}, "thinking"),
-    ({"output_config": {"effort": "high"}}, "output_config.effort"),
+    ({"output_config": {"effort": "extreme"}}, "output_config.effort"),
+    ({"context_management": {"edits": [{"type": "clear_tool_uses_20250919", "keep": {"type": "turns", "value": 1}}]}},
+     "context_management.edits[0].keep"),
     ({"speed": "fast"}, "speed"),
     ({"temperature": 1.5}, "temperature"),
     ({"mcp_servers": [{"url": "x"}]}, "mcp_servers"),
@@ -249,4 +251,4 @@ def test_blocks_become_the_messages_templates_read() -> None:
     assert kw["chat_template_kwargs"] == {"enable_thinking": False}
     with pytest.raises(E.BadRequest) as info:
         anthropic_params.parse({"model": "m", "max_tokens": 8, "messages": [{"role": "system", "content": "x"}]})
-    assert info.value.details["param"] == "messages[0]"
+    assert info.value.details["param"] == "messages"

@@ -1,0 +1,60 @@
+"""Reading a request's body: bounded before it is read (a declared length past the bound is refused
+unread, a chunked body is counted as it comes), decompressed when its Content-Encoding says gzip or
+deflate (bounded after decompression too, so a small bomb is refused at the bound, never inflated
+in memory), and parsed as JSON."""
+
+from __future__ import annotations
+
+import json
+import zlib
+from typing import Any
+
+from starlette.requests import Request
+
+from protocol import errors as E
+
+# The largest body whose fields can pass the wire's bounds: MAX_PROMPT_CHARS characters, each up to
+# 12 bytes as a JSON escape (a surrogate pair), plus the rest. Past it the body is not even read.
+MAX_BODY_BYTES = 32 * 1024 * 1024
+
+# zlib's wbits: 16+ reads a gzip header, a plain 15 zlib's (HTTP's "deflate").
+_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
+async def read(request: Request) -> bytes:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise E.BadRequest(f"the request body has {declared} bytes, more than {MAX_BODY_BYTES}")
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("identity", "", *_WBITS):
+        raise E.BadRequest(f"content-encoding {encoding[:32]!r} is not supported (gzip, deflate or none)")
+    inflate = zlib.decompressobj(_WBITS[encoding]) if encoding in _WBITS else None
+    parts, size = [], 0
+    async for part in request.stream():  # chunked bodies declare no length: count as they come
+        if inflate is not None:
+            part = _inflate(inflate, part, MAX_BODY_BYTES - size)
+        size += len(part)
+        if size > MAX_BODY_BYTES:
+            raise E.BadRequest(f"the request body has more than {MAX_BODY_BYTES} bytes")
+        parts.append(part)
+    if inflate is not None and not inflate.eof:
+        raise E.BadRequest(f"the {encoding} request body is truncated")
+    return b"".join(parts)
+
+
+def _inflate(inflate: Any, part: bytes, room: int) -> bytes:
+    try:
+        out = inflate.decompress(part, room + 1)  # one byte past the room: enough to know it is over
+    except zlib.error as exc:
+        raise E.BadRequest(f"the request body is not valid compressed data: {exc}") from None
+    if inflate.unconsumed_tail:  # more output waits than the bound leaves room for
+        raise E.BadRequest(f"the request body has more than {MAX_BODY_BYTES} bytes once decompressed")
+    return out
+
+
+async def json_body(request: Request) -> Any:
+    raw = await read(request)
+    try:
+        return json.loads(raw)
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise E.BadRequest(f"the request body is not valid JSON: {exc}") from None
