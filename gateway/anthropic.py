@@ -168,7 +168,8 @@ def _tools(body: dict) -> list[dict] | None:
         if not ok:
             raise bad(f"tools[{j}]", "expected {name, description?, input_schema} (server tools are not supported)")
         for key in tool:
-            if key not in ("type", "name", "description", "input_schema", "cache_control"):
+            # defer_loading (tool search) is advisory: every tool is in the prompt, none is deferred.
+            if key not in ("type", "name", "description", "input_schema", "cache_control", "defer_loading"):
                 raise bad(f"tools[{j}].{str(key)[:64]}", "unknown tool field")
         fn = {"name": tool["name"], "parameters": tool["input_schema"]}
         if isinstance(tool.get("description"), str):
@@ -209,8 +210,9 @@ def _thinking(body: dict) -> tuple[dict[str, Any], int | None]:
         return {"enable_thinking": False}, None
     if kind not in ("enabled", "adaptive"):
         raise bad("thinking", "expected {type: enabled, budget_tokens}, {type: adaptive} or {type: disabled}")
-    if v.get("display") not in (None, "summarized", "omitted"):
-        raise bad("thinking.display", "expected summarized or omitted")
+    # display (summarized, omitted, updates) is advisory: the thinking comes back whole, as written.
+    if v.get("display") is not None and not isinstance(v.get("display"), str):
+        raise bad("thinking.display", "expected a string")
     budget = v.get("budget_tokens")
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int)
                                or not 1 <= budget <= limits.MAX_TOKENS):
