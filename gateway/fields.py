@@ -83,11 +83,13 @@ RESPONSES_HONOURED = (
     "temperature", "top_p", "reasoning", "stream", "store", "previous_response_id", "metadata", "top_k",
     "chat_template_kwargs",
 )
-# include names extra output (encrypted reasoning, logprobs...) nothing here has; truncation "auto"
+# include names extra output (encrypted reasoning, logprobs...) nothing here has; client_metadata is
+# Codex's ids for its own logs; truncation "auto"
 # would drop items from a prompt over the context, which here is an error instead; max_tool_calls
 # bounds built-in tool calls, and there are none.
 RESPONSES_ADVISORY = ("user", "service_tier", "prompt_cache_key", "prompt_cache_retention", "prompt_cache_options",
-                      "safety_identifier", "truncation", "include", "stream_options", "max_tool_calls")
+                      "safety_identifier", "truncation", "include", "stream_options", "max_tool_calls",
+                      "client_metadata")
 _RESPONSES_REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "background": (lambda v: v in (None, False), "background responses are not run: stream or wait instead"),
     "conversation": (_null, "conversations are not kept: chain responses with previous_response_id"),
