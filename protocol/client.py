@@ -14,16 +14,16 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from protocol import admin as A
 from protocol import codec
 from protocol import endpoint as ep
 from protocol import errors as E
 from protocol import keys
+from protocol.adminclient import AdminCalls
 from protocol.genstream import GenerateStream, Result
 from protocol.loopreader import LoopReader, monitor_socket
 from protocol.messages import (
-    TO_CLIENT, Ack, Chunk, Error, GenerateRequest, HistoryReply, HistoryRequest,
-    LoadRequest, Message, StatusReply, StatusRequest, UnloadRequest,
+    TO_CLIENT, Ack, Chunk, CountTokens, Error, GenerateRequest, HistoryReply, HistoryRequest,
+    LoadRequest, Message, StatusReply, StatusRequest, TokenCount, UnloadRequest,
 )
 
 __all__ = ["SupervisorClient", "SyncSupervisorClient", "GenerateStream", "EventStream", "Result", "Chunk"]
@@ -36,7 +36,7 @@ def _note(level: str, event: str, **fields: Any) -> None:
     log.log(logging.getLevelName(level.upper()), "%s", json.dumps({"event": event, "level": level, **fields}))
 
 
-class SupervisorClient:
+class SupervisorClient(AdminCalls):
     """One DEALER socket multiplexing any number of concurrent requests by request id.
 
     Errors stay with the request they belong to. A request out of the wire's bounds
@@ -303,15 +303,31 @@ class SupervisorClient:
         seed: int | None = None,
         stop: list[str] | None = None,
         timeout_s: float | None = None,
+        thinking_budget: int | None = None,
+        parallel_tool_calls: bool = True,
         **agent: Any,
     ) -> GenerateStream:
-        """Stream a generation. The deadline covers the whole request and travels to the supervisor."""
+        """Stream a generation. The deadline covers the whole request and travels to the supervisor.
+        thinking_budget: at most this many thinking tokens, then the model closes its think block;
+        parallel_tool_calls=False: at most one tool call (both left off the wire unless set)."""
         t = timeout_s or self.timeout_s
         # agent: tools, tool_choice, tool_name, response_format, logprobs, top_logprobs,
-        # chat_template_kwargs (GenerateRequest); an unknown name is a TypeError here, not on the wire.
+        # chat_template_kwargs, top_k (GenerateRequest); an unknown name is a TypeError here, not on the wire.
         req = GenerateRequest(self._rid(), model, prompt, messages, max_tokens, temperature, top_p,
-                              seed, list(stop or []), t, **agent)
+                              seed, list(stop or []), t, thinking_budget=thinking_budget,
+                              parallel_tool_calls=parallel_tool_calls, **agent)
         return GenerateStream(self, req, t)
+
+    async def count_tokens(self, model: str, *, prompt: str | None = None, messages: list[dict] | None = None,
+                           tools: list[dict] | None = None, tool_choice: str | None = None,
+                           chat_template_kwargs: dict | None = None, timeout_s: float | None = None) -> int:
+        """How many tokens a generation with these fields would have as its prompt (the model's own
+        tokenizer and chat template, tools included), counted by its worker without generating."""
+        t = timeout_s or min(self.timeout_s, 30.0)
+        req = CountTokens(self._rid(), model, prompt, messages, tools, tool_choice, chat_template_kwargs, t)
+        reply = await self._call(req, t)
+        assert isinstance(reply, TokenCount)
+        return reply.prompt_tokens
 
     async def complete(self, model: str, prompt: str | None = None, **kwargs: Any) -> Result:
         async with self.generate(model, prompt, **kwargs) as stream:
@@ -333,57 +349,6 @@ class SupervisorClient:
         reply = await self._call(HistoryRequest(self._rid(), model, limit), timeout_s)
         assert isinstance(reply, HistoryReply)
         return reply.records
-
-    async def _admin(self, req: A.AdminOp, timeout_s: float) -> dict:
-        """Send a typed admin request; its answer as a dict, the same whether the supervisor
-        replied typed or with an Ack."""
-        reply = await self._call(req, timeout_s)
-        if isinstance(reply, A.AdminReply):
-            return reply.detail()
-        assert isinstance(reply, Ack)
-        return reply.detail
-
-    async def release(self, model: str, timeout_s: float = 30.0) -> dict:
-        """Lift a quarantine and start the model again on its configured revision."""
-        return await self._admin(A.ReleaseRequest(self._rid(), model), timeout_s)
-
-    async def rollback(self, model: str, revision: str | None = None, timeout_s: float = 120.0) -> dict:
-        """Run `revision` (default: the last-known-good one)."""
-        return await self._admin(A.RollbackRequest(self._rid(), model, revision), timeout_s)
-
-    async def verify(self, model: str, timeout_s: float = 60.0) -> dict:
-        """The admission checks on a model's snapshot: {path, findings: [{code, file, message}]}."""
-        return await self._admin(A.VerifyRequest(self._rid(), model), timeout_s)
-
-    async def compat(self, timeout_s: float = 10.0) -> dict:
-        """The compatibility registry: {backend (this stack), rows: [{model, backend, outcome, evidence, ...}]}."""
-        return await self._admin(A.CompatRequest(self._rid()), timeout_s)
-
-    async def repair(self, model: str, timeout_s: float = 3600.0) -> dict:
-        """Fetch a model's missing/corrupt files from its mirror: {fetched, bytes, findings, state}."""
-        return await self._admin(A.RepairRequest(self._rid(), model), timeout_s)
-
-    async def probe(self, path: str, timeout_s: float = 900.0) -> dict:
-        """Admit, load and canary the snapshot at `path` in a throwaway worker; the registry keeps it."""
-        return await self._admin(A.ProbeRequest(self._rid(), path), timeout_s)
-
-    async def reload(self, timeout_s: float = 120.0) -> dict:
-        """Re-read the config file (like SIGHUP): {added, removed, changed}."""
-        return await self._admin(A.ReloadRequest(self._rid()), timeout_s)
-
-    async def clear_cache(self, model: str | None = None, timeout_s: float = 30.0) -> dict:
-        """Forget a model's prefix cache (every model's without one), in its worker and on disk:
-        {models, files, bytes}."""
-        return await self._admin(A.CacheClearRequest(self._rid(), model), timeout_s)
-
-    async def swap(self, old: str, new: str, timeout_s: float = 900.0) -> dict:
-        """NEW takes over OLD's requests: NEW READY first when memory allows, else OLD drained
-        first. Requests for OLD go to NEW from then on: {mode, old, new, state}."""
-        return await self._admin(A.SwapRequest(self._rid(), old, new), timeout_s)
-
-    async def metrics(self, timeout_s: float = 10.0) -> str:
-        """The Prometheus text exposition, as the metrics port would serve it."""
-        return (await self._admin(A.MetricsRequest(self._rid()), timeout_s))["text"]
 
     def events(self, *prefixes: str) -> EventStream:
         """Follow lifecycle events whose name starts with one of `prefixes` (default: all)."""

@@ -113,7 +113,8 @@ def _messages(tag: str, messages: list) -> int:
     return chars
 
 
-def _generate(m: Any) -> None:
+def _prompt(m: Any) -> None:
+    """What decides a prompt (a generation's, or one to count): ids, text, messages, tools, deadline."""
     t = m.TAG
     _text(t, "request_id", m.request_id, MAX_ID_CHARS)
     _text(t, "model", m.model, MAX_NAME_CHARS)
@@ -122,6 +123,18 @@ def _generate(m: Any) -> None:
         chars += _messages(t, m.messages)
     if chars > MAX_PROMPT_CHARS:
         raise BadRequest(f"{t}: the prompt has {chars} characters, more than {MAX_PROMPT_CHARS}")
+    if m.tools is not None and len(m.tools) > MAX_TOOLS:
+        raise BadRequest(f"{t}: {len(m.tools)} tools, more than {MAX_TOOLS}")
+    if m.tool_choice not in _TOOL_CHOICES:
+        raise BadRequest(f"{t}: field 'tool_choice' must be one of auto, none, required, function")
+    if m.timeout_s is not None and not (isinstance(m.timeout_s, (int, float)) and m.timeout_s > 0):
+        raise BadRequest(f"{t}: field 'timeout_s' must be > 0, got {m.timeout_s!r}")
+    _number(t, "timeout_s", m.timeout_s, 0.0, MAX_TIMEOUT_S)
+
+
+def _generate(m: Any) -> None:
+    t = m.TAG
+    _prompt(m)
     _number(t, "max_tokens", m.max_tokens, 1, MAX_TOKENS)
     _number(t, "temperature", m.temperature, 0.0, MAX_TEMPERATURE)
     _number(t, "top_p", m.top_p, 0.0, 1.0)
@@ -130,9 +143,6 @@ def _generate(m: Any) -> None:
         raise BadRequest(f"{t}: {len(m.stop)} stop strings, more than {MAX_STOP}")
     for s in m.stop:
         _text(t, "stop", s, MAX_STOP_CHARS)
-    if m.timeout_s is not None and not (isinstance(m.timeout_s, (int, float)) and m.timeout_s > 0):
-        raise BadRequest(f"{t}: field 'timeout_s' must be > 0, got {m.timeout_s!r}")
-    _number(t, "timeout_s", m.timeout_s, 0.0, MAX_TIMEOUT_S)
     _agent(m)
 
 
@@ -141,10 +151,6 @@ _TOOL_CHOICES = (None, "auto", "none", "required", "function")
 
 def _agent(m: Any) -> None:
     t = m.TAG
-    if m.tools is not None and len(m.tools) > MAX_TOOLS:
-        raise BadRequest(f"{t}: {len(m.tools)} tools, more than {MAX_TOOLS}")
-    if m.tool_choice not in _TOOL_CHOICES:
-        raise BadRequest(f"{t}: field 'tool_choice' must be one of auto, none, required, function")
     if m.tool_choice == "function" and not m.tool_name:
         raise BadRequest(f"{t}: tool_choice 'function' needs tool_name")
     if m.tool_choice in ("required", "function") and not m.tools:
@@ -156,6 +162,7 @@ def _agent(m: Any) -> None:
         raise BadRequest(f"{t}: response_format.type must be text, json_object or json_schema")
     _number(t, "top_logprobs", m.top_logprobs, 0, MAX_TOP_LOGPROBS)
     _number(t, "top_k", m.top_k, 0, MAX_TOP_K)
+    _number(t, "thinking_budget", m.thinking_budget, 0, MAX_TOKENS)
 
 
 def _admin(m: Any) -> None:
@@ -185,6 +192,8 @@ def _hello(m: Any) -> None:
     _number(t, "start_time", m.start_time, 0.0, float(1 << 40))
     if len(m.versions) > MAX_FIGURES:
         raise BadRequest(f"{t}: field 'versions' has {len(m.versions)} entries, more than {MAX_FIGURES}")
+    if len(m.capabilities) > MAX_FIGURES or any(len(c) > MAX_NAME_CHARS for c in m.capabilities):
+        raise BadRequest(f"{t}: field 'capabilities' must be at most {MAX_FIGURES} short names")
 
 
 def _ready(m: Any) -> None:
@@ -236,6 +245,11 @@ def _final(m: Any) -> None:
         raise BadRequest(f"{m.TAG}: field 'timings' must be a short map of numbers")
 
 
+def _token_count(m: Any) -> None:
+    _text(m.TAG, "request_id", m.request_id, MAX_ID_CHARS)
+    _number(m.TAG, "prompt_tokens", m.prompt_tokens, 0, (1 << 63) - 1)
+
+
 def _error(m: Any) -> None:
     _text(m.TAG, "request_id", m.request_id, MAX_ID_CHARS)
     _text(m.TAG, "code", m.code, MAX_NAME_CHARS)
@@ -247,7 +261,7 @@ def _error(m: Any) -> None:
 # these bounds is a protocol violation: the supervisor kills that worker. Widen a bound here
 # before a worker starts sending more.
 _CHECKS: dict[str, Callable[[Any], None]] = {
-    "generate": _generate, "admin": _admin, "status": _ids, "cancel": _ids, "load": _ids, "unload": _ids,
+    "generate": _generate, "count_tokens": _prompt, "admin": _admin, "status": _ids, "cancel": _ids, "load": _ids, "unload": _ids,
     "history": _ids, "hello": _hello, "ready": _ready, "heartbeat": _heartbeat,
     # The typed admin requests (protocol.admin.REQUESTS), bounded like the AdminRequest they replace.
     "reload": _admin, "release": _admin, "rollback": _admin, "swap": _admin, "probe": _admin,
@@ -255,7 +269,7 @@ _CHECKS: dict[str, Callable[[Any], None]] = {
 }
 # Worker -> supervisor only: the client decodes the same tags from the supervisor, unbounded.
 _FROM_WORKER: dict[str, Callable[[Any], None]] = {"chunk": _chunk, "chunks": _chunks, "final": _final,
-                                                  "error": _error}
+                                                  "error": _error, "token_count": _token_count}
 
 
 def check(msg: Any, from_worker: bool = False) -> None:

@@ -48,6 +48,35 @@ class GenerateRequest(Message):
     top_logprobs: int = added(0)  # 0..20 most likely tokens beside each chosen one (needs logprobs)
     chat_template_kwargs: Optional[dict] = added()  # e.g. {"enable_thinking": False}
     top_k: int = added(0)  # sample among the k most likely tokens (0: all)
+    # At most this many thinking tokens: past them, inside a think block, the model is made to write
+    # its own end-of-think marker and goes on to answer (None: no limit; a model without think
+    # markers: nothing to limit).
+    thinking_budget: Optional[int] = added()
+    # False: at most one tool call; the generation ends as the first call closes.
+    parallel_tool_calls: bool = added(True)
+
+
+@dataclass
+class CountTokens(Message):
+    """How many tokens a generation's prompt would be, from the same fields and the same rendering
+    (chat template, tools), without generating. Answered with a TokenCount."""
+
+    TAG: ClassVar[str] = "count_tokens"
+    request_id: str
+    model: str
+    prompt: Optional[str] = None
+    messages: Optional[list[dict]] = None
+    tools: Optional[list[dict]] = None
+    tool_choice: Optional[str] = None  # "none": the tools are not rendered, as in a generation
+    chat_template_kwargs: Optional[dict] = None
+    timeout_s: Optional[float] = None
+
+
+@dataclass
+class TokenCount(Message):
+    TAG: ClassVar[str] = "token_count"
+    request_id: str
+    prompt_tokens: int
 
 
 @dataclass
@@ -210,6 +239,9 @@ class Hello(Message):
     # Its main thread reads generate requests and cancels on its own socket (endpoint's data
     # identity): send them there. A worker from before this field gets them on its IO thread's.
     direct_requests: bool = False
+    # The message tags beyond the first handshake-era set that it serves (e.g. "count_tokens"): a
+    # worker from before a message is refused it by the supervisor, never left to drop it.
+    capabilities: list[str] = added(factory=list)
 
 
 @dataclass
@@ -347,8 +379,8 @@ def _tags(*classes: type[Message]) -> dict[str, type[Message]]:
 
 
 # One table per direction: a message that may not travel that way is a BAD_REQUEST.
-TO_SUPERVISOR_FROM_CLIENT = _tags(StatusRequest, GenerateRequest, Cancel, LoadRequest, UnloadRequest,
+TO_SUPERVISOR_FROM_CLIENT = _tags(StatusRequest, GenerateRequest, CountTokens, Cancel, LoadRequest, UnloadRequest,
                                   A.AdminRequest, HistoryRequest, *A.REQUESTS, *P.REQUESTS)
-TO_CLIENT = _tags(StatusReply, Chunk, Final, Error, Ack, HistoryReply, *A.REPLIES, *P.REPLIES)
-TO_WORKER = _tags(Init, GenerateRequest, Cancel, Shutdown, Adopt, ClearPrefixCache)
-TO_SUPERVISOR_FROM_WORKER = _tags(Hello, Ready, Heartbeat, Chunk, Chunks, Final, Error)
+TO_CLIENT = _tags(StatusReply, Chunk, Final, TokenCount, Error, Ack, HistoryReply, *A.REPLIES, *P.REPLIES)
+TO_WORKER = _tags(Init, GenerateRequest, CountTokens, Cancel, Shutdown, Adopt, ClearPrefixCache)
+TO_SUPERVISOR_FROM_WORKER = _tags(Hello, Ready, Heartbeat, Chunk, Chunks, Final, TokenCount, Error)

@@ -64,6 +64,9 @@ class SyncSupervisorClient:
     def swap(self, old: str, new: str, **kw: Any) -> dict:
         return self._run(self._client.swap(old, new, **kw))
 
+    def count_tokens(self, model: str, **kw: Any) -> int:
+        return self._run(self._client.count_tokens(model, **kw))
+
     def complete(self, model: str, prompt: str | None = None, **kw: Any) -> Result:
         return self._run(self._client.complete(model, prompt, **kw))
 
