@@ -2,8 +2,8 @@
 requests and cancels one way only, so a test sees which way the supervisor sends them.
 
 - `--older`: like a worker from before `Hello.direct_requests` (one adopted across an upgrade of the
-  supervisor): its hello leaves the field out and its main thread never reads its own socket;
-  requests reach it only through its IO thread.
+  supervisor): its hello leaves that field and `capabilities` out and its main thread never reads its
+  own socket; requests reach it only through its IO thread.
 - `--direct-only`: its IO thread drops requests and cancels; they reach it only on its main
   thread's socket, where its hello says to send them."""
 
@@ -26,7 +26,7 @@ if args.older:
     _Hello = worker_main.Hello
 
     def _older_hello(*a, **kw):  # type: ignore[no-untyped-def]
-        return dataclasses.replace(_Hello(*a, **kw), direct_requests=False)
+        return dataclasses.replace(_Hello(*a, **kw), direct_requests=False, capabilities=[])
 
     worker_main.Hello = _older_hello  # type: ignore[misc,assignment]
     channel.Inbox._from_socket = lambda self: None  # type: ignore[method-assign]

@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import collections
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from protocol.errors import ErrorCode
-from protocol.messages import Chunk, Chunks, Error, Final, GenerateRequest, Message
+from protocol.messages import Chunk, Chunks, CountTokens, Error, Final, GenerateRequest, Message, TokenCount
 from protocol.phase import Phase
-from worker import sampling, shaping
+from worker import sampling, shaping, thinkbudget
 from worker.channel import Progress
 from worker.engine import Engine
+from worker.logprobs import token_logprobs  # noqa: F401  (its import path of old: bench/constrain_cost.py)
 from worker.pacing import Pacer
 from worker.prefixcache import PrefixCache
 from worker.streams import Stream
@@ -40,6 +41,16 @@ class _Solo:
     sampler: Any
     limit: int = 0  # its max_tokens: generate_step yields at most this many
     yielded: int = 0
+    processors: list = field(default_factory=list)  # solo-safe ones only (a thinking budget)
+
+
+class ContextExceeded(ValueError):
+    """A prompt past the model's context_tokens: BAD_REQUEST with the figures in its details."""
+
+    def __init__(self, prompt_tokens: int, context_tokens: int) -> None:
+        super().__init__(f"the prompt has {prompt_tokens} tokens; the model's context_tokens is {context_tokens}")
+        self.details = {"reason": "context_length_exceeded", "prompt_tokens": prompt_tokens,
+                        "context_tokens": context_tokens}
 
 
 class Batcher:
@@ -93,13 +104,14 @@ class Batcher:
             if self.context_tokens and len(prompt) >= self.context_tokens:
                 # Refused here, before prefill: KV past what the model was admitted for could take the
                 # worker (and everyone's requests on it) down.
-                raise ValueError(f"the prompt has {len(prompt)} tokens; the model's context_tokens is "
-                                 f"{self.context_tokens}")
+                raise ContextExceeded(len(prompt), self.context_tokens)
             sampler = self._sampler(req)
             stream = self._stream(req, prompt)
             processors = self._processors(req)
+            processors += self._controls(req, stream)
         except Exception as exc:  # this request's input is unusable; the batch goes on
-            self._send(Error(req.request_id, ErrorCode.BAD_REQUEST.code, f"cannot start generation: {exc}"))
+            self._send(Error(req.request_id, ErrorCode.BAD_REQUEST.code, f"cannot start generation: {exc}",
+                             dict(getattr(exc, "details", {}))))
             return
         cache, rest = self.prefix.fetch(prompt)
         stream.cached_tokens = len(prompt) - len(rest)
@@ -122,7 +134,19 @@ class Batcher:
         self._first.add(req.request_id)
 
     def _runs_alone(self, req: GenerateRequest, processors: list) -> bool:
-        return self._solo_ok and not self._streams and req.max_tokens > 1 and not processors
+        solo_safe = all(getattr(p, "solo_safe", False) for p in processors)
+        return self._solo_ok and not self._streams and req.max_tokens > 1 and solo_safe
+
+    def count(self, req: CountTokens) -> None:
+        """A prompt's token count, from the rendering a generation of it would get; between steps,
+        never touching the batch or the prefix cache."""
+        try:
+            self._engine.uses_tools(req)  # type: ignore[arg-type]  (refused as its generation would be)
+            n = len(self._engine.prompt_tokens(req))  # type: ignore[arg-type]
+        except Exception as exc:  # this request's input is unusable; the batch goes on
+            self._send(Error(req.request_id, ErrorCode.BAD_REQUEST.code, f"cannot count tokens: {exc}"))
+            return
+        self._send(TokenCount(req.request_id, n))
 
     def _sampler(self, req: GenerateRequest) -> Any:
         return sampling.make(req.temperature, req.top_p, req.top_k)
@@ -141,7 +165,7 @@ class Batcher:
             # A response_format's grammar holds from the first token: there is no thinking to split off.
             json_out = bool(req.response_format) and req.response_format.get("type") != "text"
             initial = "normal" if json_out else shaping.initial_state(tok, prompt)
-            stream.shaper = shaping.Shaper(machine, initial, tok.tool_parser, req.tools)
+            stream.shaper = shaping.Shaper(machine, initial, tok.tool_parser, req.tools, tok.tool_call_end)
         if req.logprobs:
             stream.logprobs = []
         return stream
@@ -165,6 +189,17 @@ class Batcher:
                   "parser": parser.__module__.rsplit(".", 1)[-1] if parser is not None else None}
         return [constrain.make_processor(tok, rf)]
 
+    def _controls(self, req: GenerateRequest, stream: Stream) -> list:
+        """Processors that hold whatever writes the text (the model, or a test's script standing in
+        for _processors): a thinking budget. None under a grammar, which leaves no thinking."""
+        json_out = bool(req.response_format) and req.response_format.get("type") != "text"
+        if req.thinking_budget is None or json_out or req.tool_choice in ("required", "function"):
+            return []
+        tok = self._engine.tokenizer
+        budget = thinkbudget.make(tok, req.thinking_budget, shaping.initial_state(tok, stream.prompt) == "reasoning",
+                                  self._engine.uses_tools(req))
+        return [budget] if budget is not None else []
+
     # --- a request alone: generate_step, then into the batch when company comes --------------
 
     def _start_solo(self, req: GenerateRequest, rest: list[int], cache: list | None, sampler: Any,
@@ -185,7 +220,7 @@ class Batcher:
         tokens_gen = generate_step(mx.array(rest), self._engine.model, prompt_cache=cache, sampler=sampler,
                                    max_tokens=req.max_tokens, prefill_step_size=self._prefill_step,
                                    prompt_progress_callback=on_prefill, logits_processors=processors or None)
-        self._solo = _Solo(tokens_gen, cache, rest, sampler, req.max_tokens)
+        self._solo = _Solo(tokens_gen, cache, rest, sampler, req.max_tokens, processors=list(processors or []))
         return self._SOLO
 
     def _solo_step(self) -> None:
@@ -215,8 +250,11 @@ class Batcher:
         else:
             trim_prompt_cache(solo.cache, 1)
             prompt, cache, known = stream.generated[-1:], solo.cache, stream.prompt + stream.generated[:-1]
+        for p in solo.processors:
+            p.rebase()  # generate_step ran one step ahead: the batch calls it at that position again
         (uid,) = self._gen.insert([prompt], [stream.req.max_tokens - solo.yielded], caches=[cache],
-                                  all_tokens=[known], samplers=[solo.sampler])
+                                  all_tokens=[known], samplers=[solo.sampler],
+                                  logits_processors=[solo.processors])
         self._streams[uid] = stream
         self._uids[stream.req.request_id] = uid
 
@@ -357,21 +395,3 @@ class Batcher:
         self._gen = self._new_generator()
         self._progress.phase = Phase.IDLE
 
-
-def token_logprobs(tokenizer: Any, token: int, logprobs: Any, top: int) -> dict:
-    """OpenAI's shape for one chosen token: its text, bytes, log-probability, and the `top` most
-    likely tokens at that step. `logprobs` is the step's normalized log-probabilities (mlx-lm's)."""
-    import mlx.core as mx
-
-    def entry(tid: int, lp: float) -> dict:
-        text = tokenizer.decode([tid])
-        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
-
-    out = entry(token, logprobs[token].item())
-    out["top_logprobs"] = []
-    if top > 0:
-        ids = mx.argpartition(-logprobs, kth=top - 1)[:top]
-        vals = logprobs[ids]
-        order = mx.argsort(-vals)
-        out["top_logprobs"] = [entry(int(i), float(v)) for i, v in zip(ids[order].tolist(), vals[order].tolist())]
-    return out

@@ -10,7 +10,7 @@ import traceback
 
 from protocol.errors import ErrorCode
 from protocol.exitcodes import WorkerExit
-from protocol.messages import Cancel, ClearPrefixCache, Error, GenerateRequest, Hello, Init, Ready, Shutdown
+from protocol.messages import Cancel, ClearPrefixCache, CountTokens, Error, GenerateRequest, Hello, Init, Ready, Shutdown
 from protocol.phase import Phase
 from worker.channel import Channel, Progress
 from worker.log import log
@@ -18,6 +18,9 @@ from worker.log import log
 # A worker spawned for a model gets Init right after its hello; one that waits this long was
 # forgotten. Not for a warm spare (see _wait_init).
 INIT_TIMEOUT_S = 60.0
+# What this worker serves beyond generate and cancel (Hello.capabilities): the supervisor refuses a
+# worker from before a message that message, rather than send what it would drop.
+CAPABILITIES = ("count_tokens",)
 
 
 def _apply_memory_limit(limit_bytes: int) -> None:
@@ -65,10 +68,11 @@ def _serve(channel: Channel, batcher, progress: Progress) -> int:
             if isinstance(msg, Cancel):
                 batcher.cancel(msg.request_id)
             elif isinstance(msg, ClearPrefixCache):
-                batcher.prefix.clear()
-                log("worker.prefix_cache_cleared")
+                log("worker.prefix_cache_cleared", **batcher.prefix.clear())
             elif isinstance(msg, GenerateRequest):
                 batcher.add(msg)
+            elif isinstance(msg, CountTokens):  # answered now: it never waits behind generations
+                batcher.count(msg)
             msg = inbox.poll()
         if len(batcher):
             batcher.step()
@@ -89,7 +93,8 @@ def main() -> int:
         import mlx_lm  # noqa: F401
 
         log("worker.spare_ready", import_s=round(time.monotonic() - start, 3))
-    channel.start(Hello(token, os.getpid(), model_id, {"python": sys.version.split()[0]}, direct_requests=True))
+    channel.start(Hello(token, os.getpid(), model_id, {"python": sys.version.split()[0]}, direct_requests=True,
+                        capabilities=list(CAPABILITIES)))
     init = _wait_init(channel)
     if model_id != init.model_id:
         from worker import log as worker_log
@@ -163,8 +168,8 @@ def _prefix_cache(init: Init, engine):
 
         try:
             disk = PrefixDisk(init.prefix_cache_dir, init.prefix_cache_disk_bytes,
-                              {"weights": init.weights_key, **engine.versions()})
-        except OSError as exc:  # an unwritable state dir costs persistence, not serving
+                              {"weights": init.weights_key, **engine.versions()}, engine.model)
+        except Exception as exc:  # an unwritable state dir (or an odd cache) costs persistence, not serving
             log("worker.prefix_cache_disk_unusable", level="warning", error=repr(exc))
     return PrefixCache(init.revision, budget, disk, room)
 

@@ -23,7 +23,7 @@ from supervisor.control.ratelimit import LogLimit
 
 ROLES = ("read", "admin", "peer")  # peer: a supervisor that places ranks of its groups here, nothing else
 # Everything else needs admin, including ops added later: new ops are denied until listed here.
-READ_MESSAGES = frozenset({"status", "generate", "cancel", "history"})
+READ_MESSAGES = frozenset({"status", "generate", "count_tokens", "cancel", "history"})
 READ_ADMIN_OPS = frozenset({"verify", "compat", "metrics"})
 PEER_MESSAGES = frozenset({"rank_place", "rank_send", "rank_end"})
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import TYPE_CHECKING, Hashable
+from typing import TYPE_CHECKING, Any, Hashable
 
 from protocol import errors as E
-from protocol.messages import GenerateRequest
+from protocol.messages import CountTokens, GenerateRequest
 from supervisor.services import Services
 
 if TYPE_CHECKING:
@@ -39,15 +39,16 @@ class Router:
         """Loading a swapped-out model takes its name back; True when it had been swapped out."""
         return self.aliases.pop(model, None) is not None
 
-    def admit(self, client: Client, req: GenerateRequest) -> tuple["ModelRuntime", GenerateRequest]:
-        """The runtime for a new request and the request as it will run (its deadline capped), or
-        the typed refusal: draining, unknown model, malformed, a reused id, or over a limit."""
+    def admit(self, client: Client, req: GenerateRequest | CountTokens) -> tuple["ModelRuntime", Any]:
+        """The runtime for a new request (a generation or a token count) and the request as it will
+        run (its deadline capped), or the typed refusal: draining, unknown model, malformed, a reused
+        id, or over a limit."""
         if self.draining:
             raise E.ShuttingDown("supervisor is shutting down", retry_after_s=5.0)
         runtime = self.runtime(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise E.BadRequest("exactly one of prompt or messages is required")
-        if req.max_tokens < 1:
+        if isinstance(req, GenerateRequest) and req.max_tokens < 1:
             raise E.BadRequest(f"max_tokens must be >= 1, got {req.max_tokens}")
         if (client, req.request_id) in self._routes:
             raise E.BadRequest(f"request id {req.request_id!r} is already in flight")

@@ -19,8 +19,8 @@ from protocol import codec
 from protocol import errors as E
 from protocol.loopreader import LoopReader, monitor_socket
 from protocol.messages import (
-    TO_SUPERVISOR_FROM_CLIENT, Ack, AdminRequest, Cancel, Chunk, Error, Final, GenerateRequest,
-    HistoryReply, HistoryRequest, LoadRequest, Message, StatusReply, StatusRequest, UnloadRequest,
+    TO_SUPERVISOR_FROM_CLIENT, Ack, AdminRequest, Cancel, Chunk, CountTokens, Error, Final, GenerateRequest,
+    HistoryReply, HistoryRequest, LoadRequest, Message, StatusReply, StatusRequest, TokenCount, UnloadRequest,
 )
 from protocol.states import ModelStatus
 from supervisor import config as cfg_mod, logs
@@ -179,7 +179,7 @@ class ControlServer:
             # Each model's entry through ModelStatus: the keys on the wire are exactly its fields.
             models = [ModelStatus.from_dict(m).to_dict() for m in s["models"]]
             self.send(identity, StatusReply(msg.request_id, s["supervisor"], models))
-        elif isinstance(msg, GenerateRequest):
+        elif isinstance(msg, (GenerateRequest, CountTokens)):
             self._generate(identity, msg)
         elif isinstance(msg, Cancel):
             self._router.cancel(((self._name, identity), msg.request_id))
@@ -287,11 +287,28 @@ class ControlServer:
         findings = snapshot.verify(runtime.running.path)
         return A.VerifyReply(req.request_id, runtime.running.path, [f.to_dict() for f in findings])
 
-    def _generate(self, identity: bytes, req: GenerateRequest) -> None:
+    def _generate(self, identity: bytes, req: GenerateRequest | CountTokens) -> None:
+        """A generation or a token count: routed alike (same states, limits, deadline, cancel)."""
         runtime, req = self._router.admit((self._name, identity), req)
         key = ((self._name, identity), req.request_id)
-        wrid = runtime.submit(req, self._sink(identity, key, req))
-        self._router.add(key, runtime, wrid)
+        if isinstance(req, CountTokens):
+            worker = runtime.worker
+            if worker is not None and worker.loaded is not None and not worker.knows(req.TAG):
+                raise E.BadRequest(f"model {runtime.cfg.id}'s worker predates count_tokens (adopted from "
+                                   "an older version): unload and load it to count", reason="worker_outdated")
+            sink = self._count_sink(identity, key, req)
+        else:
+            sink = self._sink(identity, key, req)
+        self._router.add(key, runtime, runtime.submit(req, sink))
+
+    def _count_sink(self, identity: bytes, key: Key, req: CountTokens) -> Callable[[Message], None]:
+        client_rid, router = req.request_id, self._router
+
+        def sink(msg: Message) -> None:
+            if isinstance(msg, (TokenCount, Error)) and router.end(key):
+                self.send(identity, dataclasses.replace(msg, request_id=client_rid))
+
+        return sink
 
     def _sink(self, identity: bytes, key: Key, req: GenerateRequest) -> Callable[[Message], None]:
         """Where a request's results go: to its client, under the client's own id, counted and logged."""

@@ -1,5 +1,6 @@
 """One model's requests: those on the worker (up to its batch size), the rest waiting, each with a
-sink (the client's stream or the canary) and a deadline."""
+sink (the client's stream or the canary) and a deadline. Token counts go to the worker at once, beside
+the batch (it answers them between two steps), never queued behind generations."""
 
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ from dataclasses import dataclass
 from typing import Callable
 
 from protocol import errors as E
-from protocol.messages import Cancel, Error, Final, GenerateRequest, Message
+from protocol.messages import Cancel, CountTokens, Error, Final, GenerateRequest, Message, TokenCount
 
 Sink = Callable[[Message], None]
 Send = Callable[[Message], bool]  # -> False when there is no worker to send to
 MAX_QUEUE = 64
+MAX_COUNTS = 64  # token counts in flight per model; each is answered within one decode step
 
 
 def _discard(_: Message) -> None:
@@ -26,7 +28,7 @@ def _discard(_: Message) -> None:
 @dataclass
 class Pending:
     wrid: str
-    req: GenerateRequest
+    req: GenerateRequest | CountTokens
     sink: Sink
     origin_id: str  # the client's own request id ("" for the canary), for crash records
     timer: asyncio.TimerHandle | None = None
@@ -51,25 +53,44 @@ class RequestQueue:
         self._prefix = secrets.token_hex(4)
         self.active: dict[str, Pending] = {}
         self._queue: collections.deque[Pending] = collections.deque()
+        self.counting: dict[str, Pending] = {}  # token counts sent, not answered yet
 
     def __len__(self) -> int:
-        return len(self._queue) + len(self.active)
+        return len(self._queue) + len(self.active) + len(self.counting)
 
     @property
     def queued(self) -> int:
         return len(self._queue)
 
-    def add(self, req: GenerateRequest, sink: Sink, bounded: bool = True) -> str:
+    def add(self, req: GenerateRequest | CountTokens, sink: Sink, bounded: bool = True) -> str:
+        if isinstance(req, CountTokens):
+            return self._count(req, sink)
         if bounded and len(self.active) >= self.max_active and len(self._queue) >= self.max_queue:
             raise E.Overloaded(f"model {self._model_id} has {len(self.active)} running and {len(self._queue)} "
                                f"queued requests (max_queue {self.max_queue})", retry_after_s=1.0)
+        pending = self._pending(req, sink)
+        self._queue.append(pending)
+        self.dispatch()
+        return pending.wrid
+
+    def _pending(self, req: GenerateRequest | CountTokens, sink: Sink) -> Pending:
         wrid = f"{self._prefix}-{next(self._ids)}"
         pending = Pending(wrid, dataclasses.replace(req, request_id=wrid), sink, req.request_id)
         if req.timeout_s is not None:
             pending.timer = asyncio.get_running_loop().call_later(req.timeout_s, self.expire, wrid)
-        self._queue.append(pending)
-        self.dispatch()
-        return wrid
+        return pending
+
+    def _count(self, req: CountTokens, sink: Sink) -> str:
+        if len(self.counting) >= MAX_COUNTS:
+            raise E.Overloaded(f"model {self._model_id} has {len(self.counting)} token counts in flight",
+                               retry_after_s=1.0)
+        pending = self._pending(req, sink)
+        if not self._send(pending.req):
+            if pending.timer:
+                pending.timer.cancel()
+            raise E.ModelNotReady(f"model {self._model_id} has no worker to count on", retry_after_s=1.0)
+        self.counting[pending.wrid] = pending
+        return pending.wrid
 
     def dispatch(self) -> None:
         while len(self.active) < self.max_active and self._queue:
@@ -79,8 +100,15 @@ class RequestQueue:
             self.active[p.wrid] = p
 
     def on_result(self, msg: Message) -> None:
-        p = self.active.get(getattr(msg, "request_id", None) or "")
+        rid = getattr(msg, "request_id", None) or ""
+        p = self.active.get(rid)
         if p is None:
+            counted = self.counting.pop(rid, None) if isinstance(msg, (TokenCount, Error)) else None
+            if counted is not None:
+                if counted.timer:
+                    counted.timer.cancel()
+                counted.sink(msg)
+                self._ended()
             return
         p.sink(msg)
         if isinstance(msg, (Final, Error)):
@@ -99,6 +127,11 @@ class RequestQueue:
                 self._finish(p, exc)
                 self._ended()
                 return
+        counted = self.counting.pop(wrid, None)  # the worker's answer, if it still comes, is dropped
+        if counted is not None:
+            self._finish(counted, exc)
+            self._ended()
+            return
         p = self.active.get(wrid)
         if p is not None and p.sink is not _discard:
             self._finish(p, exc)
@@ -123,9 +156,10 @@ class RequestQueue:
         sink(Error.from_exc(p.wrid, exc))
 
     def fail_all(self, exc: E.LmxError) -> None:
-        pending = list(self.active.values()) + list(self._queue)
+        pending = list(self.active.values()) + list(self._queue) + list(self.counting.values())
         self.active.clear()
         self._queue.clear()
+        self.counting.clear()
         for p in pending:
             self._finish(p, exc)
         if pending:

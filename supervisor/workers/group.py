@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from protocol import errors as E
-from protocol.messages import Cancel, GenerateRequest, Init, Message
+from protocol.messages import Cancel, CountTokens, GenerateRequest, Init, Message
 from supervisor import logs, topology
 from supervisor.admission import compat
 from supervisor.config import ModelConfig, SupervisorSettings
@@ -236,9 +236,12 @@ class RankGroup:
             return False
         if isinstance(msg, GenerateRequest):
             return all([r.handle.send(msg) for r in self.ranks])
-        if isinstance(msg, Cancel):
+        if isinstance(msg, (Cancel, CountTokens)):  # a count is rank 0's alone: nothing runs together
             return self.ranks[0].handle.send(msg)
         return False
+
+    def knows(self, tag: str) -> bool:
+        return getattr(self.ranks[0].handle, "knows", lambda _: False)(tag)
 
     def tell(self, msg: Message) -> None:
         pass  # control messages are per rank (Init, Shutdown): the group sends them itself

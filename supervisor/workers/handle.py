@@ -12,7 +12,7 @@ import time
 from typing import Any, Callable, Protocol
 
 from protocol import errors as E
-from protocol.messages import Error, Final, Heartbeat, Hello, Message, Ready, Shutdown
+from protocol.messages import Error, Final, Heartbeat, Hello, Message, Ready, Shutdown, TokenCount
 from protocol.phase import Phase
 from supervisor import logs
 from supervisor.admission.memory import available_bytes
@@ -164,6 +164,10 @@ class WorkerHandle:
         """Its main thread reads requests and cancels itself (Hello.direct_requests)."""
         return self.greeting is not None and self.greeting.direct_requests
 
+    def knows(self, tag: str) -> bool:
+        """It serves messages of this tag beyond the first set (Hello.capabilities)."""
+        return self.greeting is not None and tag in self.greeting.capabilities
+
     def tell(self, msg: Message) -> None:
         """A control message (Init, Shutdown, Adopt, ClearPrefixCache): to the worker's IO thread."""
         if self._hub is not None:
@@ -184,7 +188,7 @@ class WorkerHandle:
         """From the hub: handshake and heartbeats are the handle's; the rest is its owner's."""
         if self._on_handshake_or_beat(msg):
             return
-        if isinstance(msg, (Final, Error)) and msg.request_id:
+        if isinstance(msg, (Final, Error, TokenCount)) and msg.request_id:
             self._via_io.discard(msg.request_id)  # its request is over: the id may come again
         self._owner.on_worker_result(self, msg)
 
