@@ -17,19 +17,28 @@ args = parser.parse_args()
 
 
 class Scripted:
-    """Puts all the mass on the script's next token; its first call sees the whole prompt."""
+    """Puts all the mass on the script's next token; its first call sees the whole prompt. The
+    worker's own processors after it (a thinking budget) may force another token: when the script
+    has that token further on, it goes on from just after it (a forced `</think>` skips the rest of
+    the script's thinking), else from where it was."""
 
     def __init__(self, ids: list[int], eos: int) -> None:
         self._ids, self._eos = ids, eos
-        self._prompt: int | None = None
+        self._seen: int | None = None
+        self._pos = 0
 
     def __call__(self, tokens, logits):  # type: ignore[no-untyped-def]
         import mlx.core as mx
 
-        if self._prompt is None:
-            self._prompt = int(tokens.size)
-        step = int(tokens.size) - self._prompt
-        target = self._ids[step] if step < len(self._ids) else self._eos
+        if self._seen is None:
+            self._seen = int(tokens.size)
+        for token in tokens[self._seen:].tolist():
+            if self._pos < len(self._ids) and self._ids[self._pos] == token:
+                self._pos += 1
+            elif token in self._ids[self._pos:]:
+                self._pos = self._ids.index(token, self._pos) + 1
+        self._seen = max(self._seen, int(tokens.size))
+        target = self._ids[self._pos] if self._pos < len(self._ids) else self._eos
         return mx.where(mx.arange(logits.shape[-1]) == target, 0.0, -1e9).astype(logits.dtype)[None]
 
 

@@ -66,6 +66,8 @@ class Stream:
             cut, self.stop_sequence = found
             self.text = self.text[:cut]
             return self._take(len(self.text)), int(real), True
+        if self.shaper is not None and self.shaper.tool_calls and not self.req.parallel_tool_calls:
+            return self._take(len(self.text)), int(real), True  # one call asked for: it has closed
         safe = len(self.text) if finish_reason else len(self.text) - stop_holdback(self.text, self.req.stop)
         return self._take(safe), int(real), False
 
