@@ -1,12 +1,14 @@
 """A stand-in API server for capturing what a real client sends: records every request (method, path,
 headers, JSON body) and answers with the smallest reply the client accepts, in the right API's shape
 (Anthropic Messages, JSON or SSE; OpenAI Responses, SSE), so a client runs a plain, a tool-using, a
-thinking and a compaction turn against it. `summarize` turns the records into the field lists that
+thinking and a compaction turn against it. With `upstream` it answers nothing itself: it forwards to
+the gateway and records both sides, so a test sees what the gateway was sent and what it said. `summarize` turns the records into the field lists that
 tests/captures/*.json hold: field names and enum values, never prompts, ids or secrets."""
 
 from __future__ import annotations
 
 import gzip
+import http.client
 import json
 import os
 import re
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 REPO = Path(__file__).resolve().parents[1]
 CLIENTS = REPO / "clients"
@@ -28,6 +31,8 @@ class Record:
     path: str
     headers: dict[str, str]
     body: Any
+    status: int = 0  # proxied: the upstream's status and (the start of) its reply
+    reply: str = ""
 
 
 @dataclass
@@ -42,7 +47,8 @@ class Script:
 class CaptureServer:
     """`with CaptureServer() as s:` listens on 127.0.0.1; s.url, s.records, s.script."""
 
-    def __init__(self) -> None:
+    def __init__(self, upstream: str | None = None) -> None:
+        self.upstream = upstream
         self.records: list[Record] = []
         self.script = Script()
         self._lock = threading.Lock()
@@ -76,20 +82,22 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args: object) -> None:  # quiet: the records are the log
         pass
 
-    def _body(self) -> Any:
+    def _body(self) -> tuple[bytes, Any]:
         n = int(self.headers.get("content-length") or 0)
         raw = self.rfile.read(n) if n else b""
-        if self.headers.get("content-encoding") == "gzip":
-            raw = gzip.decompress(raw)
+        text = gzip.decompress(raw) if self.headers.get("content-encoding") == "gzip" else raw
         try:
-            return json.loads(raw) if raw else None
+            return raw, (json.loads(text) if text else None)
         except ValueError:
-            return {"<non-json>": len(raw)}
+            return raw, {"<non-json>": len(text)}
 
     def _handle(self) -> None:
         path = self.path.split("?", 1)[0]
-        body = self._body() if self.command in ("POST", "PUT", "PATCH") else None
-        self.owner.record(Record(self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body))
+        raw, body = self._body()
+        rec = Record(self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body)
+        self.owner.record(rec)
+        if self.owner.upstream:
+            return self._forward(raw, rec)
         script = self.owner.script
         if path.endswith("/messages/count_tokens"):
             return self._json(200, {"input_tokens": 100})
@@ -102,6 +110,25 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(404, {"error": {"type": "not_found_error", "message": f"no {path} here"}})
 
     do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _handle
+
+    def _forward(self, raw: bytes, rec: Record) -> None:
+        """The whole upstream reply, then to the client: streams arrive at once, which no client minds."""
+        up = urlsplit(self.owner.upstream)
+        conn = http.client.HTTPConnection(up.hostname, up.port, timeout=300)
+        hop = {"host", "content-length", "connection", "accept-encoding"}
+        conn.request(self.command, self.path, body=raw or None,
+                     headers={k: v for k, v in self.headers.items() if k.lower() not in hop})
+        resp = conn.getresponse()
+        data = resp.read()
+        conn.close()
+        rec.status, rec.reply = resp.status, data[:4000].decode(errors="replace")
+        self.send_response(resp.status)
+        for k, v in resp.getheaders():
+            if k.lower() not in ("content-length", "transfer-encoding", "connection"):
+                self.send_header(k, v)
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
     def _anthropic(self, body: dict, script: Script) -> None:
         blocks = _anthropic_blocks(body, script)
