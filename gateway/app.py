@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 import structlog
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -18,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway import anthropic, body, context_edits, listing, readiness, responses
+from gateway import anthropic, apikeys, auth, body, context_edits, listing, readiness, responses
 from gateway import errors as http_errors
 from gateway.anthropic_shapes import AnthropicDialect
 from gateway.dialect import CHAT, COMPLETIONS, Dialect
@@ -27,7 +28,7 @@ from gateway.signing import ThinkingSigner
 from gateway.sse import GenerationResponse
 from protocol import endpoint as ep
 from protocol import errors as E
-from protocol.client import SupervisorClient
+from protocol.client import GenerateStream, SupervisorClient
 
 log = structlog.get_logger("lmx.gateway")
 
@@ -42,6 +43,9 @@ class GatewayConfig:
     status_timeout_s: float = 5.0        # /v1/models and /readyz
     required_models: tuple[str, ...] = ()  # /readyz: exactly these must be READY (default: status' view)
     cors_origins: tuple[str, ...] = ()   # browser origins allowed to call (CORS); none by default
+    body_timeout_s: float = body.BODY_TIMEOUT_S  # a request's body must arrive within this
+    max_in_flight: int = 256             # generations at once; past it 429 with Retry-After
+    auth_required: bool = False          # API keys required even while none exists (a non-loopback bind)
     responses_max_count: int = 10_000    # stored Responses kept (the oldest go first)
     responses_max_age_s: float = 30 * 86_400.0  # and none older than this
 
@@ -54,6 +58,9 @@ class Gateway:
         self.state_dir = ep.resolve_state_dir(config.state_dir)
         self.signer = ThinkingSigner.from_state_dir(self.state_dir)
         self.anthropic = AnthropicDialect(self.signer)
+        self.in_flight = 0
+        self.metrics = auth.Metrics()
+        self.guard = auth.Guard(apikeys.KeyRing(apikeys.path_in(self.state_dir)), config.auth_required, self.metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
@@ -92,15 +99,20 @@ class Gateway:
             status = await self.client.status(timeout_s=self.config.status_timeout_s)
         except E.LmxError as exc:
             return dialect.error_response(exc, {})
-        return JSONResponse(listing.listing(status, wants))
+        return JSONResponse(listing.listing(_visible(request, status), wants))
 
     async def model(self, request: Request) -> Response:
         wants, dialect = self._listing_dialect(request)
         try:
             status = await self.client.status(timeout_s=self.config.status_timeout_s)
-            return JSONResponse(listing.one(status, request.path_params["model_id"], wants))
+            return JSONResponse(listing.one(_visible(request, status), request.path_params["model_id"], wants))
         except E.LmxError as exc:
             return dialect.error_response(exc, {})
+
+    async def metrics_text(self, request: Request) -> Response:
+        """The gateway's own figures (requests, refusals and tokens per API key; in flight):
+        Prometheus text, for keys with the admin scope."""
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     # --- generations -------------------------------------------------------------------------
 
@@ -117,15 +129,25 @@ class Gateway:
         """Every generation: the body read and parsed by its dialect, context edits applied, the
         generation started, its objects shaped and framed by the dialect. A failure before the
         first token is an HTTP error in the dialect's shape (GenerationResponse)."""
+        if self.in_flight >= self.config.max_in_flight:
+            return dialect.error_response(E.Overloaded(
+                f"the gateway has {self.in_flight} requests in flight, its limit", retry_after_s=1.0), {})
+        self.in_flight += 1  # counted from here to the response's end (_Counted), body read included
         try:
-            p = dialect.parse(await body.json_body(request))
+            p = dialect.parse(await body.json_body(request, self.config.body_timeout_s))
+            _check_model(request, p.model)
             p, applied = await self._edit(p)
         except E.LmxError as exc:
+            self.in_flight -= 1
             return dialect.error_response(exc, {})
+        except BaseException:
+            self.in_flight -= 1
+            raise
         stream = self.client.generate(p.model, **p.client_kwargs())
         shaper = dialect.shaper(p, stream.request_id, applied)
         events = shaper.events(stream) if p.stream else shaper.whole(stream)
-        return GenerationResponse(events, streaming=p.stream, request_id=stream.request_id, dialect=dialect)
+        return _Counted(self, request, stream, GenerationResponse(
+            events, streaming=p.stream, request_id=stream.request_id, dialect=dialect))
 
     async def count(self, p: GenParams, messages: list[dict]) -> int:
         """The prompt's tokens as the model renders it: tools and template switches included."""
@@ -142,7 +164,8 @@ class Gateway:
         """POST /v1/messages/count_tokens: the Messages body (max_tokens not needed), counted by
         the model's worker through its tokenizer and chat template, without generating."""
         try:
-            p = anthropic.parse_count(await body.json_body(request), self.signer)
+            p = anthropic.parse_count(await body.json_body(request, self.config.body_timeout_s), self.signer)
+            _check_model(request, p.model)
             edited, applied = await self._edit(p)
             assert edited.messages is not None
             out: dict[str, Any] = {"input_tokens": await self.count(edited, edited.messages)}
@@ -151,6 +174,39 @@ class Gateway:
         except E.LmxError as exc:
             return self.anthropic.error_response(exc, {})
         return JSONResponse(out)
+
+
+def _visible(request: Request, status: dict) -> dict:
+    key = getattr(request.state, "api_key", None)
+    if key is None or not key.models:
+        return status
+    return {**status, "models": [m for m in status["models"] if key.allows_model(m["id"])]}
+
+
+def _check_model(request: Request, model: str) -> None:
+    """A key scoped to some models sees no other: to it they are unknown."""
+    key = getattr(request.state, "api_key", None)
+    if key is not None and not key.allows_model(model):
+        raise E.UnknownModel(f"no model {model[:128]!r} for this API key", model=model[:128])
+
+
+class _Counted:
+    """A response that gives its in-flight slot back when it has been sent (or abandoned), and
+    leaves its usage where the auth middleware charges it to the caller's key."""
+
+    def __init__(self, gw: Gateway, request: Request, stream: GenerateStream, response: GenerationResponse) -> None:
+        self._gw, self._request, self._stream, self._response = gw, request, stream, response
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        self._gw.metrics.in_flight.inc()
+        try:
+            await self._response(scope, receive, send)
+        finally:
+            self._gw.in_flight -= 1
+            self._gw.metrics.in_flight.dec()
+            usage = getattr(self._request.state, "usage", None)
+            if usage is not None and self._stream.result is not None:
+                usage.update(self._stream.result.usage)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -164,12 +220,12 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
     return http_errors.response(E.InternalError(f"internal error in the gateway: {exc!r}"))
 
 
-def _middleware(config: GatewayConfig) -> list[Middleware]:
-    if not config.cors_origins:
-        return []  # off by default: no browser page may call a gateway its user did not name
-    return [Middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST", "DELETE"],
+def _middleware(config: GatewayConfig, gw: Gateway) -> list[Middleware]:
+    # CORS outside auth: a browser's preflight carries no key.
+    cors = [Middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST", "DELETE"],
                        allow_headers=["*"], expose_headers=["x-request-id", "request-id", "retry-after"],
-                       max_age=600)]
+                       max_age=600)] if config.cors_origins else []  # off by default
+    return [*cors, Middleware(auth.AuthMiddleware, guard=gw.guard)]
 
 
 def create_app(config: GatewayConfig | None = None) -> Starlette:
@@ -184,9 +240,10 @@ def create_app(config: GatewayConfig | None = None) -> Starlette:
         Route("/v1/completions", gw.completions, methods=["POST"]),
         Route("/v1/messages", gw.messages, methods=["POST"]),
         Route("/v1/messages/count_tokens", gw.count_tokens, methods=["POST"]),
+        Route("/metrics", gw.metrics_text, methods=["GET"]),
         *responses.routes(gw),
     ]
-    app = Starlette(routes=routes, lifespan=gw.lifespan, middleware=_middleware(config),
+    app = Starlette(routes=routes, lifespan=gw.lifespan, middleware=_middleware(config, gw),
                     exception_handlers={HTTPException: _http_error, Exception: _internal_error})
     app.state.gateway = gw
     return app

@@ -5,6 +5,7 @@ in memory), and parsed as JSON."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import zlib
 from typing import Any
@@ -21,7 +22,20 @@ MAX_BODY_BYTES = 32 * 1024 * 1024
 _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 
-async def read(request: Request) -> bytes:
+# A body that has not arrived this long after its headers is refused: a client that sends its
+# headers and then trickles (or stops) holds a connection and a request slot for nothing.
+BODY_TIMEOUT_S = 60.0
+
+
+async def read(request: Request, timeout_s: float = BODY_TIMEOUT_S) -> bytes:
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await _read(request)
+    except TimeoutError:
+        raise E.BadRequest(f"the request body did not arrive within {timeout_s:g} s") from None
+
+
+async def _read(request: Request) -> bytes:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise E.BadRequest(f"the request body has {declared} bytes, more than {MAX_BODY_BYTES}")
@@ -52,8 +66,8 @@ def _inflate(inflate: Any, part: bytes, room: int) -> bytes:
     return out
 
 
-async def json_body(request: Request) -> Any:
-    raw = await read(request)
+async def json_body(request: Request, timeout_s: float = BODY_TIMEOUT_S) -> Any:
+    raw = await read(request, timeout_s)
     try:
         return json.loads(raw)
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError

@@ -9,6 +9,7 @@ import os
 import sys
 from typing import Any
 
+from lmxctl import apikeys
 from protocol.keys import KeyFileError, new_keypair
 
 ENV_SERVER_KEY = "LMX_SERVER_KEY"  # the server's public .key file
@@ -33,14 +34,17 @@ def client_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_parser(sub: Any, json_flag: argparse.ArgumentParser) -> None:
-    k = sub.add_parser("keys", help="CURVE keys for the tcp control endpoint")
+    k = sub.add_parser("keys", help="CURVE keys for the tcp control endpoint; API keys for lmx-gateway")
     ksub = k.add_subparsers(dest="keys_command", required=True)
     new = ksub.add_parser("new", parents=[json_flag], help="write NAME.key (public) and NAME.key_secret (0600)")
     new.add_argument("name")
     new.add_argument("--dir", default=".", help="where to write them (default: the current directory)")
+    apikeys.add_parser(ksub, json_flag)
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.keys_command == "api":
+        return apikeys.main(args)
     try:
         public_file, secret_file, public = new_keypair(args.name, args.dir)
     except (KeyFileError, OSError) as exc:
