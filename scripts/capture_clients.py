@@ -60,7 +60,7 @@ def capture_codex(server: CaptureServer, root: Path) -> dict:
         "second turn (exec resume --last)": ([*exec_, "resume", "--last", "And now?"],
                                              codex_env(root / "home", url, MODEL), Script()),
         "reasoning (model_reasoning_effort high)": (
-            [*exec_, "Think, then read notes.txt"], codex_env(root / "home-r", url, MODEL, "high"), cat),
+            [*exec_, "Think, then read notes.txt"], codex_env(root / "home-r", url, MODEL, 'model_reasoning_effort = "high"'), cat),
     }
     return {name: _run(server, argv, work, e, s) for name, (argv, e, s) in scenarios.items()}
 

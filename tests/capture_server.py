@@ -279,15 +279,14 @@ def claude_env(home: Path, base_url: str, model: str, **extra: str) -> dict[str,
             "DISABLE_TELEMETRY": "1", "DISABLE_AUTOUPDATER": "1", "DISABLE_ERROR_REPORTING": "1", **extra}
 
 
-def codex_env(home: Path, base_url: str, model: str, reasoning_effort: str | None = None) -> dict[str, str]:
-    """Codex with a custom provider speaking the Responses API at `base_url` (…/v1)."""
+def codex_env(home: Path, base_url: str, model: str, *settings: str, tables: str = "") -> dict[str, str]:
+    """Codex with a custom provider speaking the Responses API at `base_url` (…/v1); `settings`:
+    more top-level config.toml lines, `tables`: more tables."""
     codex_home = home / "codex"
     codex_home.mkdir(parents=True, exist_ok=True)
-    lines = [f"model = {json.dumps(model)}", 'model_provider = "lmx"', "check_for_update_on_startup = false"]
-    if reasoning_effort:
-        lines.append(f"model_reasoning_effort = {json.dumps(reasoning_effort)}")
-    lines += ["[analytics]", "enabled = false", "[model_providers.lmx]", 'name = "lmx-gateway"',
-              f"base_url = {json.dumps(base_url)}", 'wire_api = "responses"']
+    lines = [f"model = {json.dumps(model)}", 'model_provider = "lmx"', "check_for_update_on_startup = false",
+             *settings, "[analytics]", "enabled = false", "[model_providers.lmx]", 'name = "lmx-gateway"',
+             f"base_url = {json.dumps(base_url)}", 'wire_api = "responses"', tables]
     (codex_home / "config.toml").write_text("\n".join(lines) + "\n")
     return {**_base_env(home), "CODEX_HOME": str(codex_home)}
 
