@@ -1,8 +1,9 @@
 """OpenAI Responses API objects: the `response` object with its output items (reasoning, message,
 function_call), the streamed event sequence the openai SDK's accumulator parses (response.created
-… response.completed, each with its sequence_number), and the RESPONSES dialect's framing and
-errors. A whole response is the same accumulator run over the same chunks with its events
-dropped, so plain and streamed answers cannot differ."""
+… response.completed), and their framing: named events numbered by sequence_number, OpenAI's
+`error` event then `response.failed` for a failure after the stream opened. A whole response is the
+same accumulator run over the same chunks with its events dropped, so plain and streamed answers
+cannot differ."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import copy
 import time
 from typing import Any, AsyncGenerator, Awaitable, Callable
 
-from gateway import errors as http_errors
 from gateway.responses import ResponsesRequest
 from gateway.sse import dumps
 from protocol import errors as E
@@ -124,8 +124,9 @@ class _Output:
 class ResponseShaper:
     """Every object of one response: its id is the supervisor's request id, as on the other APIs."""
 
-    def __init__(self, req: ResponsesRequest, request_id: str) -> None:
+    def __init__(self, req: ResponsesRequest, request_id: str, save: Saver | None) -> None:
         self.id = "resp_" + request_id
+        self._save = save  # the store's, awaited with the final response before it is sent
         self._output = _Output(request_id, req.namespaces)
         echo = req.body
         self._head = {
@@ -154,7 +155,7 @@ class ResponseShaper:
             extra["completed_at"] = int(time.time())
         return self.snapshot("incomplete" if cut else "completed", **extra)
 
-    async def whole(self, stream: GenerateStream, save: Saver | None) -> AsyncGenerator[dict, None]:
+    async def whole(self, stream: GenerateStream) -> AsyncGenerator[dict, None]:
         async with stream:
             async for chunk in stream:
                 self._output.feed(chunk)
@@ -162,11 +163,11 @@ class ResponseShaper:
             assert result is not None
         self._output.close("incomplete" if result.finish_reason == "length" else "completed")
         final = self._final(result)
-        if save is not None:
-            await save(final)
+        if self._save is not None:
+            await self._save(final)
         yield final
 
-    async def events(self, stream: GenerateStream, save: Saver | None) -> AsyncGenerator[dict, None]:
+    async def events(self, stream: GenerateStream) -> AsyncGenerator[dict, None]:
         """The streamed sequence. response.created waits for the first chunk, so a request refused
         before any token exists is an HTTP error with its status, as on the other APIs."""
         async with stream:  # leaving early any way cancels the generation
@@ -186,8 +187,8 @@ class ResponseShaper:
         for obj in self._output.close("incomplete" if result.finish_reason == "length" else "completed"):
             yield obj
         final = self._final(result)
-        if save is not None:  # before the last event: a client that chains at once finds it stored
-            await save(final)
+        if self._save is not None:  # before the last event: a client that chains at once finds it stored
+            await self._save(final)
         yield {"type": f"response.{final['status']}", "response": final}
 
     def _opening(self) -> list[dict]:
@@ -195,31 +196,23 @@ class ResponseShaper:
                 {"type": "response.in_progress", "response": self.snapshot("in_progress")}]
 
 
-class ResponsesDialect:
-    """Named SSE events, each numbered (sequence_number) in the order framed; no end marker
-    (response.completed is the end). A failure after the stream opened is OpenAI's `error` event,
-    then `response.failed`; before it, a JSON error in OpenAI's shape with the code's status."""
+class Framing:
+    """One response's SSE: named events, numbered in the order framed (sequence_number)."""
 
-    done: bytes | None = None
-
-    def __init__(self, shaper: ResponseShaper) -> None:
-        self._shaper = shaper
+    def __init__(self) -> None:
         self._seq = 0
-
-    def id_headers(self, request_id: str) -> dict[str, str]:
-        return {"x-request-id": request_id}
 
     def frame(self, obj: dict) -> bytes:
         obj = {**obj, "sequence_number": self._seq}
         self._seq += 1
         return b"event: " + obj["type"].encode() + b"\ndata: " + dumps(obj) + b"\n\n"
 
-    def error_event(self, err: E.LmxError) -> bytes:
+    def error(self, err: E.LmxError, shaper: ResponseShaper | None) -> bytes:
+        """OpenAI's `error` event, then `response.failed` with the response as it stood."""
         param = err.details.get("param")
-        error = self.frame({"type": "error", "code": err.code.code, "message": err.message,
-                            "param": param if isinstance(param, str) else None})
-        failed = self._shaper.snapshot("failed", error={"code": err.code.code, "message": err.message})
-        return error + self.frame({"type": "response.failed", "response": failed})
-
-    def error_response(self, err: E.LmxError, headers: dict[str, str]) -> Any:
-        return http_errors.response(err, headers)
+        out = self.frame({"type": "error", "code": err.code.code, "message": err.message,
+                          "param": param if isinstance(param, str) else None})
+        if shaper is not None:
+            failed = shaper.snapshot("failed", error={"code": err.code.code, "message": err.message})
+            out += self.frame({"type": "response.failed", "response": failed})
+        return out

@@ -5,8 +5,12 @@ response object, in the gateway's own SQLite file (`<state_dir>/gateway/response
 Bounded by count and by age: every write drops what is older than `max_age_s` and the oldest past
 `max_count`; a read never returns an expired row even before the next write prunes it. A response
 keeps only its own input and output; a chain is read back by following `previous_id` in one
-recursive query, so a long conversation costs linear space, not quadratic. sqlite3 blocks, so
-every call runs in a worker thread, one at a time on the one connection."""
+recursive query, so a long conversation costs linear space, not quadratic. Each row has an owner
+(the API key that made it, None without keys): another key's response is not there for a caller.
+
+Writes run in a worker thread, one at a time on their connection. Reads are a few indexed rows
+(well under a millisecond) and run on the event loop's thread on a connection of their own: under
+WAL a reader never waits for a writer, and a request's parse can read its history synchronously."""
 
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from protocol import limits
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
     id TEXT PRIMARY KEY,
+    owner TEXT,
     created_at REAL NOT NULL,
     previous_id TEXT,
     input_items TEXT NOT NULL,
@@ -36,11 +41,12 @@ CREATE INDEX IF NOT EXISTS responses_created ON responses (created_at);
 # ends the walk early: the caller compares the first row's previous_id with NULL.
 _CHAIN = """
 WITH RECURSIVE chain(id, previous_id, input_items, response, depth) AS (
-    SELECT id, previous_id, input_items, response, 0 FROM responses WHERE id = ? AND created_at >= ?
+    SELECT id, previous_id, input_items, response, 0 FROM responses
+    WHERE id = ? AND owner IS ? AND created_at >= ?
     UNION ALL
     SELECT r.id, r.previous_id, r.input_items, r.response, c.depth + 1
     FROM responses r JOIN chain c ON r.id = c.previous_id
-    WHERE r.created_at >= ? AND c.depth < ?
+    WHERE r.owner IS ? AND r.created_at >= ? AND c.depth < ?
 )
 SELECT previous_id, input_items, response FROM chain ORDER BY depth DESC
 """
@@ -60,6 +66,7 @@ class ResponseStore:
         self.max_count = max_count
         self.max_age_s = max_age_s
         self._db: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
         self._lock = threading.Lock()
 
     def _open(self) -> sqlite3.Connection:
@@ -74,6 +81,13 @@ class ResponseStore:
             self._db = db
         return self._db
 
+    def _read(self) -> sqlite3.Connection:
+        if self._reader is None:
+            with self._lock:
+                self._open()  # the file, its mode and its schema
+            self._reader = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5.0)
+        return self._reader
+
     async def _run(self, fn: Any, *args: Any) -> Any:
         def locked() -> Any:
             with self._lock:
@@ -85,45 +99,40 @@ class ResponseStore:
 
     # --- writes -----------------------------------------------------------------------------------
 
-    async def put(self, response: dict, input_items: list[dict]) -> None:
-        await self._run(self._put, response, input_items)
+    async def put(self, response: dict, input_items: list[dict], owner: str | None) -> None:
+        await self._run(self._put, response, input_items, owner)
 
-    def _put(self, db: sqlite3.Connection, response: dict, input_items: list[dict]) -> None:
+    def _put(self, db: sqlite3.Connection, response: dict, input_items: list[dict], owner: str | None) -> None:
         with db:
             db.execute("BEGIN IMMEDIATE")
-            db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?)",
-                       (response["id"], time.time(), response.get("previous_response_id"),
+            db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?, ?)",
+                       (response["id"], owner, time.time(), response.get("previous_response_id"),
                         _dumps(input_items), _dumps(response)))
             db.execute("DELETE FROM responses WHERE created_at < ?", (self._oldest_kept(),))
             db.execute("DELETE FROM responses WHERE id IN (SELECT id FROM responses ORDER BY created_at DESC "
                        "LIMIT -1 OFFSET ?)", (self.max_count,))
 
-    async def delete(self, response_id: str) -> bool:
-        return await self._run(self._delete, response_id)
+    async def delete(self, response_id: str, owner: str | None) -> bool:
+        return await self._run(self._delete, response_id, owner)
 
-    def _delete(self, db: sqlite3.Connection, response_id: str) -> bool:
+    def _delete(self, db: sqlite3.Connection, response_id: str, owner: str | None) -> bool:
         with db:
-            return db.execute("DELETE FROM responses WHERE id = ?", (response_id,)).rowcount > 0
+            return db.execute("DELETE FROM responses WHERE id = ? AND owner IS ?", (response_id, owner)).rowcount > 0
 
     # --- reads ------------------------------------------------------------------------------------
 
-    async def get(self, response_id: str) -> tuple[dict, list[dict]] | None:
+    def get(self, response_id: str, owner: str | None) -> tuple[dict, list[dict]] | None:
         """(response object, its input items), or None."""
-        return await self._run(self._get, response_id)
-
-    def _get(self, db: sqlite3.Connection, response_id: str) -> tuple[dict, list[dict]] | None:
-        row = db.execute("SELECT response, input_items FROM responses WHERE id = ? AND created_at >= ?",
-                         (response_id, self._oldest_kept())).fetchone()
+        row = self._read().execute(
+            "SELECT response, input_items FROM responses WHERE id = ? AND owner IS ? AND created_at >= ?",
+            (response_id, owner, self._oldest_kept())).fetchone()
         return None if row is None else (json.loads(row[0]), json.loads(row[1]))
 
-    async def conversation(self, response_id: str) -> list[dict] | None:
+    def conversation(self, response_id: str, owner: str | None) -> list[dict] | None:
         """Every item of the conversation up to and including `response_id`'s output, oldest first
         (each response's input items, then its output items); None when it is not stored."""
-        return await self._run(self._conversation, response_id)
-
-    def _conversation(self, db: sqlite3.Connection, response_id: str) -> list[dict] | None:
         oldest = self._oldest_kept()
-        rows = db.execute(_CHAIN, (response_id, oldest, oldest, limits.MAX_MESSAGES)).fetchall()
+        rows = self._read().execute(_CHAIN, (response_id, owner, oldest, owner, oldest, limits.MAX_MESSAGES)).fetchall()
         if not rows:
             return None
         if rows[0][0] is not None:
@@ -134,15 +143,12 @@ class ResponseStore:
             items += json.loads(response).get("output") or []
         return items
 
-    async def stats(self) -> dict[str, int]:
-        return await self._run(self._stats)
-
-    def _stats(self, db: sqlite3.Connection) -> dict[str, int]:
-        (count,) = db.execute("SELECT count(*) FROM responses").fetchone()
-        return {"responses": count, "bytes": self.path.stat().st_size}
+    def count(self) -> int:
+        return self._read().execute("SELECT count(*) FROM responses").fetchone()[0]
 
     def close(self) -> None:
         with self._lock:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
+            for db in (self._db, self._reader):
+                if db is not None:
+                    db.close()
+            self._db = self._reader = None

@@ -377,23 +377,33 @@ def test_items_become_the_messages_templates_read() -> None:
         responses.parse({"model": "m", "input": []}).params([])
 
 
-def test_the_store_is_bounded_by_count_and_age(tmp_path: Path) -> None:
+def test_the_store_is_bounded_by_count_and_age_and_kept_per_owner(tmp_path: Path) -> None:
     import asyncio
 
-    async def scenario() -> None:
-        store = ResponseStore(tmp_path / "gateway" / "responses.sqlite", max_count=3, max_age_s=3600)
-        for i in range(5):
-            await store.put({"id": f"resp_{i}", "output": [], "previous_response_id": f"resp_{i - 1}" if i else None},
-                            [{"role": "user", "content": str(i)}])
-        assert (await store.stats())["responses"] == 3
-        assert await store.get("resp_1") is None and await store.get("resp_4") is not None
-        with pytest.raises(ChainBroken):  # its first two ancestors are gone
-            await store.conversation("resp_4")
-        store.max_age_s = -60.0  # every row is now past the age bound: reads skip it before any prune
-        assert await store.get("resp_4") is None
-        store.close()
+    store = ResponseStore(tmp_path / "gateway" / "responses.sqlite", max_count=3, max_age_s=3600)
 
-    asyncio.run(scenario())
+    async def fill() -> None:
+        for i in range(5):
+            response = {"id": f"resp_{i}", "output": [{"type": "message", "role": "assistant", "content": str(i)}],
+                        "previous_response_id": f"resp_{i - 1}" if i else None}
+            await store.put(response, [{"role": "user", "content": str(i)}], "key-a")
+
+    asyncio.run(fill())
+    assert store.count() == 3
+    assert store.get("resp_1", "key-a") is None and store.get("resp_4", "key-a") is not None
+    assert store.get("resp_4", "key-b") is None and store.get("resp_4", None) is None  # another key's
+    with pytest.raises(ChainBroken):  # its first two ancestors are gone
+        store.conversation("resp_4", "key-a")
+    for rid, prev in (("resp_a", None), ("resp_b", "resp_a")):
+        asyncio.run(store.put({"id": rid, "previous_response_id": prev, "output": [{"content": f"{rid} out"}]},
+                              [{"content": f"{rid} in"}], "key-a"))
+    assert [i["content"] for i in store.conversation("resp_b", "key-a") or ()] == [
+        "resp_a in", "resp_a out", "resp_b in", "resp_b out"]
+    assert store.conversation("resp_b", "key-b") is None
+    assert asyncio.run(store.delete("resp_4", "key-b")) is False and asyncio.run(store.delete("resp_4", "key-a"))
+    store.max_age_s = -60.0  # every row is now past the age bound: reads skip it before any prune
+    assert store.get("resp_a", "key-a") is None
+    store.close()
     path = tmp_path / "gateway" / "responses.sqlite"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert sqlite3.connect(path).execute("SELECT count(*) FROM responses").fetchone() == (3,)
+    assert sqlite3.connect(path).execute("SELECT count(*) FROM responses").fetchone() == (2,)
