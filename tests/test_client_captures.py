@@ -141,7 +141,7 @@ def test_the_docs_check_finds_what_a_table_lacks() -> None:
     rows = {"thinking": "| `thinking` | honoured | `{type: \"enabled\", budget_tokens}` |"}
     assert _missing("thinking.type", ["enabled"], rows) == []
     assert _missing("thinking.budget_tokens", ["1024"], rows) == []
-    assert _missing("thinking.display", ["omitted"], rows) == [
-        "thinking.display: `display` not mentioned in the `thinking` row", "thinking.display = 'omitted'"]
+    assert _missing("thinking.display", ["omitted"], rows) == ["thinking.display = 'omitted'"]
+    assert _missing("thinking.shape", [], rows) == ["thinking.shape: `shape` not mentioned in the `thinking` row"]
     assert _missing("thinking.type", ["adaptive"], rows) == ["thinking.type = 'adaptive'"]
     assert _missing("speed", ["fast"], rows) == ["speed (no row)"]
