@@ -116,3 +116,16 @@ def test_many_counts_at_once_each_get_their_own_answer(sup: RunningSupervisor) -
 
     counts = asyncio.run(run())
     assert counts == sorted(counts) and len(set(counts)) == len(counts)
+
+
+def test_a_group_counts_on_rank_0_alone_and_goes_on_serving(make_supervisor, tiny_model: Path) -> None:
+    from tests.test_groups import GROUP
+
+    sup = make_supervisor([{"id": "big", "path": str(tiny_model), "group": GROUP},
+                           {"id": "one", "path": str(tiny_model)}]).start()
+    for fields in ({"prompt": "Hello, world!"}, {"messages": ASK}):
+        assert sup.client.count_tokens("big", **fields) == sup.client.count_tokens("one", **fields)
+    # The followers never saw the counts: the next generation runs in lockstep as before.
+    grouped = sup.client.complete("big", "Hello", max_tokens=6)
+    assert grouped.usage["completion_tokens"] >= 1
+    assert grouped.usage["prompt_tokens"] == sup.client.count_tokens("big", prompt="Hello")
