@@ -29,8 +29,9 @@ def usage(u: dict, reasoning_tokens: int) -> dict[str, Any]:
 
 class _Output:
     """The output items of one response as its chunks arrive: one item open at a time (reasoning or
-    message, whose text grows), a function call whole in one go. Every method returns the events
-    it caused, without sequence numbers (the dialect numbers what it frames)."""
+    message, whose text grows; a function call, which arrives whole, stays open until the next item
+    or the end, so a call cut by max_output_tokens ends `incomplete`). Every method returns the
+    events it caused, without sequence numbers (Framing numbers what it frames)."""
 
     def __init__(self, rid: str, namespaces: dict[str, str]) -> None:
         self._rid = rid
@@ -59,8 +60,12 @@ class _Output:
         item, self._open = self._open, None
         if item is None:
             return []
-        part, kind = item["content"][0], item["type"]
         item["status"] = status
+        if item["type"] == "function_call":
+            return [self._ev("response.function_call_arguments.done", item_id=item["id"], arguments=item["arguments"],
+                             name=item["name"]),
+                    self._ev("response.output_item.done", item=copy.deepcopy(item))]
+        part, kind = item["content"][0], item["type"]
         text_kind = "response.output_text.done" if kind == "message" else "response.reasoning_text.done"
         extra = {"logprobs": []} if kind == "message" else {}
         head = {"item_id": item["id"], "content_index": 0}
@@ -93,11 +98,9 @@ class _Output:
         if name in self._namespaces:
             item["namespace"] = self._namespaces[name]
         out = self._begin(item, None)
-        item = self.items[-1]
+        self._open = item = self.items[-1]
+        item["arguments"] = args
         out.append(self._ev("response.function_call_arguments.delta", item_id=item["id"], delta=args))
-        out.append(self._ev("response.function_call_arguments.done", item_id=item["id"], arguments=args, name=name))
-        item.update(arguments=args, status="completed")
-        out.append(self._ev("response.output_item.done", item=copy.deepcopy(item)))
         return out
 
     def feed(self, chunk: Chunk) -> list[dict]:

@@ -263,6 +263,26 @@ def test_max_output_tokens_cuts_to_incomplete_plain_and_streamed(client: openai.
     assert events[-1].response.incomplete_details.reason == "max_output_tokens"
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_a_call_cut_by_max_output_tokens_comes_back_partial_and_incomplete(client: openai.OpenAI,
+                                                                         stream: bool) -> None:
+    whole = client.responses.create(model="agent", input=ASK, tools=TOOLS, max_output_tokens=96, store=False)
+    cut = whole.usage.output_tokens - 4  # inside the call's arguments
+    body: dict[str, Any] = {"model": "agent", "input": ASK, "tools": TOOLS, "max_output_tokens": cut, "store": False}
+    if stream:
+        with client.responses.stream(**body) as events:
+            seen = list(events)
+        kinds = [e.type for e in seen]
+        assert kinds[-1] == "response.incomplete" and "response.function_call_arguments.done" in kinds
+        r = seen[-1].response
+    else:
+        r = client.responses.create(**body)
+    assert r is not None and r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+    call = r.output[-1]
+    assert call.type == "function_call" and call.status == "incomplete" and call.name == "get_weather"
+    assert call.arguments and '{"city": "Paris"}'.startswith(call.arguments) and call.arguments != '{"city": "Paris"}'
+
+
 @pytest.mark.parametrize("extra, param, words", [
     ({"tools": [{"type": "file_search", "vector_store_ids": ["vs_1"]}]}, "tools[0]", "file_search"),
     ({"tools": [{"type": "function", "name": "f", "colour": "red"}]}, "tools[0].colour", "unknown"),
