@@ -3,11 +3,14 @@ real supervisor: `claude -p` reads a file with its own Read tool and prints the 
 in `--output-format json` and `stream-json`. The model writes a fixed script (tests/scripted_worker.py)
 in the Qwen tool-call format: turn 1 calls Read on a file in a temp dir, and once the last message is
 the tool's result, the final text. A recording proxy (tests/capture_server.py) between the CLI and
-the gateway shows that the file's content went back to the model as the tool's result."""
+the gateway shows that the file's content went back to the model as the tool's result. Claude Code's
+default request, whole, is accepted, and one past the model's context is refused in the words its
+compaction logic looks for."""
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Iterator
@@ -48,10 +51,10 @@ class Stack:
         self.root = root
         self.gateway: GatewayProcess | None = None
 
-    def claude(self, base_url: str, *args: str) -> tuple[object, float]:
+    def claude(self, base_url: str, *args: str, slim: bool = True) -> tuple[object, float]:
         env = claude_env(self.root / "home", base_url, "coder")
         argv = [str(client_binary("claude")), "-p", "What does notes.txt say? Read it.", "--allowedTools", "Read",
-                *SLIM, *args]
+                *(SLIM if slim else ()), *args]
         start = time.monotonic()
         proc = run_client(argv, self.work, env, TURN_TIMEOUT_S)
         return proc, time.monotonic() - start
@@ -105,3 +108,19 @@ def test_claude_p_stream_json_sends_the_files_content_back_as_the_tool_result(st
     (thought,) = [b for b in sent_back if b["type"] == "thinking"]
     assert thought["thinking"].strip() == "I will read the note." and thought["signature"]
     print(f"claude -p (stream-json): {took_s:.1f} s")
+
+
+def test_claude_codes_default_request_is_accepted_and_one_past_the_context_is_prompt_too_long(stack: Stack) -> None:
+    # Every field of the default request passes the gateway's checks (a refused one would be its own
+    # 400); the ~30,000-token prompt then meets the model's 16,384 and is refused before prefill.
+    with CaptureServer(upstream=stack.gateway.url) as proxy:
+        proc, took_s = stack.claude(proxy.url, "--output-format", "json", slim=False)
+    (turn,) = [r for r in proxy.records if r.path.split("?")[0] == "/v1/messages"]
+    assert turn.status == 400, turn.reply[:500]
+    error = json.loads(turn.reply)["error"]
+    assert error["type"] == "invalid_request_error"
+    assert re.fullmatch(rf"prompt is too long: \d+ tokens > {CONTEXT_TOKENS} maximum", error["message"]), error
+    assert proc.returncode == 1, _explain(proc, stack.gateway)
+    result = json.loads(proc.stdout)
+    assert result["is_error"] is True and result["terminal_reason"] == "prompt_too_long", result
+    assert took_s < 30

@@ -2,7 +2,9 @@
 API (a custom provider, `wire_api = "responses"`) over a real supervisor: `codex exec` runs the shell
 command the model calls with its exec_command tool, sends the output back as function_call_output,
 and prints the model's final answer. The model writes a fixed script (tests/scripted_worker.py) in
-the Qwen tool-call format; a recording proxy (tests/capture_server.py) shows what went back."""
+the Qwen tool-call format; a recording proxy (tests/capture_server.py) shows what went back. Codex's
+default request, whole, is accepted, and one past the model's context is refused with the code Codex
+reads as "out of room in the context window"."""
 
 from __future__ import annotations
 
@@ -50,10 +52,11 @@ class Stack:
             after_tool=f"I have read it.</think>\n\n{FINAL}", context_tokens=CONTEXT_TOKENS)])
         self.gateway: GatewayProcess | None = None
 
-    def codex(self, base_url: str, *args: str) -> tuple[object, float]:
-        env = codex_env(self.root / "home", f"{base_url}/v1", "coder",
-                        f"model_instructions_file = {json.dumps(str(self.root / 'instructions.md'))}",
-                        'web_search = "disabled"', tables=SLIM_TABLES)
+    def codex(self, base_url: str, *args: str, slim: bool = True) -> tuple[object, float]:
+        settings = (f"model_instructions_file = {json.dumps(str(self.root / 'instructions.md'))}",
+                    'web_search = "disabled"') if slim else ()
+        env = codex_env(self.root / ("home" if slim else "home-default"), f"{base_url}/v1", "coder", *settings,
+                        tables=SLIM_TABLES if slim else "")
         argv = [str(client_binary("codex")), "exec", "--skip-git-repo-check", *SANDBOX, *args,
                 "What does notes.txt say? Read it."]
         start = time.monotonic()
@@ -106,3 +109,19 @@ def test_codex_exec_json_sends_the_commands_output_back_as_function_call_output(
     (output,) = [i for i in second if i.get("type") == "function_call_output"]
     assert output["call_id"] == call["call_id"] and NOTE in output["output"]
     print(f"codex exec --json: {took_s:.1f} s")
+
+
+def test_codexs_default_request_is_accepted_and_one_past_the_context_is_context_length_exceeded(stack: Stack) -> None:
+    # Every field and tool type of the default request (namespace and web_search tools included) passes
+    # the gateway's checks; the ~25,000-token prompt then meets the model's 16,384, refused before prefill.
+    with CaptureServer(upstream=stack.gateway.url) as proxy:
+        proc, took_s = stack.codex(proxy.url, "--json", slim=False)
+    (turn,) = [r for r in proxy.records if r.path == "/v1/responses"]
+    assert turn.status == 400, turn.reply[:500]
+    error = json.loads(turn.reply)["error"]
+    assert error["code"] == "context_length_exceeded" and error["type"] == "invalid_request_error", error
+    assert proc.returncode == 1, _explain(proc, stack.gateway)
+    events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    (failed,) = [e for e in events if e.get("type") == "turn.failed"]
+    assert "context window" in failed["error"]["message"], failed
+    assert took_s < 30
