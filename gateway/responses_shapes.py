@@ -8,6 +8,7 @@ cannot differ."""
 from __future__ import annotations
 
 import copy
+import json
 import time
 from typing import Any, AsyncGenerator, Awaitable, Callable
 
@@ -92,7 +93,9 @@ class _Output:
 
     def _call(self, call: dict) -> list[dict]:
         fn = call.get("function") or {}
-        args, name = fn.get("arguments") or "{}", fn.get("name", "")
+        # A call cut short has its arguments as far as they were written, maybe none: kept as they are.
+        args, name = fn.get("arguments", "{}"), fn.get("name", "")
+        args = args if isinstance(args, str) else json.dumps(args)
         item = {"type": "function_call", "call_id": call.get("id", ""), "name": name, "arguments": "",
                 "status": "in_progress"}
         if name in self._namespaces:

@@ -143,6 +143,19 @@ def test_openai_agents_runs_a_tool_loop_streamed(gw) -> None:
     sent.check("/v1/responses", 2)
 
 
+def test_openai_agents_chains_its_turns_on_the_stored_responses(gw) -> None:
+    import agents
+
+    sent, calls = Sent(), []
+    result = asyncio.run(agents.Runner.run(_agents_agent(gw[1], sent, calls), ASK, auto_previous_response_id=True))
+    assert calls == ["Paris"] and result.final_output.strip() == FINAL
+    _, second = (body for _, body in sent.requests)
+    # The second turn sends only the tool's result and names the first, which the store holds.
+    assert second["previous_response_id"].startswith("resp_")
+    assert [item["type"] for item in second["input"]] == ["function_call_output"]
+    sent.check("/v1/responses", 2)
+
+
 # --- pydantic-ai ----------------------------------------------------------------------------------
 
 
