@@ -161,6 +161,25 @@ class Config:
         return next((m for m in self.models if m.id == model_id), None)
 
 
+MAX_ID_CHARS = 128  # a model id is a file name's part: well under every filesystem's 255 bytes
+
+
+def path_component_problem(name: str) -> str | None:
+    """Why `name` cannot be one component of a path (a model id names a cache dir, a log file, a
+    hostfile in the state dir), or None: ASCII letters, digits, '-', '_' and '.', not starting with
+    '.' (so never '.', '..' or a hidden file), 1 to MAX_ID_CHARS characters."""
+    if not name:
+        return "expected a non-empty name, got ''"
+    if len(name) > MAX_ID_CHARS:
+        return f"expected at most {MAX_ID_CHARS} characters, got {len(name)}"
+    if name.startswith("."):
+        return f"must not start with '.' (never '.' or '..'), got {name!r}"
+    if not all(c.isascii() and (c.isalnum() or c in "-_.") for c in name):
+        return (f"expected letters, digits, '-', '_', '.' (ASCII only: no '/', '\\', spaces or control "
+                f"characters), got {name!r}")
+    return None
+
+
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "a boolean"}
 
 
@@ -257,8 +276,9 @@ def _model(file: str, index: int, raw: Any, base_dir: Path, peers: tuple = ()) -
     reader = _Reader(file, prefix, raw)
     group = _group(file, prefix, reader, peers)
     model_id = reader.take("id", str)
-    if not model_id or not all(c.isalnum() or c in "-_." for c in model_id):
-        raise ConfigError(file, f"{prefix}.id", f"expected letters, digits, '-', '_', '.', got {model_id!r}")
+    problem = path_component_problem(model_id)
+    if problem:
+        raise ConfigError(file, f"{prefix}.id", f"{problem}: the id names files and directories in the state dir")
     path = reader.take("path", str)
     model = ModelConfig(
         id=model_id,

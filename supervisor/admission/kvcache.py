@@ -43,8 +43,19 @@ def weights_key(path: str) -> str:
     return h.hexdigest()[:32]
 
 
+class OutsideCache(OSError):
+    """A model's cache directory would not be a directory right under the state dir's prefix-cache
+    (an OSError: at a worker's start it costs persistence, never the model)."""
+
+
 def directory(state_dir: Path, model_id: str) -> Path:
-    return state_dir / "prefix-cache" / model_id
+    """STATE_DIR/prefix-cache/MODEL, proven to stay there: the config checks every id (a safe path
+    component), and this checks again what a path made of it resolves to, since a delete follows."""
+    root = (state_dir / "prefix-cache").resolve()
+    d = root / model_id
+    if model_id in ("", ".", "..") or d.parent != root or d.resolve().parent != root:
+        raise OutsideCache(f"model id {model_id!r} does not name a directory inside {root}")
+    return d
 
 
 def init_fields(model: ModelConfig, state_dir: Path | None) -> dict[str, Any]:
@@ -63,17 +74,32 @@ def init_fields(model: ModelConfig, state_dir: Path | None) -> dict[str, Any]:
 def clear(state_dir: Path, model_id: str | None) -> dict[str, int]:
     """Remove the files of one model (or of all): what was removed."""
     root = state_dir / "prefix-cache"
-    dirs = [directory(state_dir, model_id)] if model_id else [d for d in root.glob("*") if d.is_dir()]
+    if model_id:
+        dirs = [directory(state_dir, model_id)]
+    else:  # a link is never followed (nor removed: rmtree refuses links)
+        dirs = [directory(state_dir, d.name) for d in root.glob("*") if d.is_dir() and not d.is_symlink()]
     files = size = 0
     for d in dirs:
+        if d.is_symlink() or not d.is_dir():
+            continue
         for f in d.glob("*.safetensors"):
             try:
                 size += f.stat().st_size
                 files += 1
             except OSError:
                 pass
-        shutil.rmtree(d, ignore_errors=True)
+        _remove(d)
     return {"files": files, "bytes": size}
+
+
+def _remove(d: Path) -> None:
+    """`d` and all in it, gone when this returns. A worker's write that lands while rmtree lists the
+    directory leaves it behind: again. Once it is gone, a write through the worker's descriptor of
+    it fails (worker.prefixdisk), so nothing from before a clear lands after it."""
+    for _ in range(100):
+        shutil.rmtree(d, ignore_errors=True)
+        if not d.is_dir() or d.is_symlink():
+            return
 
 
 _COUNTERS = ("hit_tokens", "miss_tokens", "evictions")
