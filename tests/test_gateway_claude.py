@@ -252,3 +252,24 @@ def test_cors_answers_the_named_origin_only(gw, tmp_path: Path) -> None:
         assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
     finally:
         assert plain.stop() == 0
+
+
+def test_a_tool_call_cut_by_max_tokens_comes_back_partial_in_both_apis(gw, client: anthropic.Anthropic) -> None:
+    oa = gw[1].openai()
+    tools = [{"type": "function", "function": {"name": t["name"], "parameters": t["input_schema"]}} for t in TOOLS]
+    reply = oa.chat.completions.create(model="caller", max_tokens=48, messages=ASK, tools=tools)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "length"
+    (call,) = choice.message.tool_calls
+    args = call.function.arguments  # what was written before the cut: a prefix of the whole call
+    assert call.function.name == "get_weather" and args and '{"city": "Paris"}'.startswith(args)
+    assert args != '{"city": "Paris"}'
+    chunks = list(oa.chat.completions.create(model="caller", max_tokens=48, messages=ASK, tools=tools, stream=True))
+    streamed = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or ()]
+    assert [tc.function.arguments for tc in streamed] == [call.function.arguments]
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+    msg = client.messages.create(model="caller", max_tokens=48, messages=ASK, tools=TOOLS)
+    assert msg.stop_reason == "max_tokens"
+    (use,) = [b for b in msg.content if b.type == "tool_use"]
+    assert use.name == "get_weather" and use.input == {"_unparsed_arguments": call.function.arguments}
