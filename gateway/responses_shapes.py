@@ -114,8 +114,13 @@ class _Output:
             # thinking (chunks a slow reader got merged) is split by characters.
             rest = len(chunk.text) + sum(len(str(c)) for c in chunk.tool_calls)
             self.reasoning_tokens += round(chunk.tokens * len(chunk.reasoning) / (len(chunk.reasoning) + rest))
-        if chunk.text:
-            out += self._grow("message", chunk.text)
+        text = chunk.text
+        if text and (self._open is None or self._open["type"] != "message"):
+            # A message starts at its first visible character: the blank line a template writes
+            # after `</think>` (or between calls) is no message of its own.
+            text = text.lstrip()
+        if text:
+            out += self._grow("message", text)
         for call in chunk.tool_calls:
             out += self._call(call)
         return out
