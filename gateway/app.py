@@ -143,7 +143,11 @@ class Gateway:
         except BaseException:
             self.in_flight -= 1
             raise
-        stream = self.client.generate(p.model, **p.client_kwargs())
+        kwargs = p.client_kwargs()
+        key = getattr(request.state, "api_key", None)
+        if key is not None and key.priority == "batch":  # waits behind interactive work in the supervisor
+            kwargs["priority"] = "batch"
+        stream = self.client.generate(p.model, **kwargs)
         shaper = dialect.shaper(p, stream.request_id, applied)
         events = shaper.events(stream) if p.stream else shaper.whole(stream)
         return _Counted(self, request, stream, GenerationResponse(

@@ -54,6 +54,9 @@ class GenerateRequest(Message):
     thinking_budget: Optional[int] = added()
     # False: at most one tool call; the generation ends as the first call closes.
     parallel_tool_calls: bool = added(True)
+    # "batch": waits in the supervisor's queue behind every "interactive" request (an API key's
+    # priority, set by the gateway). The supervisor never sends it on to a worker.
+    priority: str = added("interactive")
 
 
 @dataclass

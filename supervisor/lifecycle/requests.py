@@ -32,6 +32,38 @@ class Pending:
     sink: Sink
     origin_id: str  # the client's own request id ("" for the canary), for crash records
     timer: asyncio.TimerHandle | None = None
+    batch: bool = False  # priority "batch": waits behind every interactive request
+
+
+class Waiting:
+    """The requests waiting for a batch slot: interactive ones first, in arrival order, then batch
+    ones (an API key's priority), so a bulk job queued first never holds a chat back."""
+
+    def __init__(self) -> None:
+        self._interactive: collections.deque[Pending] = collections.deque()
+        self._batch: collections.deque[Pending] = collections.deque()
+
+    def __len__(self) -> int:
+        return len(self._interactive) + len(self._batch)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return itertools.chain(self._interactive, self._batch)
+
+    def append(self, p: Pending) -> None:
+        (self._batch if p.batch else self._interactive).append(p)
+
+    def first(self) -> Pending:
+        return self._interactive[0] if self._interactive else self._batch[0]
+
+    def popleft(self) -> Pending:
+        return self._interactive.popleft() if self._interactive else self._batch.popleft()
+
+    def remove(self, p: Pending) -> None:
+        (self._batch if p.batch else self._interactive).remove(p)
+
+    def clear(self) -> None:
+        self._interactive.clear()
+        self._batch.clear()
 
 
 class RequestQueue:
@@ -52,7 +84,7 @@ class RequestQueue:
         # of the previous run, which must never match one of ours.
         self._prefix = secrets.token_hex(4)
         self.active: dict[str, Pending] = {}
-        self._queue: collections.deque[Pending] = collections.deque()
+        self._queue = Waiting()
         self.counting: dict[str, Pending] = {}  # token counts sent, not answered yet
 
     def __len__(self) -> int:
@@ -75,7 +107,12 @@ class RequestQueue:
 
     def _pending(self, req: GenerateRequest | CountTokens, sink: Sink) -> Pending:
         wrid = f"{self._prefix}-{next(self._ids)}"
-        pending = Pending(wrid, dataclasses.replace(req, request_id=wrid), sink, req.request_id)
+        batch = getattr(req, "priority", "interactive") == "batch"
+        # The priority is the supervisor's to act on: left off what the worker gets (an adopted
+        # older worker would refuse the field).
+        sent = dataclasses.replace(req, request_id=wrid, priority="interactive") if batch \
+            else dataclasses.replace(req, request_id=wrid)
+        pending = Pending(wrid, sent, sink, req.request_id, batch=batch)
         if req.timeout_s is not None:
             pending.timer = asyncio.get_running_loop().call_later(req.timeout_s, self.expire, wrid)
         return pending
@@ -94,7 +131,7 @@ class RequestQueue:
 
     def dispatch(self) -> None:
         while len(self.active) < self.max_active and self._queue:
-            if not self._send(self._queue[0].req):
+            if not self._send(self._queue.first().req):
                 return
             p = self._queue.popleft()
             self.active[p.wrid] = p
