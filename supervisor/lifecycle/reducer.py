@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Failed:
-    """A start or a READY worker failed; its requests are failed and its worker stopped by now."""
+    """A start or a READY worker failed: decided (and made durable) before its requests fail and its
+    worker stops."""
     code: str
     message: str
     revision: str  # the revision that was running

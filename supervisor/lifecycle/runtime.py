@@ -15,17 +15,17 @@ from supervisor.admission.evidence import Evidence
 from supervisor.config import Config, ModelConfig
 from supervisor.lifecycle import reducer as lifecycle, states
 from supervisor.lifecycle.canary import run_canary
+from supervisor.lifecycle.failures import Failures
 from supervisor.lifecycle.requests import RequestQueue, Sink
 from supervisor.lifecycle.startup import Startup
 from supervisor.lifecycle.states import ModelState as S
 from supervisor.services import Services
 from supervisor.workers import adoption
-from supervisor.workers.classify import Verdict
 from supervisor.workers.group import RankGroup
 from supervisor.workers.handle import WorkerHandle
 
 
-class ModelRuntime:
+class ModelRuntime(Failures):
     def __init__(self, model: ModelConfig, services: Services) -> None:
         self.cfg = model  # the configured section
         self.running = model  # the section that runs (differs after a rollback)
@@ -174,39 +174,22 @@ class ModelRuntime:
                           refusal.code.code, refusal, now=time.time())
 
     def clear_prefix_cache(self) -> dict[str, int]:
-        """lmxctl cache clear: the worker forgets its entries; their files go now, from here too."""
-        if self.worker is not None:
-            self.worker.tell(ClearPrefixCache())
+        """lmxctl cache clear, a barrier: the files go first (a write of the worker's that lands after
+        fails: worker.prefixdisk), then the worker forgets its entries and queued writes, told on the
+        socket its requests take, so that no request sent after this finds one."""
         state_dir = self.services.state_dir
-        removed = kvcache.clear(state_dir, self.cfg.id) if state_dir is not None else {}
+        try:
+            removed = kvcache.clear(state_dir, self.cfg.id) if state_dir is not None else {}
+        except kvcache.OutsideCache as exc:  # a link planted in the cache dir: nothing is removed
+            raise E.BadRequest(f"cache clear refused: {exc}") from None
+        if self.worker is not None:
+            self.worker.send(ClearPrefixCache())
         self.log.info("model.prefix_cache_cleared", **removed)
         return removed
 
     def _on_stable(self, worker: WorkerHandle) -> None:
         for effect in self._reduce(lifecycle.Stable(self.worker is worker)):
             self._do(effect, "stable")
-
-    async def _failed(self, exc: E.LmxError, verdict: Verdict | None = None) -> None:
-        """A start or a READY worker failed: stop what is left, fail its requests, then perform what
-        lifecycle.reduce says: restart (BACKOFF), roll back, or quarantine."""
-        self.last_error = exc
-        self.restarts += 1
-        self.metrics.restarts.labels(self.cfg.id).inc()
-        self.consecutive_failures += 1
-        worker = self.worker
-        if verdict is None and worker is not None:
-            verdict = worker.death  # a death during start surfaced as the awaited future's error
-        phase = self.state.value
-        self.log.warning("model.failed", code=exc.code.code, message=exc.message, phase=phase, **exc.details)
-        self.requests.fail_all(exc)  # before the stop ladder and the store: nobody waits on either
-        await self.stop_worker(f"failed: {exc.code.code}")
-        now = time.time()
-        event = lifecycle.Failed(exc.code.code, exc.message, self.running.revision,
-                                 self.store.model_flags(self.cfg.id)["lkg_revision"], self.consecutive_failures,
-                                 bool(verdict and verdict.victim))
-        record = lifecycle.crash_record(self.cfg.id, self.running.revision, now, exc, verdict, worker, phase,
-                                        self._death_request if worker is not None and worker.death else None)
-        await self._apply(event, exc.code.code, exc, record, now)
 
     def _reduce(self, event: lifecycle.Event, now: float = 0.0) -> list[lifecycle.Effect]:
         history = self.store.failures(self.cfg.id, now - self.config.restart.window_s) if now else []
@@ -215,7 +198,11 @@ class ModelRuntime:
     async def _apply(self, event: lifecycle.Event, reason: str, exc: E.LmxError | None = None,
                      record: dict[str, Any] | None = None, now: float = 0.0) -> None:
         """Ask lifecycle.reduce what `event` means in this state, then do it, in order."""
-        for effect in self._reduce(event, now):
+        await self._perform(self._make_durable(self._reduce(event, now)), reason, exc, record)
+
+    async def _perform(self, effects: list[lifecycle.Effect], reason: str, exc: E.LmxError | None = None,
+                       record: dict[str, Any] | None = None) -> None:
+        for effect in effects:
             if isinstance(effect, lifecycle.RollBack):
                 await self.rollback(effect.revision, effect.reason)
             elif isinstance(effect, lifecycle.Drain):
@@ -238,8 +225,6 @@ class ModelRuntime:
             self.to(effect.to, reason, **dict(effect.fields))
         elif isinstance(effect, lifecycle.FailRequests):
             self.requests.fail_all(exc)
-        elif isinstance(effect, lifecycle.RecordFailure):
-            self.store.add_failure(self.cfg.id, effect.failure)
         elif isinstance(effect, lifecycle.RecordCrash) and record is not None:
             self._record_crash(record, exc)
         elif isinstance(effect, lifecycle.EnterBackoff):
@@ -279,21 +264,6 @@ class ModelRuntime:
             self.consecutive_failures = 0
             self.store.set_lkg(self.running)
             self.log.info("model.stable", revision=self.running.revision, lkg=True)
-
-    def _record_crash(self, record: dict[str, Any], exc: E.LmxError) -> None:
-        self.store.add_crash(record)
-        self.metrics.failed(self.cfg.id, exc.code.code, record)
-        self.events.publish("model.failed", **{k: v for k, v in record.items() if k != "at"})
-        self._evidence().failure(record)  # the registry takes only what is about compatibility
-
-    def _quarantine(self, exc: E.LmxError, summary: dict[str, Any]) -> None:
-        self.retry_at = None
-        self.store.set_quarantine(self.cfg.id, summary)
-        details = {k: v for k, v in summary.items() if k != "message"}
-        self.last_error = E.ModelQuarantined(summary["message"], **details)
-        self.log.error("model.quarantined", code=exc.code.code, message=summary["message"],
-                       hint=f"lmxctl history {self.cfg.id}; after fixing the cause: lmxctl release {self.cfg.id}")
-        self.to(S.QUARANTINED, "too many failures", **details)
 
     async def _restart_after(self, delay: float) -> None:
         await asyncio.sleep(delay)
@@ -361,10 +331,11 @@ class ModelRuntime:
             return
         exc = worker.death_error()  # its handle classified the death (and failed its handshake with it)
         self._death_request = self.requests.first_active_origin()
-        self.requests.fail_all(exc)  # clients hear of the death before anything touches the disk
         self.store.set_worker(self.cfg.id, None)
-        if lifecycle.HandleFailure() in effects:
+        if lifecycle.HandleFailure() in effects:  # its clients hear of it once the failure is stored
             self._spawn_task(self._failed(exc, worker.death))
+        else:  # during a start (the canary's request), or a stop: no failure to record here
+            self.requests.fail_all(exc)
 
     def on_worker_result(self, worker: WorkerHandle, msg: Message) -> None:
         if worker is self.worker:  # the queue matches results to requests by id, and drops the rest

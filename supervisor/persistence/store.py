@@ -152,9 +152,9 @@ class Store:
         cached = self._failures.get(model)
         if cached is not None and f.at >= cached[0]:
             cached[1].append(f)
-        self.writes.write(lambda db: db.execute(
+        self.writes.write(storeguard.synced(lambda db: db.execute(
             "INSERT INTO failures(model, revision, at, code, counted) VALUES (?,?,?,?,?)",
-            (model, f.revision, f.at, f.code, int(f.counted))))
+            (model, f.revision, f.at, f.code, int(f.counted)))))
         self._history_written()
 
     def failures(self, model: str, since: float) -> list[Failure]:
@@ -219,7 +219,7 @@ class Store:
     def model_flags(self, model: str) -> dict[str, Any]:
         return _copy_flags(self._cached_flags(model))
 
-    def _set_flags(self, model: str, changes: dict[str, Any], sql: str, params: tuple) -> None:
+    def _set_flags(self, model: str, changes: dict[str, Any], sql: str, params: tuple, synced: bool = False) -> None:
         """The cache changes at once (what decides safety reads it); the row as the queue allows."""
         self._cached_flags(model).update(changes)
 
@@ -227,12 +227,14 @@ class Store:
             db.execute("INSERT OR IGNORE INTO models(model) VALUES (?)", (model,))
             db.execute(sql, params)
 
-        self.writes.write(write)
+        self.writes.write(storeguard.synced(write) if synced else write)
 
     def set_quarantine(self, model: str, summary: dict[str, Any] | None) -> None:
+        """Written (fsynced) before it returns unless the store is degraded (then kept and retried)."""
         self._set_flags(model, {"quarantined": summary is not None, "quarantine": dict(summary) if summary else None},
                         "UPDATE models SET quarantined=?, quarantine=? WHERE model=?",
-                        (int(summary is not None), json.dumps(summary) if summary else None, model))
+                        (int(summary is not None), json.dumps(summary) if summary else None, model),
+                        synced=summary is not None)
 
     def set_wanted(self, model: str, wanted: bool | None, running: str | None, configured: str) -> None:
         """What should run after a restart: whether (None: as the config says) and which revision."""

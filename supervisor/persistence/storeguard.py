@@ -26,6 +26,13 @@ _WRITES = ("INSERT", "UPDATE", "DELETE", "REPLACE")
 Write = Callable[[Any], Any]  # one logical write: gets the connection, runs its statements
 
 
+def synced(fn: Write) -> Write:
+    """A write that decides safety (a failure, a quarantine): committed with the WAL fsynced, so
+    that what clients are told next survives a power loss too, not only our own death."""
+    fn.synced = True  # type: ignore[attr-defined]
+    return fn
+
+
 class StoreUnavailable(Exception):
     """The store exists but cannot be used now (locked past the bound, read-only, full, or of a newer
     schema): the supervisor refuses to start rather than start from an empty one."""
@@ -242,6 +249,9 @@ class Writes:
             return self._transaction(fn)
 
     def _transaction(self, fn: Write) -> Any:
+        synced = getattr(fn, "synced", False)
+        if synced:  # its commit is on the disk when COMMIT returns (WAL fsynced), not only in the OS
+            self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("BEGIN IMMEDIATE")
         try:
             result = fn(self.db)
@@ -253,6 +263,9 @@ class Writes:
             except sqlite3.Error:
                 pass  # the transaction is gone already; the error that matters is the one raised
             raise
+        finally:
+            if synced:
+                self.db.execute("PRAGMA synchronous=NORMAL")
 
     def flush(self, inline: bool = False) -> bool:
         """Write what is queued, oldest first; True when nothing is left. `inline`: the caller's own
