@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import ipaddress
+import json
 import logging
 import resource
 import signal
 import socket
 import sys
+import time
 
 import structlog
 import uvicorn
@@ -64,14 +66,39 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+class _UvicornJSON(logging.Formatter):
+    """uvicorn's own records as JSON lines like ours: an access line (--access-log) as
+    `gateway.access` with its fields, anything else uvicorn says as `uvicorn` with its message."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict = {"ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + "Z", "level": record.levelname.lower()}
+        args = record.args if isinstance(record.args, tuple) else ()
+        if record.name == "uvicorn.access" and len(args) == 5:
+            client, method, path, version, status = args
+            out.update(event="gateway.access", client=str(client), method=method, path=str(path)[:512],
+                       http_version=version, status=status)
+        else:
+            out.update(event="uvicorn", message=record.getMessage()[:2000])
+        return json.dumps(out)
+
+
 def _configure_logging(level: str) -> None:
-    """JSON lines on stderr, like the supervisor's."""
+    """JSON lines on stderr, like the supervisor's; uvicorn's too (uvicorn's own logging config is
+    not used: main passes log_config=None)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     root = logging.getLogger("lmx")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
+    uv = logging.StreamHandler(sys.stderr)
+    uv.setFormatter(_UvicornJSON())
+    uv.formatter.converter = time.gmtime  # type: ignore[union-attr]
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [uv] if name != "uvicorn.error" else []
+        logger.setLevel(level.upper())
+        logger.propagate = name == "uvicorn.error"  # to "uvicorn", whose handler writes it once
     structlog.configure(
         processors=[structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
                     structlog.processors.format_exc_info, structlog.processors.JSONRenderer()],
@@ -154,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     # One line on stdout, the only one: scripts and tests read the URL from it.
     print(f"lmx-gateway listening on http://{url_host}:{port}", flush=True)
     server = uvicorn.Server(uvicorn.Config(
-        create_app(config), log_level=args.log_level, access_log=args.access_log, lifespan="on",
+        create_app(config), log_level=args.log_level, access_log=args.access_log, lifespan="on", log_config=None,
         timeout_graceful_shutdown=args.drain_grace_s, http=protocol_class(limits),
         timeout_keep_alive=max(1, round(limits.keep_alive_s)),
     ))

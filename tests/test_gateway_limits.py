@@ -27,7 +27,7 @@ def gw(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("gateway-limits")
     gateway = GatewayProcess(root / "gw", root / "no-supervisor", "--max-connections", "16",
                              "--header-timeout-s", "1", "--body-timeout-s", "1.5", "--max-in-flight", "2",
-                             "--max-header-bytes", "16384")
+                             "--max-header-bytes", "16384", "--access-log")
     yield gateway
     assert gateway.stop() == 0
 
@@ -135,3 +135,12 @@ def test_the_bounds_are_in_the_help() -> None:
     for flag in ("--max-connections", "--max-header-bytes", "--header-timeout-s", "--keep-alive-s",
                  "--body-timeout-s", "--max-in-flight"):
         assert flag in out
+
+
+def test_the_access_log_is_json_lines(gw: GatewayProcess) -> None:
+    assert gw.http.get("/healthz?probe=access").status_code == 200
+    lines = wait_until(lambda: [e for e in gw.events("gateway.access") if e["path"] == "/healthz?probe=access"], 5,
+                       "the access line")
+    assert lines[0]["method"] == "GET" and lines[0]["status"] == 200 and lines[0]["level"] == "info"
+    for line in gw.stderr_path.read_text().splitlines():  # uvicorn's own lines are JSON too
+        assert line.startswith("{"), line
