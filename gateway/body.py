@@ -7,12 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import time
 import zlib
 from typing import Any
 
+import structlog
 from starlette.requests import Request
 
 from protocol import errors as E
+from protocol import limits
+
+log = structlog.get_logger("lmx.gateway")
 
 # The largest body whose fields can pass the wire's bounds: MAX_PROMPT_CHARS characters, each up to
 # 12 bytes as a JSON escape (a surrogate pair), plus the rest. Past it the body is not even read.
@@ -69,6 +75,67 @@ def _inflate(inflate: Any, part: bytes, room: int) -> bytes:
 async def json_body(request: Request, timeout_s: float = BODY_TIMEOUT_S) -> Any:
     raw = await read(request, timeout_s)
     try:
-        return json.loads(raw)
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
-        raise E.BadRequest(f"the request body is not valid JSON: {exc}") from None
+        try:
+            value = json.loads(raw)
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+            raise E.BadRequest(f"the request body is not valid JSON: {exc}") from None
+        except RecursionError:  # json's C scanner stops at the interpreter's recursion limit
+            raise E.BadRequest(f"the request body nests deeper than {limits.MAX_JSON_DEPTH} levels",
+                               reason="too_deep") from None
+        check_json(value)
+    except E.BadRequest as exc:
+        refusals.note(exc, request.url.path)
+        raise
+    return value
+
+
+# A lone surrogate (U+D800..U+DFFF unpaired): JSON's \ud800 escape decodes to one, and nothing can
+# encode it as UTF-8 (the wire, a log line, a response). A valid pair decodes to one character.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_json(value: Any) -> None:
+    """BAD_REQUEST for a value nested deeper than limits.MAX_JSON_DEPTH or holding a lone surrogate
+    in any string (a key too): walked with a stack, never recursion, so no input can exhaust it."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            if (found := _SURROGATE.search(item)) is not None:
+                raise E.BadRequest(f"the request body has a string with a lone surrogate (U+{ord(found.group()):04X}):"
+                                   " it is not Unicode text", reason="lone_surrogate")
+            continue
+        if isinstance(item, dict):
+            children: Any = [*item.keys(), *item.values()]
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limits.MAX_JSON_DEPTH:
+            raise E.BadRequest(f"the request body nests deeper than {limits.MAX_JSON_DEPTH} levels", reason="too_deep")
+        stack.extend((child, depth + 1) for child in children)
+
+
+LOG_EVERY_S = 60.0  # one line per kind of malformed body per this, with the count since start
+
+
+class Refusals:
+    """Malformed bodies (not JSON, too deep, a lone surrogate...) are the client's 400, counted and
+    logged at warning at most once per LOG_EVERY_S per reason: never a traceback, never a line per
+    request that a hostile client could flood the log with."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self._logged: dict[str, float] = {}
+
+    def note(self, exc: E.BadRequest, path: str) -> None:
+        reason = str(exc.details.get("reason") or "bad_body")
+        count = self.counts[reason] = self.counts.get(reason, 0) + 1
+        now = time.monotonic()
+        if now - self._logged.get(reason, -LOG_EVERY_S) >= LOG_EVERY_S:
+            self._logged[reason] = now
+            log.warning("gateway.malformed_body", reason=reason, path=path, count=count,
+                        message=exc.message[:200], log_every_s=LOG_EVERY_S)
+
+
+refusals = Refusals()

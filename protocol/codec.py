@@ -20,14 +20,24 @@ class ProtocolMismatch(BadRequest):
 
 
 def encode(msg: Message) -> list[bytes]:
-    body = msgpack.packb([msg.TAG, msg.to_wire()], use_bin_type=True)
+    """The frames of `msg`; BadRequest (the caller's) when msgpack cannot encode it: a string with a
+    lone surrogate (no UTF-8 for it), nesting past msgpack's limit, a value of no wire type."""
+    try:
+        body = msgpack.packb([msg.TAG, msg.to_wire()], use_bin_type=True)
+    except UnicodeEncodeError as exc:
+        raise BadRequest(f"{msg.TAG}: a string has a lone surrogate (U+{ord(exc.object[exc.start]):04X}), "
+                         "which is not Unicode text", reason="lone_surrogate") from None
+    except (ValueError, TypeError, OverflowError) as exc:  # msgpack's nesting limit, unknown types, big ints
+        raise BadRequest(f"{msg.TAG}: the message cannot be encoded: {str(exc)[:200]}") from None
     return [PROTOCOL, body]
 
 
 def check(msg: Message) -> None:
-    """BadRequest unless `msg` would pass the peer's decode (field types, then bounds): a sender
-    that checks first fails a bad message by itself, before the wire."""
-    from_wire(type(msg), msg.to_wire())
+    """BadRequest unless `msg` would pass the peer's decode (field types, nesting, then bounds): a
+    sender that checks first fails a bad message by itself, before the wire."""
+    wire = msg.to_wire()
+    limits.check_depth([msg.TAG, wire])
+    from_wire(type(msg), wire)
     limits.check(msg)
 
 
