@@ -4,6 +4,7 @@ timer or a log line."""
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any, Callable
 
@@ -38,6 +39,11 @@ MAX_FIGURES = 64  # entries of a worker's memory / usage / timings maps
 MAX_TOOLS = 512
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound
 MAX_TOP_K = 1 << 20  # larger than any vocabulary
+# A response_format's JSON, as characters. Its grammar is built in the worker's loop before the
+# request's first token, at a cost that grows faster than its size (llguidance, a flat object:
+# 49 KB 0.12 s, 249 KB 2.3 s, while every other stream of the batch waits): 64 KiB keeps one
+# request's build to a fraction of a second.
+MAX_SCHEMA_CHARS = 65_536
 
 
 UNPACK_OPTIONS = {"max_array_len": MAX_ARRAY_LEN, "max_map_len": MAX_MAP_LEN}
@@ -135,6 +141,56 @@ def _prompt(m: Any) -> None:
     if m.timeout_s is not None and not (isinstance(m.timeout_s, (int, float)) and m.timeout_s > 0):
         raise BadRequest(f"{t}: field 'timeout_s' must be > 0, got {m.timeout_s!r}")
     _number(t, "timeout_s", m.timeout_s, 0.0, MAX_TIMEOUT_S)
+    check_template_kwargs(t, m.chat_template_kwargs)
+
+
+# chat_template_kwargs: template variables, never arguments of apply_chat_template or of the
+# tokenizer. Spread into that call they were its own parameters (`return_tensors` changed what the
+# worker got back, `chat_template` replaced the model's template with the client's, `tokenize`,
+# `tools`, `documents`...), and any other name overrides what the template reads beside the
+# messages (the special tokens: `bos_token`, `eos_token`). So a closed list of the switches real
+# templates read, each with its one value type (docs/security.md):
+TEMPLATE_VARIABLES: dict[str, Any] = {
+    "enable_thinking": bool,  # Qwen3, GLM-4.5 and later, SmolLM3, ERNIE 4.5, Hunyuan
+    "thinking": bool,  # DeepSeek V3.1, Granite 3.2 / 3.3
+    "reasoning_effort": ("low", "medium", "high"),  # gpt-oss
+    "thinking_budget": int,  # Seed-OSS (a token count)
+}
+# Named in the refusal, so a client that sent one learns why: the renderer's and tokenizer's own.
+RENDER_PARAMETERS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "sanitize_control_tokens", "padding", "truncation",
+    "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs",
+    "add_special_tokens", "bos_token", "eos_token", "pad_token", "unk_token",
+})
+_TYPE_WORDS = {bool: "a boolean", int: "an integer"}
+
+
+def check_template_kwargs(tag: str, kwargs: Any) -> None:
+    """BadRequest naming the key, unless every entry is an allowed template variable of its type."""
+    if kwargs is None:
+        return
+    if type(kwargs) is not dict:
+        raise BadRequest(f"{tag}: chat_template_kwargs must be a map of template variables",
+                         param="chat_template_kwargs")
+    allowed = ", ".join(TEMPLATE_VARIABLES)
+    for key, value in kwargs.items():
+        name = key[:64] if isinstance(key, str) else repr(key)[:64]
+        rule = TEMPLATE_VARIABLES.get(key) if isinstance(key, str) else None
+        if rule is None:
+            what = "a parameter of the template renderer, not a template variable" \
+                if key in RENDER_PARAMETERS else "not a template variable this server passes"
+            raise BadRequest(f"{tag}: chat_template_kwargs {name!r} is {what} (allowed: {allowed})",
+                             param=f"chat_template_kwargs.{name}")
+        if isinstance(rule, tuple):
+            ok, want = value in rule and type(value) is str, f"one of {', '.join(rule)}"
+        else:
+            ok, want = type(value) is rule, _TYPE_WORDS[rule]
+            if ok and rule is int and not 0 <= value <= MAX_TOKENS:
+                ok, want = False, f"an integer in [0, {MAX_TOKENS}]"
+        if not ok:
+            raise BadRequest(f"{tag}: chat_template_kwargs {name!r} must be {want}, got {repr(value)[:64]}",
+                             param=f"chat_template_kwargs.{name}")
 
 
 def _generate(m: Any) -> None:
@@ -165,9 +221,14 @@ def _agent(m: Any) -> None:
         raise BadRequest(f"{t}: tool_name {m.tool_name[:64]!r} is not one of the tools")
     if m.response_format is not None and m.response_format.get("type") not in ("text", "json_object", "json_schema"):
         raise BadRequest(f"{t}: response_format.type must be text, json_object or json_schema")
+    if m.response_format is not None and len(json.dumps(m.response_format, default=str)) > MAX_SCHEMA_CHARS:
+        raise BadRequest(f"{t}: response_format is over {MAX_SCHEMA_CHARS} characters as JSON",
+                         param="response_format")
     _number(t, "top_logprobs", m.top_logprobs, 0, MAX_TOP_LOGPROBS)
     _number(t, "top_k", m.top_k, 0, MAX_TOP_K)
     _number(t, "thinking_budget", m.thinking_budget, 0, MAX_TOKENS)
+    if m.priority not in ("interactive", "batch"):
+        raise BadRequest(f"{t}: priority must be interactive or batch", param="priority")
 
 
 def _admin(m: Any) -> None:

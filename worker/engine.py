@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import psutil
 
+from protocol import limits
+from protocol.errors import BadRequest
 from protocol.messages import GenerateRequest
+from worker import render
 
 
 class Engine:
@@ -21,6 +25,7 @@ class Engine:
         self._proc = psutil.Process()
         self.model = None
         self.tokenizer = None
+        self.progress: Any = None  # worker.channel.Progress, set once serving: a render's phase
 
     def versions(self) -> dict:
         return {"mlx": self._mx.__version__, "mlx_lm": self._mlx_lm.__version__}
@@ -56,12 +61,28 @@ class Engine:
         tok = self.tokenizer
         if req.messages is not None:
             if getattr(tok, "chat_template", None):
-                extra = dict(req.chat_template_kwargs or {})
-                if self.uses_tools(req):
-                    extra["tools"] = req.tools
-                ids = tok.apply_chat_template(req.messages, add_generation_prompt=True, **extra)
-                return list(ids)
+                return self._chat_tokens(req)
             text = "\n".join(str(m.get("content", "")) for m in req.messages)
         else:
             text = req.prompt or ""
         return list(tok.encode(text))
+
+    def _chat_tokens(self, req: GenerateRequest) -> list[int]:
+        """The chat template rendered to text (bounded: worker.render), then tokenized as mlx-lm's
+        own tokenize=True path does. The request's chat_template_kwargs are template variables only,
+        checked again here: a frame that skipped the supervisor's checks still cannot name a
+        parameter of apply_chat_template (ValueError: the request's BAD_REQUEST)."""
+        tok = self.tokenizer
+        try:
+            limits.check_template_kwargs(req.TAG, req.chat_template_kwargs)
+        except BadRequest as exc:
+            raise ValueError(exc.message) from None
+        extra: dict[str, Any] = dict(req.chat_template_kwargs or {})
+        if self.uses_tools(req):
+            extra["tools"] = req.tools
+        text = render.bounded(lambda: tok.apply_chat_template(req.messages, add_generation_prompt=True,
+                                                              tokenize=False, **extra), self.progress)
+        ids = list(tok.encode(text, add_special_tokens=False))
+        if not all(type(i) is int for i in ids):
+            raise ValueError("the tokenizer did not return token ids")
+        return ids

@@ -65,17 +65,32 @@ def _serve(channel: Channel, batcher, progress: Progress) -> int:
             if isinstance(msg, Shutdown):
                 log("worker.shutdown", reason=msg.reason)
                 return 0
-            if isinstance(msg, Cancel):
-                batcher.cancel(msg.request_id)
-            elif isinstance(msg, ClearPrefixCache):
-                log("worker.prefix_cache_cleared", **batcher.prefix.clear())
-            elif isinstance(msg, GenerateRequest):
-                batcher.add(msg)
-            elif isinstance(msg, CountTokens):  # answered now: it never waits behind generations
-                batcher.count(msg)
+            try:
+                _handle(batcher, msg)
+            except Exception as exc:  # one request's failure is its own: never the serve loop's
+                _refuse(channel, msg, exc)
             msg = inbox.poll()
         if len(batcher):
             batcher.step()
+
+
+def _handle(batcher, msg) -> None:
+    if isinstance(msg, Cancel):
+        batcher.cancel(msg.request_id)
+    elif isinstance(msg, ClearPrefixCache):
+        log("worker.prefix_cache_cleared", **batcher.prefix.clear())
+    elif isinstance(msg, GenerateRequest):
+        batcher.add(msg)
+    elif isinstance(msg, CountTokens):  # answered now: it never waits behind generations
+        batcher.count(msg)
+
+
+def _refuse(channel: Channel, msg, exc: Exception) -> None:
+    rid = getattr(msg, "request_id", None)
+    log("worker.request_failed", level="error", type=msg.TAG, request_id=rid, error=repr(exc)[:500],
+        traceback=traceback.format_exc(limit=8))
+    if rid is not None and isinstance(msg, (GenerateRequest, CountTokens)):
+        channel.send(Error(rid, ErrorCode.BAD_REQUEST.code, f"cannot serve this request: {str(exc)[:500]}"))
 
 
 def main() -> int:
@@ -104,6 +119,7 @@ def main() -> int:
     progress.phase = Phase.LOADING
     engine, group, load_s = _load(init, channel, progress, death_fd)
     progress.memory = engine.memory
+    engine.progress = progress  # a chat template renders under PREFILL (worker.render)
     progress.phase = Phase.IDLE
     progress.revision = init.revision
     log("worker.loaded", revision=init.revision, load_s=round(load_s, 3))
