@@ -26,6 +26,12 @@ class Result:
     stop_sequence: Optional[str] = None  # the stop string that ended it, if one did
 
 
+# The deadline is the supervisor's to enforce: it ends the request as REQUEST_TIMEOUT. Our own timer
+# is the backstop for a supervisor that cannot answer, this much later; at the same instant it would
+# win (it starts before the request is sent), cancel, and the supervisor would log CANCELLED.
+DEADLINE_GRACE_S = 1.0
+
+
 class GenerateStream:
     """`async for chunk in stream` yields Chunk; afterwards `stream.result` holds the Result.
     Leaving early (break, exception) should go through `async with` or `aclose()` to cancel."""
@@ -46,7 +52,7 @@ class GenerateStream:
 
     async def _open(self) -> None:
         loop = asyncio.get_running_loop()
-        self._deadline = loop.time() + self._timeout_s
+        self._deadline = loop.time() + self._timeout_s + DEADLINE_GRACE_S
         self._queue = await self._client._begin(self._req)
 
     def __aiter__(self) -> "GenerateStream":
