@@ -82,10 +82,14 @@ class PrefixCache:
             self._lru.trim_to(n_sequences=len(self._lru) - 1)  # drops the least recently used
             self.evictions += 1
 
-    def clear(self) -> None:
+    def clear(self) -> dict[str, int]:
+        """lmxctl cache clear: every entry goes, in memory and on disk (worker.prefixdisk's barrier:
+        nothing queued for the disk before this lands after it). What was forgotten."""
+        out = {"entries": len(self._lru)}
         self._lru.trim_to(n_sequences=0)
         if self._disk is not None:
-            self._disk.clear()
+            out["queued_writes"] = self._disk.clear()
+        return out
 
     def stats(self) -> dict[str, int]:
         """For heartbeats (read from the IO thread: plain ints and a dict copy)."""
