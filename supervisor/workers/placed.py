@@ -20,6 +20,7 @@ from supervisor import logs
 from supervisor.admission import admit, compat
 from supervisor.config import ModelConfig
 from supervisor.services import Services
+from supervisor.workers import remoteplace
 from supervisor.workers.handle import WorkerHandle
 
 Report = Callable[[Message], "str | None"]  # ControlServer.send for the owner's connection
@@ -28,12 +29,14 @@ Report = Callable[[Message], "str | None"]  # ControlServer.send for the owner's
 class PlacedRank:
     """One rank run for a peer: the owner of its WorkerHandle, reporting on the place stream."""
 
-    def __init__(self, msg: RankPlace, services: Services, report: Report) -> None:
+    def __init__(self, msg: RankPlace, services: Services, report: Report, env: dict[str, str], path: str,
+                 devices: str | None = None) -> None:
         self.msg = msg
+        self.env, self.path, self.devices = env, path, devices  # checked here (remoteplace), never the peer's word
         self._services = services
         self._report = report
         self.log = logs.get(model=msg.model)
-        self.cfg = ModelConfig(id=msg.model, path=msg.path, max_batch_size=1, prefix_cache_bytes=0,
+        self.cfg = ModelConfig(id=msg.model, path=path, max_batch_size=1, prefix_cache_bytes=0,
                                memory_limit_bytes=int(msg.init.get("memory_limit_bytes", 0)))
         self.handle: WorkerHandle | None = None
         self._tasks: list[asyncio.Task] = []
@@ -47,13 +50,18 @@ class PlacedRank:
     def start(self) -> None:
         msg, sup = self.msg, self._services.config.supervisor
         state_dir = self._services.state_dir or Path(tempfile.gettempdir())
-        hostfile = state_dir / "groups" / f"{msg.group}.rank{msg.rank}.hostfile.json"
-        hostfile.parent.mkdir(parents=True, exist_ok=True)
-        hostfile.write_text(json.dumps(msg.hostfile))
-        self.done.add_done_callback(lambda _: hostfile.unlink(missing_ok=True))
-        env = {k: str(v) for k, v in msg.env.items()}
-        if msg.backend == "ring":
-            env["MLX_HOSTFILE"] = str(hostfile)
+        groups = state_dir / "groups"
+        groups.mkdir(parents=True, exist_ok=True)
+        env = dict(self.env)
+        files = {"MLX_HOSTFILE": ("hostfile", json.dumps(msg.hostfile))} if msg.backend == "ring" else {}
+        if self.devices is not None:
+            files["MLX_IBV_DEVICES"] = ("devices", self.devices)
+        for name, (kind, text) in files.items():
+            # msg.group is one safe path component (remoteplace.check): the file stays in groups/.
+            path = groups / f"{msg.group}.rank{msg.rank}.{kind}.json"
+            path.write_text(text)
+            self.done.add_done_callback(lambda _, p=path: p.unlink(missing_ok=True))
+            env[name] = str(path)
         self.handle = WorkerHandle.spawn(self.cfg, self._services, self, env=env)
         self.handle.watch(sup)
         self.say("placed", pid=self.handle.process.pid)
@@ -70,7 +78,7 @@ class PlacedRank:
             self.say("hello", pid=handle.process.pid)
             group = {"rank": msg.rank, "size": msg.size, "backend": msg.backend, "parallel": msg.parallel}
             # The revision the worker echoes back is this host's hash of the section it runs.
-            handle.tell(Init(msg.model, self.cfg.revision, msg.path, sup.heartbeat_interval_s, 0.0,
+            handle.tell(Init(msg.model, self.cfg.revision, self.path, sup.heartbeat_interval_s, 0.0,
                              group=group, **msg.init))
             ready = await handle.ready
             self.say("ready", pid=handle.process.pid, load_s=ready.load_s, memory=handle.memory)
@@ -122,12 +130,14 @@ class PlacedRanks:
         sup = self._services.config.supervisor
         if not sup.model_roots:
             raise E.Unauthorized("this supervisor places no ranks for peers: it has no model_roots")
+        env, path = remoteplace.check(msg, sup.model_roots)
+        devices = remoteplace.devices(env)
         mine = compat.versions()
         if {k: msg.versions.get(k) for k in mine} != mine:
             raise E.PeerUnavailable(f"versions differ: the owner runs {msg.versions}, this host {mine}")
         if msg.group in self.ranks:
             raise E.BadRequest(f"group {msg.group} already has a rank here")
-        cfg = ModelConfig(id=msg.model, path=msg.path, prefix_cache_bytes=0,
+        cfg = ModelConfig(id=msg.model, path=path, prefix_cache_bytes=0,
                           context_tokens=int(msg.init.get("context_tokens") or 4096))
         refusal = await admit.integrity(cfg, self._services.store, sup.model_roots)
         # This host's share of the model's memory, held in its ledger while the rank lives.
@@ -135,7 +145,7 @@ class PlacedRanks:
         refusal = refusal or await admit.reserve_memory(key, cfg, None, self._services.ledger, None, 1 / msg.size)
         if refusal is not None:
             raise refusal
-        rank = PlacedRank(msg, self._services, report)
+        rank = PlacedRank(msg, self._services, report, env, path, devices)
         self.ranks[msg.group] = rank
         rank.done.add_done_callback(lambda _: (self.ranks.pop(msg.group, None), self._services.ledger.release(key)))
         rank.start()
