@@ -79,3 +79,20 @@ def test_a_batch_key_waits_behind_an_interactive_one_through_the_gateway(tmp_pat
         assert gateway.stop() == 0
     finally:
         sup.cleanup()
+
+
+def test_a_cancel_at_the_deadline_is_the_deadline() -> None:
+    """The client's own backstop timer may fire as the supervisor's deadline passes: that cancel
+    reads REQUEST_TIMEOUT, never CANCELLED (one code for one cause)."""
+    async def run() -> list:
+        told: list = []
+        q = RequestQueue("m", lambda m: True, max_active=1)
+        late = q.add(GenerateRequest("r1", "m", prompt="x", timeout_s=0.01), told.append)
+        early = q.add(GenerateRequest("r2", "m", prompt="x", timeout_s=60), told.append)
+        time.sleep(0.02)  # the loop is held: the deadline passes before its timer can run
+        q.cancel(late)
+        q.cancel(early)
+        return told
+
+    late_msg, early_msg = asyncio.run(run())
+    assert late_msg.code == "REQUEST_TIMEOUT" and early_msg.code == "CANCELLED"

@@ -33,6 +33,7 @@ class Pending:
     origin_id: str  # the client's own request id ("" for the canary), for crash records
     timer: asyncio.TimerHandle | None = None
     batch: bool = False  # priority "batch": waits behind every interactive request
+    deadline: float | None = None  # the loop's clock, when timeout_s was given
 
 
 class Waiting:
@@ -114,7 +115,9 @@ class RequestQueue:
             else dataclasses.replace(req, request_id=wrid)
         pending = Pending(wrid, sent, sink, req.request_id, batch=batch)
         if req.timeout_s is not None:
-            pending.timer = asyncio.get_running_loop().call_later(req.timeout_s, self.expire, wrid)
+            loop = asyncio.get_running_loop()
+            pending.deadline = loop.time() + req.timeout_s
+            pending.timer = loop.call_later(req.timeout_s, self.expire, wrid)
         return pending
 
     def _count(self, req: CountTokens, sink: Sink) -> str:
@@ -175,6 +178,12 @@ class RequestQueue:
             self._send(Cancel(wrid))
 
     def cancel(self, wrid: str) -> None:
+        # A client's cancel that comes as (or after) its deadline passes is that deadline: one code,
+        # REQUEST_TIMEOUT, whichever side's timer fired first.
+        p = self.active.get(wrid) or self.counting.get(wrid) or next((q for q in self._queue if q.wrid == wrid), None)
+        if p is not None and p.deadline is not None and asyncio.get_running_loop().time() >= p.deadline:
+            self.expire(wrid)
+            return
         self.end(wrid, E.Cancelled("cancelled by client"))
 
     def expire(self, wrid: str) -> None:
