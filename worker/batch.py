@@ -1,11 +1,13 @@
 """The worker's one serving path, with mlx-lm's own BatchGenerator: requests join the running batch
 between decode steps, each streams its own tokens and ends on its own stop condition (EOS,
 max_tokens, a stop string), with its own sampler. A cancel removes its sequence before the next
-step. Prompt work is bounded per step (prefill_step_size tokens), so a long prompt cannot starve
-running streams. With max_batch_size = 1 requests run one at a time, in arrival order.
+step. Prompt work is bounded per step (worker.prefill: at most prefill_step_size tokens, fewer when
+chunks run long), so a long prompt cannot starve running streams, a cancel stops it within one
+chunk, and progress moves per chunk. With max_batch_size = 1 requests run one at a time, in
+arrival order.
 
-A request that arrives to an idle worker runs alone on mlx-lm's generate_step (the path of
-stream_generate, whose pipelining a batch of one cannot match; a seed gives its exact sequence);
+A request that arrives to an idle worker runs alone: its prompt in chunks, one per step, then on
+mlx-lm's generate_step (the path of stream_generate, whose pipelining a batch of one cannot match; a seed gives its exact sequence);
 when a second request arrives, the solo sequence moves into the batch with its KV cache (less its
 last token, which the batch re-feeds) and nothing is recomputed.
 
@@ -23,7 +25,7 @@ from typing import Any, Callable
 from protocol.errors import ErrorCode
 from protocol.messages import Chunk, Chunks, CountTokens, Error, Final, GenerateRequest, Message, TokenCount
 from protocol.phase import Phase
-from worker import sampling, shaping, thinkbudget
+from worker import prefill, sampling, shaping, thinkbudget
 from worker.channel import Progress
 from worker.engine import Engine
 from worker.logprobs import token_logprobs  # noqa: F401  (its import path of old: bench/constrain_cost.py)
@@ -34,10 +36,11 @@ from worker.streams import Stream
 
 @dataclass
 class _Solo:
-    """The one request running on generate_step, with the cache it fills."""
+    """The one request running alone, with the cache it fills: its prompt chunk by chunk, then on
+    generate_step (tokens_gen, None until then)."""
     tokens_gen: Any
     cache: list
-    rest: list[int]  # the prompt tokens generate_step was given (the cache holds the others)
+    rest: list[int]  # the prompt tokens not in the cache yet (then: those generate_step was given)
     sampler: Any
     limit: int = 0  # its max_tokens: generate_step yields at most this many
     yielded: int = 0
@@ -63,7 +66,7 @@ class Batcher:
         self._progress = progress
         self._send = send
         self._max = max_batch_size
-        self._prefill_step = prefill_step_size
+        self._chunks = prefill.ChunkSize(prefill_step_size)  # the next prefill chunk's size, solo and batch
         self.prefix = prefix
         self.context_tokens = context_tokens  # 0: no limit (Init.context_tokens)
         self._streams: dict[int, Stream] = {}
@@ -88,7 +91,7 @@ class Batcher:
         tok = self._engine.tokenizer
         return BatchGenerator(self._engine.model, stop_tokens=[[t] for t in tok.eos_token_ids],
                               completion_batch_size=self._max, prefill_batch_size=min(self._max, 8),
-                              prefill_step_size=self._prefill_step)
+                              prefill_step_size=self._chunks.n)
 
     def __len__(self) -> int:
         return len(self._streams) + len(self._waiting)
@@ -205,27 +208,21 @@ class Batcher:
     def _start_solo(self, req: GenerateRequest, rest: list[int], cache: list | None, sampler: Any,
                     processors: list | None = None) -> int:
         import mlx.core as mx
-        from mlx_lm.generate import generate_step
         from mlx_lm.models.cache import make_prompt_cache
 
         if req.seed is not None:
             mx.random.seed(req.seed)  # alone, a seed gives the exact sequence
         if cache is None:
             cache = make_prompt_cache(self._engine.model)
-        progress = self._progress
-
-        def on_prefill(done: int, total: int) -> None:  # per prefill slice: a long prompt is not a stall
-            progress.count += 1
-
-        tokens_gen = generate_step(mx.array(rest), self._engine.model, prompt_cache=cache, sampler=sampler,
-                                   max_tokens=req.max_tokens, prefill_step_size=self._prefill_step,
-                                   prompt_progress_callback=on_prefill, logits_processors=processors or None)
-        self._solo = _Solo(tokens_gen, cache, rest, sampler, req.max_tokens, processors=list(processors or []))
+        self._solo = _Solo(None, cache, rest, sampler, req.max_tokens, processors=list(processors or []))
         return self._SOLO
 
     def _solo_step(self) -> None:
+        """One prefill chunk, or (once at most one chunk is left) one token from generate_step."""
         solo = self._solo
         assert solo is not None
+        if prefill.solo_chunk(self._engine.model, self._chunks, solo):
+            return
         token, logprobs = next(solo.tokens_gen)
         solo.yielded += 1
         stream = self._streams[self._SOLO]
@@ -233,9 +230,9 @@ class Batcher:
         self._on_token(self._SOLO, stream, token, reason, time.monotonic(), logprobs=logprobs)
 
     def _drop_solo(self) -> None:
-        if self._solo is not None:
+        if self._solo is not None and self._solo.tokens_gen is not None:
             self._solo.tokens_gen.close()
-            self._solo = None
+        self._solo = None
 
     def _solo_to_batch(self) -> None:
         """The solo sequence joins the batch: its cache less the last token, which the batch feeds
@@ -245,7 +242,7 @@ class Batcher:
         solo, stream = self._solo, self._streams.pop(self._SOLO)
         assert solo is not None
         self._drop_solo()
-        if solo.yielded == 0:  # generate_step never ran: its cache is as the prefix cache gave it
+        if solo.yielded == 0:  # generate_step never ran: its cache holds the prompt but `rest`
             prompt, cache, known = solo.rest, solo.cache, stream.prompt[:len(stream.prompt) - len(solo.rest)]
         else:
             trim_prompt_cache(solo.cache, 1)
@@ -304,15 +301,19 @@ class Batcher:
         try:
             if self._solo is not None:
                 self._solo_step()
+                prompts: list = []
                 responses: list = []
             else:
-                _, responses = self._gen.next()
+                self._gen.prefill_step_size = n = self._chunks.n
+                prompts, responses = self._gen.next()
         except Exception as exc:
             self._fail_all(exc)
             return
         progress.count += 1
         now = time.monotonic()
         self._step_s = now - start
+        if any(not p.end_of_prompt for p in prompts):  # a step with prompt work: chunk size follows it
+            self._chunks.took(n, self._step_s)
         for r in responses:
             s = self._streams.get(r.uid)
             if s is not None:
