@@ -78,6 +78,9 @@ def _model_gauges(models: list[dict[str, Any]]) -> Iterator[GaugeMetricFamily]:
                                       "Counted failures within the restart window.", labels=["model"]),
         "queued": GaugeMetricFamily("lmx_model_queued_requests", "Requests waiting for the worker.",
                                     labels=["model"]),
+        "active": GaugeMetricFamily("lmx_model_active_requests",
+                                    "Requests the worker is generating (sent to it, not ended yet).",
+                                    labels=["model"]),
         "rss_bytes": GaugeMetricFamily("lmx_worker_rss_bytes", "Worker resident memory (last heartbeat).",
                                        labels=["model"]),
         "mlx_active_bytes": GaugeMetricFamily("lmx_worker_mlx_active_bytes",
@@ -94,6 +97,7 @@ def _model_gauges(models: list[dict[str, Any]]) -> Iterator[GaugeMetricFamily]:
         gauges["quarantined"].add_metric([mid], 1 if m["quarantined"] else 0)
         gauges["failures"].add_metric([mid], m["failures_in_window"])
         gauges["queued"].add_metric([mid], m["queued"])
+        gauges["active"].add_metric([mid], m.get("active", 0))
         memory = m.get("memory") or {}
         for key in ("rss_bytes", "mlx_active_bytes", "mlx_peak_bytes"):
             if key in memory:
@@ -150,22 +154,35 @@ class Metrics:
 
 
 class RequestTimer:
-    """Per-stream timing for TTFT and inter-token latency, kept in the request's sink."""
+    """Per-stream timing for TTFT and inter-token latency, and its generated tokens, counted as its
+    chunks come (a request cancelled or timed out mid-answer counts what it was sent), kept in the
+    request's sink."""
 
-    __slots__ = ("metrics", "model", "start", "last")
+    __slots__ = ("metrics", "model", "start", "last", "tokens")
 
     def __init__(self, metrics: Metrics, model: str) -> None:
         self.metrics, self.model = metrics, model
         self.start = time.monotonic()
         self.last: float | None = None
+        self.tokens = 0  # counted so far
 
-    def chunk(self) -> None:
+    def chunk(self, tokens: int = 0) -> None:
         now = time.monotonic()
         if self.last is None:
             self.metrics.ttft.labels(self.model).observe(now - self.start)
         else:
             self.metrics.itl.labels(self.model).observe(now - self.last)
         self.last = now
+        self._count(tokens)
+
+    def final(self, completion_tokens: int) -> None:
+        """Its final's usage: whatever of it no chunk carried."""
+        self._count(completion_tokens - self.tokens)
+
+    def _count(self, tokens: int) -> None:
+        if tokens > 0:
+            self.tokens += tokens
+            self.metrics.tokens.labels(self.model).inc(tokens)
 
 
 async def serve_http(metrics: Metrics, port: int, log: Any) -> asyncio.AbstractServer:

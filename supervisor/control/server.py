@@ -318,7 +318,7 @@ class ControlServer:
 
         def sink(msg: Message) -> None:
             if isinstance(msg, Chunk):
-                timer.chunk()
+                timer.chunk(msg.tokens)
                 unsent = self.send(identity, dataclasses.replace(msg, request_id=client_rid))
                 # Its client is gone, or its buffer is full because it stopped reading: cancel
                 # rather than generate for nobody, or send a stream with a hole in it; the slot
@@ -334,7 +334,7 @@ class ControlServer:
             if isinstance(msg, Final):
                 self.send(identity, dataclasses.replace(msg, request_id=client_rid))
                 metrics.requests.labels(req.model, "ok").inc()
-                metrics.tokens.labels(req.model).inc(msg.usage.get("completion_tokens", 0))
+                timer.final(msg.usage.get("completion_tokens", 0))
                 log.info("request.done", finish_reason=msg.finish_reason, duration_s=duration_s, **msg.usage)
             elif isinstance(msg, Error):
                 self.send(identity, Error(client_rid, msg.code, msg.message, msg.details))
