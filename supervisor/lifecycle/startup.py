@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from protocol import errors as E
 from protocol.messages import Init
-from supervisor.admission import admit as admission, kvcache
+from supervisor.admission import admit as admission, kvcache, positions
 from supervisor.config import ModelConfig
 from supervisor.lifecycle.states import ModelState as S
 from supervisor.workers.group import RankGroup
@@ -79,9 +79,14 @@ class Startup:
 
     def _init(self, cfg: ModelConfig) -> Init:
         sup = self.rt.config.supervisor
+        context, limit = positions.context_tokens(cfg.path, cfg.context_tokens)
+        if limit is not None:
+            self.rt.log.warning("model.context_clamped", context_tokens=cfg.context_tokens, position_limit=limit,
+                                message=f"context_tokens {cfg.context_tokens} is past the model's position limit "
+                                        f"{limit} (config.json): prompts are refused from {limit} tokens")
         return Init(cfg.id, cfg.revision, cfg.path, sup.heartbeat_interval_s, sup.orphan_grace_s,
                     cfg.memory_limit_bytes, cfg.max_batch_size, cfg.prefill_step_size, cfg.stream_interval_s,
-                    context_tokens=cfg.context_tokens, **self._prefix_cache_init(cfg))
+                    context_tokens=context, **self._prefix_cache_init(cfg))
 
     async def _adopt(self, record: dict[str, Any]) -> WorkerHandle | None:
         """The worker proves itself with an adoption hello, or is ended and a fresh one spawned.
