@@ -4,8 +4,8 @@ prompt nobody waits for; and the progress counter moves per chunk, so a prompt w
 many times the supervisor's prefill stall budget is progress, never WORKER_HUNG.
 
 The model is the tiny llama with room for long prompts (max_position_embeddings 8192) and mlx-lm's
-generate_step prefill step (2048 tokens): on the CPU backend a ~5,000-token prompt takes seconds to
-prefill, and one 2048-token step deep into it takes longer than the stall budget here."""
+generate_step prefill step (2048 tokens): on the CPU backend a 5,000-7,500-token prompt takes
+seconds to prefill, and one 2048-token step deep into it takes longer than the stall budget here."""
 
 from __future__ import annotations
 
@@ -50,9 +50,11 @@ def _unharmed(sup: RunningSupervisor, before: dict) -> None:
 
 def test_a_prefill_many_times_the_stall_budget_is_progress_not_a_hang(sup: RunningSupervisor) -> None:
     before = sup.model("long")
-    assert sup.client.count_tokens("long", prompt=_long("stall")) > 5000
-    result = sup.client.complete("long", _long("stall"), max_tokens=2)
+    prompt = _long("stall", sentences=440)  # ~7,500 tokens
+    assert sup.client.count_tokens("long", prompt=prompt) > 7000
+    result = sup.client.complete("long", prompt, max_tokens=2)
     prefill_s = result.timings["first_token_s"]
+    print(f"prefill of {result.usage['prompt_tokens']} tokens: {prefill_s:.1f}s against a {STALL_S}s stall budget")
     if prefill_s < 2 * STALL_S:
         pytest.skip(f"this backend prefills the prompt in {prefill_s:.1f}s: no stall budget to outlast")
     assert result.usage["completion_tokens"] >= 1

@@ -1,10 +1,9 @@
 """The worker's one serving path, with mlx-lm's own BatchGenerator: requests join the running batch
 between decode steps, each streams its own tokens and ends on its own stop condition (EOS,
 max_tokens, a stop string), with its own sampler. A cancel removes its sequence before the next
-step. Prompt work is bounded per step (worker.prefill: at most prefill_step_size tokens, fewer when
-chunks run long), so a long prompt cannot starve running streams, a cancel stops it within one
-chunk, and progress moves per chunk. With max_batch_size = 1 requests run one at a time, in
-arrival order.
+step. Prompt work is one chunk per step (worker.prefill), so a long prompt cannot starve running
+streams, a cancel stops it within a chunk, and progress moves per chunk. With max_batch_size = 1
+requests run one at a time, in arrival order.
 
 A request that arrives to an idle worker runs alone: its prompt in chunks, one per step, then on
 mlx-lm's generate_step (the path of stream_generate, whose pipelining a batch of one cannot match; a seed gives its exact sequence);
@@ -36,8 +35,7 @@ from worker.streams import Stream
 
 @dataclass
 class _Solo:
-    """The one request running alone, with the cache it fills: its prompt chunk by chunk, then on
-    generate_step (tokens_gen, None until then)."""
+    """The one request running alone, with the cache it fills: prompt chunks, then generate_step's."""
     tokens_gen: Any
     cache: list
     rest: list[int]  # the prompt tokens not in the cache yet (then: those generate_step was given)
@@ -58,6 +56,7 @@ class ContextExceeded(ValueError):
 
 class Batcher:
     _SOLO = -1  # the solo stream's key in _streams
+    solo_chunks = True  # False: a lone prompt is prefilled whole in generate_step's first step (a group's)
 
     def __init__(self, engine: Engine, progress: Progress, send: Callable[[Message], None],
                  max_batch_size: int, prefill_step_size: int, stream_interval_s: float,
@@ -215,6 +214,8 @@ class Batcher:
         if cache is None:
             cache = make_prompt_cache(self._engine.model)
         self._solo = _Solo(None, cache, rest, sampler, req.max_tokens, processors=list(processors or []))
+        if not self.solo_chunks:
+            prefill.start(self._engine.model, self._solo, self._chunks.step, self._progress)
         return self._SOLO
 
     def _solo_step(self) -> None:

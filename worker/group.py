@@ -113,6 +113,8 @@ def _drop(_: Message) -> None:
 class GroupBatcher(Batcher):
     """The worker's serving path, one request at a time, in lockstep with the other ranks."""
 
+    solo_chunks = False  # every rank must run the same prefill steps: generate_step's, not timed chunks
+
     def __init__(self, engine: Engine, progress: Progress, send: Callable[[Message], None], group: Any,
                  prefill_step_size: int, stream_interval_s: float, context_tokens: int) -> None:
         self._rank = group.rank()

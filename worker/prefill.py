@@ -54,16 +54,28 @@ def solo_chunk(model: Any, chunks: ChunkSize, solo: Any) -> bool:
     first token) and False: the caller takes its tokens."""
     n = chunks.n
     if solo.tokens_gen is None and len(solo.rest) - 1 > n:
-        start = time.monotonic()
+        began = time.monotonic()
         run_chunk(model, solo.cache, solo.rest[:n])
         solo.rest = solo.rest[n:]
-        chunks.took(n, time.monotonic() - start)
+        chunks.took(n, time.monotonic() - began)
         return True
     if solo.tokens_gen is None:
-        import mlx.core as mx
-        from mlx_lm.generate import generate_step
-
-        solo.tokens_gen = generate_step(mx.array(solo.rest), model, prompt_cache=solo.cache, sampler=solo.sampler,
-                                        max_tokens=solo.limit, prefill_step_size=n,
-                                        logits_processors=solo.processors or None)
+        start(model, solo, n)
     return False
+
+
+def start(model: Any, solo: Any, step: int, progress: Any = None) -> None:
+    """generate_step for what is left of `solo`'s prompt, in steps of `step` tokens inside its first
+    `next()` (each moving `progress`, a worker.channel.Progress). A group's ranks use it for the whole
+    prompt: they must run the same steps in lockstep, which a chunk size timed on each rank would
+    not give."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+
+    def on_chunk(done: int, total: int) -> None:
+        if progress is not None:
+            progress.count += 1
+
+    solo.tokens_gen = generate_step(mx.array(solo.rest), model, prompt_cache=solo.cache, sampler=solo.sampler,
+                                    max_tokens=solo.limit, prefill_step_size=step, prompt_progress_callback=on_chunk,
+                                    logits_processors=solo.processors or None)
