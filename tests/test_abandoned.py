@@ -70,7 +70,8 @@ def test_abandoned_requests_store_nothing_and_their_tokens_count(sup: RunningSup
             def prefilling() -> bool:
                 return sup.model("cached")["phase"] == "prefill"
 
-            # Cancelled mid-prefill.
+            # Cancelled mid-prefill (idle first: a "prefill" still showing from the probe is not its).
+            await asyncio.to_thread(wait_until, lambda: sup.model("cached")["phase"] == "idle", 10, "idle")
             gone = client.generate("cached", prompts["prefill"], max_tokens=64)
             await gone._open()
             await asyncio.to_thread(wait_until, prefilling, 10, "the cancelled prompt prefilling")

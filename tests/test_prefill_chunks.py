@@ -70,6 +70,8 @@ def test_a_prompt_whose_client_left_stops_within_a_chunk(sup: RunningSupervisor)
             await client.complete("long", _long("measured"), max_tokens=1)
             full_s = time.monotonic() - start  # the whole prefill (one token more is nothing beside it)
 
+            # Idle first: a "prefill" still showing from the request above would not be this one's.
+            await asyncio.to_thread(wait_until, lambda: sup.model("long")["phase"] == "idle", 10, "the worker idle")
             gone = client.generate("long", _long("abandoned"), max_tokens=64)
             await gone._open()  # sent; its client reads nothing and leaves once prefill is under way
             await asyncio.to_thread(wait_until, lambda: sup.model("long")["phase"] == "prefill", 10,
