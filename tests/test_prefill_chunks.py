@@ -88,6 +88,30 @@ def test_a_prompt_whose_client_left_stops_within_a_chunk(sup: RunningSupervisor)
     _unharmed(sup, before)
 
 
+def test_a_long_prompt_joining_the_batch_holds_a_running_stream_up_a_chunk_at_a_time(
+        sup: RunningSupervisor) -> None:
+    async def run() -> tuple[float, float, bool]:
+        async with SupervisorClient(state_dir=sup.state_dir, timeout_s=120) as client:
+            talker = client.generate("long", "Tell me a story.", max_tokens=4000)
+            await talker.__anext__()
+            joiner = asyncio.ensure_future(client.complete("long", _long("joiner"), max_tokens=2))
+            last, worst = time.monotonic(), 0.0
+            async for _ in talker:
+                now = time.monotonic()
+                worst, last = max(worst, now - last), now
+                if joiner.done():
+                    break
+            overlapped = joiner.done()
+            prefill_s = (await joiner).timings["first_token_s"]
+            await talker.aclose()
+            return worst, prefill_s, overlapped
+
+    worst, prefill_s, overlapped = asyncio.run(run())
+    print(f"the stream's worst gap {worst:.2f}s beside a {prefill_s:.2f}s prefill")
+    assert overlapped, "the stream ended before the long prompt was prefilled: make it longer"
+    assert worst < max(1.5, prefill_s / 3), (worst, prefill_s)  # one 2048-token step: seconds
+
+
 def test_chunks_shrink_toward_the_target_and_grow_back_to_the_step() -> None:
     chunks = ChunkSize(2048, target_s=0.5)
     assert chunks.n == 64  # a first chunk small enough for any backend
