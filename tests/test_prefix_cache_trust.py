@@ -208,3 +208,22 @@ def test_cache_clear_is_a_barrier_for_the_writes_queued_and_under_way(make_super
     for prompt in before[:3]:
         assert s.client.complete("w", prompt, max_tokens=2).usage["cached_tokens"] < 16  # forgotten
     assert s.client.complete("w", after, max_tokens=2).usage["cached_tokens"] >= fresh.usage["prompt_tokens"] - 1
+
+
+def test_a_generation_running_across_a_clear_stores_nothing(sup: RunningSupervisor) -> None:
+    prompt = BASE + SUFFIXES[2] + " Across a clear."
+
+    async def run() -> None:
+        async with SupervisorClient(state_dir=sup.state_dir) as client:
+            stream = client.generate("p", prompt, max_tokens=64)
+            async with stream:
+                async for _ in stream:  # the first chunk: the generation is under way
+                    break
+                await client.clear_cache("p")
+                async for _ in stream:  # it finishes after the clear
+                    pass
+
+    asyncio.run(run())
+    again = sup.client.complete("p", prompt, max_tokens=2)
+    assert again.usage["cached_tokens"] < 16, "a generation that began before the clear left an entry"
+    assert sup.client.complete("p", prompt, max_tokens=2).usage["cached_tokens"] >= 16  # stored as usual since

@@ -117,6 +117,7 @@ class Batcher:
             return
         cache, rest = self.prefix.fetch(prompt)
         stream.cached_tokens = len(prompt) - len(rest)
+        stream.prefix_clears = self.prefix.clears
         try:
             # A request with logits processors never runs alone: a processor follows its sequence's
             # tokens, which a move from generate_step into the batch would feed it twice.
@@ -379,7 +380,8 @@ class Batcher:
         self._flush()
         reason, fields = s.final_fields(reason)
         self._send(Final(s.req.request_id, s.text, reason, s.usage(), s.timings(now), **fields))
-        if kept is not None and kept[0] is not None:
+        # A clear since this stream began is the operator's last word: its KV holds what was cleared.
+        if kept is not None and kept[0] is not None and s.prefix_clears == self.prefix.clears:
             # After the final is on the wire: the client never waits for the cache's bookkeeping.
             self.prefix.store(list(kept[1]), kept[0], shared=uid != self._SOLO)
 

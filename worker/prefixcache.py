@@ -32,6 +32,7 @@ class PrefixCache:
         self.hit_tokens = 0
         self.miss_tokens = 0
         self.evictions = 0
+        self.clears = 0  # how many clears so far: a generation running across one stores nothing
 
     @property
     def enabled(self) -> bool:
@@ -86,6 +87,7 @@ class PrefixCache:
         """lmxctl cache clear: every entry goes, in memory and on disk (worker.prefixdisk's barrier:
         nothing queued for the disk before this lands after it). What was forgotten."""
         out = {"entries": len(self._lru)}
+        self.clears += 1
         self._lru.trim_to(n_sequences=0)
         if self._disk is not None:
             out["queued_writes"] = self._disk.clear()
