@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,10 +20,9 @@ import pydantic
 import pytest
 
 from gateway import fields
-from tests.harness import RunningSupervisor
 from tests.snapshots import write_tiny_llama
 from tests.test_agent_wire import _scripted
-from tests.test_gateway import GatewayProcess
+from tests.test_gateway import GatewayProcess, supervised_gateway
 from tests.test_gateway_agent import CALL_SCRIPT
 
 pytestmark = pytest.mark.timeout(120)
@@ -50,17 +48,10 @@ class Weather(pydantic.BaseModel):
 def gw(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("clients-sdks")
     agent_model = write_tiny_llama(root / "agent-model", agent=True)
-    sup = RunningSupervisor(root / "sup", [
+    yield from supervised_gateway(root, [
         _scripted("agent", agent_model, CALL_SCRIPT, after_tool=AFTER_TOOL),
         _scripted("reporter", agent_model, REPORT),
     ])
-    try:
-        sup.start()
-        gateway = GatewayProcess(root / "gw", sup.state_dir)
-        yield sup, gateway
-        assert gateway.stop() == 0
-    finally:
-        sup.cleanup()
 
 
 class Sent:

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, AsyncGenerator
+from typing import Any, AsyncGenerator, Iterator
 
 import httpx
 import openai
@@ -79,6 +79,19 @@ class GatewayProcess:
             self.proc.kill()
             self.proc.wait()
             raise
+
+
+def supervised_gateway(root: Path, models: list[dict], *gateway_args: str) -> Iterator[tuple[RunningSupervisor, "GatewayProcess"]]:
+    """A module fixture's body: a supervisor with `models` under root/sup, one gateway in front
+    (root/gw, with `gateway_args`); both stopped afterwards, the gateway's exit status checked."""
+    sup = RunningSupervisor(root / "sup", models)
+    try:
+        sup.start()
+        gateway = GatewayProcess(root / "gw", sup.state_dir, *gateway_args)
+        yield sup, gateway
+        assert gateway.stop() == 0
+    finally:
+        sup.cleanup()
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from protocol import errors as E
 from tests.harness import REPO, RunningSupervisor
 from tests.snapshots import write_tiny_llama
 from tests.test_agent_wire import ASK, TOOLS, _scripted
-from tests.test_gateway import GatewayProcess
+from tests.test_gateway import GatewayProcess, supervised_gateway
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -33,18 +33,11 @@ def agent_gateway(root: Path, tiny_model: Path) -> Iterator[tuple[RunningSupervi
     "plain" (no tool-call format), one gateway in front, both stopped (and checked) afterwards.
     Shared with tests/test_gateway_anthropic.py."""
     agent_model = write_tiny_llama(root / "agent-model", agent=True)
-    sup = RunningSupervisor(root / "sup", [
+    yield from supervised_gateway(root, [
         _scripted("thinker", agent_model, THINK_SCRIPT),
         _scripted("caller", agent_model, CALL_SCRIPT),
         {"id": "plain", "path": str(tiny_model)},
     ])
-    try:
-        sup.start()
-        gateway = GatewayProcess(root / "gw", sup.state_dir)
-        yield sup, gateway
-        assert gateway.stop() == 0
-    finally:
-        sup.cleanup()
 
 
 @pytest.fixture(scope="module")

@@ -18,10 +18,9 @@ import pytest
 
 from gateway import anthropic as anthropic_params
 from gateway.signing import ThinkingSigner
-from tests.harness import RunningSupervisor
 from tests.snapshots import write_tiny_llama
 from tests.test_agent_wire import _scripted
-from tests.test_gateway import GatewayProcess
+from tests.test_gateway import GatewayProcess, supervised_gateway
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -39,18 +38,11 @@ ORIGIN = "http://localhost:5173"
 def gw(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path):
     root = tmp_path_factory.mktemp("gateway-claude")
     agent_model = write_tiny_llama(root / "agent-model", agent=True)
-    sup = RunningSupervisor(root / "sup", [
+    yield from supervised_gateway(root, [
         _scripted("thinker", agent_model, THINK),
         _scripted("caller", agent_model, CALL, after_tool="It is sunny."),
         {"id": "short", "path": str(tiny_model), "context_tokens": SHORT_CONTEXT},
-    ])
-    try:
-        sup.start()
-        gateway = GatewayProcess(root / "gw", sup.state_dir, "--cors-origin", ORIGIN)
-        yield sup, gateway
-        assert gateway.stop() == 0
-    finally:
-        sup.cleanup()
+    ], "--cors-origin", ORIGIN)
 
 
 @pytest.fixture(scope="module")

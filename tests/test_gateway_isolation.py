@@ -13,8 +13,8 @@ import openai
 import pytest
 
 from protocol import limits
-from tests.harness import RunningSupervisor, wait_until
-from tests.test_gateway import GatewayProcess
+from tests.harness import wait_until
+from tests.test_gateway import supervised_gateway
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -25,14 +25,7 @@ MAX_TOKENS = 400  # long enough that the four still stream when the bad one come
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path):
     root = tmp_path_factory.mktemp("gateway-isolation")
-    sup = RunningSupervisor(root, [{"id": "tiny", "path": str(tiny_model)}])
-    try:
-        sup.start()
-        gateway = GatewayProcess(root / "gw", sup.state_dir)
-        yield sup, gateway
-        assert gateway.stop() == 0
-    finally:
-        sup.cleanup()
+    yield from supervised_gateway(root, [{"id": "tiny", "path": str(tiny_model)}])
 
 
 def test_a_bad_request_beside_four_streams_is_a_400_and_the_four_finish(gw) -> None:

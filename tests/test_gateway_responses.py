@@ -23,10 +23,10 @@ import pytest
 from gateway import fields, responses
 from gateway.responses_store import ChainBroken, ResponseStore
 from protocol import errors as E
-from tests.harness import REPO, RunningSupervisor
+from tests.harness import REPO
 from tests.snapshots import write_tiny_llama
 from tests.test_agent_wire import _scripted
-from tests.test_gateway import GatewayProcess
+from tests.test_gateway import GatewayProcess, supervised_gateway
 from tests.test_gateway_agent import CALL_SCRIPT, THINK_SCRIPT
 
 pytestmark = pytest.mark.timeout(120)
@@ -45,19 +45,12 @@ TWO_CALLS = f"Two cities.</think>\n\n<tool_call>\n{CALL.format('Paris')}\n</tool
 def gw(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path):
     root = tmp_path_factory.mktemp("gateway-responses")
     agent_model = write_tiny_llama(root / "agent-model", agent=True)
-    sup = RunningSupervisor(root / "sup", [
+    yield from supervised_gateway(root, [
         _scripted("thinker", agent_model, THINK_SCRIPT),
         _scripted("agent", agent_model, CALL_SCRIPT, after_tool=AFTER_TOOL),
         _scripted("twice", agent_model, TWO_CALLS),
         {"id": "plain", "path": str(tiny_model)},
     ])
-    try:
-        sup.start()
-        gateway = GatewayProcess(root / "gw", sup.state_dir)
-        yield sup, gateway
-        assert gateway.stop() == 0
-    finally:
-        sup.cleanup()
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,7 @@ import zmq.asyncio
 from protocol import codec, errors as E, limits
 from protocol.client import SupervisorClient
 from protocol.messages import TO_CLIENT, Error, StatusReply, StatusRequest
-from tests.harness import RunningSupervisor
-from tests.test_gateway import GatewayProcess
+from tests.test_gateway import supervised_gateway
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -31,14 +30,7 @@ ANTHROPIC = {"anthropic-version": "2023-06-01", "x-api-key": "unused"}
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path):
     root = tmp_path_factory.mktemp("malformed")
-    sup = RunningSupervisor(root, [{"id": "tiny", "path": str(tiny_model)}])
-    try:
-        sup.start()
-        gateway = GatewayProcess(root / "gw", sup.state_dir)
-        yield sup, gateway
-        assert gateway.stop() == 0
-    finally:
-        sup.cleanup()
+    yield from supervised_gateway(root, [{"id": "tiny", "path": str(tiny_model)}])
 
 
 def _json(value: object) -> str:
