@@ -18,6 +18,7 @@ from typing import Iterator
 import pytest
 
 from tests.capture_server import CaptureServer, claude_env, client_binary, run_client
+from tests.client_stack import explain, served
 from tests.harness import RunningSupervisor
 from tests.snapshots import write_tiny_llama
 from tests.test_agent_wire import _scripted
@@ -63,24 +64,12 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     client_binary("claude")  # fails, saying `make setup`, before a supervisor starts
-    s = Stack(tmp_path_factory.mktemp("claude-code"))
-    try:
-        s.sup.start()
-        s.gateway = GatewayProcess(s.root / "gw", s.sup.state_dir)
-        yield s
-        assert s.gateway.stop() == 0
-    finally:
-        s.sup.cleanup()
-
-
-def _explain(proc, gateway: GatewayProcess) -> str:  # type: ignore[no-untyped-def]
-    return (f"exit {proc.returncode}\nstdout: {proc.stdout[-3000:]}\nstderr: {proc.stderr[-2000:]}\n"
-            f"gateway: {gateway.stderr_path.read_text()[-2000:]}")
+    yield from served(Stack(tmp_path_factory.mktemp("claude-code")))
 
 
 def test_claude_p_json_reads_a_file_with_its_read_tool_and_prints_the_answer(stack: Stack) -> None:
     proc, took_s = stack.claude(stack.gateway.url, "--output-format", "json")
-    assert proc.returncode == 0, _explain(proc, stack.gateway)
+    assert proc.returncode == 0, explain(proc, stack.gateway)
     result = json.loads(proc.stdout)
     assert result["is_error"] is False and result["subtype"] == "success", result
     assert result["result"].strip() == FINAL
@@ -91,7 +80,7 @@ def test_claude_p_json_reads_a_file_with_its_read_tool_and_prints_the_answer(sta
 def test_claude_p_stream_json_sends_the_files_content_back_as_the_tool_result(stack: Stack) -> None:
     with CaptureServer(upstream=stack.gateway.url) as proxy:
         proc, took_s = stack.claude(proxy.url, "--output-format", "stream-json", "--verbose")
-    assert proc.returncode == 0, _explain(proc, stack.gateway)
+    assert proc.returncode == 0, explain(proc, stack.gateway)
     events = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
     uses = [b for e in events if e["type"] == "assistant" for b in e["message"]["content"] if b["type"] == "tool_use"]
     assert [(u["name"], u["input"]) for u in uses] == [("Read", {"file_path": str(stack.note)})]
@@ -120,7 +109,7 @@ def test_claude_codes_default_request_is_accepted_and_one_past_the_context_is_pr
     error = json.loads(turn.reply)["error"]
     assert error["type"] == "invalid_request_error"
     assert re.fullmatch(rf"prompt is too long: \d+ tokens > {CONTEXT_TOKENS} maximum", error["message"]), error
-    assert proc.returncode == 1, _explain(proc, stack.gateway)
+    assert proc.returncode == 1, explain(proc, stack.gateway)
     result = json.loads(proc.stdout)
     assert result["is_error"] is True and result["terminal_reason"] == "prompt_too_long", result
     assert took_s < 30

@@ -16,6 +16,7 @@ from typing import Iterator
 import pytest
 
 from tests.capture_server import CaptureServer, client_binary, codex_env, run_client
+from tests.client_stack import explain, served
 from tests.harness import RunningSupervisor
 from tests.snapshots import write_tiny_llama
 from tests.test_agent_wire import _scripted
@@ -67,25 +68,13 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     client_binary("codex")  # fails, saying `make setup`, before a supervisor starts
-    s = Stack(tmp_path_factory.mktemp("codex"))
-    try:
-        s.sup.start()
-        s.gateway = GatewayProcess(s.root / "gw", s.sup.state_dir)
-        yield s
-        assert s.gateway.stop() == 0
-    finally:
-        s.sup.cleanup()
-
-
-def _explain(proc, gateway: GatewayProcess) -> str:  # type: ignore[no-untyped-def]
-    return (f"exit {proc.returncode}\nstdout: {proc.stdout[-3000:]}\nstderr: {proc.stderr[-3000:]}\n"
-            f"gateway: {gateway.stderr_path.read_text()[-2000:]}")
+    yield from served(Stack(tmp_path_factory.mktemp("codex")))
 
 
 def test_codex_exec_runs_the_called_command_and_prints_the_answer(stack: Stack) -> None:
     proc, took_s = stack.codex(stack.gateway.url)
-    assert proc.returncode == 0, _explain(proc, stack.gateway)
-    assert proc.stdout.strip() == FINAL, _explain(proc, stack.gateway)
+    assert proc.returncode == 0, explain(proc, stack.gateway)
+    assert proc.stdout.strip() == FINAL, explain(proc, stack.gateway)
     assert "cat notes.txt" in proc.stderr and NOTE in proc.stderr  # the transcript: the command and its output
     print(f"codex exec: {took_s:.1f} s")
 
@@ -93,7 +82,7 @@ def test_codex_exec_runs_the_called_command_and_prints_the_answer(stack: Stack) 
 def test_codex_exec_json_sends_the_commands_output_back_as_function_call_output(stack: Stack) -> None:
     with CaptureServer(upstream=stack.gateway.url) as proxy:
         proc, took_s = stack.codex(proxy.url, "--json")
-    assert proc.returncode == 0, _explain(proc, stack.gateway)
+    assert proc.returncode == 0, explain(proc, stack.gateway)
     events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     items = [e["item"] for e in events if e.get("type") == "item.completed"]
     (command,) = [i for i in items if i.get("type") == "command_execution"]
@@ -120,7 +109,7 @@ def test_codexs_default_request_is_accepted_and_one_past_the_context_is_context_
     assert turn.status == 400, turn.reply[:500]
     error = json.loads(turn.reply)["error"]
     assert error["code"] == "context_length_exceeded" and error["type"] == "invalid_request_error", error
-    assert proc.returncode == 1, _explain(proc, stack.gateway)
+    assert proc.returncode == 1, explain(proc, stack.gateway)
     events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     (failed,) = [e for e in events if e.get("type") == "turn.failed"]
     assert "context window" in failed["error"]["message"], failed
