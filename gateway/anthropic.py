@@ -8,10 +8,9 @@ the first message. What it cannot honour is refused with a 400 naming the field
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-from gateway import agent, context_edits, fields
+from gateway import agent, context_edits, fields, params
 from gateway.params import GenParams
 from gateway.signing import ThinkingSigner
 from protocol import errors as E
@@ -241,15 +240,6 @@ def _output_config(body: dict) -> tuple[dict | None, dict[str, Any]]:
     return {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt["schema"]}}, effort
 
 
-def _number(body: dict, name: str, default: float, hi: float) -> float:
-    v = body.get(name)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 <= v <= hi:
-        raise bad(name, f"expected a number in [0, {hi}], got {v!r}")
-    return float(v)
-
-
 def _stop_sequences(body: dict) -> list[str]:
     v = body.get("stop_sequences")
     if v is None:
@@ -287,7 +277,7 @@ def parse(body: Any, signer: ThinkingSigner | None = None) -> GenParams:
                              "chat_template_kwargs": agent.template_kwargs({**effort, **switches}, None),
                              "response_format": response_format, "thinking_budget": budget}
     return GenParams(model=model, messages=_messages(body, signer), max_tokens=max_tokens,
-                     temperature=_number(body, "temperature", 1.0, 1.0), top_p=_number(body, "top_p", 1.0, 1.0),
+                     temperature=params.number(body, "temperature", 1.0, 0.0, 1.0), top_p=params.number(body, "top_p", 1.0, 0.0, 1.0),
                      stop=_stop_sequences(body), stream=stream,
                      agent={k: v for k, v in extra.items() if v or k == "parallel_tool_calls"},
                      context_edits=context_edits.parse(body.get("context_management")))

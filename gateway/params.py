@@ -52,7 +52,8 @@ def _bad(param: str, problem: str) -> E.LmxError:
     return E.BadRequest(f"{param}: {problem}", param=param)
 
 
-def _number(body: dict, name: str, default: float, lo: float, hi: float) -> float:
+def number(body: dict, name: str, default: float, lo: float, hi: float) -> float:
+    """body[name] as a finite number in [lo, hi] (JSON true is not one), or `default` when absent."""
     v = body.get(name)
     if v is None:
         return default
@@ -134,8 +135,8 @@ def _common(body: Any, default_max_tokens: int) -> dict[str, Any]:
     return {
         "model": model,
         "max_tokens": max_tokens,
-        "temperature": _number(body, "temperature", 0.0, 0.0, 2.0),
-        "top_p": _number(body, "top_p", 1.0, 0.0, 1.0),
+        "temperature": number(body, "temperature", 0.0, 0.0, 2.0),
+        "top_p": number(body, "top_p", 1.0, 0.0, 1.0),
         "seed": _int(body, "seed", 0, limits.MAX_SEED),
         "stop": _stop(body),
         "stream": stream,

@@ -8,11 +8,10 @@ protocol.limits. The routes and their handlers: gateway/responses_api.py."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway import agent, fields
+from gateway import agent, fields, params
 from gateway.params import GenParams
 from protocol import errors as E
 from protocol import limits
@@ -249,15 +248,6 @@ def _effort(body: dict) -> dict[str, Any]:
     return agent.effort("reasoning.effort", v.get("effort"))
 
 
-def _number(body: dict, name: str, default: float, hi: float) -> float:
-    v = body.get(name)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 <= v <= hi:
-        raise bad(name, f"expected a number in [0, {hi}], got {v!r}")
-    return float(v)
-
-
 def _flag(body: dict, name: str, default: bool) -> bool:
     v = body.get(name)
     if v is None:
@@ -346,7 +336,7 @@ def parse(body: Any) -> ResponsesRequest:
         model=model, items=input_items(body), instructions=_string(body, "instructions", limits.MAX_PROMPT_CHARS),
         previous_response_id=_string(body, "previous_response_id", limits.MAX_ID_CHARS),
         agent=_agent(body, tools), namespaces=spaces, max_output_tokens=max_out,
-        temperature=_number(body, "temperature", 0.0, 2.0), top_p=_number(body, "top_p", 1.0, 1.0),
+        temperature=params.number(body, "temperature", 0.0, 0.0, 2.0), top_p=params.number(body, "top_p", 1.0, 0.0, 1.0),
         stream=_flag(body, "stream", False), store=_flag(body, "store", True), body=echo)
 
 

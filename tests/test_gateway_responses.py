@@ -283,7 +283,7 @@ def test_a_call_cut_by_max_output_tokens_comes_back_partial_and_incomplete(clien
      "input_image"),
     ({"input": [{"type": "computer_call", "id": "x"}]}, "input[0].type", "computer_call"),
     ({"input": [{"type": "function_call_output", "output": "x"}]}, "input[0].call_id", "call_id"),
-    ({"temperature": 5}, "temperature", "[0, 2.0]"),
+    ({"temperature": 5}, "temperature", "[0.0, 2.0]"),
     ({"max_output_tokens": 0}, "max_output_tokens", "integer"),
     ({"tool_choice": "required"}, "tool_choice", "needs tools"),
     ({"text": {"format": {"type": "yaml"}}}, "text.format", "json_schema"),
