@@ -169,7 +169,7 @@ def test_right_shapes_with_wrong_values_fail_the_checksum_and_are_dropped(sup: R
 # answers (this model repeats one token: every answer runs to max_tokens): cheap to compute.
 WIDE = {"hidden_size": 512, "intermediate_size": 256, "num_hidden_layers": 6, "num_attention_heads": 8,
         "num_key_value_heads": 8}
-WRITTEN_TOKENS = 500
+WRITTEN_TOKENS = 250
 
 
 def test_cache_clear_is_a_barrier_for_the_writes_queued_and_under_way(make_supervisor, tmp_path: Path) -> None:
