@@ -112,3 +112,18 @@ def test_abandoned_requests_store_nothing_and_their_tokens_count(sup: RunningSup
                           30, "the finished request's entry on disk")["prefix_cache"]
     assert done["entries"] == base["entries"] + 1
     assert len(_disk(sup)) == len(base_files) + 1
+
+
+def test_a_cancel_that_empties_the_worker_shows_it_idle(sup: RunningSupervisor) -> None:
+    """No step runs on an empty worker, so the cancel itself says it is idle: a phase left at
+    "prefill" would tell operators (and the stall verdicts) of work that is not there."""
+    async def run() -> None:
+        async with SupervisorClient(state_dir=sup.state_dir, timeout_s=120) as client:
+            gone = client.generate("cached", _long("Left"), max_tokens=64)
+            await gone._open()
+            await asyncio.to_thread(wait_until, lambda: sup.model("cached")["phase"] == "prefill", 10, "prefilling")
+            await gone.aclose()
+            await asyncio.to_thread(wait_until, lambda: sup.model("cached")["active"] == 0, 10, "the cancel confirmed")
+
+    asyncio.run(run())
+    wait_until(lambda: sup.model("cached")["phase"] == "idle", 5, "the idle phase after the cancel")

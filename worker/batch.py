@@ -104,8 +104,7 @@ class Batcher:
             if not prompt:
                 raise ValueError("the prompt is empty")
             if self.context_tokens and len(prompt) >= self.context_tokens:
-                # Refused here, before prefill: KV past what the model was admitted for could take the
-                # worker (and everyone's requests on it) down.
+                # Refused before prefill: KV past the admitted context could take the worker down.
                 raise ContextExceeded(len(prompt), self.context_tokens)
             sampler = self._sampler(req)
             stream = self._stream(req, prompt)
@@ -119,8 +118,7 @@ class Batcher:
         stream.cached_tokens = len(prompt) - len(rest)
         stream.prefix_clears = self.prefix.clears
         try:
-            # A request with logits processors never runs alone: a processor follows its sequence's
-            # tokens, which a move from generate_step into the batch would feed it twice.
+            # With logits processors never alone: a move into the batch would feed a processor twice.
             if self._runs_alone(req, processors):
                 uid = self._start_solo(req, rest, cache, sampler, processors)
             else:
@@ -270,6 +268,8 @@ class Batcher:
         self._out.pop(request_id, None)  # its client is gone: what it had not been sent stays here
         self._first.discard(request_id)
         self._send(Error(request_id, ErrorCode.CANCELLED.code, "cancelled by client"))
+        if not len(self):  # no step runs until work comes: idle now, not later
+            self._progress.phase = Phase.IDLE
 
     def cancel_all(self) -> None:
         for req in list(self._waiting):
