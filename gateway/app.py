@@ -60,6 +60,7 @@ class Gateway:
         self.anthropic = AnthropicDialect(self.signer)
         self.in_flight = 0
         self.metrics = auth.Metrics()
+        self.metrics.in_flight.set_function(lambda: self.in_flight)  # read off the one counter
         self.guard = auth.Guard(apikeys.KeyRing(apikeys.path_in(self.state_dir)), config.auth_required, self.metrics)
 
     @contextlib.asynccontextmanager
@@ -202,12 +203,10 @@ class _Counted:
         self._gw, self._request, self._stream, self._response = gw, request, stream, response
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        self._gw.metrics.in_flight.inc()
         try:
             await self._response(scope, receive, send)
         finally:
             self._gw.in_flight -= 1
-            self._gw.metrics.in_flight.dec()
             usage = getattr(self._request.state, "usage", None)
             if usage is not None and self._stream.result is not None:
                 usage.update(self._stream.result.usage)

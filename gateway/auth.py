@@ -117,13 +117,11 @@ class Guard:
         if path.startswith(ADMIN_PATHS) and "admin" not in key.scopes:
             raise self._refuse(key.name, "scope", E.Unauthorized(f"key {key.name!r} has no admin scope"))
         use = self._use_of(key)
-        limits = (("concurrency", key.concurrency is not None and use.in_flight >= key.concurrency, 1.0),
-                  ("requests_per_minute", use.requests is not None and use.requests.wait_s(1) > 0,
-                   use.requests.wait_s(1) if use.requests else 0),
-                  ("tokens_per_minute", use.tokens is not None and use.tokens.wait_s(1e-9) > 0,
-                   use.tokens.wait_s(1e-9) if use.tokens else 0))
-        for name, over, wait in limits:
-            if over:
+        waits = {"concurrency": 1.0 if key.concurrency is not None and use.in_flight >= key.concurrency else 0.0,
+                 "requests_per_minute": use.requests.wait_s(1) if use.requests else 0.0,
+                 "tokens_per_minute": use.tokens.wait_s(1e-9) if use.tokens else 0.0}
+        for name, wait in waits.items():
+            if wait > 0:
                 raise self._refuse(key.name, name, E.Overloaded(
                     f"key {key.name!r} is over its {name.replace('_', ' ')}", limit=name,
                     retry_after_s=max(1.0, math.ceil(wait))))
