@@ -7,14 +7,7 @@ import random
 from dataclasses import dataclass
 
 from supervisor.config import RestartSettings
-
-
-@dataclass(frozen=True)
-class Failure:
-    at: float  # wall-clock seconds: the ledger outlives the process, so monotonic time cannot
-    revision: str
-    code: str
-    counted: bool = True  # an innocent victim restarts but is not held against its model
+from supervisor.persistence.records import Failure  # re-exported: the ledger's entry, kept by the store
 
 
 class Action(enum.Enum):

@@ -14,8 +14,8 @@ from typing import Any
 from supervisor import logs
 
 from supervisor.config import CanarySettings, Config, ModelConfig
-from supervisor.lifecycle.policy import Failure
 from supervisor.persistence import storeguard
+from supervisor.persistence.records import Failure
 
 STORE_FILE = "store.sqlite3"
 _NO_FLAGS = (0, None, None, None, None, None)
