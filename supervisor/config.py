@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from supervisor import topology
-from supervisor.control import auth
-
 from supervisor.admission import confinement
+from supervisor.clients import ClientKey, check_listen, parse_clients
+from supervisor.configproblem import Problem
 
 
 class ConfigError(Exception):
@@ -154,7 +154,7 @@ class Config:
     supervisor: SupervisorSettings
     restart: RestartSettings
     models: tuple[ModelConfig, ...]
-    clients: tuple[auth.ClientKey, ...] = ()  # [[clients]]: who may use the tcp endpoint, and as what
+    clients: tuple[ClientKey, ...] = ()  # [[clients]]: who may use the tcp endpoint, and as what
     peers: tuple[topology.PeerConfig, ...] = ()  # [[peers]]: supervisors this one may place ranks on
 
     def model(self, model_id: str) -> ModelConfig | None:
@@ -262,7 +262,7 @@ def _group(file: str, prefix: str, reader: _Reader, peers: tuple) -> topology.Gr
         return None
     try:
         group = topology.parse_group(prefix, reader.table.pop("group"), peers)
-    except topology.Problem as exc:
+    except Problem as exc:
         raise ConfigError(file, exc.key, exc.problem) from None
     if reader.table.get("max_batch_size", 1) != 1:
         raise ConfigError(file, f"{prefix}.max_batch_size", "a group serves one request at a time: must be 1")
@@ -333,7 +333,7 @@ def parse(text: str, file: str = "<config>", base_dir: Path | None = None) -> Co
     restart = _section(file, "restart", raw, RestartSettings)
     try:
         peers = topology.parse_peers(raw.pop("peers", []), base_dir)
-    except topology.Problem as exc:
+    except Problem as exc:
         raise ConfigError(file, exc.key, exc.problem) from None
     models_raw = raw.pop("models", [])
     if not isinstance(models_raw, list):
@@ -345,9 +345,9 @@ def parse(text: str, file: str = "<config>", base_dir: Path | None = None) -> Co
             raise ConfigError(file, f"models[{i}].id", f"duplicate model id {m.id!r}")
         seen.add(m.id)
     try:
-        clients = auth.parse_clients(raw.pop("clients", []), base_dir)
-        supervisor = auth.check_listen(supervisor, base_dir)
-    except auth.Problem as exc:
+        clients = parse_clients(raw.pop("clients", []), base_dir)
+        supervisor = check_listen(supervisor, base_dir)
+    except Problem as exc:
         raise ConfigError(file, exc.key, exc.problem) from None
     for key, problem in confinement.config_problems(supervisor.model_roots, models)[:1]:
         raise ConfigError(file, key, problem)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from supervisor.control.auth import Problem  # a config problem at a key, as for [[clients]]
+from supervisor.configproblem import Problem
 
 BACKENDS = ("ring", "jaccl")
 PARALLEL = ("", "tensor", "pipeline")  # "": what the model supports (tensor first)

@@ -19,7 +19,7 @@ from protocol import errors as E
 from protocol import keys
 from supervisor import config as cfg
 from supervisor.admission import confinement, snapshot
-from supervisor.control.ratelimit import LogLimit
+from supervisor.logs import LogLimit
 from supervisor.daemon import prepare_state_dir, StateDirError
 from supervisor.workers import workerenv
 from tests.harness import REPO, render_config

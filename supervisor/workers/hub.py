@@ -17,7 +17,6 @@ from protocol.endpoint import worker_identities
 from protocol.loopreader import LoopReader
 from protocol.messages import TO_SUPERVISOR_FROM_WORKER, Message
 from supervisor import logs
-from supervisor.control.ratelimit import LogLimit
 
 
 class WorkerPeer(Protocol):
@@ -47,7 +46,7 @@ class WorkerHub:
         # restarted it may reconnect after its IO thread's adoption hello.
         self._heard: set[bytes] = set()
         self.log = logs.get()
-        self._log_limit = LogLimit(self.log)
+        self._log_limit = logs.LogLimit(self.log)
 
     def register(self, token: str, peer: WorkerPeer) -> None:
         for identity in worker_identities(token):
