@@ -9,22 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import secrets
 import socket
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from protocol import errors as E
-from protocol.messages import Cancel, CountTokens, GenerateRequest, Init, Message
+from protocol.messages import Cancel, ClearPrefixCache, CountTokens, GenerateRequest, Init, Message
 from supervisor import logs, topology
 from supervisor.admission import compat
 from supervisor.config import ModelConfig, SupervisorSettings
-from supervisor.services import Services
-from supervisor.workers.classify import PEER_LOST, Verdict
-from supervisor.workers.handle import Owner, WorkerHandle, wait_for
+from supervisor.workers import groupfiles
+from supervisor.workers.classify import PEER_LOST
+from supervisor.workers.handle import WorkerHandle, wait_for
 from supervisor.workers.remoterank import RemoteRank, place_message
+from supervisor.workers.worker import Death, GroupMember, Handshake, Host, Owner
 
 
 # A rank that died because a peer went away waits this long for that peer's own death (or its
@@ -51,20 +50,22 @@ class Rank:
     index: int
     host: str
     address: str  # "ip:port" its ring listens on
-    handle: Any = None  # a WorkerHandle (local rank)
+    handle: GroupMember | None = None  # a WorkerHandle (a local rank) or a RemoteRank, once spawned
 
 
 class RankGroup:
-    def __init__(self, cfg: ModelConfig, services: Services, owner: Owner) -> None:
+    """A Worker (supervisor.workers.worker) that is several ranks, here and on peers."""
+
+    def __init__(self, cfg: ModelConfig, host: Host, owner: Owner) -> None:
         assert cfg.group is not None
         self.cfg = cfg
         self.spec = cfg.group
-        self._services = services
+        self._host = host
         self._owner = owner
         self.log = logs.get(model=cfg.id)
-        sup = services.config.supervisor
+        sup = host.config.supervisor
         here = topology.local_data_address(sup.data_address, sup.listen)
-        self._peers = {p.name: p for p in services.config.peers}
+        self._peers = {p.name: p for p in host.config.peers}
         hosts = [here if h == topology.LOCAL else self._peers[h].data_host for h in self.spec.hosts]
         if self.spec.ring_port:
             ports = [self.spec.ring_port + i for i in range(self.spec.size)]
@@ -72,26 +73,31 @@ class RankGroup:
             ports = free_ports(here, self.spec.size)
         self.ranks = [Rank(i, h, f"{addr}:{port}") for i, (h, addr, port) in enumerate(zip(self.spec.hosts, hosts, ports))]
         self.stopping = False
-        self.death: Verdict | None = None
+        self.death: Death | None = None
         self.failed: Rank | None = None
         self._grace: asyncio.TimerHandle | None = None  # a rank lost a peer: waiting for the peer's death
-        self._hostfile = self._write_hostfile()
+        self._hostfile: Path = groupfiles.write(host.state_dir, f"{cfg.id}.hostfile.json", self.hostfile_rows)
         if self.spec.backend == "jaccl":  # rank 0 runs the coordinator, on its host's data address
             port = self.spec.jaccl_coordinator_port or free_ports(here, 1)[0]
             self._coordinator = f"{here}:{port}"
-        loop = asyncio.get_running_loop()
-        self.hello: asyncio.Future = loop.create_future()
-        self.ready: asyncio.Future = loop.create_future()
+        self.handshake = Handshake()
+
+    @property
+    def hello(self) -> asyncio.Future:
+        return self.handshake.hello
+
+    @property
+    def ready(self) -> asyncio.Future:
+        return self.handshake.ready
+
+    def _members(self) -> list[GroupMember]:
+        return [r.handle for r in self.ranks if r.handle is not None]
+
+    def _handle(self, rank: Rank) -> GroupMember:
+        assert rank.handle is not None, "a rank is read only once the group has spawned"
+        return rank.handle
 
     # --- start ---------------------------------------------------------------------------------
-
-    def _write_hostfile(self) -> Path:
-        state_dir = self._services.state_dir
-        base = Path(state_dir) / "groups" if state_dir is not None else Path(tempfile.gettempdir())
-        base.mkdir(parents=True, exist_ok=True)
-        path = base / f"{self.cfg.id}.hostfile.json"
-        path.write_text(json.dumps(self.hostfile_rows))
-        return path
 
     @property
     def hostfile_rows(self) -> list[list[str]]:
@@ -114,7 +120,7 @@ class RankGroup:
         for rank in self.ranks:
             env = self.rank_env(rank)
             if rank.host == topology.LOCAL:
-                rank.handle = WorkerHandle.spawn(self.cfg, self._services, self, env=env)
+                rank.handle = WorkerHandle.spawn(self.cfg, self._host, self, env=env)
             else:
                 env.pop("MLX_HOSTFILE", None)  # the member writes its own copy
                 place = place_message(group_id, self.cfg, rank.index, self.spec.size, self.spec, env,
@@ -122,10 +128,10 @@ class RankGroup:
                 rank.handle = RemoteRank(self._peers[rank.host], place, self, sup)
             rank.handle.watch(sup)
         self.log.info("group.spawned", group=group_id, ranks=[
-            {"rank": r.index, "host": r.host, "address": r.address, "worker_pid": r.handle.process.pid}
+            {"rank": r.index, "host": r.host, "address": r.address, "worker_pid": self._handle(r).process.pid}
             for r in self.ranks])
 
-    async def start(self, init: Init, sup: SupervisorSettings) -> None:
+    async def greet(self, init: Init, sup: SupervisorSettings) -> None:
         """Every rank's hello, then Init (with its place in the group) to the local ones (a peer
         gives its own theirs), then every rank's ready. A rank's death on the way fails the awaited
         step with the group's error."""
@@ -138,27 +144,29 @@ class RankGroup:
                 group = {"rank": rank.index, "size": self.spec.size, "backend": self.spec.backend,
                          "parallel": self.spec.parallel}
                 # orphan_grace_s 0: a rank whose supervisor is gone ends at once (the group is over)
-                rank.handle.tell(dataclasses.replace(init, group=group, orphan_grace_s=0.0))
-            self._resolve(self.hello, None)
+                self._handle(rank).tell(dataclasses.replace(init, group=group, orphan_grace_s=0.0))
+            self.handshake.said_hello(None)
         except E.LmxError as exc:
-            self._resolve(self.hello, exc)
+            self.handshake.said_hello(exc)
             raise
 
-    async def until_ready(self, sup: SupervisorSettings) -> None:
+    async def load(self, sup: SupervisorSettings) -> None:
         try:
             await wait_for(self._all("ready"), sup.load_timeout_s,
                            E.LoadTimeout(f"not every rank was ready within load_timeout_s={sup.load_timeout_s}"))
-            self._resolve(self.ready, self.ranks[0].handle.loaded)
+            self.handshake.said_ready(self._handle(self.ranks[0]).loaded)
         except E.LmxError as exc:
-            self._resolve(self.ready, exc)
+            self.handshake.said_ready(exc)
             raise
+
+    start, until_ready = greet, load  # their names before the Worker protocol (lifecycle.startup)
 
     async def _all(self, which: str) -> None:
         """Every rank's `which` future; the group's error as soon as one rank fails (its death, or
         an error it sent, named with its rank and host)."""
         waits = {}
         for r in self.ranks:
-            fut = getattr(r.handle, which)
+            fut = getattr(self._handle(r), which)  # its handshake's future (hello or ready)
             fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # the others', once one failed
             waits[asyncio.ensure_future(asyncio.shield(fut))] = r
         try:
@@ -171,20 +179,10 @@ class RankGroup:
                         exc.details.update(rank=rank.index, host=rank.host)
                         raise
                 if self.death is not None:
-                    raise self.death_error()
+                    raise self.death.error()
         finally:
             for t in waits:
                 t.cancel()
-
-    @staticmethod
-    def _resolve(fut: asyncio.Future, outcome: Any) -> None:
-        if fut.done():
-            return
-        if isinstance(outcome, BaseException):
-            fut.set_exception(outcome)
-            fut.exception()
-        else:
-            fut.set_result(outcome)
 
     # --- what the runtime reads of its "worker" -----------------------------------------------
 
@@ -192,30 +190,34 @@ class RankGroup:
     def process(self) -> Any:
         """The process a status or a crash record names: the rank that failed, else rank 0's."""
         rank = self.failed or self.ranks[0]
-        return rank.handle.process
+        return self._handle(rank).process
 
     @property
     def loaded(self) -> Any:
-        return self.ranks[0].handle.loaded
+        return self._handle(self.ranks[0]).loaded
 
     @property
     def memory(self) -> dict:
         """This host's: the failed rank's if it ran here, else rank 0's (what the ledger and the
         crash record read)."""
         rank = self.failed if self.failed is not None and self.failed.host == topology.LOCAL else self.ranks[0]
-        return rank.handle.memory
+        return self._handle(rank).memory
 
     @property
     def phase(self) -> str:
-        return self.ranks[0].handle.phase
+        return self._handle(self.ranks[0]).phase
+
+    @property
+    def progress(self) -> int:
+        return self._handle(self.ranks[0]).progress
 
     @property
     def cache(self) -> dict:
-        return {}
+        return {}  # a group's ranks keep no prefix cache (worker.group)
 
     @property
     def available_at_beat(self) -> int | None:
-        return self.ranks[0].handle.available_at_beat
+        return self._handle(self.ranks[0]).available_at_beat
 
     def status(self) -> list[dict[str, Any]]:
         """Each rank, for lmxctl status."""
@@ -231,24 +233,27 @@ class RankGroup:
     # --- the wire ------------------------------------------------------------------------------
 
     def send(self, msg: Message) -> bool:
-        """A request to every rank (in one order: the ranks run it together); a cancel to rank 0."""
+        """A request to every rank (in one order: the ranks run it together), and so a prefix-cache
+        clear (the barrier goes the way the requests go, on every rank); a cancel to rank 0."""
         if self.death is not None or self.stopping:
             return False
-        if isinstance(msg, GenerateRequest):
-            return all([r.handle.send(msg) for r in self.ranks])
+        if isinstance(msg, (GenerateRequest, ClearPrefixCache)):
+            return all([m.send(msg) for m in self._members()])
         if isinstance(msg, (Cancel, CountTokens)):  # a count is rank 0's alone: nothing runs together
-            return self.ranks[0].handle.send(msg)
+            return self._handle(self.ranks[0]).send(msg)
         return False
 
     def knows(self, tag: str) -> bool:
-        return getattr(self.ranks[0].handle, "knows", lambda _: False)(tag)
+        return self._handle(self.ranks[0]).knows(tag)
 
     def tell(self, msg: Message) -> None:
-        pass  # control messages are per rank (Init, Shutdown): the group sends them itself
+        """To every rank. Init is not told this way: each rank's differs (its place, in `greet`)."""
+        for member in self._members():
+            member.tell(msg)
 
     # --- the ranks' owner ----------------------------------------------------------------------
 
-    def on_worker_result(self, handle: WorkerHandle, msg: Message) -> None:
+    def on_worker_result(self, handle: Any, msg: Message) -> None:
         if handle is self.ranks[0].handle:  # a follower's output would repeat rank 0's
             self._owner.on_worker_result(self, msg)
 
@@ -270,30 +275,30 @@ class RankGroup:
     def _conclude(self, rank: Rank, rc: int | None) -> None:
         if self.death is not None or self.stopping:
             return
-        handle = rank.handle
-        self.death = dataclasses.replace(handle.death, details={**handle.death.details, "rank": rank.index,
-                                                                "host": rank.host})
+        handle = self._handle(rank)
+        assert handle.death is not None
+        # The rank's own verdict, named as the group's: its message, whatever the rank's kind, is
+        # "rank R on HOST: worker pid P died (...): cause", and its details carry rank and host.
+        verdict = dataclasses.replace(handle.death, details={**handle.death.details, "rank": rank.index,
+                                                             "host": rank.host})
+        self.death = Death.of(verdict, handle.process.pid, where=f"rank {rank.index} on {rank.host}")
         self.failed = rank
         self.log.error("group.failed", rank=rank.index, host=rank.host, code=self.death.code.code,
                        cause=self.death.cause, worker_pid=handle.process.pid)
-        for other in self.ranks:
-            if other is not rank and other.handle is not None:
-                other.handle.end_with_group()
-        exc = self.death_error()
-        self._resolve(self.hello, exc)
-        self._resolve(self.ready, exc)
+        for other in self._members():
+            if other is not handle:
+                other.end_with_group()
+        self.handshake.fail(self.death.error())
         self._owner.on_worker_exit(self, rc)
 
     def death_error(self) -> E.LmxError:
-        v, rank = self.death, self.failed
-        assert v is not None and rank is not None
-        pid = rank.handle.process.pid
-        return E.error_class(v.code)(f"rank {rank.index} on {rank.host}: {v.message(pid)}", worker_pid=pid,
-                                     cause=v.cause, **v.details)
+        """The group's error: `death.error()`."""
+        assert self.death is not None
+        return self.death.error()
 
     async def close(self, reason: str, timeout_s: float) -> None:
         """Every rank, at once: the ladder for each (a group cannot serve with one rank gone)."""
         self.stopping = True
         if self._grace is not None:
             self._grace.cancel()
-        await asyncio.gather(*(r.handle.close(reason, timeout_s) for r in self.ranks if r.handle is not None))
+        await asyncio.gather(*(m.close(reason, timeout_s) for m in self._members()))

@@ -9,19 +9,19 @@ import asyncio
 import secrets
 import signal
 import time
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 from protocol import errors as E
-from protocol.messages import Error, Final, Heartbeat, Hello, Message, Ready, Shutdown, TokenCount
+from protocol.messages import Error, Final, Heartbeat, Hello, Init, Message, Ready, Shutdown, TokenCount
 from protocol.phase import Phase
 from supervisor import logs
 from supervisor.admission.memory import available_bytes
 from supervisor.config import ModelConfig, SupervisorSettings
-from supervisor.services import Services
 from supervisor.workers import adoption
-from supervisor.workers.classify import classify, Verdict
+from supervisor.workers.classify import classify
 from supervisor.workers.liveness import liveness_verdict
 from supervisor.workers.process import AdoptionRefused, WorkerProcess
+from supervisor.workers.worker import Death, Handshake, Host, Owner
 
 __all__ = ["AdoptionRefused", "Owner", "WorkerHandle", "wait_for"]
 
@@ -34,28 +34,15 @@ async def wait_for(fut: asyncio.Future, timeout_s: float, on_timeout: E.LmxError
         raise on_timeout from None
 
 
-def _outcome(fut: asyncio.Future) -> Any:
-    """A handshake future's result, or None while pending or when it failed."""
-    return fut.result() if fut.done() and not fut.cancelled() and fut.exception() is None else None
-
-
-class Owner(Protocol):
-    """Who a worker works for (a model's runtime, or the spare pool): what is not the handle's own."""
-
-    def on_worker_result(self, handle: "WorkerHandle", msg: Message) -> None: ...
-
-    def on_worker_exit(self, handle: "WorkerHandle", rc: int | None) -> None: ...
-
-
 class WorkerHandle:
-    def __init__(self, process: WorkerProcess, services: Services, owner: Owner) -> None:
+    """A Worker (supervisor.workers.worker) that is one process on this host."""
+
+    def __init__(self, process: WorkerProcess, host: Host, owner: Owner) -> None:
         self.process = process
         self.cfg = process.model
-        self._hub = services.hub
+        self._hub = host.hub
         self._owner = owner
-        loop = asyncio.get_running_loop()
-        self.hello: asyncio.Future = loop.create_future()
-        self.ready: asyncio.Future = loop.create_future()
+        self.handshake = Handshake()
         now = time.monotonic()
         self.last_heartbeat = now
         self.progress = 0
@@ -66,7 +53,7 @@ class WorkerHandle:
         self.available_at_beat: int | None = None  # the machine's, when the last figures came
         self.stopping = False
         self.killed_for: tuple[E.ErrorCode, str] | None = None  # why the supervisor killed it
-        self.death: Verdict | None = None  # how it died, when it died unasked
+        self.death: Death | None = None  # how it died, when it died unasked
         # Requests sent through its IO thread (its main thread's socket not heard from yet): their
         # cancels go the same way, so a cancel never overtakes its request.
         self._via_io: set[str] = set()
@@ -79,28 +66,28 @@ class WorkerHandle:
     # --- constructors --------------------------------------------------------------------------
 
     @classmethod
-    def _process(cls, cfg: ModelConfig, services: Services, token: str, on_exit: Callable,
+    def _process(cls, cfg: ModelConfig, host: Host, token: str, on_exit: Callable,
                  spare: bool = False, env: dict[str, str] | None = None) -> WorkerProcess:
-        sup = services.config.supervisor
-        return WorkerProcess(cfg, services.worker_endpoint, token, asyncio.get_running_loop(), on_exit,
-                             services.log_dir, hub_downloads=sup.hub_downloads, spare=spare,
+        sup = host.config.supervisor
+        return WorkerProcess(cfg, host.worker_endpoint, token, asyncio.get_running_loop(), on_exit,
+                             host.log_dir, hub_downloads=sup.hub_downloads, spare=spare,
                              handshake_timeout_s=sup.handshake_timeout_s, env=env)
 
     @classmethod
-    def _new(cls, cfg: ModelConfig, services: Services, owner: Owner, token: str,
+    def _new(cls, cfg: ModelConfig, host: Host, owner: Owner, token: str,
              spare: bool = False, env: dict[str, str] | None = None) -> "WorkerHandle":
         """A handle on the hub whose process (not started or adopted yet) reports its exit to it."""
         handle: WorkerHandle
-        process = cls._process(cfg, services, token, lambda p, rc: handle._exited(rc), spare, env)
-        handle = cls(process, services, owner)
+        process = cls._process(cfg, host, token, lambda p, rc: handle._exited(rc), spare, env)
+        handle = cls(process, host, owner)
         return handle
 
     @classmethod
-    def spawn(cls, cfg: ModelConfig, services: Services, owner: Owner, spare: bool = False,
+    def spawn(cls, cfg: ModelConfig, host: Host, owner: Owner, spare: bool = False,
               env: dict[str, str] | None = None) -> "WorkerHandle":
         """A new worker process (with `spare`: one that imports mlx-lm and waits for a model; with
         `env`: MLX's variables that make it a rank of a group)."""
-        handle = cls._new(cfg, services, owner, secrets.token_hex(16), spare, env)
+        handle = cls._new(cfg, host, owner, secrets.token_hex(16), spare, env)
         handle.process.spawn()
         return handle
 
@@ -112,10 +99,10 @@ class WorkerHandle:
         self.log.info("worker.from_spare", worker_pid=self.process.pid)
 
     @classmethod
-    def adopt(cls, record: dict[str, Any], cfg: ModelConfig, services: Services, owner: Owner) -> "WorkerHandle":
+    def adopt(cls, record: dict[str, Any], cfg: ModelConfig, host: Host, owner: Owner) -> "WorkerHandle":
         """A previous supervisor run's worker, once pid and start time match; AdoptionRefused if not.
         It has yet to prove itself with an adoption hello (`prove`)."""
-        handle = cls._new(cfg, services, owner, record["token"])
+        handle = cls._new(cfg, host, owner, record["token"])
         try:
             handle.process.adopt(record["pid"], record["start_time"])
         except AdoptionRefused:
@@ -136,28 +123,48 @@ class WorkerHandle:
         return why
 
     @classmethod
-    def end_orphan(cls, record: dict[str, Any], cfg: ModelConfig, services: Services, why: str) -> None:
+    def end_orphan(cls, record: dict[str, Any], cfg: ModelConfig, host: Host, why: str) -> None:
         """A previous run's worker nobody will adopt: ended (once pid and start time match, so a
         stranger that reused the pid is never touched). Nothing routes to it meanwhile."""
-        process = cls._process(cfg, services, record["token"], lambda *_: None)
+        process = cls._process(cfg, host, record["token"], lambda *_: None)
         try:
             process.adopt(record["pid"], record["start_time"])
         except AdoptionRefused:
             return
         process.log.info("worker.orphan_ended", reason=why)
-        asyncio.get_running_loop().create_task(process.stop(why, services.config.supervisor.stop_timeout_s))
+        asyncio.get_running_loop().create_task(process.stop(why, host.config.supervisor.stop_timeout_s))
 
     # --- the wire ------------------------------------------------------------------------------
 
     @property
+    def hello(self) -> asyncio.Future:
+        return self.handshake.hello
+
+    @property
+    def ready(self) -> asyncio.Future:
+        return self.handshake.ready
+
+    @property
     def greeting(self) -> Hello | None:
         """Its hello, once it has said it (a spare's: its imports are done)."""
-        return _outcome(self.hello)
+        return self.handshake.greeting
 
     @property
     def loaded(self) -> Ready | None:
         """Its ready, once its weights are loaded."""
-        return _outcome(self.ready)
+        return self.handshake.loaded
+
+    def status(self) -> None:
+        return None  # one process: no ranks to list
+
+    async def greet(self, init: Init, sup: SupervisorSettings) -> None:
+        await wait_for(self.hello, sup.handshake_timeout_s,
+                       E.LoadTimeout(f"no hello within handshake_timeout_s={sup.handshake_timeout_s}"))
+        self.tell(init)
+
+    async def load(self, sup: SupervisorSettings) -> None:
+        await wait_for(self.ready, sup.load_timeout_s,
+                       E.LoadTimeout(f"no ready within load_timeout_s={sup.load_timeout_s}"))
 
     @property
     def direct_requests(self) -> bool:
@@ -211,31 +218,23 @@ class WorkerHandle:
             self.available_at_beat = available_bytes()
         elif isinstance(msg, Hello):
             self.last_heartbeat = now
-            if not self.hello.done():
-                self.hello.set_result(msg)
+            self.handshake.said_hello(msg)
         elif isinstance(msg, Ready):
             if self.ready.done():
                 pass
             elif msg.revision != self.cfg.revision:
-                self.ready.set_exception(E.LoadFailed(f"worker loaded revision {msg.revision}"))
+                self.handshake.said_ready(E.LoadFailed(f"worker loaded revision {msg.revision}"))
             else:
                 self.memory, self.cache = msg.memory, msg.cache
                 self.available_at_beat = available_bytes()
-                self.ready.set_result(msg)
+                self.handshake.said_ready(msg)
         elif isinstance(msg, Error) and not msg.request_id:
-            if not self.ready.done():
-                self.ready.set_exception(msg.to_exc())
+            self.handshake.said_ready(msg.to_exc())
         else:
             return False
         return True
 
     # --- liveness and death --------------------------------------------------------------------
-
-    def fail_handshake(self, exc: E.LmxError) -> None:
-        for fut in (self.hello, self.ready):
-            if not fut.done():
-                fut.set_exception(exc)
-                fut.exception()  # whoever awaits it gets exc; nobody awaiting is not an error
 
     def kill_for(self, code: E.ErrorCode, reason: str) -> None:
         """The supervisor's own verdict: SIGKILL the process group; the death is classified as `code`."""
@@ -274,16 +273,16 @@ class WorkerHandle:
         if self._watch is not None:
             self._watch.cancel()
         if not self.stopping:
-            self.death = classify(rc, self.process.stderr_tail, killed_for=self.killed_for, last_memory=self.memory,
-                                  memory_limit_bytes=self.cfg.memory_limit_bytes)
-            self.fail_handshake(self.death_error())
+            verdict = classify(rc, self.process.stderr_tail, killed_for=self.killed_for, last_memory=self.memory,
+                               memory_limit_bytes=self.cfg.memory_limit_bytes)
+            self.death = Death.of(verdict, self.process.pid)
+            self.handshake.fail(self.death.error())
         self._owner.on_worker_exit(self, rc)
 
     def death_error(self) -> E.LmxError:
-        """The typed error its death is (WORKER_CRASHED, WORKER_OOM, WORKER_HUNG, ...)."""
-        v, pid = self.death, self.process.pid
-        assert v is not None
-        return E.error_class(v.code)(v.message(pid), worker_pid=pid, cause=v.cause, **v.details)
+        """The typed error its death is (WORKER_CRASHED, WORKER_OOM, WORKER_HUNG, ...): `death.error()`."""
+        assert self.death is not None
+        return self.death.error()
 
     async def close(self, reason: str, timeout_s: float) -> None:
         """The stop ladder (ask over the socket -> SIGTERM -> SIGKILL of the process group), then off

@@ -11,8 +11,8 @@ import time
 from protocol.messages import Message
 from supervisor import logs
 from supervisor.config import ModelConfig
-from supervisor.services import Services
 from supervisor.workers.handle import WorkerHandle
+from supervisor.workers.worker import Host
 
 SPARE_ID = "spare"
 # A spare that dies this soon after its start is not replaced at once (no spawn loop).
@@ -20,11 +20,11 @@ REFILL_BACKOFF_S = 5.0
 
 
 class SparePool:
-    """Owns the spares (their handles' owner until a model takes one)."""
+    """Owns the spares (their handles' Owner until a model takes one)."""
 
-    def __init__(self, size: int, services: Services) -> None:
+    def __init__(self, size: int, host: Host) -> None:
         self.size = size
-        self._services = services
+        self._host = host
         self._spares: dict[str, WorkerHandle] = {}
         self._closed = False
         self._refill: asyncio.TimerHandle | None = None
@@ -33,7 +33,7 @@ class SparePool:
     def fill(self) -> None:
         self._refill = None
         while not self._closed and len(self._spares) < self.size:
-            handle = WorkerHandle.spawn(ModelConfig(id=SPARE_ID, path=""), self._services, self, spare=True)
+            handle = WorkerHandle.spawn(ModelConfig(id=SPARE_ID, path=""), self._host, self, spare=True)
             self._spares[handle.process.token] = handle
 
     def take(self) -> WorkerHandle | None:
