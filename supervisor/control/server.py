@@ -1,7 +1,4 @@
-"""A control endpoint: a ROUTER socket (the ipc one in the state dir, or the tcp one for CURVE
-clients) that decodes each client message and dispatches it by its type, through one table, onto
-Operations (status, load, unload, history, the admin ops), the Router (generate, count tokens,
-cancel) or the peer link (a group's ranks placed here), and answers it with a typed reply."""
+"""The control API: a ROUTER socket in the state dir serving status, generate, cancel, load, unload."""
 
 from __future__ import annotations
 
@@ -10,7 +7,7 @@ import dataclasses
 import os
 import time
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Protocol
 
 import zmq
 import zmq.asyncio
@@ -25,22 +22,35 @@ from protocol.messages import (
     TO_SUPERVISOR_FROM_CLIENT, Ack, AdminRequest, Cancel, Chunk, CountTokens, Error, Final, GenerateRequest,
     HistoryReply, HistoryRequest, LoadRequest, Message, StatusReply, StatusRequest, TokenCount, UnloadRequest,
 )
+from protocol.states import ModelStatus
 from supervisor import config as cfg_mod, logs
+from supervisor.admission import compat, snapshot
+from supervisor.control.admin import ModelOps
 from supervisor.control.auth import Access
 from supervisor.control.metrics import RequestTimer
 from supervisor.logs import LogLimit
 from supervisor.control.router import Key, Router
-from supervisor.operations.verbs import Operations
 from supervisor.services import Services
 
-Handler = Callable[[bytes, Any], None]  # (the client's identity, its message): answers it, now or later
-AdminHandler = Callable[[Any], Awaitable[A.AdminReply | dict[str, Any]]]
+
+class Daemon(Protocol):
+    """What a control server asks of the daemon beyond the router: whole-supervisor operations."""
+
+    ops: ModelOps  # per-model operations, one at a time per model
+
+    def status(self) -> dict[str, Any]: ...
+
+    async def reload(self) -> dict[str, Any]: ...
+
+    async def probe(self, path: str) -> dict[str, Any]: ...
+
+    async def swap(self, old_id: str, new_id: str) -> dict[str, Any]: ...
 
 
 class ControlServer:
     """Decodes client frames, answers each with a typed reply; never lets one client block another."""
 
-    def __init__(self, ctx: zmq.asyncio.Context, endpoint: str, socket_path: Path | None, ops: Operations,
+    def __init__(self, ctx: zmq.asyncio.Context, endpoint: str, socket_path: Path | None, daemon: Daemon,
                  router: Router, services: Services, configure: Callable[[zmq.Socket], None] | None = None,
                  access: Access | None = None) -> None:
         # A plain socket read by the loop's reader callback (protocol.loopreader); the connection
@@ -61,8 +71,9 @@ class ControlServer:
         # roles of the tcp endpoint's CURVE clients.
         self._access = access
         self._name = endpoint  # a client is (endpoint, identity): identities are unique per socket only
-        self._ops = ops
+        self._daemon = daemon
         self._router = router
+        self._store = services.store
         self._placed = services.placed  # ranks for peers' groups (None: this supervisor places none)
         self._metrics = services.metrics
         self.connections = 0  # open client connections, from the socket's monitor
@@ -70,8 +81,7 @@ class ControlServer:
         self._task: asyncio.Task | None = None
         self._reader: LoopReader | None = None
         self._bg: set[asyncio.Task] = set()
-        self._admin_ops = self._admin_table()
-        self._handlers = self._table()
+        self._admin_handlers = self._admin_table()
         self.log = logs.get()
         self._log_limit = LogLimit(self.log)  # what a peer can make us log, it cannot make us log forever
 
