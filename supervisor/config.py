@@ -12,8 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from supervisor import topology
-from supervisor.admission import confinement
+from supervisor import confinement, topology
 from supervisor.clients import ClientKey, check_listen, parse_clients
 from supervisor.configproblem import Problem
 

@@ -18,7 +18,8 @@ import pytest
 from protocol import errors as E
 from protocol import keys
 from supervisor import config as cfg
-from supervisor.admission import confinement, snapshot
+from supervisor import confinement
+from supervisor.admission import snapshot
 from supervisor.logs import LogLimit
 from supervisor.daemon import prepare_state_dir, StateDirError
 from supervisor.workers import workerenv

@@ -8,7 +8,8 @@ import asyncio
 from typing import Awaitable, Callable
 
 from protocol import errors as E
-from supervisor.admission import architectures, checksums, confinement, kvcache, snapshot
+from supervisor import confinement
+from supervisor.admission import architectures, checksums, kvcache, snapshot
 from supervisor.admission.evidence import Evidence
 from supervisor.admission.memory import estimate, MemoryLedger
 from supervisor.config import ModelConfig

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from protocol import errors as E
 from supervisor import config as cfg_mod
-from supervisor.admission import confinement
+from supervisor import confinement
 from supervisor.admission.evidence import Evidence
 
 from supervisor.lifecycle import modelstatus

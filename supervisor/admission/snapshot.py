@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from protocol import errors as E
-from supervisor.admission import confinement
+from supervisor import confinement
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tiktoken.model", "vocab.json")
 _SHARD = re.compile(r"-(\d{5})-of-(\d{5})\.safetensors$")

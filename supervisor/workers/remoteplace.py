@@ -20,7 +20,7 @@ from typing import Any
 from protocol import errors as E
 from protocol.limits import MAX_NAME_CHARS, MAX_PATH_CHARS
 from protocol.peer import RankPlace
-from supervisor.admission import confinement
+from supervisor import confinement
 from supervisor.config import path_component_problem
 from supervisor.topology import BACKENDS, PARALLEL
 

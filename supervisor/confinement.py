@@ -1,6 +1,8 @@
 """Path confinement: what a snapshot directory may contain, and (with `supervisor.model_roots`) where
 model paths may lead. Paths resolve with symlinks followed; FIFOs, devices and sockets are refused
-wherever they sit in a snapshot, since opening one blocks the reader or reads something else."""
+wherever they sit in a snapshot, since opening one blocks the reader or reads something else.
+A kernel module (stdlib only): the config checks model paths at load, admission and remote
+placement check them again at use."""
 
 from __future__ import annotations
 
