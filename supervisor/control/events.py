@@ -41,15 +41,3 @@ class EventPublisher:
 
     def close(self) -> None:
         self._sock.close(linger=0)
-
-
-class NoEvents:
-    """For runtimes outside a daemon (and probes): publishing is a no-op."""
-
-    seq = 0
-
-    def publish(self, name: str, **fields: Any) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
