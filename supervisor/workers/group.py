@@ -166,7 +166,7 @@ class RankGroup:
         an error it sent, named with its rank and host)."""
         waits = {}
         for r in self.ranks:
-            fut = getattr(self._handle(r), which)  # its handshake's future (hello or ready)
+            fut = getattr(self._handle(r).handshake, which)
             fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # the others', once one failed
             waits[asyncio.ensure_future(asyncio.shield(fut))] = r
         try:
