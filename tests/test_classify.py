@@ -59,3 +59,20 @@ def test_near_the_memory_limit_is_oom_and_far_from_it_is_not() -> None:
 def test_what_the_supervisor_killed_it_for_wins() -> None:
     v = classify(-signal.SIGKILL, ["std::bad_alloc"], killed_for=(ErrorCode.WORKER_HUNG, "no heartbeat"))
     assert (v.code, v.cause) == (ErrorCode.WORKER_HUNG, "no heartbeat")
+
+
+def test_a_death_reads_as_each_kind_of_worker_said_it() -> None:
+    # One Death (supervisor.workers.worker) for the three messages a worker's error had: a local
+    # worker's, a group's (naming rank and host), and a peer's report (its cause is the message).
+    from protocol import errors as E
+    from supervisor.workers.worker import Death
+
+    verdict = classify(-signal.SIGKILL, ["std::bad_alloc"])
+    local = Death.of(verdict, 41).error()
+    assert isinstance(local, E.WorkerOOM) and local.message == "worker pid 41 died (SIGKILL): bad_alloc"
+    assert local.details == {"worker_pid": 41, "cause": "bad_alloc", "signal": "SIGKILL", "evidence": "std::bad_alloc"}
+    group = Death.of(verdict, 41, where="rank 1 on b").error()
+    assert group.message == "rank 1 on b: worker pid 41 died (SIGKILL): bad_alloc"
+    peer = Death.of(classify(None, []), 7, reported=True).error()
+    assert peer.message == "adopted worker exited (status unknown)" and peer.details["worker_pid"] == 7
+    assert Death.of(verdict, 41).victim is verdict.victim and Death.of(verdict, 41).code is verdict.code
