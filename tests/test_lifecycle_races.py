@@ -14,7 +14,7 @@ import pytest
 
 from protocol import errors as E
 from protocol.client import SupervisorClient
-from supervisor.control.admin import AdminGate
+from supervisor.operations.gate import AdminGate
 from tests.harness import wait_until, workers_of
 
 

@@ -13,15 +13,17 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from supervisor.lifecycle.states import ModelState
+from protocol.states import ModelState, ModelStatus
 
+# What a scrape reads, as one moment: status's supervisor section and each model's typed entry.
+Status = Callable[[], tuple[dict[str, Any], list[ModelStatus]]]
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _STORE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
 
 
-def _prefix_cache(models: list[dict[str, Any]]) -> Iterator[Any]:
+def _prefix_cache(models: list[ModelStatus]) -> Iterator[Any]:
     """The workers' prefix caches (status's `prefix_cache`): counters summed over each model's workers."""
     families = {
         "hit_tokens_total": CounterMetricFamily("lmx_prefix_cache_hit_tokens",
@@ -37,10 +39,10 @@ def _prefix_cache(models: list[dict[str, Any]]) -> Iterator[Any]:
                                         labels=["model"]),
     }
     for m in models:
-        pc = m.get("prefix_cache") or {}
+        pc = m.prefix_cache or {}
         for key, family in families.items():
             if key in pc:
-                family.add_metric([m["id"]], pc[key])
+                family.add_metric([m.id], pc[key])
     yield from families.values()
 
 
@@ -66,7 +68,7 @@ def _supervisor_gauges(sup: dict[str, Any], connections: int) -> Iterator[GaugeM
                             value=sup["memory_stranded_bytes"])
 
 
-def _model_gauges(models: list[dict[str, Any]]) -> Iterator[GaugeMetricFamily]:
+def _model_gauges(models: list[ModelStatus]) -> Iterator[GaugeMetricFamily]:
     """Per-model gauges (status's `models`), labelled by model: the state as one-hot, the failure and
     queue counts, and the worker memory of its last heartbeat (a key absent there gives no sample)."""
     state = GaugeMetricFamily("lmx_model_state", "1 for the state the model is in, 0 for the others.",
@@ -91,14 +93,14 @@ def _model_gauges(models: list[dict[str, Any]]) -> Iterator[GaugeMetricFamily]:
                                             labels=["model"]),
     }
     for m in models:
-        mid = m["id"]
+        mid = m.id
         for st in ModelState:
-            state.add_metric([mid, st.value], 1 if m["state"] == st.value else 0)
-        gauges["quarantined"].add_metric([mid], 1 if m["quarantined"] else 0)
-        gauges["failures"].add_metric([mid], m["failures_in_window"])
-        gauges["queued"].add_metric([mid], m["queued"])
-        gauges["active"].add_metric([mid], m.get("active", 0))
-        memory = m.get("memory") or {}
+            state.add_metric([mid, st.value], 1 if m.state == st.value else 0)
+        gauges["quarantined"].add_metric([mid], 1 if m.quarantined else 0)
+        gauges["failures"].add_metric([mid], m.failures_in_window)
+        gauges["queued"].add_metric([mid], m.queued)
+        gauges["active"].add_metric([mid], m.active)
+        memory = m.memory or {}
         for key in ("rss_bytes", "mlx_active_bytes", "mlx_peak_bytes"):
             if key in memory:
                 gauges[key].add_metric([mid], memory[key])
@@ -107,16 +109,16 @@ def _model_gauges(models: list[dict[str, Any]]) -> Iterator[GaugeMetricFamily]:
 
 
 class _StatusCollector(Collector):
-    def __init__(self, status: Callable[[], dict[str, Any]], connections: Callable[[], int]) -> None:
+    def __init__(self, status: Status, connections: Callable[[], int]) -> None:
         self._status = status
         self._connections = connections
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         # One status read per scrape, so every family describes the same moment.
-        s = self._status()
-        yield from _supervisor_gauges(s["supervisor"], self._connections())
-        yield from _model_gauges(s["models"])
-        yield from _prefix_cache(s["models"])
+        sup, models = self._status()
+        yield from _supervisor_gauges(sup, self._connections())
+        yield from _model_gauges(models)
+        yield from _prefix_cache(models)
 
 
 class Metrics:
@@ -146,7 +148,7 @@ class Metrics:
         if record.get("rank") is not None:
             self.group_failures.labels(model, str(record["rank"]), str(record.get("host")), code).inc()
 
-    def watch_status(self, status: Callable[[], dict[str, Any]], connections: Callable[[], int]) -> None:
+    def watch_status(self, status: Status, connections: Callable[[], int]) -> None:
         self.registry.register(_StatusCollector(status, connections))
 
     def render(self) -> bytes:

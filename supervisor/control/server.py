@@ -1,4 +1,7 @@
-"""The control API: a ROUTER socket in the state dir serving status, generate, cancel, load, unload."""
+"""A control endpoint: a ROUTER socket (the ipc one in the state dir, or the tcp one for CURVE
+clients) that decodes each client message and dispatches it by its type, through one table, onto
+Operations (status, load, unload, history, the admin ops), the Router (generate, count tokens,
+cancel) or the peer link (a group's ranks placed here), and answers it with a typed reply."""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ import dataclasses
 import os
 import time
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Protocol
+from typing import Any, Awaitable, Callable
 
 import zmq
 import zmq.asyncio
@@ -22,35 +25,22 @@ from protocol.messages import (
     TO_SUPERVISOR_FROM_CLIENT, Ack, AdminRequest, Cancel, Chunk, CountTokens, Error, Final, GenerateRequest,
     HistoryReply, HistoryRequest, LoadRequest, Message, StatusReply, StatusRequest, TokenCount, UnloadRequest,
 )
-from protocol.states import ModelStatus
 from supervisor import config as cfg_mod, logs
-from supervisor.admission import compat, snapshot
-from supervisor.control.admin import ModelOps
 from supervisor.control.auth import Access
 from supervisor.control.metrics import RequestTimer
 from supervisor.logs import LogLimit
 from supervisor.control.router import Key, Router
+from supervisor.operations.verbs import Operations
 from supervisor.services import Services
 
-
-class Daemon(Protocol):
-    """What a control server asks of the daemon beyond the router: whole-supervisor operations."""
-
-    ops: ModelOps  # per-model operations, one at a time per model
-
-    def status(self) -> dict[str, Any]: ...
-
-    async def reload(self) -> dict[str, Any]: ...
-
-    async def probe(self, path: str) -> dict[str, Any]: ...
-
-    async def swap(self, old_id: str, new_id: str) -> dict[str, Any]: ...
+Handler = Callable[[bytes, Any], None]  # (the client's identity, its message): answers it, now or later
+AdminHandler = Callable[[Any], Awaitable[A.AdminReply | dict[str, Any]]]
 
 
 class ControlServer:
     """Decodes client frames, answers each with a typed reply; never lets one client block another."""
 
-    def __init__(self, ctx: zmq.asyncio.Context, endpoint: str, socket_path: Path | None, daemon: Daemon,
+    def __init__(self, ctx: zmq.asyncio.Context, endpoint: str, socket_path: Path | None, ops: Operations,
                  router: Router, services: Services, configure: Callable[[zmq.Socket], None] | None = None,
                  access: Access | None = None) -> None:
         # A plain socket read by the loop's reader callback (protocol.loopreader); the connection
@@ -71,9 +61,8 @@ class ControlServer:
         # roles of the tcp endpoint's CURVE clients.
         self._access = access
         self._name = endpoint  # a client is (endpoint, identity): identities are unique per socket only
-        self._daemon = daemon
+        self._ops = ops
         self._router = router
-        self._store = services.store
         self._placed = services.placed  # ranks for peers' groups (None: this supervisor places none)
         self._metrics = services.metrics
         self.connections = 0  # open client connections, from the socket's monitor
@@ -81,7 +70,8 @@ class ControlServer:
         self._task: asyncio.Task | None = None
         self._reader: LoopReader | None = None
         self._bg: set[asyncio.Task] = set()
-        self._admin_handlers = self._admin_table()
+        self._admin_ops = self._admin_table()
+        self._handlers = self._table()
         self.log = logs.get()
         self._log_limit = LogLimit(self.log)  # what a peer can make us log, it cannot make us log forever
 
@@ -158,7 +148,7 @@ class ControlServer:
             self._handle(identity, msg)
         except E.LmxError as exc:
             if isinstance(msg, GenerateRequest):
-                self._metrics.requests.labels(msg.model if msg.model in self._router.models else "",
+                self._metrics.requests.labels(msg.model if msg.model in self._ops.models else "",
                                               exc.code.code).inc()
             self._refuse(identity, getattr(msg, "request_id", None), exc)
         except Exception as exc:
@@ -173,36 +163,36 @@ class ControlServer:
             self._router.cancel(((self._name, identity), rid))
         self.send(identity, Error.from_exc(rid, exc))
 
+    def _table(self) -> dict[type[Message], Handler]:
+        """Dispatch: each message type the client direction carries -> its handler. Load and unload
+        (older than the admin ops) are answered by an Ack when done; the admin ops through
+        `_admin`, a legacy `AdminRequest` by the typed op it stands for."""
+        ops = self._ops
+        table: dict[type[Message], Handler] = {
+            StatusRequest: self._status,
+            GenerateRequest: self._generate, CountTokens: self._generate,
+            Cancel: lambda identity, msg: self._router.cancel(((self._name, identity), msg.request_id)),
+            LoadRequest: lambda identity, msg: self._later(identity, msg.request_id, ops.load(msg.model, msg.force)),
+            UnloadRequest: lambda identity, msg: self._later(identity, msg.request_id, ops.unload(msg.model)),
+            HistoryRequest: lambda identity, msg: self.send(identity, HistoryReply(
+                msg.request_id, msg.model, ops.history(msg.model, msg.limit))),
+            P.RankPlace: self._peer, P.RankSend: self._peer, P.RankEnd: self._peer,
+            AdminRequest: lambda identity, msg: self._background(self._admin(identity, msg.typed(), legacy=True)),
+        }
+        for op in self._admin_ops:
+            table[op] = lambda identity, msg: self._background(self._admin(identity, msg, legacy=False))
+        return table
+
     def _handle(self, identity: bytes, msg: Message) -> None:
-        if isinstance(msg, StatusRequest):
-            s = self._daemon.status()
-            # Each model's entry through ModelStatus: the keys on the wire are exactly its fields.
-            models = [ModelStatus.from_dict(m).to_dict() for m in s["models"]]
-            self.send(identity, StatusReply(msg.request_id, s["supervisor"], models))
-        elif isinstance(msg, (GenerateRequest, CountTokens)):
-            self._generate(identity, msg)
-        elif isinstance(msg, Cancel):
-            self._router.cancel(((self._name, identity), msg.request_id))
-        elif isinstance(msg, LoadRequest):
-            if self._router.unalias(msg.model):  # loading a swapped-out model takes its name back
-                self._store.set_alias(msg.model, None)
-            runtime = self._router.runtime(msg.model)
-            if self._router.draining:
-                raise E.ShuttingDown("supervisor is shutting down")
-            self._background(self._answer(identity, msg.request_id, self._daemon.ops.load(runtime.cfg.id, msg.force)))
-        elif isinstance(msg, UnloadRequest):
-            runtime = self._router.runtime(msg.model)
-            self._background(self._answer(identity, msg.request_id, self._daemon.ops.unload(runtime.cfg.id)))
-        elif isinstance(msg, HistoryRequest):
-            runtime = self._router.runtime(msg.model)
-            records = runtime.store.crashes(msg.model, max(1, min(msg.limit, 500)))
-            self.send(identity, HistoryReply(msg.request_id, msg.model, records))
-        elif isinstance(msg, (P.RankPlace, P.RankSend, P.RankEnd)):
-            self._peer(identity, msg)
-        elif isinstance(msg, A.AdminOp):
-            self._background(self._admin(identity, msg, legacy=False))
-        elif isinstance(msg, AdminRequest):  # an older client: served by the same typed handler
-            self._background(self._admin(identity, msg.typed(), legacy=True))
+        self._handlers[type(msg)](identity, msg)
+
+    def _status(self, identity: bytes, msg: StatusRequest) -> None:
+        sup, models = self._ops.status()
+        # Each model's entry is a ModelStatus: the keys on the wire are exactly its fields.
+        self.send(identity, StatusReply(msg.request_id, sup, [m.to_dict() for m in models]))
+
+    def _later(self, identity: bytes, request_id: str, op: Awaitable[dict[str, Any]]) -> None:
+        self._background(self._answer(identity, request_id, op))
 
     def _peer(self, identity: bytes, msg: Message) -> None:
         """The peer link: a group's owner places, feeds and ends ranks here (supervisor.workers.placed)."""
@@ -225,24 +215,24 @@ class ControlServer:
 
             self._background(place())
 
-    def _admin_table(self) -> dict[type[A.AdminOp], Callable[[Any], Awaitable[A.AdminReply | dict[str, Any]]]]:
-        """Admin dispatch: the request's type -> its handler. A handler returns a typed reply where
-        the answer has a fixed shape, else the detail dict an Ack carries."""
+    def _admin_table(self) -> dict[type[A.AdminOp], AdminHandler]:
+        """Each admin op's type -> its call on Operations. A handler returns a typed reply where the
+        answer has a fixed shape, else the detail dict an Ack carries."""
+        ops = self._ops
         return {
-            A.ReloadRequest: lambda req: self._daemon.reload(), A.SwapRequest: self._swap_op,
+            A.ReloadRequest: lambda req: ops.reload(), A.SwapRequest: lambda req: ops.swap(req.model, req.target),
             A.MetricsRequest: self._metrics_op, A.CacheClearRequest: self._cache_clear_op,
-            A.CompatRequest: self._compat_op, A.ProbeRequest: self._probe_op,
-            A.RepairRequest: lambda req: self._daemon.ops.repair(self._router.runtime(req.model).cfg.id),
-            A.VerifyRequest: self._verify_op,
-            A.ReleaseRequest: lambda req: self._daemon.ops.release(self._router.runtime(req.model).cfg.id),
-            A.RollbackRequest: lambda req: self._daemon.ops.rollback(self._router.runtime(req.model).cfg.id, req.revision),
+            A.CompatRequest: self._compat_op, A.ProbeRequest: lambda req: ops.probe(req.path),
+            A.RepairRequest: lambda req: ops.repair(req.model), A.VerifyRequest: self._verify_op,
+            A.ReleaseRequest: lambda req: ops.release(req.model),
+            A.RollbackRequest: lambda req: ops.rollback(req.model, req.revision),
         }
 
     async def _admin(self, identity: bytes, msg: A.AdminOp, legacy: bool) -> None:
         """Run one admin operation and answer it: a legacy `AdminRequest` (an older client, which
         reads only Ack) gets the reply's detail in an Ack, a typed request its typed reply."""
         try:
-            reply = await self._admin_handlers[type(msg)](msg)
+            reply = await self._admin_ops[type(msg)](msg)
             detail = reply.detail() if isinstance(reply, A.AdminReply) else reply
             if not isinstance(msg, A.MetricsRequest):  # the exposition is no event
                 self.log.info("admin.done", op=msg.OP, model=msg.subject(), **detail)
@@ -257,35 +247,18 @@ class ControlServer:
             self.log.exception("internal.control_failed", type=msg.TAG, op=msg.OP)
             self.send(identity, Error.from_exc(msg.request_id, E.InternalError(f"internal error: {exc!r}")))
 
-    async def _swap_op(self, req: A.SwapRequest) -> dict[str, Any]:
-        if not req.model or not req.target:
-            raise E.BadRequest("swap needs the old and the new model")
-        return await self._daemon.swap(req.model, req.target)
-
     async def _metrics_op(self, req: A.MetricsRequest) -> A.MetricsReply:
         return A.MetricsReply(req.request_id, self._metrics.render().decode())
 
     async def _cache_clear_op(self, req: A.CacheClearRequest) -> A.CacheClearReply:
-        chosen = [self._router.runtime(req.model)] if req.model else list(self._router.models.values())
-        reply = A.CacheClearReply(req.request_id, [r.cfg.id for r in chosen], 0, 0)
-        for r in chosen:
-            cleared = r.clear_prefix_cache()
-            reply.files += cleared.get("files", 0)
-            reply.bytes += cleared.get("bytes", 0)
-        return reply
+        return A.CacheClearReply(req.request_id, *self._ops.clear_prefix_cache(req.model))
 
     async def _compat_op(self, req: A.CompatRequest) -> A.CompatReply:
-        return A.CompatReply(req.request_id, compat.backend(), self._store.compat())
-
-    async def _probe_op(self, req: A.ProbeRequest) -> dict[str, Any]:
-        if not req.path:
-            raise E.BadRequest("probe needs a path")
-        return await self._daemon.probe(req.path)
+        return A.CompatReply(req.request_id, *self._ops.compat())
 
     async def _verify_op(self, req: A.VerifyRequest) -> A.VerifyReply:
-        runtime = self._router.runtime(req.model)
-        findings = snapshot.verify(runtime.running.path)
-        return A.VerifyReply(req.request_id, runtime.running.path, [f.to_dict() for f in findings])
+        path, findings = self._ops.verify(req.model)
+        return A.VerifyReply(req.request_id, path, [f.to_dict() for f in findings])
 
     def _generate(self, identity: bytes, req: GenerateRequest | CountTokens) -> None:
         """A generation or a token count: routed alike (same states, limits, deadline, cancel)."""

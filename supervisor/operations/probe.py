@@ -7,18 +7,17 @@ import dataclasses
 import hashlib
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import Any
 
 from protocol import errors as E
-from supervisor import config as cfg_mod
+from supervisor import config as cfg_mod, logs
 from supervisor import confinement
 from supervisor.admission.evidence import Evidence
-
 from supervisor.lifecycle import modelstatus
 from supervisor.lifecycle.runtime import ModelRuntime
-
-if TYPE_CHECKING:
-    from supervisor.daemon import Supervisor
+from supervisor.operations.gate import AdminGate
+from supervisor.operations.settle import settled
+from supervisor.services import Services
 
 
 def probe_model(path: str, roots: tuple[str, ...]) -> cfg_mod.ModelConfig:
@@ -34,26 +33,27 @@ def probe_model(path: str, roots: tuple[str, ...]) -> cfg_mod.ModelConfig:
                                path=resolved, autoload=False)
 
 
-async def probe(sup: "Supervisor", path: str,
-                settled: Callable[["ModelRuntime"], Awaitable[None]]) -> dict[str, Any]:
-    model = probe_model(path, sup.config.supervisor.model_roots)
+async def probe(path: str, services: Services, gate: AdminGate) -> dict[str, Any]:
+    """The probe's verdict: the state it reached, its error and canary, and the registry's rows."""
+    config, store = services.config, services.store
+    model = probe_model(path, config.supervisor.model_roots)
     # Under its own lock: a drain that begins meanwhile waits for the throwaway worker to stop,
     # which no shutdown would otherwise know of.
-    async with sup.gate.hold(model.id):
-        config = dataclasses.replace(sup.config, restart=dataclasses.replace(sup.config.restart, quarantine_after=1))
+    async with gate.hold(model.id):
+        config = dataclasses.replace(config, restart=dataclasses.replace(config.restart, quarantine_after=1))
         # Each probe is a fresh attempt: an earlier probe's verdict lives in the registry, not here.
-        sup.store.set_quarantine(model.id, None)
-        sup.store.clear_failures(model.id)
+        store.set_quarantine(model.id, None)
+        store.clear_failures(model.id)
         # Its own services: no eviction for a throwaway worker, one failure is the verdict.
-        rt = ModelRuntime(model, sup.services.throwaway(config=config, evict=None))
+        rt = ModelRuntime(model, services.throwaway(config=config, evict=None))
         rt.start("probe", force=True)
         try:
-            await settled(rt)
+            await settled(rt, gate.drained)
             outcome = modelstatus.of(rt)
         finally:  # whatever happened, the throwaway worker is not left behind
             await rt.stop("probe done", remember=False)
-    err = outcome["last_error"]
-    rows = Evidence(sup.store, model.id, model.path, None).row()
-    sup.log.info("model.probed", path=model.path, state=outcome["state"], code=err and err["code"])
-    return {"path": model.path, "state": outcome["state"], "last_error": err, "canary": outcome["canary"],
+    err = outcome.last_error
+    rows = Evidence(store, model.id, model.path, None).row()
+    logs.get().info("model.probed", path=model.path, state=outcome.state, code=err and err["code"])
+    return {"path": model.path, "state": outcome.state, "last_error": err, "canary": outcome.canary,
             "registry": rows}

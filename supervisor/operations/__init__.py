@@ -1,0 +1,1 @@
+"""The operator's verbs on the supervisor's models, and the model table only they change."""
