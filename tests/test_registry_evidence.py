@@ -21,6 +21,7 @@ from protocol.messages import Final
 from supervisor import logs
 from supervisor.admission.evidence import about_compat, canary_key, Evidence
 from supervisor.config import CanarySettings
+from supervisor.persistence.records import CrashRecord
 from supervisor.persistence.store import Store
 from supervisor.workers.classify import classify
 from tests.harness import REPO, wait_until, workers_of
@@ -30,8 +31,8 @@ def chaos(*args: str) -> list[str]:
     return [sys.executable, "-m", "tests.chaos_worker", *args]
 
 
-def _record(phase: str, code: str, signal_name: str | None = None, victim: bool = False, pid: int = 1) -> dict:
-    return {"phase": phase, "code": code, "signal": signal_name, "victim": victim, "worker_pid": pid, "at": 0.0}
+def _record(phase: str, code: str, signal_name: str | None = None, victim: bool = False, pid: int = 1) -> CrashRecord:
+    return CrashRecord("m", "r", 0.0, code, phase=phase, signal=signal_name, victim=victim, worker_pid=pid)
 
 
 @pytest.mark.parametrize("record, counts", [
@@ -50,7 +51,7 @@ def _record(phase: str, code: str, signal_name: str | None = None, victim: bool 
     (_record("STARTING", "WORKER_CRASHED"), False),  # exit 1 before loading: our bug, not the model's
     (_record("LOADING", "WORKER_CRASHED"), False),
 ])
-def test_only_a_models_own_failures_while_loading_or_in_canary_are_evidence(record: dict, counts: bool) -> None:
+def test_only_a_models_own_failures_while_loading_or_in_canary_are_evidence(record: CrashRecord, counts: bool) -> None:
     assert about_compat(record) is counts
 
 

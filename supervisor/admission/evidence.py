@@ -11,6 +11,7 @@ from protocol import errors as E
 from protocol.messages import Final
 from supervisor.admission import compat
 from supervisor.config import CanarySettings
+from supervisor.persistence.records import CrashRecord
 from supervisor.persistence.store import Store
 
 # Phases in which a failure is the model's own doing on this stack: its weights loading, its first
@@ -26,14 +27,14 @@ STARTS_FOR_VERDICT = 2
 _STARTS_KEPT = 10
 
 
-def about_compat(record: dict[str, Any]) -> bool:
+def about_compat(record: CrashRecord) -> bool:
     """Pure: does this crash record say anything about the model on this stack? Only a failure
     in LOADING or CANARY that the worker raised itself (LOAD_FAILED, CANARY_FAILED) or died of by
     its own abort or fault; never a hang, an OOM, an innocent victim or a signal someone sent."""
-    if record.get("phase") not in START_PHASES or record.get("victim"):
+    if record.phase not in START_PHASES or record.victim:
         return False
-    code = record.get("code")
-    return code in OWN_CODES or (code == E.ErrorCode.WORKER_CRASHED.code and record.get("signal") in OWN_SIGNALS)
+    return record.code in OWN_CODES or (record.code == E.ErrorCode.WORKER_CRASHED.code
+                                        and record.signal in OWN_SIGNALS)
 
 
 def canary_key(c: CanarySettings) -> str:
@@ -91,16 +92,18 @@ class Evidence:
             "failed_starts": []})
         return canary
 
-    def failure(self, record: dict[str, Any]) -> bool:
+    def failure(self, record: CrashRecord | dict[str, Any]) -> bool:
         """Learn from a crash record, if it is evidence (about_compat); the combination is marked
-        failed once STARTS_FOR_VERDICT separate starts (worker processes) failed so. True if counted."""
+        failed once STARTS_FOR_VERDICT separate starts (worker processes) failed so. True if counted.
+        (A dict: the record's shape before CrashRecord, until lifecycle builds the typed one.)"""
+        record = record if isinstance(record, CrashRecord) else CrashRecord.from_dict(record)
         if not about_compat(record):
             return False
         row = self.row()
         ev = (row or {}).get("evidence", {})
         crashes = dict(ev.get("crashes", {}))
-        crashes[record["code"]] = crashes.get(record["code"], 0) + 1
-        start = record.get("worker_pid") or record.get("at")
+        crashes[record.code] = crashes.get(record.code, 0) + 1
+        start = record.worker_pid or record.at
         starts = [*ev.get("failed_starts", []), start][-_STARTS_KEPT:]
         failed = len(set(starts)) >= STARTS_FOR_VERDICT
         self.store.compat_record(self.fingerprint, self.backend, self.model_id, "failed" if failed else None,

@@ -15,18 +15,11 @@ from supervisor import logs
 
 from supervisor.config import CanarySettings, Config, ModelConfig
 from supervisor.persistence import storeguard
-from supervisor.persistence.records import Failure
+from supervisor.persistence.records import CRASH_COLUMNS, CrashRecord, Failure, ModelFlags, WorkerRecord
 
 STORE_FILE = "store.sqlite3"
-_NO_FLAGS = (0, None, None, None, None, None)
 PRUNE_EVERY = 100  # history rows written between two prunes
 CLOSE_WAIT_S = 5.0  # at shutdown, how long queued writes may still wait for the store
-
-
-def _copy_flags(flags: dict[str, Any]) -> dict[str, Any]:
-    """Callers may change what they get (the quarantine summary too); the cache must not change."""
-    q = flags["quarantine"]
-    return {**flags, "quarantine": dict(q) if q else None}
 
 
 def section_json(model: ModelConfig) -> str:
@@ -66,10 +59,10 @@ class Store:
         self.log = logs.get()
         self.lock_wait_s = lock_wait_s
         self.retention = retention or Retention()
-        self._flags: dict[str, dict[str, Any]] = {}  # model -> its models row, writes applied
+        self._flags: dict[str, ModelFlags] = {}  # model -> its models row, writes applied
         self._failures: dict[str, tuple[float, list[Failure]]] = {}  # model -> (since, failures since)
         self._unflushed_failures: dict[str, list[Failure]] = {}  # queued, not yet in the database
-        self._unflushed_crashes: list[dict[str, Any]] = []
+        self._unflushed_crashes: list[CrashRecord] = []
         self._revisions: dict[tuple[str, str], str] = {}  # remembered by this run
         self._history_writes = 0
         self.db = storeguard.TimedConnection(self._open())
@@ -173,55 +166,47 @@ class Store:
         self._failures[model] = cached
         return list(cached[1])
 
-    def add_crash(self, record: dict[str, Any]) -> None:
-        cols = ("model", "revision", "at", "code", "cause", "victim", "signal", "exit_code", "phase",
-                "request_id", "worker_pid", "memory", "stderr_tail", "rank", "host")
-        values = [record.get(c) for c in cols]
-        values[cols.index("memory")] = json.dumps(record.get("memory") or {})
-        values[cols.index("stderr_tail")] = "\n".join(record.get("stderr_tail") or [])
-        values[cols.index("victim")] = int(bool(record.get("victim")))
-        self._unflushed_crashes.append({"id": None, **{c: record.get(c) for c in cols},
-                                        "memory": dict(record.get("memory") or {}),
-                                        "stderr_tail": list(record.get("stderr_tail") or []),
-                                        "victim": bool(record.get("victim"))})
+    def add_crash(self, record: CrashRecord | dict[str, Any]) -> None:
+        """A dict is the shape lifecycle built before CrashRecord; it goes once its builder moves."""
+        record = record if isinstance(record, CrashRecord) else CrashRecord.from_dict(record)
+        self._unflushed_crashes.append(record)
+        values = record.to_row()
         self.writes.write(lambda db: db.execute(
-            f"INSERT INTO crashes({','.join(cols)}) VALUES ({','.join('?' * len(cols))})", values))
+            f"INSERT INTO crashes({','.join(CRASH_COLUMNS)}) VALUES ({','.join('?' * len(CRASH_COLUMNS))})", values))
         self._history_written()
 
-    def crashes(self, model: str, limit: int = 50) -> list[dict[str, Any]]:
-        queued = [dict(r) for r in reversed(self._unflushed_crashes) if r["model"] == model]
+    def crash_records(self, model: str, limit: int = 50) -> list[CrashRecord]:
+        """Newest first: the queued ones (no row id yet), then the table's."""
+        queued = [r for r in reversed(self._unflushed_crashes) if r.model == model][:limit]
         cur = self.db.execute("SELECT * FROM crashes WHERE model=? ORDER BY at DESC, id DESC LIMIT ?",
                               (model, limit))
         names = [d[0] for d in cur.description]
-        out = queued[:limit]
-        for row in cur.fetchall()[:limit - len(out)]:
-            rec = dict(zip(names, row))
-            rec["memory"] = json.loads(rec["memory"] or "{}")
-            rec["stderr_tail"] = rec["stderr_tail"].split("\n") if rec["stderr_tail"] else []
-            rec["victim"] = bool(rec["victim"])
-            out.append(rec)
-        return out
+        return queued + [CrashRecord.from_row(names, row) for row in cur.fetchall()[:limit - len(queued)]]
+
+    def crashes(self, model: str, limit: int = 50) -> list[dict[str, Any]]:
+        """History's shape of crash_records."""
+        return [r.to_dict() for r in self.crash_records(model, limit)]
 
     # --- per-model flags -----------------------------------------------------------------------
 
-    def _cached_flags(self, model: str) -> dict[str, Any]:
+    def _cached_flags(self, model: str) -> ModelFlags:
         flags = self._flags.get(model)
         if flags is None:
-            row = self.db.execute(
-                "SELECT quarantined, quarantine, lkg_revision, running_revision, configured_revision, wanted"
-                " FROM models WHERE model=?", (model,)).fetchone() or _NO_FLAGS
-            flags = {"quarantined": bool(row[0]), "quarantine": json.loads(row[1]) if row[1] else None,
-                     "lkg_revision": row[2], "running_revision": row[3], "configured_revision": row[4],
-                     "wanted": None if row[5] is None else bool(row[5])}
+            flags = ModelFlags.from_row(self.db.execute(
+                f"SELECT {', '.join(ModelFlags.COLUMNS)} FROM models WHERE model=?", (model,)).fetchone())
             self._flags[model] = flags
         return flags
 
+    def flags(self, model: str) -> ModelFlags:
+        return self._cached_flags(model).copy()
+
     def model_flags(self, model: str) -> dict[str, Any]:
-        return _copy_flags(self._cached_flags(model))
+        """flags() as a dict, for the callers that read it so; it goes once they read ModelFlags."""
+        return self._cached_flags(model).to_dict()
 
     def _set_flags(self, model: str, changes: dict[str, Any], sql: str, params: tuple, synced: bool = False) -> None:
         """The cache changes at once (what decides safety reads it); the row as the queue allows."""
-        self._cached_flags(model).update(changes)
+        self._flags[model] = dataclasses.replace(self._cached_flags(model), **changes)
 
         def write(db: Any) -> None:
             db.execute("INSERT OR IGNORE INTO models(model) VALUES (?)", (model,))
@@ -346,20 +331,25 @@ class Store:
 
     # --- live workers (for adoption by the next supervisor run) ---------------------------------
 
-    def set_worker(self, model: str, record: dict[str, Any] | None) -> None:
+    def set_worker(self, model: str, record: WorkerRecord | dict[str, Any] | None) -> None:
+        """A dict is adoption.worker_record's shape before WorkerRecord; it goes once that moves."""
         if record is None:
             self.writes.write(lambda db: db.execute("DELETE FROM workers WHERE model=?", (model,)))
             return
-        row = (model, record["pid"], record["start_time"], record["token"], record["revision"],
-               record["socket"], record["boot_id"])
+        record = record if isinstance(record, WorkerRecord) else WorkerRecord.from_dict(record)
+        row = (model, *record.to_row())
         self.writes.write(lambda db: db.execute(
-            "INSERT OR REPLACE INTO workers(model, pid, start_time, token, revision, socket, boot_id)"
-            " VALUES (?,?,?,?,?,?,?)", row))
+            f"INSERT OR REPLACE INTO workers(model, {', '.join(WorkerRecord.COLUMNS)}) VALUES (?,?,?,?,?,?,?)", row))
+
+    def worker_record(self, model: str) -> WorkerRecord | None:
+        row = self.db.execute(f"SELECT {', '.join(WorkerRecord.COLUMNS)} FROM workers WHERE model=?",
+                              (model,)).fetchone()
+        return WorkerRecord(*row) if row else None
 
     def worker(self, model: str) -> dict[str, Any] | None:
-        cur = self.db.execute("SELECT * FROM workers WHERE model=?", (model,))
-        row = cur.fetchone()
-        return dict(zip([d[0] for d in cur.description], row)) if row else None
+        """worker_record() as a dict (with `model`), for the callers that read it so."""
+        record = self.worker_record(model)
+        return {"model": model, **record.to_dict()} if record else None
 
     # --- the supervisor's boots (crash-loop detection) -----------------------------------------
 
