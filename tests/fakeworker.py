@@ -26,8 +26,7 @@ from protocol.messages import Adopt, CountTokens, Final, GenerateRequest, Hello,
 from protocol.phase import Phase
 from supervisor.config import ModelConfig, SupervisorSettings
 from supervisor.workers.classify import Verdict, exit_details
-from supervisor.workers.handle import wait_for
-from supervisor.workers.worker import Death, Handshake, Owner
+from supervisor.workers.worker import Death, Handshake, Owner, wait_for
 
 __all__ = ["FakeFactory", "FakeProcess", "FakeWorker", "answer_final"]
 

@@ -21,9 +21,9 @@ from supervisor.admission import compat
 from supervisor.config import ModelConfig, SupervisorSettings
 from supervisor.workers import groupfiles
 from supervisor.workers.classify import PEER_LOST
-from supervisor.workers.handle import WorkerHandle, wait_for
+from supervisor.workers.handle import WorkerHandle
 from supervisor.workers.remoterank import RemoteRank, place_message
-from supervisor.workers.worker import Death, GroupMember, Handshake, Host, Owner
+from supervisor.workers.worker import Death, GroupMember, Handshake, Host, Owner, wait_for
 
 
 # A rank that died because a peer went away waits this long for that peer's own death (or its

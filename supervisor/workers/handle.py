@@ -21,17 +21,9 @@ from supervisor.workers import adoption
 from supervisor.workers.classify import classify
 from supervisor.workers.liveness import liveness_verdict
 from supervisor.workers.process import AdoptionRefused, WorkerProcess
-from supervisor.workers.worker import Death, Handshake, Host, Owner
+from supervisor.workers.worker import Death, Handshake, Host, Owner, wait_for
 
 __all__ = ["AdoptionRefused", "Owner", "WorkerHandle", "wait_for"]
-
-
-async def wait_for(fut: asyncio.Future, timeout_s: float, on_timeout: E.LmxError) -> Any:
-    """Await a handshake future with a deadline; the future itself survives a timeout."""
-    try:
-        return await asyncio.wait_for(asyncio.shield(fut), timeout_s)
-    except asyncio.TimeoutError:
-        raise on_timeout from None
 
 
 class WorkerHandle:

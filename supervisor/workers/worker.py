@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from supervisor.config import Config, SupervisorSettings
     from supervisor.workers.hub import WorkerHub
 
-__all__ = ["Death", "GroupMember", "Handshake", "Host", "Owner", "ProcessView", "Worker"]
+__all__ = ["Death", "GroupMember", "Handshake", "Host", "Owner", "ProcessView", "Worker", "wait_for"]
 
 
 def _settle(fut: asyncio.Future, outcome: Any) -> bool:
@@ -31,6 +31,14 @@ def _settle(fut: asyncio.Future, outcome: Any) -> bool:
     else:
         fut.set_result(outcome)
     return True
+
+
+async def wait_for(fut: asyncio.Future, timeout_s: float, on_timeout: E.LmxError) -> Any:
+    """Await a handshake future with a deadline; the future itself survives a timeout."""
+    try:
+        return await asyncio.wait_for(asyncio.shield(fut), timeout_s)
+    except asyncio.TimeoutError:
+        raise on_timeout from None
 
 
 def _outcome(fut: asyncio.Future) -> Any:
