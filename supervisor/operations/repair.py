@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from protocol import errors as E
-from supervisor.admission import checksums, repair as fetching, snapshot
+from supervisor.admission import checksums, fetching, snapshot
 from supervisor.lifecycle.states import ModelState as S
 
 if TYPE_CHECKING:

@@ -1,6 +1,7 @@
-"""Repair: fetch only the missing or corrupt files of a snapshot from its source — a configured local
-mirror directory, or the Hugging Face hub (repo id + revision, only when downloads are enabled) —
-after checking free disk against the bytes needed, each written atomically (temp file + rename)."""
+"""Fetching for `lmxctl repair` (the operation is supervisor/operations/repair.py): only the missing
+or corrupt files of a snapshot, from its source — a configured local mirror directory, or the Hugging
+Face hub (repo id + revision, only when downloads are enabled) — after checking free disk against the
+bytes needed, each written atomically (temp file + rename)."""
 
 from __future__ import annotations
 
