@@ -9,7 +9,8 @@ import sys
 
 from protocol import endpoint as ep
 from supervisor import config as cfg, logs
-from supervisor.daemon import EXIT_SOFTWARE, EXIT_STORE_UNAVAILABLE, prepare_state_dir, StateDirError, Supervisor
+from supervisor.daemon import EXIT_SOFTWARE, EXIT_STORE_UNAVAILABLE, Supervisor
+from supervisor.persistence.statedir import prepare_state_dir, StateDirError
 from supervisor.persistence.storeguard import StoreUnavailable
 
 EXIT_CONFIG = 78  # EX_CONFIG: launchd/systemd see a real failure, not a clean stop

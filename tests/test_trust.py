@@ -21,7 +21,7 @@ from supervisor import config as cfg
 from supervisor import confinement
 from supervisor.admission import snapshot
 from supervisor.logs import LogLimit
-from supervisor.daemon import prepare_state_dir, StateDirError
+from supervisor.persistence.statedir import prepare_state_dir, StateDirError
 from supervisor.workers import workerenv
 from tests.harness import REPO, render_config
 
