@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from supervisor.config import ModelConfig
-from supervisor.lifecycle.policy import Failure
 from supervisor.persistence import storeguard
+from supervisor.persistence.records import CrashRecord, Failure
 from supervisor.persistence.store import Retention, Store, STORE_FILE
 from supervisor.persistence.storeguard import StoreUnavailable
 
@@ -69,7 +69,7 @@ def test_a_locked_store_is_waited_for_then_refused_and_never_moved_aside(tmp_pat
     assert not list(tmp_path.glob("*.corrupt-*"))
     # The real store, as it was: the quarantine is still there.
     reopened = Store(tmp_path, lock_wait_s=1.0)
-    assert reopened.model_flags("m")["quarantined"]
+    assert reopened.flags("m").quarantined
     reopened.close()
 
 
@@ -78,7 +78,7 @@ def test_only_sqlites_verdict_makes_a_store_corrupt(tmp_path: Path) -> None:
     store = Store(tmp_path)
     (aside,) = tmp_path.glob(f"{STORE_FILE}.corrupt-*")
     assert aside.read_bytes().startswith(b"this is not a database")
-    assert not store.model_flags("m")["quarantined"]
+    assert not store.flags("m").quarantined
     store.close()
 
 
@@ -108,7 +108,7 @@ def test_writes_that_fail_wait_in_order_and_nothing_is_lost(tmp_path: Path) -> N
         start = time.monotonic()
         store.add_failure("m", Failure(100.0, "r1", "WORKER_CRASHED", True))
         took = time.monotonic() - start
-        store.add_crash({"model": "m", "revision": "r1", "at": 100.0, "code": "WORKER_CRASHED", "signal": "SIGKILL"})
+        store.add_crash(CrashRecord("m", "r1", 100.0, "WORKER_CRASHED", signal="SIGKILL"))
         store.set_quarantine("m", {"failures": 1, "message": "quarantined"})
         store.set_wanted("m", True, "r1", "r1")
         store.set_wanted("m", False, "r1", "r1")  # the later write must win when both land
@@ -118,10 +118,10 @@ def test_writes_that_fail_wait_in_order_and_nothing_is_lost(tmp_path: Path) -> N
         assert store.degraded and store.health()["store_pending_writes"] == 8  # lkg: revision + flag
         assert took < 0.5  # the caller (the event loop) did not wait on the lock
         # What decides safety reads what was written, queued or not.
-        assert store.model_flags("m")["quarantined"] and store.model_flags("m")["wanted"] is False
+        assert store.flags("m").quarantined and store.flags("m").wanted is False
         assert [f.code for f in store.failures("m", 0.0)] == ["WORKER_CRASHED"]
-        assert store.crashes("m")[0]["signal"] == "SIGKILL"
-        assert store.model_flags("m")["lkg_revision"] == good.revision
+        assert store.crash_records("m")[0].signal == "SIGKILL"
+        assert store.flags("m").lkg_revision == good.revision
         assert store.revision("m", good.revision) == good  # a rollback target, before it is on disk
         assert not rows(tmp_path / STORE_FILE, "SELECT * FROM crashes")
     finally:
@@ -134,7 +134,7 @@ def test_writes_that_fail_wait_in_order_and_nothing_is_lost(tmp_path: Path) -> N
     assert rows(path, "SELECT old, new FROM aliases") == [("a", "m")]
     assert rows(path, "SELECT lkg_revision FROM models WHERE model='m'") == [(good.revision,)]
     assert rows(path, "SELECT revision FROM revisions") == [(good.revision,)]
-    assert len(store.failures("m", 0.0)) == 1 and len(store.crashes("m")) == 1  # no double count
+    assert len(store.failures("m", 0.0)) == 1 and len(store.crash_records("m")) == 1  # no double count
     store.close()
 
 
@@ -145,7 +145,7 @@ def test_an_unversioned_store_migrates_and_a_newer_one_is_refused(tmp_path: Path
     db.execute("INSERT INTO models(model, quarantined) VALUES ('m', 1)")
     db.close()
     store = Store(tmp_path)
-    assert store.model_flags("m")["quarantined"]
+    assert store.flags("m").quarantined
     store.close()
     assert rows(path, "PRAGMA user_version") == [(storeguard.SCHEMA_VERSION,)]
     db = sqlite3.connect(path, isolation_level=None)
@@ -162,7 +162,7 @@ def test_history_is_pruned_by_age_and_count_but_not_inside_the_window(tmp_path: 
     for i in range(30):
         at = now - 86400 * 40 if i < 5 else now - i
         store.add_failure("m", Failure(at, "r", "WORKER_CRASHED", True))
-        store.add_crash({"model": "m", "revision": "r", "at": at, "code": "WORKER_CRASHED"})
+        store.add_crash(CrashRecord("m", "r", at, "WORKER_CRASHED"))
     store.close()
     store = Store(tmp_path, retention=Retention(max_age_s=30 * 86400, max_rows=10, floor_s=600))
     path = tmp_path / STORE_FILE
