@@ -32,8 +32,6 @@ from supervisor.services import Services
 from supervisor.workers.hub import WorkerHub
 from supervisor.workers.placed import PlacedRanks
 from supervisor.workers.spares import SparePool
-# Re-exported: the CLI and tests take the state dir's set-up from here.
-from supervisor.persistence.statedir import LOCK_FILE, StateDirError, prepare_state_dir  # noqa: F401
 from supervisor.persistence.store import Retention, Store
 
 EXIT_SOFTWARE = 70  # EX_SOFTWARE: an internal failure; the service manager restarts us
