@@ -1,6 +1,10 @@
-"""The state table, enumerated: every state is covered, reachable, and changes only through apply()."""
+"""The state table, enumerated: every state is covered and reachable, and a model's state is assigned in
+one place only, ModelRuntime.to(), which applies the table (apply())."""
 
 from __future__ import annotations
+
+import ast
+from pathlib import Path
 
 import pytest
 
@@ -49,6 +53,18 @@ def test_apply_logs_one_model_state_event() -> None:
     assert events == [("model.state", {"from": "CANARY", "to": "READY", "reason": "canary passed", "model": "m"})]
 
 
-def test_groups_are_disjoint_where_they_must_be() -> None:
-    assert not (states.ROUTABLE_STATES & states.PENDING_STATES)
-    assert S.QUARANTINED not in states.PENDING_STATES
+def test_a_models_state_is_assigned_only_in_the_runtimes_to() -> None:
+    # Any other `x.state = ...` in the daemon would move a model past the table and its log line.
+    root = Path(__file__).resolve().parents[1] / "supervisor"
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                targets = node.targets if isinstance(node, ast.Assign) else \
+                    [node.target] if isinstance(node, (ast.AnnAssign, ast.AugAssign)) else []
+                if any(isinstance(t, ast.Attribute) and t.attr == "state" for t in targets):
+                    found.append(f"{path.relative_to(root.parent).as_posix()}:{fn.name}")
+    assert sorted(set(found)) == ["supervisor/lifecycle/runtime.py:__init__", "supervisor/lifecycle/runtime.py:to"]

@@ -10,7 +10,11 @@ from protocol.messages import Error, Final, GenerateRequest, Message
 from supervisor.config import CanarySettings
 from supervisor.lifecycle.requests import RequestQueue
 
-_DEATHS = (E.ErrorCode.WORKER_CRASHED, E.ErrorCode.WORKER_OOM, E.ErrorCode.WORKER_HUNG)
+# The codes a worker's Death reads as (supervisor.workers.worker.Death.error): a local process's
+# (supervisor.workers.classify), and a peer's rank lost with its host. A canary that meets one is
+# no evidence about the model: its worker went away under it.
+DEATH_CODES = frozenset({E.ErrorCode.WORKER_CRASHED, E.ErrorCode.WORKER_OOM, E.ErrorCode.WORKER_HUNG,
+                         E.ErrorCode.PEER_UNAVAILABLE})
 
 
 async def run_canary(c: CanarySettings, requests: RequestQueue, log: Any) -> Final:
@@ -32,7 +36,7 @@ async def run_canary(c: CanarySettings, requests: RequestQueue, log: Any) -> Fin
         raise E.CanaryTimeout(f"canary produced no result within {c.timeout_s}s") from None
     if isinstance(out, Error):
         exc = out.to_exc()
-        if exc.code in _DEATHS:
+        if exc.code in DEATH_CODES:
             raise exc
         raise E.CanaryFailed(f"canary failed: {exc.code.code}: {exc.message}")
     tokens = out.usage.get("completion_tokens", 0)

@@ -1,304 +1,203 @@
-"""A model's lifecycle decisions as one pure function: (state, event, history, now, config) ->
-(state, effects). No clocks, no IO: runtime.py performs the effects, in order."""
+"""Every decision about a model's lifecycle, as one pure function: reduce(facts, event) -> Transition.
+Total: each event in each state has an answer (most often "nothing changes"). No clocks, no IO, no
+randomness of its own (the policy's jitter aside): runtime.py applies the state through its one
+to() and performs every effect; startup.py performs the way up and returns its events."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Union
+from typing import Any, assert_never
 
 from protocol import errors as E
-from supervisor.config import RestartSettings
 from supervisor.lifecycle import policy
-from supervisor.lifecycle.states import ModelState as S, WORKER_STATES
-
-if TYPE_CHECKING:
-    from supervisor.workers.classify import Verdict
-    from supervisor.workers.handle import WorkerHandle
-
-# --- events --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Failed:
-    """A start or a READY worker failed: decided (and made durable) before its requests fail and its
-    worker stops."""
-    code: str
-    message: str
-    revision: str  # the revision that was running
-    lkg_revision: str | None
-    consecutive_failures: int  # this one included
-    victim: bool = False  # killed for another's sake: restarts, but is not held against the model
-
-
-@dataclass(frozen=True)
-class Refused:
-    """Admission refused the revision to run (the registry, integrity, or memory said no)."""
-    code: str
-    message: str
-    revision: str
-
-
-@dataclass(frozen=True)
-class StopRequested:
-    """An operator's unload, an idle timeout, a reload or the supervisor's drain."""
-
-
-@dataclass(frozen=True)
-class RestartDue:
-    """The backoff delay has passed."""
-
-
-@dataclass(frozen=True)
-class WorkerExited:
-    """The model's own worker exited (one already replaced is no event)."""
-    stopping: bool  # we asked it to stop: its exit is no failure
-
-
-@dataclass(frozen=True)
-class Stable:
-    """READY for stable_after_s (as the timer set at READY sees it)."""
-    current: bool
-
-
-@dataclass(frozen=True)
-class StartRequested:
-    """An operator's load, autoload, a reload, a request for a model unloaded for idleness."""
-
-
-@dataclass(frozen=True)
-class ReleaseRequested:
-    """An operator's release: leave QUARANTINED or REJECTED and try the configured revision again."""
-
-
-@dataclass(frozen=True)
-class RollbackRequested:
-    """Run another known revision: from BACKOFF the policy's own rollback, else an operator's (which
-    also lifts a quarantine)."""
-    revision: str
-    configured_revision: str  # for the record: what the config says, which it runs instead of
-
-
-Event = Union[Failed, Refused, StopRequested, RestartDue, WorkerExited, Stable, StartRequested, ReleaseRequested,
-              RollbackRequested]
-
-# --- effects -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RecordFailure:
-    failure: policy.Failure
-
-
-@dataclass(frozen=True)
-class RecordCrash:
-    """The crash record (its fields are the worker's, which only the runtime has)."""
-    at: float
-
-
-@dataclass(frozen=True)
-class EnterBackoff:
-    delay_s: float
-    failures_in_window: int
-
-
-@dataclass(frozen=True)
-class ScheduleRestart:
-    delay_s: float
-
-
-@dataclass(frozen=True)
-class RollBack:
-    revision: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class Quarantine:
-    summary: dict  # failures, window_s, last_code, revision, message: what the store keeps
-
-
-@dataclass(frozen=True)
-class Reject:
-    code: str
-
-
-@dataclass(frozen=True)
-class Go:
-    """A plain state change, for the reason the caller gave."""
-    to: S
-    fields: tuple[tuple[str, Any], ...] = ()  # extra fields of its model.state event
-
-
-@dataclass(frozen=True)
-class Begin:
-    """Bring the model up (admission first, in ADMITTING and ROLLING_BACK) as the model's task."""
-
-
-@dataclass(frozen=True)
-class Forgive:
-    """The operator fixed the cause: failures, quarantine and the last error go; the next admission
-    reads every file again and a registry verdict of "failed" does not stop it."""
-
-
-@dataclass(frozen=True)
-class RunRevision:
-    """Run this revision from now on (a rollback's)."""
-    revision: str
-
-
-@dataclass(frozen=True)
-class StopFirst:
-    """Stop the model (drain and all, as StopRequested), then go on with the next effects."""
-
-
-@dataclass(frozen=True)
-class StartForced:
-    """Start again as the operator's word: wanted, its quarantine lifted, forced past the registry."""
-
-
-@dataclass(frozen=True)
-class RefuseOperation:
-    """The operation makes no sense in this state: the operator gets BAD_REQUEST with this."""
-    message: str
-
-
-@dataclass(frozen=True)
-class Drain:
-    """Wait (bounded by drain_grace_s) for the requests in flight."""
-
-
-@dataclass(frozen=True)
-class StopWorker:
-    pass
-
-
-@dataclass(frozen=True)
-class FailRequests:
-    pass
-
-
-@dataclass(frozen=True)
-class BringUp:
-    pass
-
-
-@dataclass(frozen=True)
-class WorkerDied:
-    """Its requests fail with the cause, its record is forgotten."""
-
-
-@dataclass(frozen=True)
-class HandleFailure:
-    """A READY worker died: the failure runs as the model's task (its start failures are already one)."""
-
-
-@dataclass(frozen=True)
-class MarkStable:
-    """The backoff resets and the running revision becomes last-known-good."""
-
-
-Effect = Union[RecordFailure, RecordCrash, EnterBackoff, ScheduleRestart, RollBack, Quarantine, Reject, Go,
-               Drain, StopWorker, FailRequests, BringUp, WorkerDied, HandleFailure, MarkStable, Begin, Forgive,
-               RunRevision, StopFirst, StartForced, RefuseOperation]
-
+from supervisor.lifecycle.effects import (
+    Adopt, ArmStable, BringUp, CancelTask, Drain, Effect, FailRequests, FollowUp, ForgetFailures, ForgetWorker,
+    Greet, KeepCanary, LiftQuarantine, Load, MarkStable, NoteFailure, PersistQuarantine, Quarantine, RecordCrash,
+    RecordFailure, RecordWorker, RefuseOperation, RefuseWith, Reject, Remember, RetryHint, RunCanary, RunRevision,
+    ScheduleRestart, Spawn, StopWorker, TakeWorker, Transition, EndOrphan)
+from supervisor.lifecycle.events import (
+    AdmissionPassed, Adopted, AdoptionFailed, CanaryPassed, Event, HelloReceived, Loaded, ModelFacts, Quarantined,
+    Refused, ReleaseRequested, RestartDue, Restored, RollbackRequested, Spawned, Stable, StartFailed, StartRequested,
+    Stopped, StopRequested, WorkerExited)
+from supervisor.lifecycle.states import ModelState as S
+from supervisor.persistence.records import Failure
+
+# On the way up: the model's task is bringing it up, and its worker's death is a failure of the start.
+_STARTING = frozenset({S.STARTING, S.LOADING, S.CANARY})
 # States with no worker that a stop still has to leave (ADMITTING: an admission may be in flight).
 _STOPPABLE = frozenset({S.BACKOFF, S.ADMITTING, S.REJECTED, S.ROLLING_BACK, S.QUARANTINED})
+# Where an admission's (or a restart's) answer is awaited.
+_ADMITTING = frozenset({S.ADMITTING, S.ROLLING_BACK, S.BACKOFF})
 
 
-def reduce(state: S, event: Event, history: list[policy.Failure], now: float,
-           restart: RestartSettings) -> tuple[S, list[Effect]]:
-    """`history`: the model's failures in the window, not yet including this event's (only
-    Failed and Refused read it, and `now`)."""
-    if isinstance(event, Failed):
-        return _failed(event, history, now, restart)
-    if isinstance(event, Refused):
-        return _refused(state, event, history, now, restart)
-    if isinstance(event, StopRequested):
-        return _stop(state)
-    if isinstance(event, RestartDue):  # a stop during the backoff has moved the model on
-        return (state, [BringUp()]) if state is S.BACKOFF else (state, [])
-    if isinstance(event, Stable):
-        return state, [MarkStable()] if event.current and state is S.READY else []
-    if isinstance(event, WorkerExited):
-        return _exited(state, event)
-    return _operator(state, event)
+def reduce(f: ModelFacts, event: Event) -> Transition:
+    """What `event` means for a model whose facts are `f`."""
+    match event:
+        case StartRequested() | ReleaseRequested() | RollbackRequested() | Restored():
+            return _operator(f, event)
+        case StopRequested(reason):
+            return _stop(f, reason)
+        case Stopped(reason):
+            return Transition(S.UNLOADED, reason=reason) if f.state is S.DRAINING else _same(f)
+        case AdmissionPassed() | Refused() | Adopted() | AdoptionFailed() | Spawned() | HelloReceived() | Loaded() \
+                | CanaryPassed():
+            return _way_up(f, event)
+        case StartFailed(error, worker, death):
+            if f.state not in _STARTING:  # a stop, or the worker's death, has moved the model on already
+                return _same(f)
+            request_id = "canary" if death is not None and f.state is S.CANARY else None
+            return _failure(f, error, worker, death, request_id, cancel=False)
+        case WorkerExited(worker, death, error, request_id):
+            if f.state in _STARTING or f.state is S.READY:
+                return _failure(f, error, worker, death, request_id, cancel=f.state in _STARTING)
+            return Transition(f.state, (FailRequests(error), ForgetWorker()))  # draining: no failure of its own
+        case RestartDue():  # a stop during the backoff has moved the model on
+            if f.state is not S.BACKOFF:
+                return _same(f)
+            return Transition(S.BACKOFF, (RetryHint(None), BringUp(admit=False, force=f.force)))
+        case Stable(current):
+            return Transition(S.READY, (MarkStable(f.revision),)) if current and f.state is S.READY else _same(f)
+        case Quarantined(summary, code):
+            if f.state is not S.BACKOFF:
+                return _same(f)
+            return Transition(S.QUARANTINED, (Quarantine(quarantine_error(summary), code),),
+                              reason="too many failures", fields=_details(summary))
+        case _:
+            assert_never(event)
 
 
-def _operator(state: S, event: Event) -> tuple[S, list[Effect]]:
-    """Start, release and rollback: what an operator (or the daemon on its behalf) asks for."""
-    if isinstance(event, StartRequested):  # anywhere else it is on its way up, or there, already
-        return (S.ADMITTING, [Go(S.ADMITTING), Begin()]) if state in (S.UNLOADED, S.REJECTED) else (state, [])
-    if isinstance(event, ReleaseRequested):
-        if state not in (S.QUARANTINED, S.REJECTED):
-            return state, [RefuseOperation(f"is {state.value}, not QUARANTINED or REJECTED")]
-        return S.ADMITTING, [Forgive(), Go(S.ADMITTING), Begin()]
-    assert isinstance(event, RollbackRequested)
-    if state is S.BACKOFF:  # the policy's rollback: the new revision is admitted like any start
-        fields = (("target_revision", event.revision), ("configured_revision", event.configured_revision))
-        return S.ROLLING_BACK, [RunRevision(event.revision), Go(S.ROLLING_BACK, fields), Begin()]
-    return S.ADMITTING, [StopFirst(), RunRevision(event.revision), StartForced()]
+def _same(f: ModelFacts) -> Transition:
+    return Transition(f.state)
 
 
-def _stop(state: S) -> tuple[S, list[Effect]]:
-    if state in WORKER_STATES and state is not S.DRAINING:
+def _operator(f: ModelFacts, event: StartRequested | ReleaseRequested | RollbackRequested | Restored) -> Transition:
+    """Start, release, rollback and a restored quarantine: an operator's word (or the store's)."""
+    match event:
+        case StartRequested(reason, wanted, force):  # anywhere else it is on its way up, or there, already
+            if f.state not in (S.UNLOADED, S.REJECTED):
+                return _same(f)
+            return Transition(S.ADMITTING, (Remember(wanted),), (BringUp(admit=True, force=force),), reason)
+        case ReleaseRequested():
+            if f.state not in (S.QUARANTINED, S.REJECTED):
+                return Transition(f.state, (RefuseOperation(f"is {f.state.value}, not QUARANTINED or REJECTED"),))
+            # Whatever it was, every file is read again and a registry verdict of "failed" does not stop it.
+            return Transition(S.ADMITTING, (ForgetFailures(), RunRevision(f.configured_revision), Remember(True)),
+                              (BringUp(admit=True, force=True, doubt=True),), "operator release")
+        case RollbackRequested(revision, reason):
+            if f.state is S.BACKOFF:  # the policy's rollback: the new revision is admitted like any start
+                return Transition(S.ROLLING_BACK, (RunRevision(revision), Remember(None)),
+                                  (BringUp(admit=True, force=f.force),),
+                                  reason, (("target_revision", revision),
+                                           ("configured_revision", f.configured_revision)))
+            # An operator's: stop what runs, then start on the revision, its quarantine lifted, forced.
+            return Transition(f.state, (), (FollowUp(StopRequested(reason)), RunRevision(revision), Remember(None),
+                                            LiftQuarantine(),
+                                            FollowUp(StartRequested(reason, wanted=True, force=True))))
+        case Restored(summary):
+            if f.state is not S.UNLOADED:
+                return _same(f)
+            return Transition(S.QUARANTINED, (RefuseWith(quarantine_error(summary)),),
+                              reason="restored from the store", fields=_details(summary))
+        case _:
+            assert_never(event)
+
+
+def _stop(f: ModelFacts, reason: str) -> Transition:
+    if f.state in _STARTING or f.state is S.READY:
         # Before READY only the canary can be in flight: nobody to wait for.
-        drain: list[Effect] = [Drain()] if state is S.READY else []
-        return S.UNLOADED, [Go(S.DRAINING), *drain, StopWorker(), FailRequests(), Go(S.UNLOADED)]
-    if state in _STOPPABLE:
-        return S.UNLOADED, [StopWorker(), Go(S.UNLOADED)]
-    return state, []  # UNLOADED already, or DRAINING: another stop is under way
+        drain: tuple[Effect, ...] = (Drain(f.drain_grace_s),) if f.state is S.READY else ()
+        return Transition(S.DRAINING, (CancelTask(),),
+                          (*drain, StopWorker(reason), FailRequests(E.ShuttingDown(f"model stopped: {reason}")),
+                           FollowUp(Stopped(reason))), reason)
+    if f.state in _STOPPABLE:
+        return Transition(S.UNLOADED, (CancelTask(), StopWorker(reason)), reason=reason)
+    return Transition(f.state, (CancelTask(),))  # UNLOADED already, or DRAINING: another stop is under way
 
 
-def _exited(state: S, ev: WorkerExited) -> tuple[S, list[Effect]]:
-    if ev.stopping:  # a failure while stopping is the stop's own doing
-        return state, []
-    # A death during start surfaces as the error of what the start awaits; only READY needs a task.
-    return state, [WorkerDied(), *([HandleFailure()] if state is S.READY else [])]
+def _way_up(f: ModelFacts, event: AdmissionPassed | Refused | Adopted | AdoptionFailed | Spawned | HelloReceived
+            | Loaded | CanaryPassed) -> Transition:
+    """Each step's answer moves the model one state on and names the next step; a step whose model
+    has moved on meanwhile (a stop) changes nothing."""
+    match event:
+        case AdmissionPassed(orphan) if f.state in _ADMITTING:
+            if orphan is not None and orphan["revision"] == f.revision:  # still ours, serving what runs
+                return Transition(S.STARTING, (), (Adopt(orphan),), f"adopting worker pid {orphan['pid']}")
+            ending = (EndOrphan(orphan, f"its revision {orphan['revision']} is no longer wanted"),) if orphan else ()
+            return Transition(S.STARTING, (), (*ending, Spawn()), "spawn")
+        case Refused(error) if f.state in (S.ADMITTING, S.ROLLING_BACK):
+            return _refused(f, error)
+        case Adopted(worker) if f.state is S.STARTING:
+            return Transition(S.CANARY, (TakeWorker(worker),), (RunCanary(),), "adopted: weights already loaded")
+        case AdoptionFailed() if f.state is S.STARTING:  # the supervisor went away, not the model: no failure
+            return Transition(S.STARTING, (ForgetWorker(),), (Spawn(),))
+        case Spawned(worker, init) if f.state is S.STARTING:
+            return Transition(S.STARTING, (TakeWorker(worker),), (Greet(init),))
+        case HelloReceived() if f.state is S.STARTING:
+            return Transition(S.LOADING, (), (Load(),),
+                              "handshake done with every rank" if f.group else "handshake done")
+        case Loaded() if f.state is S.LOADING:
+            return Transition(S.CANARY, (), (RunCanary(),), "weights loaded on every rank" if f.group else "weights loaded")
+        case CanaryPassed(result) if f.state is S.CANARY:
+            # A group's ranks end with their supervisor: nothing to adopt.
+            serving: tuple[Effect, ...] = () if f.group else (RecordWorker(),)
+            return Transition(S.READY, (KeepCanary(result), RetryHint(None)), (*serving, ArmStable(f.stable_after_s)),
+                              "canary passed", (("canary_tokens", result.usage.get("completion_tokens")),))
+    return _same(f)
 
 
-def _failed(ev: Failed, history: list[policy.Failure], now: float,
-            restart: RestartSettings) -> tuple[S, list[Effect]]:
-    failure = policy.Failure(now, ev.revision, ev.code, not ev.victim)
-    decision = policy.decide([*history, failure], now, restart, ev.revision, ev.lkg_revision,
-                             ev.consecutive_failures)
+def _refused(f: ModelFacts, error: E.LmxError) -> Transition:
+    code = error.code.code
+    if f.state is S.ROLLING_BACK:  # rolling back did not help either: an operator decides
+        count = policy.failures_in_window(list(f.history), f.now, f.restart.window_s)
+        summary = _summary(count, f, code, error.message)
+        return Transition(S.QUARANTINED, (Reject(error), PersistQuarantine(summary),
+                                          Quarantine(quarantine_error(summary), code)),
+                          reason="too many failures", fields=_details(summary))
+    return Transition(S.REJECTED, (Reject(error),), reason=code,
+                      fields=(("code", code), ("message", error.message), ("file", error.details.get("file"))))
+
+
+def _failure(f: ModelFacts, error: E.LmxError, worker: Any, death: Any, request_id: str | None,
+             cancel: bool) -> Transition:
+    """A start or a READY worker failed. The policy's verdict (restart after a backoff, roll back, or
+    quarantine) and its safety records are written first; then its requests fail and what is left of
+    the worker stops; then BACKOFF (every failure passes through it: its code and retry hint are one
+    state change), from where the verdict moves it on."""
+    code = error.code.code
+    failure = Failure(f.now, f.revision, code, not (death is not None and death.victim))
+    decision = policy.decide([*f.history, failure], f.now, f.restart, f.revision, f.lkg_revision,
+                             f.consecutive_failures + 1)
     count = decision.failures_in_window
-    # Every failure passes through BACKOFF, so its code and retry hint are one state change.
-    effects: list[Effect] = [RecordFailure(failure), RecordCrash(now), EnterBackoff(decision.delay_s, count)]
+    records: tuple[Effect, ...] = (RecordFailure(failure),)
+    verdict: Effect
     if decision.action is policy.Action.QUARANTINE:
-        return S.QUARANTINED, [*effects, Quarantine(_summary(count, restart, ev.code, ev.message, ev.revision))]
-    if decision.action is policy.Action.ROLLBACK:
+        summary = _summary(count, f, code, error.message)
+        records += (PersistQuarantine(summary),)
+        verdict = FollowUp(Quarantined(summary, code))
+    elif decision.action is policy.Action.ROLLBACK:
         assert decision.revision is not None
-        return S.ROLLING_BACK, [*effects, RollBack(decision.revision, f"{count} failures in window")]
-    return S.BACKOFF, [*effects, ScheduleRestart(decision.delay_s)]
+        verdict = FollowUp(RollbackRequested(decision.revision, f"{count} failures in window"))
+    else:
+        verdict = ScheduleRestart(decision.delay_s)
+    first = (*((CancelTask(),) if cancel else ()), *records, NoteFailure(error, f.state.value),
+             FailRequests(error), StopWorker(f"failed: {code}"),
+             RecordCrash(f.now, error, f.state.value, worker, death, request_id), RetryHint(decision.delay_s))
+    return Transition(S.BACKOFF, first, (verdict,), code,
+                      (("code", code), ("retry_after_s", round(decision.delay_s, 3)), ("failures_in_window", count)))
 
 
-def _refused(state: S, ev: Refused, history: list[policy.Failure], now: float,
-             restart: RestartSettings) -> tuple[S, list[Effect]]:
-    if state is S.ROLLING_BACK:  # rolling back did not help either: an operator decides
-        count = policy.failures_in_window(history, now, restart.window_s)
-        return S.QUARANTINED, [Quarantine(_summary(count, restart, ev.code, ev.message, ev.revision))]
-    return S.REJECTED, [Reject(ev.code)]
-
-
-def _summary(failures: int, restart: RestartSettings, code: str, message: str, revision: str) -> dict:
+def _summary(failures: int, f: ModelFacts, code: str, message: str) -> dict[str, Any]:
+    window_s = f.restart.window_s
     return {
-        "failures": failures, "window_s": restart.window_s, "last_code": code, "revision": revision,
-        "message": f"{failures} failures in {restart.window_s:.0f}s, last {code}: {message}",
+        "failures": failures, "window_s": window_s, "last_code": code, "revision": f.revision,
+        "message": f"{failures} failures in {window_s:.0f}s, last {code}: {message}",
     }
 
 
-def crash_record(model: str, revision: str, now: float, exc: E.LmxError, verdict: "Verdict | None",
-                 worker: "WorkerHandle | None", phase: str, request_id: str | None) -> dict[str, Any]:
-    """What RecordCrash keeps: the failure, its cause, the request the worker was serving, and what
-    the worker last showed."""
-    return {
-        "model": model, "revision": revision, "at": now, "code": exc.code.code,
-        "cause": verdict.cause if verdict else exc.message, "victim": bool(verdict and verdict.victim),
-        "signal": exc.details.get("signal"), "exit_code": exc.details.get("exit_code"), "phase": phase,
-        "request_id": request_id,
-        "worker_pid": worker.process.pid if worker else None,
-        "memory": worker.memory if worker else {},
-        "stderr_tail": list(worker.process.stderr_tail) if worker else [],
-        # A group's failure names the rank and the host it ran on (supervisor.workers.group).
-        **{k: exc.details[k] for k in ("rank", "host") if k in exc.details},
-    }
+def _details(summary: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    return tuple((k, v) for k, v in summary.items() if k != "message")
+
+
+def quarantine_error(summary: dict[str, Any]) -> E.LmxError:
+    """What every request gets while the model is quarantined: the summary the store keeps."""
+    details = {k: v for k, v in summary.items() if k != "message"}
+    return E.ModelQuarantined(summary.get("message", "quarantined"), **details)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import itertools
 import secrets
@@ -69,15 +70,13 @@ class Waiting:
 
 class RequestQueue:
     """Up to `max_active` requests on the worker (its batch), up to `max_queue` more waiting; past
-    that, OVERLOADED at once with a retry hint. Never an unbounded queue. `ended` is called each
-    time requests leave, however they leave (a result, a cancel, a deadline, a death): a drain
-    waits on it."""
+    that, OVERLOADED at once with a retry hint. Never an unbounded queue. A drain (`drained`) wakes
+    each time requests leave, however they leave (a result, a cancel, a deadline, a death)."""
 
-    def __init__(self, model_id: str, send: Send, max_active: int = 1, max_queue: int = MAX_QUEUE,
-                 ended: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, model_id: str, send: Send, max_active: int = 1, max_queue: int = MAX_QUEUE) -> None:
         self._model_id = model_id
         self._send = send
-        self._ended = ended
+        self._idle: asyncio.Event | None = None  # while draining: set when the last request leaves
         self.max_active = max(1, max_active)
         self.max_queue = max_queue
         self._ids = itertools.count(1)
@@ -94,6 +93,18 @@ class RequestQueue:
     @property
     def queued(self) -> int:
         return len(self._queue)
+
+    async def drained(self, grace_s: float) -> None:
+        """Until no request is left, for at most grace_s."""
+        self._idle = asyncio.Event()
+        self._ended()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), grace_s)
+        self._idle = None  # a cancelled drain leaves an Event nobody awaits: harmless
+
+    def _ended(self) -> None:
+        if self._idle is not None and not len(self):
+            self._idle.set()
 
     def add(self, req: GenerateRequest | CountTokens, sink: Sink, bounded: bool = True) -> str:
         if isinstance(req, CountTokens):

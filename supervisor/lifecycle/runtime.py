@@ -1,11 +1,12 @@
-"""One model's life in the supervisor: its state, its worker, its failures, its canary."""
+"""One model's life in the supervisor: its facts, its worker and its requests. Each event goes
+through lifecycle.reduce once; the runtime applies the state it returns through its one to() and
+performs the effects, all of them in one match (_perform)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable, assert_never
 
 from protocol import errors as E
 from protocol.messages import Chunks, ClearPrefixCache, GenerateRequest, Message
@@ -13,46 +14,53 @@ from supervisor import logs
 from supervisor.admission import kvcache
 from supervisor.admission.evidence import Evidence
 from supervisor.config import Config, ModelConfig
-from supervisor.lifecycle import reducer as lifecycle, states
-from supervisor.lifecycle.canary import run_canary
-from supervisor.lifecycle.failures import Failures
+from supervisor.lifecycle import states
+from supervisor.lifecycle.effects import (
+    Adopt, ArmStable, BringUp, CancelTask, Drain, Effect, EndOrphan, FailRequests, FollowUp, ForgetFailures,
+    ForgetWorker, Greet, KeepCanary, LiftQuarantine, Load, MarkStable, NoteFailure, PersistQuarantine, Quarantine,
+    RecordCrash, RecordFailure, RecordWorker, RefuseOperation, RefuseWith, Reject, Remember, RetryHint, RunCanary,
+    RunRevision, ScheduleRestart, Spawn, StopWorker, TakeWorker)
+from supervisor.lifecycle.events import (
+    Event, ModelFacts, ReleaseRequested, RestartDue, Restored, RollbackRequested, Stable, StartRequested,
+    StopRequested, WorkerExited)
+from supervisor.lifecycle.failures import crash_record
+from supervisor.lifecycle.reducer import reduce
 from supervisor.lifecycle.requests import RequestQueue, Sink
 from supervisor.lifecycle.startup import Startup
 from supervisor.lifecycle.states import ModelState as S
 from supervisor.services import Services
 from supervisor.workers import adoption
-from supervisor.workers.group import RankGroup
-from supervisor.workers.handle import WorkerHandle
+from supervisor.workers.factory import LocalFactory, WorkerFactory
+from supervisor.workers.worker import Worker
 
 
-class ModelRuntime(Failures):
-    def __init__(self, model: ModelConfig, services: Services) -> None:
+class ModelRuntime:
+    def __init__(self, model: ModelConfig, services: Services, factory: WorkerFactory | None = None) -> None:
         self.cfg = model  # the configured section
         self.running = model  # the section that runs (differs after a rollback)
         self.services = services
         self.store = services.store
         self.events, self.metrics = services.events, services.metrics
         self.state = S.UNLOADED
-        self.worker: WorkerHandle | RankGroup | None = None
+        self.worker: Worker | None = None
         self.restarts = 0
         self.consecutive_failures = 0
         self.last_error: E.LmxError | None = None
         self.retry_at: float | None = None
         self.ready_since: float | None = None
-        self.requests = RequestQueue(model.id, self._send_to_worker, model.max_batch_size, model.max_queue,
-                                     ended=self._check_idle)
+        self.requests = RequestQueue(model.id, self._send_to_worker, model.max_batch_size, model.max_queue)
         self.last_used = 0.0  # monotonic time of the last request: eviction takes the oldest idle
         self.idled_out = False  # unloaded by idle_ttl_s: the next request brings it back
         self.canary: dict[str, Any] | None = None  # the last passing canary's evidence
-        self._task: asyncio.Task | None = None
+        self._force = False  # the last start's: past the registry's verdict (an operator's word)
+        self._tasks: set[asyncio.Task] = set()  # the model's own: its way up, a failure, a restart's wait
         self._stable: asyncio.TimerHandle | None = None
-        self._death_request: str | None = None  # the request its worker was serving when it died
         self.log = logs.get(model=model.id)
         self.cache_totals = kvcache.Totals()  # prefix cache counters across this model's workers
         # Set and replaced on each state change, so a waiter wakes once per change, never polls.
         self._changed = asyncio.Event()
-        self._idle: asyncio.Event | None = None  # while draining: set when the last request ends
-        self.startup = Startup(self)
+        factory = factory or LocalFactory(services, services.spares)
+        self.startup = Startup(model.id, self.store, services.ledger, services.evict, lambda: self.config, factory)
         self._restore()
 
     @property
@@ -62,14 +70,18 @@ class ModelRuntime(Failures):
     # --- state ---------------------------------------------------------------------------------
 
     def to(self, to: S, reason: str, **fields: Any) -> None:
+        """The one place the state changes. Entering a state with no worker releases the model's
+        memory reservation: that is part of the change (nobody will hold memory for it)."""
         fields = {"worker_pid": self.worker.process.pid if self.worker else None, "revision": self.running.revision,
                   **fields}
         previous = self.state
         self.state = states.apply(self.state, to, reason, self.log.info, **fields)
         self.events.publish("model.state", model=self.cfg.id, **{"from": previous.value, "to": to.value},
                             reason=reason, **fields)
+        if to is S.READY:
+            self.ready_since = time.monotonic()
         if to in (S.UNLOADED, S.REJECTED, S.QUARANTINED):
-            self.services.ledger.release(self.cfg.id)  # no worker will hold memory for it
+            self.services.ledger.release(self.cfg.id)
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
@@ -77,6 +89,39 @@ class ModelRuntime(Failures):
         """Until `done()` holds, re-checked at each state change (the caller bounds the wait)."""
         while not done():
             await self._changed.wait()
+
+    def facts(self) -> ModelFacts:
+        now, restart = time.time(), self.config.restart
+        return ModelFacts(
+            self.state, self.running.revision, self.cfg.revision, self.store.model_flags(self.cfg.id)["lkg_revision"],
+            self.consecutive_failures, tuple(self.store.failures(self.cfg.id, now - restart.window_s)), now,
+            restart, self.config.supervisor.drain_grace_s, restart.stable_after_s, self.running.group is not None,
+            self._force)
+
+    async def _handle(self, event: Event) -> None:
+        """One event, one reducer pass: `first`, the state change, then the rest, in order."""
+        t = reduce(self.facts(), event)
+        for effect in t.first:
+            if (pending := self._perform(effect)) is not None:
+                await pending
+        if t.state is not self.state:
+            self.to(t.state, t.reason, **dict(t.fields))
+        for effect in t.effects:
+            if (pending := self._perform(effect)) is not None:
+                await pending
+
+    def _handle_now(self, event: Event) -> None:
+        """An event whose effects need no waiting, from code that cannot wait (a timer, a start)."""
+        t = reduce(self.facts(), event)
+        self._perform_now(t.first)
+        if t.state is not self.state:
+            self.to(t.state, t.reason, **dict(t.fields))
+        self._perform_now(t.effects)
+
+    def _perform_now(self, effects: tuple[Effect, ...]) -> None:
+        for effect in effects:
+            if self._perform(effect) is not None:
+                raise RuntimeError(f"{effect} needs waiting: not from a callback")
 
     def _restore(self) -> None:
         """Pick up what the store remembers: quarantine, and the revision that was running."""
@@ -90,10 +135,10 @@ class ModelRuntime(Failures):
         if flags["running_revision"] and flags["running_revision"] != self.cfg.revision:
             self.running = self.store.revision(self.cfg.id, flags["running_revision"]) or self.cfg
         if flags["quarantined"]:
-            q = dict(flags["quarantine"] or {})
-            self.last_error = E.ModelQuarantined(q.pop("message", "quarantined"), **q)
-            self.log.warning("model.restored", state="QUARANTINED", **q)
-            self.to(S.QUARANTINED, "restored from the store", **q)
+            summary = dict(flags["quarantine"] or {})
+            self.log.warning("model.restored", state="QUARANTINED", **{k: v for k, v in summary.items()
+                                                                       if k != "message"})
+            self._handle_now(Restored(summary))
 
     def wanted(self) -> bool | None:
         return self.store.model_flags(self.cfg.id)["wanted"]
@@ -104,74 +149,36 @@ class ModelRuntime(Failures):
     def retry_after_s(self) -> float:
         return 1.0 if self.retry_at is None else round(max(0.0, self.retry_at - time.monotonic()), 3)
 
-    # --- lifecycle -----------------------------------------------------------------------------
+    # --- what an operator (or the daemon) asks for ---------------------------------------------
 
     def start(self, reason: str, wanted: bool | None = None, force: bool = False) -> bool:
         """Begin bringing the model to READY; False when it is already on its way or there.
         `force`: an operator's word that a combination the registry knows as bad may be tried."""
-        effects = self._reduce(lifecycle.StartRequested())
-        if not effects:
-            return False
-        self.idled_out = False
-        self.startup.force = force
-        self._remember(wanted if wanted is not None else self.wanted())
-        for effect in effects:
-            self._do(effect, reason)
-        return True
+        before = self.state
+        self._handle_now(StartRequested(reason, wanted, force))
+        return self.state is not before
 
-    def _spawn_task(self, coro: Any) -> None:
-        self._task = asyncio.get_running_loop().create_task(coro, name=f"model-{self.cfg.id}")
-        self._task.add_done_callback(self._task_done)
+    async def stop(self, reason: str, remember: bool = True) -> None:
+        """Drain (bounded by drain_grace_s), then stop the worker: ... -> DRAINING -> UNLOADED."""
+        if remember:
+            self._remember(False)
+        await self._handle(StopRequested(reason))
 
-    def _task_done(self, task: asyncio.Task) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            exc = task.exception()
-            self.log.error("internal.task_failed", state=self.state.value, error=repr(exc),
-                           exc_info=(type(exc), exc, exc.__traceback__))
+    async def rollback(self, revision: str | None, reason: str) -> str:
+        """Run `revision` (default: last-known-good) instead of what runs now. From BACKOFF this is
+        the policy's automatic rollback; from any other state an operator's, which also lifts a
+        quarantine."""
+        target = revision or self.store.model_flags(self.cfg.id)["lkg_revision"]
+        if not target or self.store.revision(self.cfg.id, target) is None:
+            raise E.BadRequest(f"model {self.cfg.id} has no known revision {target!r}")
+        operator = self.state is not S.BACKOFF
+        await self._handle(RollbackRequested(target, f"operator rollback to {target}" if operator else reason))
+        return self.state.value
 
-    def _evidence(self) -> Evidence:
-        return Evidence(self.store, self.cfg.id, self.running.path, self.running.worker_command, self.running.group)
-
-    async def _bring_up(self) -> None:
-        if self.state in (S.ADMITTING, S.ROLLING_BACK):  # a rollback's revision is admitted like any
-            refusal = await self.startup.admit()
-            if refusal is not None:
-                await self._refused(refusal)
-                return
-        else:  # a restart keeps its reservation, but a dead worker's memory must be back first
-            await self.services.ledger.settle()
-        try:
-            await self._go_ready(await self.startup.run())
-        except E.LmxError as exc:
-            await self._failed(exc)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            self.log.exception("internal.start_failed")
-            await self._failed(E.InternalError(f"start failed: {exc!r}"))
-
-    async def _go_ready(self, worker: WorkerHandle) -> None:
-        """CANARY -> READY once the canary passes; the worker is then recorded for adoption."""
-        cfg = self.running
-        result = await run_canary(cfg.canary, self.requests, self.log)
-        load_s = worker.loaded.load_s if worker.loaded else None
-        self.canary = self._evidence().canary_passed(cfg.canary, result, load_s, worker.memory)
-        self.retry_at = None
-        self.ready_since = time.monotonic()
-        self.to(S.READY, "canary passed", canary_tokens=result.usage.get("completion_tokens"))
-        p = worker.process
-        if cfg.group is None:  # a group's ranks end with their supervisor: nothing to adopt
-            self.store.set_worker(self.cfg.id, adoption.worker_record(
-                p.pid, p.start_time, p.token, cfg.revision, self.services.worker_endpoint, self.store.boot_id))
-        self._stable = asyncio.get_running_loop().call_later(
-            self.config.restart.stable_after_s, self._on_stable, worker)
-
-    async def _refused(self, refusal: E.LmxError) -> None:
-        self.last_error = refusal
-        self.log.warning("model.rejected", code=refusal.code.code, message=refusal.message,
-                         file=refusal.details.get("file"), revision=self.running.revision)
-        await self._apply(lifecycle.Refused(refusal.code.code, refusal.message, self.running.revision),
-                          refusal.code.code, refusal, now=time.time())
+    async def release(self) -> str:
+        """Operator: leave QUARANTINED (or REJECTED) and try again on the configured revision."""
+        await self._handle(ReleaseRequested())
+        return self.state.value
 
     def clear_prefix_cache(self) -> dict[str, int]:
         """lmxctl cache clear, a barrier: the files go first (a write of the worker's that lands after
@@ -187,125 +194,140 @@ class ModelRuntime(Failures):
         self.log.info("model.prefix_cache_cleared", **removed)
         return removed
 
-    def _on_stable(self, worker: WorkerHandle) -> None:
-        for effect in self._reduce(lifecycle.Stable(self.worker is worker)):
-            self._do(effect, "stable")
+    # --- the effects ---------------------------------------------------------------------------
 
-    def _reduce(self, event: lifecycle.Event, now: float = 0.0) -> list[lifecycle.Effect]:
-        history = self.store.failures(self.cfg.id, now - self.config.restart.window_s) if now else []
-        return lifecycle.reduce(self.state, event, history, now, self.config.restart)[1]
+    def _perform(self, e: Effect) -> Awaitable[None] | None:
+        """Do one effect; what must be waited for comes back to wait for (the one match of them all)."""
+        match e:
+            case RecordFailure(failure): self.store.add_failure(self.cfg.id, failure)
+            case PersistQuarantine(summary): self.store.set_quarantine(self.cfg.id, summary)
+            case BringUp(): self._bring_up(e)
+            case Adopt(record): return self._step(self.startup.adopt(record, self.running, self))
+            case EndOrphan(record, why): self.startup.factory.end_orphan(record, self.running, why)
+            case Spawn(): return self._handle(self.startup.spawn(self.running, self))
+            case TakeWorker(worker): self.worker = worker
+            case Greet(init): return self._step(self.startup.greet(self._worker(), init))
+            case Load(): return self._step(self.startup.load(self._worker()))
+            case RunCanary(): return self._step(self.startup.canary(self._worker(), self.running, self.requests))
+            case KeepCanary(result): self._keep_canary(result)
+            case RecordWorker(): self._record_worker()
+            case ArmStable(after_s): self._arm_stable(after_s)
+            case RetryHint(delay_s): self.retry_at = None if delay_s is None else time.monotonic() + delay_s
+            case Remember(wanted): self._remember(wanted if wanted is not None else self.wanted())
+            case RunRevision(revision): self._run_revision(revision)
+            case ForgetFailures(): self._forget_failures()
+            case LiftQuarantine(): self.store.set_quarantine(self.cfg.id, None)
+            case RefuseOperation(message): raise E.BadRequest(f"model {self.cfg.id} {message}")
+            case CancelTask(): self._cancel_tasks()
+            case Drain(grace_s): return self.requests.drained(grace_s)
+            case StopWorker(reason): return self.stop_worker(reason)
+            case FailRequests(error): self.requests.fail_all(error)
+            case ForgetWorker(): self.store.set_worker(self.cfg.id, None)
+            case NoteFailure(error, phase): self._note_failure(error, phase)
+            case RecordCrash(): self._record_crash(e)
+            case ScheduleRestart(delay_s): self._spawn_task(self._restart_after(delay_s))
+            case Quarantine(error, code): self._quarantine(error, code)
+            case RefuseWith(error): self.last_error = error
+            case Reject(error): self._reject(error)
+            case MarkStable(revision): self._mark_stable(revision)
+            case FollowUp(event): return self._handle(event)
+            case _: assert_never(e)
+        return None
 
-    async def _apply(self, event: lifecycle.Event, reason: str, exc: E.LmxError | None = None,
-                     record: dict[str, Any] | None = None, now: float = 0.0) -> None:
-        """Ask lifecycle.reduce what `event` means in this state, then do it, in order."""
-        await self._perform(self._make_durable(self._reduce(event, now)), reason, exc, record)
+    def _worker(self) -> Worker:
+        assert self.worker is not None, "a step of the way up with no worker"
+        return self.worker
 
-    async def _perform(self, effects: list[lifecycle.Effect], reason: str, exc: E.LmxError | None = None,
-                       record: dict[str, Any] | None = None) -> None:
-        for effect in effects:
-            if isinstance(effect, lifecycle.RollBack):
-                await self.rollback(effect.revision, effect.reason)
-            elif isinstance(effect, lifecycle.Drain):
-                await self._drain(self.config.supervisor.drain_grace_s)
-            elif isinstance(effect, lifecycle.StopWorker):
-                await self.stop_worker(reason)
-            elif isinstance(effect, lifecycle.BringUp):
-                self.retry_at = None
-                await self._bring_up()
-            elif isinstance(effect, lifecycle.StopFirst):
-                await self.stop(reason, remember=False)
-            else:
-                self._do(effect, reason, exc, record)
+    async def _step(self, step: Awaitable[Event]) -> None:
+        await self._handle(await step)
 
-    def _do(self, effect: lifecycle.Effect, reason: str, exc: E.LmxError | None = None,
-            record: dict[str, Any] | None = None) -> None:
-        """The effects that need no waiting (those of a worker's exit, which is a callback)."""
-        exc = exc or E.ShuttingDown(f"model stopped: {reason}")
-        if isinstance(effect, lifecycle.Go):
-            self.to(effect.to, reason, **dict(effect.fields))
-        elif isinstance(effect, lifecycle.FailRequests):
-            self.requests.fail_all(exc)
-        elif isinstance(effect, lifecycle.RecordCrash) and record is not None:
-            self._record_crash(record, exc)
-        elif isinstance(effect, lifecycle.EnterBackoff):
-            self.retry_at = time.monotonic() + effect.delay_s
-            self.to(S.BACKOFF, exc.code.code, code=exc.code.code, retry_after_s=round(effect.delay_s, 3),
-                    failures_in_window=effect.failures_in_window)
-        elif isinstance(effect, lifecycle.Quarantine):
-            self._quarantine(exc, effect.summary)
-        elif isinstance(effect, lifecycle.ScheduleRestart):
-            self._spawn_task(self._restart_after(effect.delay_s))
-        elif isinstance(effect, lifecycle.Reject):
-            self.to(S.REJECTED, exc.code.code, code=exc.code.code, message=exc.message, file=exc.details.get("file"))
-        else:
-            self._do_operator(effect, reason)
+    def _bring_up(self, e: BringUp) -> None:
+        """The way up, as the model's task: admission (or a restart's settling), then each step's event."""
+        self._force = e.force
+        if e.admit:
+            self.idled_out = False  # whatever unloaded it, it is wanted up now
+        self._spawn_task(self._step(self.startup.admit(self.running, e.force, e.doubt) if e.admit
+                                    else self.startup.settle()))
 
-    def _do_operator(self, effect: lifecycle.Effect, reason: str) -> None:
-        """The effects of what an operator asked for, and of a stable worker."""
-        if isinstance(effect, lifecycle.Begin):
-            self._spawn_task(self._bring_up())
-        elif isinstance(effect, lifecycle.RunRevision):
-            self.running = self.store.revision(self.cfg.id, effect.revision) or self.running
-            self._remember(self.wanted())
-        elif isinstance(effect, lifecycle.Forgive):
-            self.store.set_quarantine(self.cfg.id, None)
-            self.store.clear_failures(self.cfg.id)
-            self.consecutive_failures = 0
-            self.last_error = None  # the operator fixed the cause; a new failure will say its own
-            self.running = self.cfg
-            self._remember(True)
-            self.startup.force = self.startup.doubt = True  # whatever it was, every file is read again
-        elif isinstance(effect, lifecycle.StartForced):
-            self.store.set_quarantine(self.cfg.id, None)
-            self.start(reason, wanted=True, force=True)
-        elif isinstance(effect, lifecycle.RefuseOperation):
-            raise E.BadRequest(f"model {self.cfg.id} {effect.message}")
-        elif isinstance(effect, lifecycle.MarkStable):
-            self.consecutive_failures = 0
-            self.store.set_lkg(self.running)
-            self.log.info("model.stable", revision=self.running.revision, lkg=True)
+    def _spawn_task(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=f"model-{self.cfg.id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            self.log.error("internal.task_failed", state=self.state.value, error=repr(exc),
+                           exc_info=(type(exc), exc, exc.__traceback__))
+
+    def _cancel_tasks(self) -> None:
+        """Every task of the model's but the one performing this (which goes on to its end)."""
+        for task in list(self._tasks):
+            if task is not asyncio.current_task() and not task.done():
+                task.cancel()
 
     async def _restart_after(self, delay: float) -> None:
         await asyncio.sleep(delay)
-        await self._apply(lifecycle.RestartDue(), "restart")
+        await self._handle(RestartDue())
 
-    async def rollback(self, revision: str | None, reason: str) -> str:
-        """Run `revision` (default: last-known-good) instead of what runs now. From BACKOFF this is
-        the policy's automatic rollback; from any other state an operator's, which also lifts a
-        quarantine."""
-        target = revision or self.store.model_flags(self.cfg.id)["lkg_revision"]
-        if not target or self.store.revision(self.cfg.id, target) is None:
-            raise E.BadRequest(f"model {self.cfg.id} has no known revision {target!r}")
-        operator = self.state is not S.BACKOFF
-        await self._apply(lifecycle.RollbackRequested(target, self.cfg.revision),
-                          f"operator rollback to {target}" if operator else reason)
-        return self.state.value
+    def _evidence(self) -> Evidence:
+        return Evidence(self.store, self.cfg.id, self.running.path, self.running.worker_command, self.running.group)
 
-    async def release(self) -> str:
-        """Operator: leave QUARANTINED (or REJECTED) and try again on the configured revision."""
-        await self._apply(lifecycle.ReleaseRequested(), "operator release")
-        return self.state.value
+    def _keep_canary(self, result: Any) -> None:
+        worker = self._worker()
+        load_s = worker.loaded.load_s if worker.loaded else None
+        self.canary = self._evidence().canary_passed(self.running.canary, result, load_s, worker.memory)
 
-    async def stop(self, reason: str, remember: bool = True) -> None:
-        """Drain (bounded by drain_grace_s), then stop the worker: ... -> DRAINING -> UNLOADED."""
-        if self._task and not self._task.done() and self._task is not asyncio.current_task():
-            self._task.cancel()
-        if remember:
-            self._remember(False)
-        await self._apply(lifecycle.StopRequested(), reason)
+    def _record_worker(self) -> None:
+        p = self._worker().process
+        self.store.set_worker(self.cfg.id, adoption.worker_record(
+            p.pid, p.start_time, p.token, self.running.revision, self.services.worker_endpoint, self.store.boot_id))
 
-    async def _drain(self, grace_s: float) -> None:
-        """Until no request is left (each ending calls _check_idle), for at most grace_s."""
-        self._idle = asyncio.Event()
-        self._check_idle()
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), grace_s)
-        self._idle = None  # a cancelled drain leaves an Event nobody awaits: harmless
+    def _arm_stable(self, after_s: float) -> None:
+        worker = self.worker
+        self._stable = asyncio.get_running_loop().call_later(
+            after_s, lambda: self._handle_now(Stable(self.worker is worker)))
 
-    def _check_idle(self) -> None:
-        # The request queue calls this whenever requests leave it, however they leave.
-        if self._idle is not None and not len(self.requests):
-            self._idle.set()
+    def _mark_stable(self, revision: str) -> None:
+        self.consecutive_failures = 0
+        self.store.set_lkg(self.running)
+        self.log.info("model.stable", revision=revision, lkg=True)
+
+    def _run_revision(self, revision: str) -> None:
+        configured = revision == self.cfg.revision
+        self.running = self.cfg if configured else self.store.revision(self.cfg.id, revision) or self.running
+
+    def _forget_failures(self) -> None:
+        self.store.set_quarantine(self.cfg.id, None)
+        self.store.clear_failures(self.cfg.id)
+        self.consecutive_failures = 0
+        self.last_error = None  # the operator fixed the cause; a new failure will say its own
+
+    def _note_failure(self, error: E.LmxError, phase: str) -> None:
+        self.last_error = error
+        self.restarts += 1
+        self.metrics.restarts.labels(self.cfg.id).inc()
+        self.consecutive_failures += 1
+        self.log.warning("model.failed", code=error.code.code, message=error.message, phase=phase, **error.details)
+
+    def _record_crash(self, e: RecordCrash) -> None:
+        record = crash_record(self.cfg.id, self.running.revision, e)
+        self.store.add_crash(record)
+        self.metrics.failed(self.cfg.id, e.error.code.code, record)
+        self.events.publish("model.failed", **{k: v for k, v in record.items() if k != "at"})
+        self._evidence().failure(record)  # the registry takes only what is about compatibility
+
+    def _quarantine(self, error: E.LmxError, code: str) -> None:
+        self.retry_at = None
+        self.last_error = error
+        self.log.error("model.quarantined", code=code, message=error.message,
+                       hint=f"lmxctl history {self.cfg.id}; after fixing the cause: lmxctl release {self.cfg.id}")
+
+    def _reject(self, error: E.LmxError) -> None:
+        self.last_error = error
+        self.log.warning("model.rejected", code=error.code.code, message=error.message,
+                         file=error.details.get("file"), revision=self.running.revision)
 
     async def stop_worker(self, reason: str) -> None:
         worker = self.worker
@@ -319,25 +341,19 @@ class ModelRuntime(Failures):
             self.worker = None
             self.ready_since = None
 
-    # --- worker events -------------------------------------------------------------------------
+    # --- the worker's callbacks (supervisor.workers.worker.Owner) -----------------------------
 
-    def on_worker_exit(self, worker: WorkerHandle, rc: int | None) -> None:
+    def on_worker_exit(self, worker: Worker, rc: int | None) -> None:
         if worker is not self.worker:
             return  # a worker already replaced: its exit was seen to when it was
         self.services.ledger.worker_exited(self.cfg.id, worker.process.pid, worker.memory.get("rss_bytes", 0),
-                                   worker.available_at_beat)
-        effects = self._reduce(lifecycle.WorkerExited(worker.stopping))
-        if not effects or worker.death is None:
-            return
-        exc = worker.death_error()  # its handle classified the death (and failed its handshake with it)
-        self._death_request = self.requests.first_active_origin()
-        self.store.set_worker(self.cfg.id, None)
-        if lifecycle.HandleFailure() in effects:  # its clients hear of it once the failure is stored
-            self._spawn_task(self._failed(exc, worker.death))
-        else:  # during a start (the canary's request), or a stop: no failure to record here
-            self.requests.fail_all(exc)
+                                           worker.available_at_beat)
+        if worker.stopping or worker.death is None:
+            return  # asked to stop: its exit is no failure
+        event = WorkerExited(worker, worker.death, worker.death.error(), self.requests.first_active_origin())
+        self._spawn_task(self._handle(event))
 
-    def on_worker_result(self, worker: WorkerHandle, msg: Message) -> None:
+    def on_worker_result(self, worker: Worker, msg: Message) -> None:
         if worker is self.worker:  # the queue matches results to requests by id, and drops the rest
             for result in msg.chunks() if isinstance(msg, Chunks) else (msg,):
                 self.requests.on_result(result)
