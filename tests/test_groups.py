@@ -74,6 +74,18 @@ def test_a_tensor_parallel_group_serves_what_one_worker_serves(make_supervisor, 
     assert all(process_gone(pid) for pid in pids)
 
 
+@pytest.mark.timeout(120)
+def test_a_prefix_cache_clear_reaches_every_rank_of_a_group(make_supervisor, sharp_llama: Path) -> None:
+    # lmxctl cache clear on a group: each rank hears it (the group used to drop it, silently).
+    sup = make_supervisor([{"id": "big", "path": str(sharp_llama), "group": GROUP}]).start()
+    pids = rank_pids(sup)
+    sup.client.clear_cache("big")
+    wait_until(lambda: {e.get("worker_pid") for e in sup.events("worker.prefix_cache_cleared")} >= set(pids),
+               30, "every rank's prefix_cache_cleared")
+    assert sup.client.complete("big", PROMPT, max_tokens=3).usage["completion_tokens"] == 3
+    assert rank_pids(sup) == pids  # the same ranks serve on
+
+
 def fault_mid_stream(sup, fault) -> tuple[E.LmxError, float]:
     """Start a long stream of "big", call `fault()` at its third chunk: (the error it ended with,
     seconds from the fault to the error)."""
