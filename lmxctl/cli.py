@@ -65,17 +65,17 @@ async def _load(client: SupervisorClient, args: argparse.Namespace) -> int:
     if args.no_wait:
         _print_json(detail) if args.json else print(f"{args.model}: {detail['state']}")
         return EXIT_OK
-    start, last = time.monotonic(), None
-    colour = view.use_colour()
-    while True:
-        model = next(m for m in (await client.status())["models"] if m["id"] == args.model)
+    start, last, colour = time.monotonic(), None, view.use_colour()
+
+    def settled(model: dict) -> bool:  # each state it passes through is printed once
+        nonlocal last
         if model["state"] != last and not args.json and not args.quiet:
             state = view.paint(model["state"], view.STATE_COLOUR.get(model["state"]), colour)
             print(f"{args.model}: {state} ({time.monotonic() - start:.1f}s)", flush=True)
         last = model["state"]
-        if model["state"] not in WAIT_STATES or (is_state(model["state"], S.BACKOFF) and model["last_error"]):
-            break
-        await asyncio.sleep(0.2)
+        return model["state"] not in WAIT_STATES or (is_state(model["state"], S.BACKOFF) and bool(model["last_error"]))
+
+    model = await client.wait_state(args.model, settled, float("inf"))  # as long as it takes: Ctrl-C ends it
     if args.json:
         _print_json(model)
     if is_state(model["state"], S.READY):

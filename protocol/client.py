@@ -1,54 +1,38 @@
-"""SupervisorClient: asyncio-first RPC client of the supervisor (streaming, cancel, deadlines), plus
-a small sync wrapper. Every call has a deadline and a lost supervisor is a typed error, not a hang."""
+"""SupervisorClient: the asyncio-first client library of the supervisor (generate with streaming,
+cancel and deadlines, status, load/unload, history, events, the operator's calls), each verb one
+typed request on a protocol.connection.Connection. Every call has a deadline and a lost supervisor is
+a typed error, not a hang. The blocking facade, SyncSupervisorClient, is in protocol.syncclient."""
 
 from __future__ import annotations
 
 import asyncio
-import json
-import logging
 import os
-import uuid
-from typing import Any, Optional
+from typing import Any, Callable
 
-import zmq
-import zmq.asyncio
-from zmq.utils.monitor import parse_monitor_message
-
-from protocol import codec
 from protocol import endpoint as ep
 from protocol import errors as E
 from protocol import keys
 from protocol.adminclient import AdminCalls
+from protocol.connection import Connection, new_id
+from protocol.eventstream import EventStream
 from protocol.genstream import GenerateStream, Result
-from protocol.loopreader import LoopReader, monitor_socket
 from protocol.messages import (
-    TO_CLIENT, Ack, Chunk, CountTokens, Error, GenerateRequest, HistoryReply, HistoryRequest,
-    LoadRequest, Message, StatusReply, StatusRequest, TokenCount, UnloadRequest,
+    Ack, Chunk, CountTokens, GenerateRequest, HistoryReply, HistoryRequest, LoadRequest, Message, StatusReply,
+    StatusRequest, TokenCount, UnloadRequest,
 )
 
-__all__ = ["SupervisorClient", "SyncSupervisorClient", "GenerateStream", "EventStream", "Result", "Chunk"]
+__all__ = ["SupervisorClient", "GenerateStream", "EventStream", "Result", "Chunk"]
 
-log = logging.getLogger("lmx.client")
-
-
-def _note(level: str, event: str, **fields: Any) -> None:
-    """One JSON line on the caller's `lmx.client` logger, shaped like the daemon's (docs/events.md)."""
-    log.log(logging.getLevelName(level.upper()), "%s", json.dumps({"event": event, "level": level, **fields}))
+# wait_state re-reads the status this often when no state event came: a subscriber that fell behind
+# loses events (PUB/SUB), and this bounds what such a loss costs. A tcp endpoint has no events
+# socket to follow: there it reads the status every STATE_POLL_S.
+STATE_RECHECK_S = 1.0
+STATE_POLL_S = 0.2
 
 
 class SupervisorClient(AdminCalls):
-    """One DEALER socket multiplexing any number of concurrent requests by request id.
-
-    Errors stay with the request they belong to. A request out of the wire's bounds
-    (protocol.limits) fails with BAD_REQUEST before it is sent, and the supervisor answers an
-    invalid request with that request's id, so one bad request never ends another. Only what
-    makes the connection itself unusable fails every request waiting on it: the supervisor went
-    away or refused this client's key (SUPERVISOR_UNAVAILABLE / UNAUTHORIZED), or it speaks
-    another protocol version (BAD_REQUEST, protocol mismatch). An error the supervisor could not
-    pin on a request (request_id None: a frame of ours it could not read at all) or a reply this
-    client cannot read concerns none of the pending requests — each of them was sent checked, with
-    a readable id — so it is logged (logger `lmx.client`) and dropped; were a pending request the
-    cause after all, its own deadline still ends it."""
+    """The supervisor's verbs over one Connection (`self.connection`), which multiplexes any number
+    of concurrent requests by request id and keeps each error with its own request."""
 
     def __init__(
         self,
@@ -75,153 +59,13 @@ class SupervisorClient(AdminCalls):
         self.events_endpoint = events_endpoint
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
-        self._ctx: Optional[zmq.asyncio.Context] = None
-        # The request socket is a plain one read by the loop's reader callback (protocol.loopreader):
-        # a reply reaches its waiter one loop turn after the socket is readable.
-        self._sock: Optional[zmq.Socket] = None
-        self._reader: Optional[LoopReader] = None
-        self._monitor: Optional[zmq.asyncio.Socket] = None
-        self._pending: dict[str, asyncio.Queue] = {}
-        self._tasks: list[asyncio.Task] = []
-        self._connected: Optional[asyncio.Event] = None
-        self._lost: Optional[E.LmxError] = None
-        self._refused: Optional[E.LmxError] = None
-
-    # --- connection ----------------------------------------------------------------------------
+        self.connection = Connection(self.endpoint, curve=self._curve, connect_timeout_s=connect_timeout_s)
 
     async def connect(self) -> None:
-        if self._sock is not None:
-            return
-        if self.endpoint.startswith("ipc://") and not os.path.exists(self.endpoint[6:]):
-            raise E.SupervisorUnavailable(
-                f"no supervisor socket at {self.endpoint[6:]} (is lmx-supervisor running with this state dir?)",
-                endpoint=self.endpoint)
-        self._ctx = zmq.asyncio.Context()
-        sock = zmq.Context.shadow(self._ctx.underlying).socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, codec.MAX_FRAME_BYTES)
-        events = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
-        if self._curve is not None:
-            server, public, secret = self._curve
-            sock.setsockopt(zmq.CURVE_SERVERKEY, server)
-            sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
-            sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
-            # Connected means the CURVE handshake passed (the server knows our key), not just tcp.
-            events |= zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH \
-                | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-        monitor = monitor_socket(sock, self._ctx, events)
-        self._monitor = monitor
-        self._connected = asyncio.Event()
-        self._refused = None
-        sock.connect(self.endpoint)
-        self._sock = sock
-        loop = asyncio.get_running_loop()
-        self._reader = LoopReader(sock, self._dispatch)
-        self._reader.failed.add_done_callback(self._reader_failed)
-        self._tasks = [loop.create_task(self._watch(monitor))]
-        try:
-            await asyncio.wait_for(self._connected.wait(), self.connect_timeout_s)
-        except asyncio.TimeoutError:
-            await self.close()
-            raise E.SupervisorUnavailable(
-                f"could not connect to {self.endpoint} within {self.connect_timeout_s}s"
-                + (" (no CURVE handshake: wrong server key, or not a CURVE endpoint?)" if self._curve else ""),
-                endpoint=self.endpoint) from None
-        if self._refused is not None:
-            await self.close()
-            raise self._refused
-
-    async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
-        while True:
-            event = parse_monitor_message(await monitor.recv_multipart())
-            if self._curve is not None and self._handshake(event["event"]):
-                continue
-            if event["event"] == zmq.EVENT_CONNECTED:
-                self._lost = None
-                assert self._connected is not None
-                self._connected.set()
-            elif event["event"] == zmq.EVENT_DISCONNECTED:
-                # ZeroMQ would silently reconnect and our requests would wait forever: every
-                # request in flight on the old connection is lost, so say so at once.
-                self._fail_all(E.SupervisorUnavailable("connection to the supervisor was lost",
-                                                       endpoint=self.endpoint))
-
-    def _handshake(self, event: int) -> bool:
-        """CURVE: the handshake's outcome decides `connected`; True when the event is handled."""
-        assert self._connected is not None
-        if event == zmq.EVENT_CONNECTED:
-            return True  # tcp only: wait for the handshake
-        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-            self._lost = None
-            self._connected.set()
-            return True
-        if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-            self._refused = E.Unauthorized(f"{self.endpoint} refused this client's CURVE key "
-                                           "(not in the supervisor's [[clients]])", endpoint=self.endpoint)
-        elif event in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
-            self._refused = E.SupervisorUnavailable(f"CURVE handshake with {self.endpoint} failed "
-                                                    "(wrong server key, or not a CURVE endpoint?)",
-                                                    endpoint=self.endpoint)
-        else:
-            return False
-        if not self._connected.is_set():
-            self._connected.set()  # wakes connect(), which raises _refused
-        else:  # refused on a reconnect (the key was taken off the list): fail what waits
-            self._fail_all(self._refused)
-        return True
-
-    def _dispatch(self, frames: list[bytes]) -> None:
-        try:
-            msg = codec.decode(frames, TO_CLIENT)
-        except codec.ProtocolMismatch as exc:
-            # Nothing this supervisor sends can be read: every request on the connection is lost.
-            self._fail_all(exc)
-            return
-        except codec.InvalidMessage as exc:
-            msg = Error.from_exc(exc.request_id, exc)
-        except E.LmxError as exc:
-            _note("warning", "client.reply_unreadable", endpoint=self.endpoint, code=exc.code.code,
-                  message=exc.message[:500])
-            return
-        rid = getattr(msg, "request_id", None)
-        if rid is None:
-            assert isinstance(msg, Error)  # the only reply type whose request_id may be None
-            _note("warning", "client.error_unattributed", endpoint=self.endpoint, code=msg.code,
-                  message=msg.message[:500])
-            return
-        q = self._pending.get(rid)
-        if q is not None:
-            q.put_nowait(msg)
-
-    def _fail_all(self, exc: E.LmxError) -> None:
-        """The connection is unusable: fail what waits, and what is asked until it reconnects."""
-        self._lost = exc
-        for q in self._pending.values():
-            q.put_nowait(Error.from_exc(None, exc))
-
-    def _reader_failed(self, failed: asyncio.Future) -> None:
-        if failed.cancelled() or failed.exception() is None:
-            return
-        self._fail_all(E.SupervisorUnavailable(f"reading replies failed: {failed.exception()!r}",
-                                               endpoint=self.endpoint))
+        await self.connection.connect()
 
     async def close(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks = []
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
-        # The monitor through its asyncio wrapper (it unregisters its fd from the loop); both
-        # closed before term(), which waits for every socket of the context.
-        for sock in (self._monitor, self._sock):
-            if sock is not None:
-                sock.close(linger=0)
-        self._monitor = self._sock = None
-        if self._ctx is not None:
-            self._ctx.term()
-            self._ctx = None
+        await self.connection.close()
 
     async def __aenter__(self) -> "SupervisorClient":
         await self.connect()
@@ -230,64 +74,13 @@ class SupervisorClient(AdminCalls):
     async def __aexit__(self, *exc: Any) -> None:
         await self.close()
 
-    # --- plumbing ------------------------------------------------------------------------------
-
-    async def _send(self, msg: Message) -> None:
-        await self.connect()
-        assert self._sock is not None
-        frames = codec.encode(msg)
-        if len(frames[1]) > codec.MAX_FRAME_BYTES:
-            # Past MAXMSGSIZE the supervisor's ZeroMQ drops the whole connection, not the message.
-            raise E.BadRequest(f"{msg.TAG}: the message has {len(frames[1])} bytes, more than "
-                               f"{codec.MAX_FRAME_BYTES}")
-        try:
-            self._sock.send_multipart(frames, zmq.NOBLOCK)
-        except zmq.Again:
-            raise E.Overloaded("this client's send queue is full: the supervisor is not reading it",
-                               retry_after_s=1.0) from None
-        assert self._reader is not None
-        self._reader.after_send()
-
-    async def _begin(self, msg: Message) -> asyncio.Queue:
-        codec.check(msg)  # wrong types or out of bounds: this request fails here, before the wire
-        await self.connect()
-        rid = getattr(msg, "request_id")
-        if self._lost is not None:
-            raise self._lost
-        q: asyncio.Queue = asyncio.Queue()
-        self._pending[rid] = q
-        try:
-            await self._send(msg)
-        except BaseException:
-            self._end(rid)
-            raise
-        return q
-
-    def _end(self, rid: str) -> None:
-        self._pending.pop(rid, None)
-
-    async def _call(self, msg: Message, timeout_s: float | None = None) -> Message:
-        q = await self._begin(msg)
-        rid = getattr(msg, "request_id")
-        try:
-            async with asyncio.timeout(timeout_s or self.timeout_s):
-                reply = await q.get()
-        except TimeoutError:
-            raise E.RequestTimeout(f"{msg.TAG}: no reply within {timeout_s or self.timeout_s}s") from None
-        finally:
-            self._end(rid)
-        if isinstance(reply, Error):
-            raise reply.to_exc()
-        return reply
-
-    @staticmethod
-    def _rid() -> str:
-        return uuid.uuid4().hex
+    async def _request(self, msg: Message, timeout_s: float | None) -> Message:
+        return await self.connection.call(msg, timeout_s or self.timeout_s)
 
     # --- API -----------------------------------------------------------------------------------
 
     async def status(self, timeout_s: float = 10.0) -> dict[str, Any]:
-        reply = await self._call(StatusRequest(self._rid()), timeout_s)
+        reply = await self._request(StatusRequest(new_id()), timeout_s)
         assert isinstance(reply, StatusReply)
         return {"supervisor": reply.supervisor, "models": reply.models}
 
@@ -313,10 +106,10 @@ class SupervisorClient(AdminCalls):
         t = timeout_s or self.timeout_s
         # agent: tools, tool_choice, tool_name, response_format, logprobs, top_logprobs,
         # chat_template_kwargs, top_k (GenerateRequest); an unknown name is a TypeError here, not on the wire.
-        req = GenerateRequest(self._rid(), model, prompt, messages, max_tokens, temperature, top_p,
+        req = GenerateRequest(new_id(), model, prompt, messages, max_tokens, temperature, top_p,
                               seed, list(stop or []), t, thinking_budget=thinking_budget,
                               parallel_tool_calls=parallel_tool_calls, **agent)
-        return GenerateStream(self, req, t)
+        return GenerateStream(self.connection, req, t)
 
     async def count_tokens(self, model: str, *, prompt: str | None = None, messages: list[dict] | None = None,
                            tools: list[dict] | None = None, tool_choice: str | None = None,
@@ -324,8 +117,8 @@ class SupervisorClient(AdminCalls):
         """How many tokens a generation with these fields would have as its prompt (the model's own
         tokenizer and chat template, tools included), counted by its worker without generating."""
         t = timeout_s or min(self.timeout_s, 30.0)
-        req = CountTokens(self._rid(), model, prompt, messages, tools, tool_choice, chat_template_kwargs, t)
-        reply = await self._call(req, t)
+        req = CountTokens(new_id(), model, prompt, messages, tools, tool_choice, chat_template_kwargs, t)
+        reply = await self._request(req, t)
         assert isinstance(reply, TokenCount)
         return reply.prompt_tokens
 
@@ -334,19 +127,19 @@ class SupervisorClient(AdminCalls):
             return await stream.collect()
 
     async def load(self, model: str, force: bool = False, timeout_s: float = 10.0) -> dict:
-        reply = await self._call(LoadRequest(self._rid(), model, force), timeout_s)
+        reply = await self._request(LoadRequest(new_id(), model, force), timeout_s)
         assert isinstance(reply, Ack)
         return reply.detail
 
     async def unload(self, model: str, timeout_s: float = 120.0) -> dict:
-        reply = await self._call(UnloadRequest(self._rid(), model), timeout_s)
+        reply = await self._request(UnloadRequest(new_id(), model), timeout_s)
         assert isinstance(reply, Ack)
         return reply.detail
 
 
     async def history(self, model: str, limit: int = 50, timeout_s: float = 10.0) -> list[dict]:
         """Crash records of `model`, newest first."""
-        reply = await self._call(HistoryRequest(self._rid(), model, limit), timeout_s)
+        reply = await self._request(HistoryRequest(new_id(), model, limit), timeout_s)
         assert isinstance(reply, HistoryReply)
         return reply.records
 
@@ -356,7 +149,62 @@ class SupervisorClient(AdminCalls):
             raise E.BadRequest("no events endpoint: pass events_endpoint= with a tcp:// control endpoint")
         return EventStream(self.events_endpoint, prefixes)
 
+    # --- waiting for a state -------------------------------------------------------------------
 
-# The event stream and the blocking facade live in modules of their own; this stays the import path.
-from protocol.eventstream import EventStream  # noqa: E402
-from protocol.syncclient import SyncSupervisorClient  # noqa: E402
+    async def wait_state(self, model: str, predicate: Callable[[dict], Any], timeout_s: float,
+                         recheck_s: float = STATE_RECHECK_S) -> dict:
+        """Wait until `predicate(m)` holds for `m`, model `model`'s entry in the status, and return
+        that entry. The entry is read once the model.state events are subscribed to (so a state
+        already reached returns at once, and one reached meanwhile is not missed), then again on
+        each of the model's state events, and `recheck_s` after the last read without one (what
+        changes with no state change, active requests or cache figures, is seen that late).
+        `predicate` sees every entry read, in order. Fails with RequestTimeout (naming the model and
+        its last state) at the deadline, UnknownModel when the supervisor has no such model,
+        SupervisorUnavailable when it goes away."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        if not self.events_endpoint:
+            return await self._poll_state(model, predicate, deadline, timeout_s)
+        async with self.events("model.state") as events:
+            await events.connected(max(0.1, min(timeout_s, self.connect_timeout_s)))
+            while True:
+                m = await self._entry(model)
+                if predicate(m):
+                    return m
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise self._state_timeout(model, m, timeout_s)
+                await _next_state_of(events, model, min(remaining, recheck_s))
+
+    async def _poll_state(self, model: str, predicate: Callable[[dict], Any], deadline: float,
+                          timeout_s: float) -> dict:
+        loop = asyncio.get_running_loop()
+        while True:
+            m = await self._entry(model)
+            if predicate(m):
+                return m
+            if loop.time() >= deadline:
+                raise self._state_timeout(model, m, timeout_s)
+            await asyncio.sleep(min(STATE_POLL_S, max(0.0, deadline - loop.time())))
+
+    async def _entry(self, model: str) -> dict:
+        found = [m for m in (await self.status())["models"] if m["id"] == model]
+        if not found:
+            raise E.UnknownModel(f"unknown model {model!r}", model=model)
+        return found[0]
+
+    @staticmethod
+    def _state_timeout(model: str, m: dict, timeout_s: float) -> E.LmxError:
+        return E.RequestTimeout(f"{model}: not in the awaited state within {timeout_s}s (it is {m['state']})",
+                                model=model, state=m["state"])
+
+
+async def _next_state_of(events: EventStream, model: str, timeout_s: float) -> None:
+    """Return on the next model.state event of `model`, or after `timeout_s` without one."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for event in events:
+                if event.get("model") == model:
+                    return
+    except TimeoutError:
+        return

@@ -1,17 +1,16 @@
-"""One generation as the client library sees it: a stream of chunks, then its Result. Import it
-from protocol.client, with the rest of the client library."""
+"""One generation as the client library sees it: a stream of chunks, then its Result, read from the
+ReplyStream of its GenerateRequest on a protocol.connection.Connection. Import it from
+protocol.client, with the rest of the client library."""
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 from protocol import errors as E
+from protocol.connection import Connection, ReplyStream
 from protocol.messages import Cancel, Chunk, Error, Final, GenerateRequest, Message
-
-if TYPE_CHECKING:
-    from protocol.client import SupervisorClient
 
 
 @dataclass
@@ -36,11 +35,11 @@ class GenerateStream:
     """`async for chunk in stream` yields Chunk; afterwards `stream.result` holds the Result.
     Leaving early (break, exception) should go through `async with` or `aclose()` to cancel."""
 
-    def __init__(self, client: "SupervisorClient", req: GenerateRequest, timeout_s: float) -> None:
-        self._client = client
+    def __init__(self, connection: Connection, req: GenerateRequest, timeout_s: float) -> None:
+        self._connection = connection
         self._req = req
         self._timeout_s = timeout_s
-        self._queue: Optional[asyncio.Queue] = None
+        self._replies: Optional[ReplyStream] = None
         self._deadline = 0.0
         self.result: Optional[Result] = None
         self._done = False
@@ -53,7 +52,7 @@ class GenerateStream:
     async def _open(self) -> None:
         loop = asyncio.get_running_loop()
         self._deadline = loop.time() + self._timeout_s + DEADLINE_GRACE_S
-        self._queue = await self._client._begin(self._req)
+        self._replies = await self._connection.stream(self._req)
 
     def __aiter__(self) -> "GenerateStream":
         return self
@@ -61,20 +60,20 @@ class GenerateStream:
     async def __anext__(self) -> Chunk:
         if self._done:
             raise StopAsyncIteration
-        if self._queue is None:
+        if self._replies is None:
             await self._open()
-        assert self._queue is not None
+        assert self._replies is not None
         msg = self._held
         self._held = None
-        if msg is None and not self._queue.empty():
-            msg = self._queue.get_nowait()  # no timer needed for what is already here
+        if msg is None:
+            msg = self._replies.get_nowait()  # no timer needed for what is already here
         if msg is None:
             remaining = self._deadline - asyncio.get_running_loop().time()
             try:
                 # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that arrives
                 # with a chunk (CPython gh-86296), and a cancelled reader must cancel the request.
                 async with asyncio.timeout(max(0.0, remaining)):
-                    msg = await self._queue.get()
+                    msg = await self._replies.get()
             except TimeoutError:
                 await self.aclose()
                 raise E.RequestTimeout(f"no result within {self._timeout_s}s") from None
@@ -92,12 +91,11 @@ class GenerateStream:
     def _coalesce(self, chunk: Chunk) -> Chunk:
         """A reader slower than the tokens gets one chunk with everything that arrived meanwhile,
         not a backlog of tiny ones."""
-        if self._queue is None or self._queue.empty():
+        if self._replies is None or self._replies.empty():
             return chunk
         merged = Chunk(chunk.request_id, chunk.text, chunk.tokens, chunk.reasoning, list(chunk.tool_calls),
                        None if chunk.logprobs is None else list(chunk.logprobs))
-        while not self._queue.empty():
-            nxt = self._queue.get_nowait()
+        while (nxt := self._replies.get_nowait()) is not None:
             if not isinstance(nxt, Chunk):
                 self._held = nxt  # the end of the stream: returned by the next call
                 break
@@ -111,13 +109,14 @@ class GenerateStream:
 
     def _finish(self) -> None:
         self._done = True
-        self._client._end(self.request_id)
+        assert self._replies is not None
+        self._replies.close()
 
     async def aclose(self) -> None:
         """Cancel the request if it is still running (idempotent)."""
-        if self._queue is not None and not self._done:
+        if self._replies is not None and not self._done:
             self._finish()
-            await self._client._send(Cancel(self.request_id))
+            await self._connection.send(Cancel(self.request_id))
 
     async def __aenter__(self) -> "GenerateStream":
         return self

@@ -332,6 +332,8 @@ _CHECKS: dict[str, Callable[[Any], None]] = {
     # The typed admin requests (protocol.admin.REQUESTS), bounded like the AdminRequest they replace.
     "reload": _admin, "release": _admin, "rollback": _admin, "swap": _admin, "probe": _admin,
     "repair": _admin, "verify": _admin, "compat": _admin, "metrics": _admin, "cache_clear": _admin,
+    # The peer link: the request a rank is sent is bounded as the generation it is.
+    "rank_send": lambda m: _generate(m.request),
 }
 # Worker -> supervisor only: the client decodes the same tags from the supervisor, unbounded.
 _FROM_WORKER: dict[str, Callable[[Any], None]] = {"chunk": _chunk, "chunks": _chunks, "final": _final,

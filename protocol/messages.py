@@ -11,52 +11,14 @@ from protocol import admin as A
 from protocol import peer as P
 from protocol.admin import AdminRequest  # noqa: F401  (the legacy admin message; its schema's home)
 from protocol.errors import BadRequest, LmxError
-# The base and `added()` live in protocol/wirebase.py so protocol/admin.py builds on them too;
-# this stays their import path.
-from protocol.wirebase import Message, added  # noqa: F401
+# What a worker is given (Init, GenerateRequest) lives in protocol/work.py, below the peer link that
+# nests both; the base and `added()` in protocol/wirebase.py, below protocol/admin.py. This stays
+# the import path of all of them.
+from protocol.wirebase import Message, added, nested  # noqa: F401
+from protocol.work import GenerateRequest, Init  # noqa: F401
 
 
 # --- shared by both boundaries -------------------------------------------------------------
-
-
-@dataclass
-class GenerateRequest(Message):
-    """A generation: either `prompt` (raw text) or `messages` (chat, through the chat template)."""
-
-    TAG: ClassVar[str] = "generate"
-    request_id: str
-    model: str
-    prompt: Optional[str] = None
-    messages: Optional[list[dict]] = None
-    max_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: Optional[int] = None
-    stop: list[str] = field(default_factory=list)
-    timeout_s: Optional[float] = None
-    # What agents send (all optional; a worker from before them never sees them set by a gateway
-    # that checks the model first). tools: OpenAI function tools, rendered by the chat template and
-    # parsed back with mlx-lm's tool parser. tool_choice: "auto" (default with tools), "none",
-    # "required" (some call, enforced), or "function" with tool_name (that call, enforced).
-    tools: Optional[list[dict]] = added()
-    tool_choice: Optional[str] = added()
-    tool_name: Optional[str] = added()
-    # OpenAI's response_format: {"type": "json_object"} or {"type": "json_schema", "json_schema": {...}},
-    # enforced by constrained decoding ({"type": "text"} or None: free text).
-    response_format: Optional[dict] = added()
-    logprobs: bool = added(False)
-    top_logprobs: int = added(0)  # 0..20 most likely tokens beside each chosen one (needs logprobs)
-    chat_template_kwargs: Optional[dict] = added()  # e.g. {"enable_thinking": False}
-    top_k: int = added(0)  # sample among the k most likely tokens (0: all)
-    # At most this many thinking tokens: past them, inside a think block, the model is made to write
-    # its own end-of-think marker and goes on to answer (None: no limit; a model without think
-    # markers: nothing to limit).
-    thinking_budget: Optional[int] = added()
-    # False: at most one tool call; the generation ends as the first call closes.
-    parallel_tool_calls: bool = added(True)
-    # "batch": waits in the supervisor's queue behind every "interactive" request (an API key's
-    # priority, set by the gateway). The supervisor never sends it on to a worker.
-    priority: str = added("interactive")
 
 
 @dataclass
@@ -257,34 +219,6 @@ class Adopt(Message):
 
 
 @dataclass
-class Init(Message):
-    """Supervisor -> worker: what to load and how to behave."""
-
-    TAG: ClassVar[str] = "init"
-    model_id: str
-    revision: str
-    path: str
-    heartbeat_interval_s: float
-    orphan_grace_s: float
-    memory_limit_bytes: int = 0
-    max_batch_size: int = 1  # > 1: continuous batching (mlx-lm BatchGenerator)
-    prefill_step_size: int = 512  # prompt tokens per batch step, so prefill cannot starve decoding
-    stream_interval_s: float = 0.05  # a stream's chunks after its first: at most one per interval (worker.pacing)
-    # The prefix KV cache (worker.prefixcache): its memory budget (0 = off), and where hot prefixes
-    # are kept across workers (None = memory only), under what disk budget, for which weights.
-    prefix_cache_bytes: int = added(0)
-    prefix_cache_dir: Optional[str] = added()
-    prefix_cache_disk_bytes: int = added(0)
-    weights_key: Optional[str] = added()
-    # The model's `context_tokens`: a request whose prompt has at least this many tokens is refused
-    # with BAD_REQUEST before prefill (0 = not given, nothing refused). The memory estimate budgets
-    # the KV cache for this many tokens, so a longer prompt is one the model was not admitted for.
-    context_tokens: int = added(0)
-    # A rank of a group (worker.group): {"rank", "size", "backend", "parallel"}; None: a whole model.
-    group: Optional[dict] = added()
-
-
-@dataclass
 class ClearPrefixCache(Message):
     """Supervisor -> worker: forget every prefix cache entry, in memory and on disk (lmxctl cache
     clear). A worker from before this message logs it as unreadable and keeps its entries."""
@@ -347,10 +281,13 @@ def _check(value: Any, hint: Any) -> bool:
 _HINTS: dict[type, dict[str, Any]] = {}
 
 
-def from_wire(cls: type[Message], data: Any) -> Message:
-    """Build `cls` from a decoded map, checking every field's type; BadRequest names the field."""
+def from_wire(cls: type[Message], data: Any, within: str = "") -> Message:
+    """Build `cls` from a decoded map, checking every field's type, a nested message's (the peer
+    link's) as its own message; BadRequest names the field (`init.path` inside a rank_place).
+    `within`: the outer message's tag and field, for a nested one."""
+    tag, path = (within.split(":", 1) if within else (cls.TAG, ""))
     if not isinstance(data, dict):
-        raise BadRequest(f"{cls.TAG}: body must be a map")
+        raise BadRequest(f"{tag}: field {path[:-1]!r} must be a map" if path else f"{tag}: body must be a map")
     hints = _HINTS.get(cls)
     if hints is None:
         # The dataclass fields only: a ClassVar (TAG, an admin request's OP) is no wire field.
@@ -358,17 +295,20 @@ def from_wire(cls: type[Message], data: Any) -> Message:
         hints = _HINTS[cls] = {f.name: every[f.name] for f in dataclasses.fields(cls)}
     unknown = set(data) - set(hints)
     if unknown:
-        raise BadRequest(f"{cls.TAG}: unknown field(s) {sorted(map(str, unknown))}")
+        raise BadRequest(f"{tag}: unknown field(s) {sorted(path + str(u) for u in unknown)}")
+    inner = nested(cls)
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in data:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise BadRequest(f"{cls.TAG}: missing field {f.name!r}")
+                raise BadRequest(f"{tag}: missing field {path + f.name!r}")
             continue
         value = data[f.name]
-        if not _check(value, hints[f.name]):
+        if f.name in inner:
+            value = from_wire(inner[f.name], value, f"{tag}:{path}{f.name}.")
+        elif not _check(value, hints[f.name]):
             raise BadRequest(
-                f"{cls.TAG}: field {f.name!r} has type {type(value).__name__}, "
+                f"{tag}: field {path + f.name!r} has type {type(value).__name__}, "
                 f"expected {hints[f.name]}"
             )
         kwargs[f.name] = value

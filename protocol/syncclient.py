@@ -1,5 +1,5 @@
 """SyncSupervisorClient: the blocking facade over SupervisorClient (its own event loop on a private
-thread). Import it from protocol.client, with the rest of the client library."""
+thread). It imports the client, never the reverse: import it from here."""
 
 from __future__ import annotations
 
@@ -63,6 +63,9 @@ class SyncSupervisorClient:
 
     def swap(self, old: str, new: str, **kw: Any) -> dict:
         return self._run(self._client.swap(old, new, **kw))
+
+    def wait_state(self, model: str, predicate: Any, timeout_s: float, **kw: Any) -> dict:
+        return self._run(self._client.wait_state(model, predicate, timeout_s, **kw))
 
     def count_tokens(self, model: str, **kw: Any) -> int:
         return self._run(self._client.count_tokens(model, **kw))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -18,6 +19,10 @@ class Message:
         for name, default in _added(type(self)):
             if out[name] == default:
                 del out[name]
+        for name in nested(type(self)):  # a message inside a message (the peer link's) is its fields
+            value = out[name]
+            if isinstance(value, Message):
+                out[name] = value.to_wire()
         return out
 
 
@@ -38,4 +43,17 @@ def _added(cls: type) -> tuple[tuple[str, Any], ...]:
     if known is None:
         known = _ADDED[cls] = tuple((f.name, f.metadata["added"]()) for f in dataclasses.fields(cls)
                                     if "added" in f.metadata)
+    return known
+
+
+_NESTED: dict[type, dict[str, type[Message]]] = {}
+
+
+def nested(cls: type) -> dict[str, type[Message]]:
+    """The fields of `cls` that hold a message (field name -> its message type)."""
+    known = _NESTED.get(cls)
+    if known is None:
+        hints = typing.get_type_hints(cls)
+        known = _NESTED[cls] = {f.name: hints[f.name] for f in dataclasses.fields(cls)
+                                if isinstance(hints[f.name], type) and issubclass(hints[f.name], Message)}
     return known

@@ -1,4 +1,5 @@
-"""A real supervisor process for tests: config writer, start/stop, status polling with deadlines."""
+"""A real supervisor process for tests: config writer, start/stop, waits with deadlines (a model's
+state through the events socket, SupervisorClient.wait_state; anything else by polling)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,13 @@ from typing import Any, Callable
 
 import psutil
 
-from protocol.client import SyncSupervisorClient
+from protocol import errors as E
+from protocol.syncclient import SyncSupervisorClient
 
 REPO = Path(__file__).resolve().parents[1]
+# wait_model re-reads the status this often between state events: what its predicates read beside
+# the state (active requests, cache figures, lkg_revision) changes without one.
+RECHECK_S = 0.1
 
 
 def toml_value(v: Any) -> str:
@@ -110,6 +115,9 @@ class RunningSupervisor:
         if self._client is not None:  # a client of a previous (killed) run of this supervisor
             self._client.close()
             self._client = None
+        if self.proc is not None and self.proc.poll() is not None:
+            # A killed run leaves its socket file: waiting for it must wait for the new run's bind.
+            (self.state_dir / "control.sock").unlink(missing_ok=True)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "supervisor.cli", "run", "--config", str(self.config_path),
              "--state-dir", str(self.state_dir)],
@@ -136,21 +144,31 @@ class RunningSupervisor:
         return next(m for m in self.status()["models"] if m["id"] == model_id)
 
     def wait_all_ready(self, timeout_s: float = 60.0) -> dict:
-        def ready() -> dict | None:
+        deadline = time.monotonic() + timeout_s
+        while True:  # until one status has them all READY: one may fail while another comes up
             status = self.status()
             self._remember(status)
-            return status if all(m["state"] == "READY" for m in status["models"]) else None
-
-        return wait_until(ready, timeout_s, "every model READY")
+            waiting = [m["id"] for m in status["models"] if m["state"] != "READY"]
+            if not waiting:
+                return status
+            self._wait_state(waiting[0], lambda m: m["state"] == "READY", max(0.0, deadline - time.monotonic()),
+                             timeout_s, "every model READY", None)
 
     def wait_model(self, model_id: str, predicate: Callable[[dict], bool], timeout_s: float, what: str) -> dict:
-        def check() -> dict | None:
-            m = self.model(model_id)
+        return self._wait_state(model_id, predicate, timeout_s, timeout_s, f"{model_id}: {what}", RECHECK_S)
+
+    def _wait_state(self, model_id: str, predicate: Callable[[dict], bool], timeout_s: float, shown_s: float,
+                    what: str, recheck_s: float | None) -> dict:
+        def check(m: dict) -> bool:
             if m.get("worker_pid"):
                 self.known_worker_pids.add(m["worker_pid"])
-            return m if predicate(m) else None
+            return bool(predicate(m))
 
-        return wait_until(check, timeout_s, f"{model_id}: {what}")
+        extra = {} if recheck_s is None else {"recheck_s": recheck_s}
+        try:
+            return self.client.wait_state(model_id, check, timeout_s, **extra)
+        except E.RequestTimeout:
+            raise AssertionError(f"timed out after {shown_s}s waiting for {what}") from None
 
     def _remember(self, status: dict) -> None:
         self.known_worker_pids.update(m["worker_pid"] for m in status["models"] if m["worker_pid"])

@@ -42,7 +42,7 @@ def _ask(sup: RunningSupervisor, *msgs: M.Message) -> list[Any]:
             out = []
             for msg in msgs:
                 try:
-                    out.append(await client._call(msg, 30))
+                    out.append(await client.connection.call(msg, 30))
                 except E.LmxError as exc:
                     out.append(exc)
             return out

@@ -66,13 +66,15 @@ SAMPLES = [
     M.Heartbeat(7, "idle", {"rss_bytes": 2}, {"bytes": 10, "entries": 1}),
     M.Shutdown("bye"),
     M.Init("m", "abc", "/p", 1.0, 0.0, 0, group={"rank": 1, "size": 2, "backend": "ring", "parallel": ""}),
-    # The peer link (protocol.peer): an owner places, feeds and ends a rank; the member reports.
+    # The peer link (protocol.peer): an owner places, feeds and ends a rank; the member reports. The
+    # rank's Init and its requests are nested messages.
     P.RankPlace("r9", "big-1", "big", "abc", "/snap", 1, 2, "ring", "tensor", {"MLX_RANK": "1"},
-                [["127.0.0.1:1"], ["127.0.0.1:2"]], {"max_batch_size": 1}, {"mlx": "0.1", "mlx_lm": "0.2"}),
-    P.RankReport("r9", "beat", pid=5, progress=3, phase="decode", memory={"rss_bytes": 1}),
-    P.RankReport("r9", "exit", pid=5, code="WORKER_CRASHED", cause="killed by SIGKILL",
-                 details={"signal": "SIGKILL"}, stderr_tail=["boom"]),
-    P.RankSend("r10", "big-1", {"request_id": "x", "model": "big", "prompt": "hi"}),
+                [["127.0.0.1:1"], ["127.0.0.1:2"]], M.Init("big", "abc", "/snap", 0.0, 0.0, context_tokens=64),
+                {"mlx": "0.1", "mlx_lm": "0.2"}),
+    P.RankPlaced("r9", 5), P.RankHello("r9", 5), P.RankReady("r9", 5, 0.5, {"rss_bytes": 1}),
+    P.RankBeat("r9", 5, 3, "decode", {"rss_bytes": 1}),
+    P.RankExit("r9", 5, "WORKER_CRASHED", "killed by SIGKILL", {"signal": "SIGKILL"}, ["boom"]),
+    P.RankSend("r10", "big-1", M.GenerateRequest("x", "big", "hi", logprobs=True)),
     P.RankEnd("r11", "big-1", "its group failed"),
 ]
 ALL_TABLES = [M.TO_SUPERVISOR_FROM_CLIENT, M.TO_CLIENT, M.TO_WORKER, M.TO_SUPERVISOR_FROM_WORKER]
@@ -214,3 +216,22 @@ def test_fields_added_later_stay_off_the_wire_at_their_defaults() -> None:
     assert M.from_wire(OldFinal, M.Final("r", "t", "stop", {"prompt_tokens": 1}).to_wire()).text == "t"
     with pytest.raises(E.BadRequest, match="unknown field"):  # and a request that uses them says so
         M.from_wire(OldGenerateRequest, M.GenerateRequest("r", "m", prompt="x", logprobs=True).to_wire())
+
+
+def test_a_nested_message_is_decoded_with_its_own_type_checks_and_bounds() -> None:
+    """The peer link nests real messages: a wrong field inside one is refused naming its path, and
+    the request a rank is sent is bounded as any generation."""
+    place = next(m for m in SAMPLES if isinstance(m, P.RankPlace))
+    for init, words in (({**place.init.to_wire(), "context_tokens": "64"}, "'init.context_tokens' has type str"),
+                        ({"path": "/x"}, "missing field 'init.model_id'"),
+                        ({**place.init.to_wire(), "evil": 1}, "unknown field(s) ['init.evil']"),
+                        (3, "'init' must be a map")):
+        body = msgpack.packb(["rank_place", {**place.to_wire(), "init": init}], use_bin_type=True)
+        with pytest.raises(codec.InvalidMessage) as err:
+            codec.decode([codec.PROTOCOL, body], M.TO_SUPERVISOR_FROM_CLIENT)
+        assert words in err.value.message and err.value.request_id == "r9", err.value.message
+    huge = P.RankSend("r10", "big-1", M.GenerateRequest("x", "big", "hi", max_tokens=1 << 30))
+    with pytest.raises(E.BadRequest, match="max_tokens"):
+        codec.decode(codec.encode(huge), M.TO_SUPERVISOR_FROM_CLIENT)
+    send = next(m for m in SAMPLES if isinstance(m, P.RankSend))
+    assert isinstance(codec.decode(codec.encode(send), M.TO_SUPERVISOR_FROM_CLIENT).request, M.GenerateRequest)

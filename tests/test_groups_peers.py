@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from protocol import errors as E
-from protocol.client import SyncSupervisorClient
+from protocol.syncclient import SyncSupervisorClient
 from protocol.keys import new_keypair
 from tests.harness import process_gone, wait_until, workers_of
 from tests.snapshots import write_tiny_qwen2

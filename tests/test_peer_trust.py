@@ -9,6 +9,7 @@ nothing is written outside the state dir. A well-formed place still starts its r
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import socket
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 
 from protocol.client import SupervisorClient
 from protocol.keys import new_keypair
-from protocol.messages import Error
+from protocol.messages import Error, Init
 from protocol.peer import RankEnd, RankPlace, RankReport
 from supervisor.admission import compat
 from tests.harness import RunningSupervisor, wait_until, workers_of
@@ -65,34 +66,39 @@ def _place(roots: dict[str, Path], **over) -> RankPlace:
               "revision": "r1", "path": str(roots["snap"]), "rank": 1, "size": 2, "backend": "ring",
               "parallel": "", "env": {"MLX_RANK": "1", "MLX_WORLD_SIZE": "2"},
               "hostfile": [[f"127.0.0.1:{port}"], [f"127.0.0.1:{port + 1}"]],
-              "init": {"memory_limit_bytes": 0, "max_batch_size": 1, "prefill_step_size": 512,
-                       "stream_interval_s": 0.0, "context_tokens": 256},
               "versions": compat.versions(), **over}
-    return RankPlace(**fields)
+    # As an owner fills it (remoterank.place_message): its numbers, and the place's model, revision, path.
+    init = Init(fields["model"], fields["revision"], fields["path"], 0.0, 0.0, memory_limit_bytes=0,
+                max_batch_size=1, prefill_step_size=512, stream_interval_s=0.0, context_tokens=256)
+    return RankPlace(**fields, init=init)
 
 
 def _send(member: RunningSupervisor, *msgs: RankPlace, end: bool = False) -> list:
-    """The first answer to each place (an Error, or the rank's first report); `end`: RankEnd after."""
+    """The first answer to each place (an Error, or the rank's first report); `end`: RankEnd after.
+    Sent as they are, unchecked, as a hostile owner would (the client would refuse a wrong type)."""
     async def run() -> list:
         async with SupervisorClient(member.endpoint, client_cert=member.keydir / "a.key_secret",
                                     server_key_file=member.keydir / "b.key", timeout_s=15) as client:
             out = []
             for msg in msgs:
-                q = await client._begin(msg)
-                out.append(await asyncio.wait_for(q.get(), 15))
+                async with await client.connection.replies(msg.request_id) as replies:
+                    await client.connection.send(msg)
+                    out.append(await asyncio.wait_for(replies.get(), 15))
                 if end:
-                    await client._call(RankEnd(os.urandom(8).hex(), msg.group, "test over"), 10)
+                    await client.connection.call(RankEnd(os.urandom(8).hex(), msg.group, "test over"), 10)
             return out
 
     return asyncio.run(run())
 
 
-def _refused(member: RunningSupervisor, place: RankPlace, code: str, *words: str) -> Error:
-    before = len(member.events("peer.rank_refused"))
+def _refused(member: RunningSupervisor, place: RankPlace, code: str, *words: str,
+             event: str = "peer.rank_refused") -> Error:
+    """`event`: the log line of the refusal; a field of the wrong type is the codec's (client.bad_request)."""
+    before = len(member.events(event))
     (err,) = _send(member, place)
     assert isinstance(err, Error) and err.code == code, err
     assert all(w in err.message for w in words), err.message
-    wait_until(lambda: len(member.events("peer.rank_refused")) > before, 5, "the peer.rank_refused event")
+    wait_until(lambda: len(member.events(event)) > before, 5, f"the {event} event")
     assert not workers_of(member.state_dir)
     return err
 
@@ -153,7 +159,10 @@ def test_a_model_id_that_is_not_one_path_component_is_refused(member: RunningSup
                                   {"group": {}}, {"memory_limit_bytes": -1}, {"context_tokens": "4096"}])
 def test_init_fields_the_owner_does_not_decide_are_refused(member: RunningSupervisor, roots: dict[str, Path],
                                                            init: dict) -> None:
-    _refused(member, _place(roots, init=init), "BAD_REQUEST", "init.")
+    place = _place(roots)
+    event = "client.bad_request" if init == {"context_tokens": "4096"} else "peer.rank_refused"
+    _refused(member, dataclasses.replace(place, init=dataclasses.replace(place.init, **init)), "BAD_REQUEST",
+             "init.", event=event)
 
 
 @pytest.mark.parametrize("where", ["outside", "link", "dotdot"])

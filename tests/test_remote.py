@@ -19,7 +19,7 @@ import zmq
 
 from protocol import codec, keys
 from protocol import errors as E
-from protocol.client import SyncSupervisorClient
+from protocol.syncclient import SyncSupervisorClient
 from supervisor import config as cfg
 from tests.harness import REPO, RunningSupervisor, wait_until
 

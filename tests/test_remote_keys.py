@@ -11,7 +11,7 @@ import pytest
 
 from protocol import errors as E
 from protocol import keys
-from protocol.client import SyncSupervisorClient
+from protocol.syncclient import SyncSupervisorClient
 from supervisor.control.auth import key_digest
 from tests.harness import RunningSupervisor
 

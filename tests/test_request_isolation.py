@@ -131,7 +131,7 @@ def test_the_client_library_fails_only_the_bad_request_on_a_shared_connection(su
             # all, answered for no request — neither may end the four.
             bad = asyncio.Queue()
             client._pending["raw-bad"] = bad
-            await client._send(GenerateRequest("raw-bad", "tiny", "Hi", max_tokens=HUGE))
+            await client.connection.send(GenerateRequest("raw-bad", "tiny", "Hi", max_tokens=HUGE))
             assert client._sock is not None
             client._sock.send_multipart([codec.PROTOCOL, b"\xc1"])
             raw_bad = await asyncio.wait_for(bad.get(), 10)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from protocol.client import SyncSupervisorClient
+from protocol.syncclient import SyncSupervisorClient
 from lmxctl import cli, service
 from supervisor import config as cfg_mod
 from tests.harness import REPO, TEST_SUPERVISOR, render_config, wait_until, workers_of

@@ -236,9 +236,9 @@ class Traffic:
                 queue: asyncio.Queue = asyncio.Queue()
                 client._pending[rid] = queue
                 if kind == "raw_max_tokens":  # what another library might send
-                    await client._send(GenerateRequest(rid, model, "Hi", max_tokens=HUGE))
+                    await client.connection.send(GenerateRequest(rid, model, "Hi", max_tokens=HUGE))
                 elif kind == "bad_timeout":
-                    await client._send(GenerateRequest(rid, model, "Hi", max_tokens=4, timeout_s=-1.0))
+                    await client.connection.send(GenerateRequest(rid, model, "Hi", max_tokens=4, timeout_s=-1.0))
                 else:
                     fields = {"request_id": rid, "model": model, "prompt": "Hi"}
                     fields.update({"colour": "red"} if kind == "unknown_field" else {"prompt": 7})

@@ -8,28 +8,41 @@ owner cannot be reached any more (its connection gone), the rank is ended: its g
 from __future__ import annotations
 
 import asyncio
-import json
-import tempfile
-from pathlib import Path
-from typing import Any, Callable
+import dataclasses
+from typing import Callable, Protocol
 
 from protocol import errors as E
-from protocol.messages import GenerateRequest, Init, Message
-from protocol.peer import RankEnd, RankPlace, RankReport, RankSend
+from protocol.messages import Message
+from protocol.peer import (
+    RankBeat, RankEnd, RankExit, RankHello, RankPlace, RankPlaced, RankReady, RankReport, RankSend,
+)
 from supervisor import logs
 from supervisor.admission import admit, compat
+from supervisor.admission.memory import MemoryLedger
 from supervisor.config import ModelConfig
-from supervisor.services import Services
-from supervisor.workers import remoteplace
+from supervisor.persistence.store import Store
+from supervisor.workers import groupfiles, remoteplace
 from supervisor.workers.handle import WorkerHandle
+from supervisor.workers.worker import Host
 
 Report = Callable[[Message], "str | None"]  # ControlServer.send for the owner's connection
+
+
+class MemberHost(Host, Protocol):
+    """What placing ranks needs of this supervisor beyond a worker's Host (supervisor.services.
+    Services has it): the store the integrity check reads, the ledger that holds a rank's memory."""
+
+    @property
+    def store(self) -> Store: ...
+
+    @property
+    def ledger(self) -> MemoryLedger: ...
 
 
 class PlacedRank:
     """One rank run for a peer: the owner of its WorkerHandle, reporting on the place stream."""
 
-    def __init__(self, msg: RankPlace, services: Services, report: Report, env: dict[str, str], path: str,
+    def __init__(self, msg: RankPlace, services: MemberHost, report: Report, env: dict[str, str], path: str,
                  devices: str | None = None) -> None:
         self.msg = msg
         self.env, self.path, self.devices = env, path, devices  # checked here (remoteplace), never the peer's word
@@ -37,34 +50,30 @@ class PlacedRank:
         self._report = report
         self.log = logs.get(model=msg.model)
         self.cfg = ModelConfig(id=msg.model, path=path, max_batch_size=1, prefix_cache_bytes=0,
-                               memory_limit_bytes=int(msg.init.get("memory_limit_bytes", 0)))
+                               memory_limit_bytes=msg.init.memory_limit_bytes)
         self.handle: WorkerHandle | None = None
         self._tasks: list[asyncio.Task] = []
         self.done = asyncio.get_running_loop().create_future()
 
-    def say(self, kind: str, **fields: Any) -> None:
-        if self._report(RankReport(self.msg.request_id, kind, **fields)) == "gone" and not self.done.done():
+    def say(self, report: RankReport) -> None:
+        if self._report(report) == "gone" and not self.done.done():
             self.log.warning("peer.owner_gone", group=self.msg.group, rank=self.msg.rank)
             self.end("the owning supervisor is gone")
 
     def start(self) -> None:
         msg, sup = self.msg, self._services.config.supervisor
-        state_dir = self._services.state_dir or Path(tempfile.gettempdir())
-        groups = state_dir / "groups"
-        groups.mkdir(parents=True, exist_ok=True)
         env = dict(self.env)
-        files = {"MLX_HOSTFILE": ("hostfile", json.dumps(msg.hostfile))} if msg.backend == "ring" else {}
+        files = {"MLX_HOSTFILE": ("hostfile", msg.hostfile)} if msg.backend == "ring" else {}
         if self.devices is not None:
             files["MLX_IBV_DEVICES"] = ("devices", self.devices)
-        for name, (kind, text) in files.items():
+        for name, (kind, content) in files.items():
             # msg.group is one safe path component (remoteplace.check): the file stays in groups/.
-            path = groups / f"{msg.group}.rank{msg.rank}.{kind}.json"
-            path.write_text(text)
+            path = groupfiles.write(self._services.state_dir, f"{msg.group}.rank{msg.rank}.{kind}.json", content)
             self.done.add_done_callback(lambda _, p=path: p.unlink(missing_ok=True))
             env[name] = str(path)
         self.handle = WorkerHandle.spawn(self.cfg, self._services, self, env=env)
         self.handle.watch(sup)
-        self.say("placed", pid=self.handle.process.pid)
+        self.say(RankPlaced(msg.request_id, self.handle.process.pid))
         self.log.info("peer.rank_placed", group=msg.group, rank=msg.rank, worker_pid=self.handle.process.pid)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._run(), name=f"placed-{msg.group}"),
@@ -75,16 +84,18 @@ class PlacedRank:
         assert handle is not None
         try:
             await handle.hello
-            self.say("hello", pid=handle.process.pid)
+            self.say(RankHello(msg.request_id, handle.process.pid))
             group = {"rank": msg.rank, "size": msg.size, "backend": msg.backend, "parallel": msg.parallel}
-            # The revision the worker echoes back is this host's hash of the section it runs.
-            handle.tell(Init(msg.model, self.cfg.revision, self.path, sup.heartbeat_interval_s, 0.0,
-                             group=group, **msg.init))
+            # The owner's numbers (remoteplace checked that they are all it set); the rest is this
+            # host's: the revision the worker echoes back is this host's hash of the section it runs.
+            handle.tell(dataclasses.replace(msg.init, revision=self.cfg.revision, path=self.path,
+                                            heartbeat_interval_s=sup.heartbeat_interval_s, orphan_grace_s=0.0,
+                                            group=group))
             ready = await handle.ready
-            self.say("ready", pid=handle.process.pid, load_s=ready.load_s, memory=handle.memory)
+            self.say(RankReady(msg.request_id, handle.process.pid, ready.load_s, handle.memory))
         except E.LmxError as exc:
             if handle.death is None:  # an error it sent, not its death (which on_worker_exit reports)
-                self.say("exit", pid=handle.process.pid, code=exc.code.code, cause=exc.message)
+                self.say(RankExit(msg.request_id, handle.process.pid, exc.code.code, exc.message))
                 self.end(exc.message)
 
     async def _beat(self) -> None:
@@ -92,8 +103,8 @@ class PlacedRank:
         handle, interval = self.handle, self._services.config.supervisor.heartbeat_interval_s
         assert handle is not None
         while not self.done.done():
-            self.say("beat", pid=handle.process.pid, progress=handle.progress, phase=handle.phase,
-                     memory=handle.memory)
+            self.say(RankBeat(self.msg.request_id, handle.process.pid, handle.progress, handle.phase,
+                              handle.memory))
             await asyncio.sleep(interval)
 
     def end(self, reason: str) -> None:
@@ -114,13 +125,13 @@ class PlacedRank:
     def on_worker_exit(self, handle: WorkerHandle, rc: int | None) -> None:
         v = handle.death
         if v is not None:
-            self.say("exit", pid=handle.process.pid, code=v.code.code, cause=v.cause, details=dict(v.details),
-                     stderr_tail=list(handle.process.stderr_tail)[-20:], memory=handle.memory)
+            self.say(RankExit(self.msg.request_id, handle.process.pid, v.code.code, v.cause, dict(v.details),
+                              list(handle.process.stderr_tail)[-20:], handle.memory))
         self.end("exited")
 
 
 class PlacedRanks:
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: MemberHost) -> None:
         self._services = services
         self.ranks: dict[str, PlacedRank] = {}
         self.log = logs.get()
@@ -138,7 +149,7 @@ class PlacedRanks:
         if msg.group in self.ranks:
             raise E.BadRequest(f"group {msg.group} already has a rank here")
         cfg = ModelConfig(id=msg.model, path=path, prefix_cache_bytes=0,
-                          context_tokens=int(msg.init.get("context_tokens") or 4096))
+                          context_tokens=msg.init.context_tokens or 4096)
         refusal = await admit.integrity(cfg, self._services.store, sup.model_roots)
         # This host's share of the model's memory, held in its ledger while the rank lives.
         key = f"{msg.model}:{msg.group}"
@@ -153,7 +164,7 @@ class PlacedRanks:
     def send(self, msg: RankSend) -> None:
         rank = self.ranks.get(msg.group)
         if rank is not None and rank.handle is not None:
-            rank.handle.send(GenerateRequest(**msg.request))
+            rank.handle.send(msg.request)
 
     def end(self, msg: RankEnd) -> None:
         rank = self.ranks.get(msg.group)

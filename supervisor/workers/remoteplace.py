@@ -4,22 +4,26 @@ A peer is trusted to place ranks, not to run commands on this host. So, before a
 or written: the environment it names holds only MLX's own distributed variables, each in the
 shape MLX reads (a PYTHONPATH, LD_PRELOAD, PYTHONWARNINGS or MLX_MPI_LIBNAME would run code in the
 rank's interpreter); every name that becomes part of a path here (the group, the model id) is one
-safe path component; the worker's Init fields it decides are the five numbers it owns, nothing
-more (never a prefix-cache directory or a path); and the model path is resolved here against this
-host's own model_roots, the resolved path being what the rank loads. A refusal is a BAD_REQUEST
-naming the field; the control server logs it as `peer.rank_refused` and answers the owner."""
+safe path component; of the rank's Init, the owner decides the five numbers it owns
+(protocol.peer.RANK_INIT_FIELDS), nothing more (never a prefix-cache directory, a path or the
+group's shape: every other field must be at its default, or the place's own model, revision and
+path); and the model path is resolved here against this host's own model_roots, the resolved path
+being what the rank loads. The codec has already checked every field's type (a nested Init's too).
+A refusal here is a BAD_REQUEST naming the field; the control server logs it as
+`peer.rank_refused` and answers the owner."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import stat
-from typing import Any
 
 from protocol import errors as E
 from protocol.limits import MAX_NAME_CHARS, MAX_PATH_CHARS
-from protocol.peer import RankPlace
+from protocol.messages import Init
+from protocol.peer import RANK_INIT_FIELDS, RankPlace
 from supervisor import confinement
 from supervisor.config import path_component_problem
 from supervisor.topology import BACKENDS, PARALLEL
@@ -35,8 +39,6 @@ PEER_ENV = {
     "MLX_RANK": _DIGITS, "MLX_WORLD_SIZE": _DIGITS, "MLX_RING_VERBOSE": _FLAG, "MLX_JACCL_RING": _FLAG,
     "MLX_JACCL_COORDINATOR": _ADDRESS, "MLX_IBV_DEVICES": None,
 }
-# The Init fields an owner decides for its rank, all numbers (remoterank.place_message).
-INIT_FIELDS = ("memory_limit_bytes", "max_batch_size", "prefill_step_size", "stream_interval_s", "context_tokens")
 MAX_DEVICES_BYTES = 64 * 1024
 
 
@@ -55,7 +57,7 @@ def check(msg: RankPlace, roots: tuple[str, ...]) -> tuple[dict[str, str], str]:
     if not isinstance(msg.revision, str) or len(msg.revision) > MAX_NAME_CHARS:
         raise refuse("revision", "expected a short string")
     _shape(msg)
-    _init(msg.init)
+    _init(msg)
     env = _env(msg)
     if not isinstance(msg.path, str) or not msg.path or len(msg.path) > MAX_PATH_CHARS:
         raise refuse("path", f"expected a path of at most {MAX_PATH_CHARS} characters")
@@ -80,14 +82,17 @@ def _shape(msg: RankPlace) -> None:
         raise refuse("hostfile", "expected at most one [\"host:port\", ...] list per rank")
 
 
-def _init(init: Any) -> None:
-    if not isinstance(init, dict):
-        raise refuse("init", "expected a map of the worker's numbers")
-    for key, value in init.items():
-        if key not in INIT_FIELDS:
-            raise refuse(f"init.{str(key)[:64]}", f"is not a field a peer decides (only {', '.join(INIT_FIELDS)})")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1 << 62:
-            raise refuse(f"init.{key}", "expected a non-negative number")
+def _init(msg: RankPlace) -> None:
+    # What a field the owner does not decide must hold: what the member would put there itself.
+    own = Init(msg.model, msg.revision, msg.path, 0.0, 0.0)
+    for f in dataclasses.fields(Init):
+        value = getattr(msg.init, f.name)
+        if f.name not in RANK_INIT_FIELDS:
+            if value != getattr(own, f.name):
+                raise refuse(f"init.{f.name}", "is not a field a peer decides (only "
+                             f"{', '.join(RANK_INIT_FIELDS)})")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1 << 62:
+            raise refuse(f"init.{f.name}", "expected a non-negative number")
 
 
 def _env(msg: RankPlace) -> dict[str, str]:
