@@ -82,14 +82,6 @@ class RankGroup:
             self._coordinator = f"{here}:{port}"
         self.handshake = Handshake()
 
-    @property
-    def hello(self) -> asyncio.Future:
-        return self.handshake.hello
-
-    @property
-    def ready(self) -> asyncio.Future:
-        return self.handshake.ready
-
     def _members(self) -> list[GroupMember]:
         return [r.handle for r in self.ranks if r.handle is not None]
 
@@ -158,8 +150,6 @@ class RankGroup:
         except E.LmxError as exc:
             self.handshake.said_ready(exc)
             raise
-
-    start, until_ready = greet, load  # their names before the Worker protocol (lifecycle.startup)
 
     async def _all(self, which: str) -> None:
         """Every rank's `which` future; the group's error as soon as one rank fails (its death, or
@@ -290,11 +280,6 @@ class RankGroup:
                 other.end_with_group()
         self.handshake.fail(self.death.error())
         self._owner.on_worker_exit(self, rc)
-
-    def death_error(self) -> E.LmxError:
-        """The group's error: `death.error()`."""
-        assert self.death is not None
-        return self.death.error()
 
     async def close(self, reason: str, timeout_s: float) -> None:
         """Every rank, at once: the ladder for each (a group cannot serve with one rank gone)."""

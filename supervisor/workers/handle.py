@@ -271,11 +271,6 @@ class WorkerHandle:
             self.handshake.fail(self.death.error())
         self._owner.on_worker_exit(self, rc)
 
-    def death_error(self) -> E.LmxError:
-        """The typed error its death is (WORKER_CRASHED, WORKER_OOM, WORKER_HUNG, ...): `death.error()`."""
-        assert self.death is not None
-        return self.death.error()
-
     async def close(self, reason: str, timeout_s: float) -> None:
         """The stop ladder (ask over the socket -> SIGTERM -> SIGKILL of the process group), then off
         the hub. Idempotent: a second call waits for the first. A worker already dead is closed
