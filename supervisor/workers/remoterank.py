@@ -64,14 +64,6 @@ class RemoteRank:
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"rank-{place.group}-{place.rank}")
 
     @property
-    def hello(self) -> asyncio.Future:
-        return self.handshake.hello
-
-    @property
-    def ready(self) -> asyncio.Future:
-        return self.handshake.ready
-
-    @property
     def loaded(self) -> Any:
         return self.handshake.loaded
 
@@ -150,10 +142,10 @@ class RemoteRank:
 
     async def greet(self, init: Init, sup: SupervisorSettings) -> None:
         """Its hello: its Init went with the place (RankPlace.init)."""
-        await self._step(self.hello, sup.handshake_timeout_s, "hello", "handshake_timeout_s")
+        await self._step(self.handshake.hello, sup.handshake_timeout_s, "hello", "handshake_timeout_s")
 
     async def load(self, sup: SupervisorSettings) -> None:
-        await self._step(self.ready, sup.load_timeout_s, "ready", "load_timeout_s")
+        await self._step(self.handshake.ready, sup.load_timeout_s, "ready", "load_timeout_s")
 
     async def _step(self, fut: asyncio.Future, timeout_s: float, what: str, setting: str) -> None:
         try:
