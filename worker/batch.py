@@ -56,7 +56,6 @@ class ContextExceeded(ValueError):
 
 class Batcher:
     _SOLO = -1  # the solo stream's key in _streams
-    solo_chunks = True  # False: a lone prompt is prefilled whole in generate_step's first step (a group's)
 
     def __init__(self, engine: Engine, progress: Progress, send: Callable[[Message], None],
                  max_batch_size: int, prefill_step_size: int, stream_interval_s: float,
@@ -100,7 +99,7 @@ class Batcher:
             self._waiting.append(req)
             return
         try:
-            prompt = self._engine.prompt_tokens(req)
+            prompt = self._prompt(req)
             if not prompt:
                 raise ValueError("the prompt is empty")
             if self.context_tokens and len(prompt) >= self.context_tokens:
@@ -133,6 +132,9 @@ class Batcher:
         self._streams[uid] = stream
         self._uids[req.request_id] = uid
         self._first.add(req.request_id)
+
+    def _prompt(self, req: GenerateRequest) -> list[int]:  # a group's follower: rank 0's (worker.group)
+        return self._engine.prompt_tokens(req)
 
     def _runs_alone(self, req: GenerateRequest, processors: list) -> bool:
         solo_safe = all(getattr(p, "solo_safe", False) for p in processors)
@@ -213,8 +215,6 @@ class Batcher:
         if cache is None:
             cache = make_prompt_cache(self._engine.model)
         self._solo = _Solo(None, cache, rest, sampler, req.max_tokens, processors=list(processors or []))
-        if not self.solo_chunks:
-            prefill.start(self._engine.model, self._solo, self._chunks.step, self._progress)
         return self._SOLO
 
     def _solo_step(self) -> None:

@@ -48,34 +48,37 @@ def run_chunk(model: Any, cache: list, tokens: list[int]) -> None:
     mx.clear_cache()
 
 
-def solo_chunk(model: Any, chunks: ChunkSize, solo: Any) -> bool:
-    """A lone request's next prompt chunk (worker.batch._Solo), timed into `chunks`: True. Once at
-    most one chunk is left, generate_step takes the rest (its first step prefills it and samples the
-    first token) and False: the caller takes its tokens."""
-    n = chunks.n
+def next_chunk(model: Any, solo: Any, n: int) -> float | None:
+    """`solo`'s (worker.batch._Solo) next chunk of `n` prompt tokens, fed into its cache: the seconds
+    it took. Once at most one chunk is left, generate_step takes the rest (its first step prefills
+    it and samples the first token) and None: the caller takes its tokens. A group's ranks call it
+    with the size rank 0 chose (worker.group), so that they all run the same chunks."""
     if solo.tokens_gen is None and len(solo.rest) - 1 > n:
         began = time.monotonic()
         run_chunk(model, solo.cache, solo.rest[:n])
         solo.rest = solo.rest[n:]
-        chunks.took(n, time.monotonic() - began)
-        return True
+        return time.monotonic() - began
     if solo.tokens_gen is None:
         start(model, solo, n)
-    return False
+    return None
 
 
-def start(model: Any, solo: Any, step: int, progress: Any = None) -> None:
-    """generate_step for what is left of `solo`'s prompt, in steps of `step` tokens inside its first
-    `next()` (each moving `progress`, a worker.channel.Progress). A group's ranks use it for the whole
-    prompt: they must run the same steps in lockstep, which a chunk size timed on each rank would
-    not give."""
+def solo_chunk(model: Any, chunks: ChunkSize, solo: Any) -> bool:
+    """A lone request's next prompt chunk, timed into `chunks`: True; False once generate_step runs."""
+    n = chunks.n
+    took = next_chunk(model, solo, n)
+    if took is None:
+        return False
+    chunks.took(n, took)
+    return True
+
+
+def start(model: Any, solo: Any, step: int) -> None:
+    """generate_step for what is left of `solo`'s prompt (at most one `step` of it: the caller fed
+    the rest in chunks)."""
     import mlx.core as mx
     from mlx_lm.generate import generate_step
 
-    def on_chunk(done: int, total: int) -> None:
-        if progress is not None:
-            progress.count += 1
-
     solo.tokens_gen = generate_step(mx.array(solo.rest), model, prompt_cache=solo.cache, sampler=solo.sampler,
-                                    max_tokens=solo.limit, prefill_step_size=step, prompt_progress_callback=on_chunk,
+                                    max_tokens=solo.limit, prefill_step_size=step,
                                     logits_processors=solo.processors or None)

@@ -11,7 +11,10 @@ and a watchdog thread stops it past RENDER_TIMEOUT_S: `_thread.interrupt_main` m
 thread run our SIGALRM handler at its next bytecode (no OS signal is sent, so no other thread's
 system call is interrupted), and the handler raises RenderStopped inside the render. It raises
 again every RETRY_S until the render has returned, so a library that swallows one exception does
-not keep the render going. The rendered text is then bounded before the tokenizer sees it."""
+not keep the render going. The rendered text is then bounded before the tokenizer sees it.
+
+In a group only rank 0 renders, and the others take its tokens (worker.group): a bound that
+fired on one rank and not another would part the ranks."""
 
 from __future__ import annotations
 
