@@ -7,9 +7,10 @@ stand-in peer."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 import msgpack
 import pytest
@@ -19,7 +20,7 @@ import zmq.asyncio
 from protocol import codec
 from protocol import errors as E
 from protocol.client import SupervisorClient
-from protocol.messages import TO_CLIENT, TO_SUPERVISOR_FROM_CLIENT, Chunk, Error, Final, GenerateRequest
+from protocol.messages import TO_CLIENT, TO_SUPERVISOR_FROM_CLIENT, Chunk, Error, Final, GenerateRequest, Message
 from tests.harness import RunningSupervisor, wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -116,6 +117,11 @@ def test_an_invalid_request_is_refused_with_its_own_id_and_the_streams_beside_it
     assert sup.model("tiny")["state"] == "READY"
 
 
+@dataclasses.dataclass
+class NoSuchMessage(Message):
+    TAG: ClassVar[str] = "no_such_message"
+
+
 def test_the_client_library_fails_only_the_bad_request_on_a_shared_connection(sup: RunningSupervisor) -> None:
     async def run() -> tuple[list[tuple[str, str, Final]], E.LmxError, Error]:
         async with SupervisorClient(state_dir=sup.state_dir, timeout_s=60) as client:
@@ -129,11 +135,9 @@ def test_the_client_library_fails_only_the_bad_request_on_a_shared_connection(su
             # What another library (or an older one) might send on this connection: an invalid
             # request with an id, answered for that id, and a frame the supervisor cannot read at
             # all, answered for no request — neither may end the four.
-            bad = asyncio.Queue()
-            client._pending["raw-bad"] = bad
+            bad = await client.connection.replies("raw-bad")
             await client.connection.send(GenerateRequest("raw-bad", "tiny", "Hi", max_tokens=HUGE))
-            assert client._sock is not None
-            client._sock.send_multipart([codec.PROTOCOL, b"\xc1"])
+            await client.connection.send(NoSuchMessage())  # no type and no id the supervisor knows
             raw_bad = await asyncio.wait_for(bad.get(), 10)
 
             out = []
