@@ -126,6 +126,21 @@ async def test_a_canary_with_a_wrong_answer_is_a_canary_failure(tmp_path: Path, 
 
 
 @inloop
+async def test_a_canary_that_reads_otherwise_than_on_this_stack_before_fails(tmp_path: Path, tiny_model: Path) -> None:
+    # The registry's verdict on the canary's text is part of the canary: corrupt weights or a kernel.
+    r = rig(tmp_path, tiny_model, restart="backoff_initial_s = 30\nbackoff_max_s = 60")
+    await _ready(r)
+    await r.rt.stop("unload")
+    r.factory.worker_kw["answer"] = answer_final("something else")
+    r.rt.start("load")
+    await r.until(S.BACKOFF)
+    assert [f.code for f in r.store.failures("m", 0)] == ["CANARY_FAILED"]
+    assert "differs from this stack's earlier output" in r.rt.last_error.message  # type: ignore[union-attr]
+    assert r.factory.last.closes == ["failed: CANARY_FAILED"]
+    await r.rt.stop("done")
+
+
+@inloop
 async def test_a_groups_rank_failing_is_the_groups_one_failure_naming_the_rank(tmp_path: Path,
                                                                              tiny_model: Path) -> None:
     r = rig(tmp_path, tiny_model, model='max_batch_size = 1\ngroup = { hosts = ["local", "local"] }')

@@ -39,12 +39,13 @@ def fails(*spec: tuple[float, str]) -> tuple[Failure, ...]:
 
 
 FINAL = Final("canary", "ok", "stop", {"completion_tokens": 2})
+EVIDENCE = {"text": "ok", "tokens": 2}
 ONE_OF_EACH: list[V.Event] = [
     V.StartRequested("load"), V.StopRequested("unload"), V.Restored({"failures": 3, "message": "3 failures"}),
     V.ReleaseRequested(), V.RollbackRequested("old", "operator rollback to old"), V.AdmissionPassed(),
     V.AdmissionPassed({"pid": 9, "revision": "a", "token": "t", "start_time": 1.0}), V.Refused(E.SnapshotCorrupt("x")),
     V.Adopted(WORKER), V.AdoptionFailed("no hello"), V.Spawned(WORKER, INIT), V.HelloReceived(), V.Loaded(),
-    V.CanaryPassed(FINAL), V.StartFailed(E.LoadTimeout("no ready"), WORKER), V.StartFailed(CRASH, WORKER, DEATH),
+    V.CanaryPassed(FINAL, EVIDENCE), V.StartFailed(E.LoadTimeout("no ready"), WORKER), V.StartFailed(CRASH, WORKER, DEATH),
     V.WorkerExited(WORKER, DEATH, CRASH, None), V.Stopped("unload"), V.RestartDue(), V.Stable(True), V.Stable(False),
     V.Quarantined({"failures": 3, "message": "3 failures"}, "WORKER_CRASHED"),
 ]
@@ -194,16 +195,16 @@ def test_the_way_up_goes_one_state_per_step_and_names_the_next() -> None:
         S.STARTING, (X.TakeWorker(WORKER),), (X.Greet(INIT),))
     assert reduce(facts(S.STARTING), V.HelloReceived()) == X.Transition(S.LOADING, (), (X.Load(),), "handshake done")
     assert reduce(facts(S.LOADING), V.Loaded()) == X.Transition(S.CANARY, (), (X.RunCanary(),), "weights loaded")
-    t = reduce(facts(S.CANARY), V.CanaryPassed(FINAL))
+    t = reduce(facts(S.CANARY), V.CanaryPassed(FINAL, EVIDENCE))
     assert (t.state, t.reason, dict(t.fields)) == (S.READY, "canary passed", {"canary_tokens": 2})
-    assert t.first == (X.KeepCanary(FINAL), X.RetryHint(None))
+    assert t.first == (X.KeepCanary(EVIDENCE), X.RetryHint(None))
     assert t.effects == (X.RecordWorker(), X.ArmStable(60.0))
 
 
 def test_a_groups_way_up_says_every_rank_and_records_no_worker_to_adopt() -> None:
     assert reduce(facts(S.STARTING, group=True), V.HelloReceived()).reason == "handshake done with every rank"
     assert reduce(facts(S.LOADING, group=True), V.Loaded()).reason == "weights loaded on every rank"
-    assert reduce(facts(S.CANARY, group=True), V.CanaryPassed(FINAL)).effects == (X.ArmStable(60.0),)
+    assert reduce(facts(S.CANARY, group=True), V.CanaryPassed(FINAL, EVIDENCE)).effects == (X.ArmStable(60.0),)
 
 
 def test_an_orphan_of_the_running_revision_is_adopted_and_any_other_ended() -> None:
@@ -220,7 +221,7 @@ def test_an_orphan_of_the_running_revision_is_adopted_and_any_other_ended() -> N
 
 
 def test_a_step_whose_model_moved_on_changes_nothing() -> None:
-    for event in (V.AdmissionPassed(), V.Spawned(WORKER, INIT), V.HelloReceived(), V.Loaded(), V.CanaryPassed(FINAL),
+    for event in (V.AdmissionPassed(), V.Spawned(WORKER, INIT), V.HelloReceived(), V.Loaded(), V.CanaryPassed(FINAL, EVIDENCE),
                   V.StartFailed(E.LoadTimeout("x"), WORKER), V.Refused(E.SnapshotCorrupt("x"))):
         for s in (S.UNLOADED, S.DRAINING, S.BACKOFF if not isinstance(event, V.AdmissionPassed) else S.READY):
             assert reduce(facts(s), event) == X.Transition(s), (s, event)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Union
 
 from protocol import errors as E
-from protocol.messages import Final, Init
+from protocol.messages import Init
 from supervisor.lifecycle.events import Event
 from supervisor.lifecycle.states import ModelState
 from supervisor.persistence.records import Failure
@@ -80,8 +80,8 @@ class RunCanary:
 
 @dataclass(frozen=True)
 class KeepCanary:
-    """The passing canary's evidence, for status and the registry."""
-    result: Final
+    """The passing canary's evidence (the registry has it already), for status."""
+    evidence: dict[str, Any]
 
 
 @dataclass(frozen=True)

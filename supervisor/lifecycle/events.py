@@ -118,6 +118,7 @@ class Loaded:
 @dataclass(frozen=True)
 class CanaryPassed:
     result: Final
+    evidence: dict[str, Any]  # what the registry recorded of it (status shows it)
 
 
 @dataclass(frozen=True)

@@ -136,10 +136,10 @@ def _way_up(f: ModelFacts, event: AdmissionPassed | Refused | Adopted | Adoption
                               "handshake done with every rank" if f.group else "handshake done")
         case Loaded() if f.state is S.LOADING:
             return Transition(S.CANARY, (), (RunCanary(),), "weights loaded on every rank" if f.group else "weights loaded")
-        case CanaryPassed(result) if f.state is S.CANARY:
+        case CanaryPassed(result, evidence) if f.state is S.CANARY:
             # A group's ranks end with their supervisor: nothing to adopt.
             serving: tuple[Effect, ...] = () if f.group else (RecordWorker(),)
-            return Transition(S.READY, (KeepCanary(result), RetryHint(None)), (*serving, ArmStable(f.stable_after_s)),
+            return Transition(S.READY, (KeepCanary(evidence), RetryHint(None)), (*serving, ArmStable(f.stable_after_s)),
                               "canary passed", (("canary_tokens", result.usage.get("completion_tokens")),))
     return _same(f)
 

@@ -209,7 +209,7 @@ class ModelRuntime:
             case Greet(init): return self._step(self.startup.greet(self._worker(), init))
             case Load(): return self._step(self.startup.load(self._worker()))
             case RunCanary(): return self._step(self.startup.canary(self._worker(), self.running, self.requests))
-            case KeepCanary(result): self._keep_canary(result)
+            case KeepCanary(evidence): self.canary = evidence
             case RecordWorker(): self._record_worker()
             case ArmStable(after_s): self._arm_stable(after_s)
             case RetryHint(delay_s): self.retry_at = None if delay_s is None else time.monotonic() + delay_s
@@ -273,11 +273,6 @@ class ModelRuntime:
 
     def _evidence(self) -> Evidence:
         return Evidence(self.store, self.cfg.id, self.running.path, self.running.worker_command, self.running.group)
-
-    def _keep_canary(self, result: Any) -> None:
-        worker = self._worker()
-        load_s = worker.loaded.load_s if worker.loaded else None
-        self.canary = self._evidence().canary_passed(self.running.canary, result, load_s, worker.memory)
 
     def _record_worker(self) -> None:
         p = self._worker().process

@@ -12,6 +12,7 @@ from protocol import errors as E
 from protocol.messages import Init
 from supervisor import logs
 from supervisor.admission import admit as admission
+from supervisor.admission.evidence import Evidence
 from supervisor.admission.memory import MemoryLedger
 from supervisor.config import Config, ModelConfig
 from supervisor.lifecycle.canary import run_canary
@@ -63,8 +64,11 @@ class Startup:
         orphan, self.orphan = self.orphan, None
         return AdmissionPassed(orphan)
 
-    async def adopt(self, record: dict[str, Any], cfg: ModelConfig, owner: Owner) -> Adopted | AdoptionFailed:
+    async def adopt(self, record: dict[str, Any], cfg: ModelConfig, owner: Owner) -> Event:
         """The worker proves itself with an adoption hello, or is ended (then a fresh one is spawned)."""
+        return await self._step(None, self._adopt(record, cfg, owner), None)
+
+    async def _adopt(self, record: dict[str, Any], cfg: ModelConfig, owner: Owner) -> Adopted | AdoptionFailed:
         worker = self.factory.adopt(record, cfg, owner)
         if worker is None:
             return AdoptionFailed("not the recorded process")
@@ -94,17 +98,24 @@ class Startup:
         return await self._step(worker, worker.load(self._config().supervisor), Loaded())
 
     async def canary(self, worker: Worker, cfg: ModelConfig, requests: RequestQueue) -> Event:
-        """The canary, on the queue clients' requests will take (only its request is on it)."""
-        return await self._step(worker, run_canary(cfg.canary, requests, self.log), None)
+        """The canary, on the queue clients' requests will take (only its request is on it), then
+        the registry's word on its output (the same stack giving other greedy text fails it)."""
+        return await self._step(worker, self._canary(worker, cfg, requests), None)
 
-    async def _step(self, worker: Worker, step: Awaitable[Any], done: Event | None) -> Event:
-        """`step`'s event: `done` (or the canary's result), or what failed it (a death during it
-        surfaces as the error of what it awaited)."""
+    async def _canary(self, worker: Worker, cfg: ModelConfig, requests: RequestQueue) -> CanaryPassed:
+        result = await run_canary(cfg.canary, requests, self.log)
+        load_s = worker.loaded.load_s if worker.loaded else None
+        evidence = Evidence(self._store, self.model_id, cfg.path, cfg.worker_command, cfg.group)
+        return CanaryPassed(result, evidence.canary_passed(cfg.canary, result, load_s, worker.memory))
+
+    async def _step(self, worker: Worker | None, step: Awaitable[Any], done: Event | None) -> Event:
+        """`done` once `step` is over (or what `step` returned), else what failed it (a death
+        during it surfaces as the error of what it awaited)."""
         try:
             out = await step
         except E.LmxError as exc:
-            return StartFailed(exc, worker, worker.death)
+            return StartFailed(exc, worker, worker.death if worker else None)
         except Exception as exc:  # asyncio.CancelledError is no Exception: a stop's cancel goes through
             self.log.exception("internal.start_failed")
-            return StartFailed(E.InternalError(f"start failed: {exc!r}"), worker, worker.death)
-        return CanaryPassed(out) if done is None else done
+            return StartFailed(E.InternalError(f"start failed: {exc!r}"), worker, worker.death if worker else None)
+        return out if done is None else done
