@@ -18,7 +18,8 @@ def test_backoff_doubles_with_bounded_jitter_and_caps() -> None:
     assert backoff_s(10, r, rng) == 10.0
 
 
-from supervisor.lifecycle.policy import Action, Failure, decide, failures_in_window  # noqa: E402
+from supervisor.lifecycle.policy import Action, decide, failures_in_window  # noqa: E402
+from supervisor.persistence.records import Failure  # noqa: E402
 
 R = RestartSettings(quarantine_after=3, window_s=600.0, backoff_initial_s=1.0, backoff_max_s=60.0)
 

@@ -7,7 +7,7 @@ import random
 from dataclasses import dataclass
 
 from supervisor.config import RestartSettings
-from supervisor.persistence.records import Failure  # re-exported: the ledger's entry, kept by the store
+from supervisor.persistence.records import Failure  # the ledger's entry, kept by the store
 
 
 class Action(enum.Enum):
