@@ -34,7 +34,7 @@ class Events(Protocol):
 
 class Counters(Protocol):
     """The metrics the parts update as things happen (control.metrics.Metrics in a daemon): labelled
-    prometheus counters and histograms, and a failure by its classification."""
+    prometheus counters and histograms, a failure by its classification, and their text."""
 
     requests: Any
     tokens: Any
@@ -43,6 +43,8 @@ class Counters(Protocol):
     restarts: Any
 
     def failed(self, model: str, code: str, record: Any) -> None: ...
+
+    def render(self) -> bytes: ...  # the Prometheus text (lmxctl metrics)
 
 
 class NoEvents:
@@ -77,6 +79,9 @@ class NoCounters:
 
     def failed(self, model: str, code: str, record: Any) -> None:
         pass
+
+    def render(self) -> bytes:
+        return b""
 
 
 @dataclasses.dataclass
