@@ -1,6 +1,7 @@
 """Who may do what. Over ipc the socket is 0600 in a 0700 dir, so only the owner connects and the
 owner is admin. Over the optional tcp endpoint every client proves a CURVE key from the allow-list
-(`[[clients]]`) in the ZAP handshake, and its key's role decides which ops it may use."""
+(`[[clients]]`, parsed with the config in supervisor/clients.py) in the ZAP handshake, and its key's
+role decides which ops it may use."""
 
 from __future__ import annotations
 
