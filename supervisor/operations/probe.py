@@ -54,6 +54,7 @@ async def probe(path: str, services: Services, gate: AdminGate) -> dict[str, Any
             await rt.stop("probe done", remember=False)
     err = outcome.last_error
     rows = Evidence(store, model.id, model.path, None).row()
-    logs.get().info("model.probed", path=model.path, state=outcome.state, code=err and err["code"])
+    log = logs.get()
+    log.info("model.probed", path=model.path, state=outcome.state, code=err and err["code"])
     return {"path": model.path, "state": outcome.state, "last_error": err, "canary": outcome.canary,
             "registry": rows}
