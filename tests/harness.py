@@ -115,9 +115,6 @@ class RunningSupervisor:
         if self._client is not None:  # a client of a previous (killed) run of this supervisor
             self._client.close()
             self._client = None
-        if self.proc is not None and self.proc.poll() is not None:
-            # A killed run leaves its socket file: waiting for it must wait for the new run's bind.
-            (self.state_dir / "control.sock").unlink(missing_ok=True)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "supervisor.cli", "run", "--config", str(self.config_path),
              "--state-dir", str(self.state_dir)],
@@ -128,8 +125,19 @@ class RunningSupervisor:
                    15, "the control socket")
         assert self.proc.poll() is None, f"supervisor exited: {self.stderr_path.read_text()[-2000:]}"
         if wait_ready:
+            # A killed run's socket file is there before this run binds it (a busy machine can take
+            # longer than a connect's timeout to get there): it counts once this run answers.
+            wait_until(lambda: self._answers() or self.proc.poll() is not None, timeout_s, "the supervisor answering")
+            assert self.proc.poll() is None, f"supervisor exited: {self.stderr_path.read_text()[-2000:]}"
             self.wait_all_ready(timeout_s)
         return self
+
+    def _answers(self) -> bool:
+        try:
+            self.status()
+            return True
+        except E.SupervisorUnavailable:
+            return False
 
     @property
     def client(self) -> SyncSupervisorClient:

@@ -25,13 +25,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import pytest
 
-from protocol import codec
 from protocol import errors as E
 from protocol.client import SupervisorClient
-from protocol.messages import GenerateRequest
+from protocol.messages import GenerateRequest, Message
 from tests.harness import REPO, RunningSupervisor, wait_until, workers_of
 from tests.test_store_guard import Locker
 
@@ -45,6 +43,16 @@ SUPERVISOR = {"heartbeat_interval_s": 0.1, "heartbeat_timeout_s": 3.0, "orphan_g
               "crash_loop_starts": 1000, "store_lock_wait_s": 30.0}
 RESTART = {"quarantine_after": 2, "window_s": 600, "backoff_initial_s": 0.05, "backoff_max_s": 0.2,
            "stable_after_s": 0.5}
+
+
+class Raw(Message):
+    """A body as another library might send it: any tag, any fields (sent unchecked)."""
+
+    def __init__(self, tag: str, fields: Any) -> None:
+        self.TAG, self._fields = tag, fields
+
+    def to_wire(self) -> Any:
+        return self._fields
 
 
 class Soak:
@@ -228,24 +236,20 @@ class Traffic:
             elif kind == "unknown_model":
                 await client.complete("no-such-model", "Hi", max_tokens=4)
             elif kind == "garbage":  # no request id to answer: costs nothing, nobody's reply
-                assert client._sock is not None
-                client._sock.send_multipart([codec.PROTOCOL, b"\xc1 not msgpack"])
+                await client.connection.send(Raw("garbage", ["not", "a", "map"]))
                 self.refused[rid] = "sent"
                 return
             else:
-                queue: asyncio.Queue = asyncio.Queue()
-                client._pending[rid] = queue
-                if kind == "raw_max_tokens":  # what another library might send
-                    await client.connection.send(GenerateRequest(rid, model, "Hi", max_tokens=HUGE))
-                elif kind == "bad_timeout":
-                    await client.connection.send(GenerateRequest(rid, model, "Hi", max_tokens=4, timeout_s=-1.0))
-                else:
-                    fields = {"request_id": rid, "model": model, "prompt": "Hi"}
-                    fields.update({"colour": "red"} if kind == "unknown_field" else {"prompt": 7})
-                    assert client._sock is not None
-                    client._sock.send_multipart([codec.PROTOCOL, msgpack.packb(["generate", fields])])
-                reply = await asyncio.wait_for(queue.get(), 30)
-                client._pending.pop(rid, None)
+                async with await client.connection.replies(rid) as replies:
+                    if kind == "raw_max_tokens":  # what another library might send
+                        await client.connection.send(GenerateRequest(rid, model, "Hi", max_tokens=HUGE))
+                    elif kind == "bad_timeout":
+                        await client.connection.send(GenerateRequest(rid, model, "Hi", max_tokens=4, timeout_s=-1.0))
+                    else:
+                        fields = {"request_id": rid, "model": model, "prompt": "Hi"}
+                        fields.update({"colour": "red"} if kind == "unknown_field" else {"prompt": 7})
+                        await client.connection.send(Raw("generate", fields))
+                    reply = await asyncio.wait_for(replies.get(), 30)
                 self.refused[rid] = getattr(reply, "code", None) or type(reply).__name__
                 return
             self.refused[rid] = "accepted"
