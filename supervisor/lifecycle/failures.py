@@ -5,21 +5,17 @@ docs/security.md) is the reducer's: lifecycle/reducer.py `_failure`."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from supervisor.lifecycle.effects import RecordCrash
+from supervisor.persistence.records import CrashRecord
 
 
-def crash_record(model: str, revision: str, e: RecordCrash) -> dict[str, Any]:
+def crash_record(model: str, revision: str, e: RecordCrash) -> CrashRecord:
     exc, death, worker = e.error, e.death, e.worker
-    return {
-        "model": model, "revision": revision, "at": e.at, "code": exc.code.code,
-        "cause": death.cause if death else exc.message, "victim": bool(death and death.victim),
-        "signal": exc.details.get("signal"), "exit_code": exc.details.get("exit_code"), "phase": e.phase,
-        "request_id": e.request_id if death is not None else None,
-        "worker_pid": worker.process.pid if worker else None,
-        "memory": worker.memory if worker else {},
-        "stderr_tail": list(worker.process.stderr_tail) if worker else [],
+    return CrashRecord(
+        model, revision, e.at, exc.code.code, cause=death.cause if death else exc.message,
+        victim=bool(death and death.victim), signal=exc.details.get("signal"), exit_code=exc.details.get("exit_code"),
+        phase=e.phase, request_id=e.request_id if death is not None else None,
+        worker_pid=worker.process.pid if worker else None, memory=dict(worker.memory) if worker else {},
+        stderr_tail=tuple(worker.process.stderr_tail) if worker else (),
         # A group's failure names the rank and the host it ran on (supervisor.workers.group).
-        **{k: exc.details[k] for k in ("rank", "host") if k in exc.details},
-    }
+        rank=exc.details.get("rank"), host=exc.details.get("host"))

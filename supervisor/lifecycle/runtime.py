@@ -203,7 +203,7 @@ class ModelRuntime:
             case PersistQuarantine(summary): self.store.set_quarantine(self.cfg.id, summary)
             case BringUp(): self._bring_up(e)
             case Adopt(record): return self._step(self.startup.adopt(record, self.running, self))
-            case EndOrphan(record, why): self.startup.factory.end_orphan(record, self.running, why)
+            case EndOrphan(record, why): self.startup.end_orphan(record, self.running, why)
             case Spawn(): return self._handle(self.startup.spawn(self.running, self))
             case TakeWorker(worker): self.worker = worker
             case Greet(init): return self._step(self.startup.greet(self._worker(), init))
@@ -309,8 +309,8 @@ class ModelRuntime:
     def _record_crash(self, e: RecordCrash) -> None:
         record = crash_record(self.cfg.id, self.running.revision, e)
         self.store.add_crash(record)
-        self.metrics.failed(self.cfg.id, e.error.code.code, record)
-        self.events.publish("model.failed", **{k: v for k, v in record.items() if k != "at"})
+        self.metrics.failed(self.cfg.id, e.error.code.code, record.to_dict())
+        self.events.publish("model.failed", **record.event_fields())
         self._evidence().failure(record)  # the registry takes only what is about compatibility
 
     def _quarantine(self, error: E.LmxError, code: str) -> None:

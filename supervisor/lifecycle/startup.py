@@ -32,7 +32,7 @@ class Startup:
                  config: Callable[[], Config], factory: WorkerFactory) -> None:
         self.model_id = model_id
         self._store, self._ledger, self._evict, self._config = store, ledger, evict, config
-        self.factory = factory
+        self._factory = factory
         self.log = logs.get(model=model_id)
         # A worker of a previous supervisor run, still inside its orphan grace: adopted on start.
         self.orphan: dict[str, Any] | None = store.worker(model_id)
@@ -50,7 +50,7 @@ class Startup:
         if refusal is not None:
             if orphan is not None:  # refused: end it now rather than leave it waiting out its grace
                 self.orphan = None
-                self.factory.end_orphan(orphan, cfg, f"admission refused: {refusal.code.code}")
+                self._factory.end_orphan(orphan, cfg, f"admission refused: {refusal.code.code}")
             return Refused(refusal)
         return self.passed()
 
@@ -64,15 +64,18 @@ class Startup:
         orphan, self.orphan = self.orphan, None
         return AdmissionPassed(orphan)
 
+    def end_orphan(self, record: dict[str, Any], cfg: ModelConfig, why: str) -> None:
+        self._factory.end_orphan(record, cfg, why)
+
     async def adopt(self, record: dict[str, Any], cfg: ModelConfig, owner: Owner) -> Event:
         """The worker proves itself with an adoption hello, or is ended (then a fresh one is spawned)."""
         return await self._step(None, self._adopt(record, cfg, owner), None)
 
     async def _adopt(self, record: dict[str, Any], cfg: ModelConfig, owner: Owner) -> Adopted | AdoptionFailed:
-        worker = self.factory.adopt(record, cfg, owner)
+        worker = self._factory.adopt(record, cfg, owner)
         if worker is None:
             return AdoptionFailed("not the recorded process")
-        why = await self.factory.prove(worker, record, cfg.revision)
+        why = await self._factory.prove(worker, record, cfg.revision)
         if why is not None:
             await worker.close(f"adoption refused: {why}", self._config().supervisor.stop_timeout_s)
             return AdoptionFailed(why)
@@ -81,10 +84,10 @@ class Startup:
     def spawn(self, cfg: ModelConfig, owner: Owner) -> Spawned | StartFailed:
         """A worker: a group's ranks placed with their Init, else a warm spare or a new process."""
         try:
-            init = self.factory.init(cfg)
+            init = self._factory.init(cfg)
             if cfg.group is not None:
-                return Spawned(self.factory.place_group(cfg, owner, init), init)
-            return Spawned(self.factory.spawn(cfg, owner), init)
+                return Spawned(self._factory.place_group(cfg, owner, init), init)
+            return Spawned(self._factory.spawn(cfg, owner), init)
         except E.LmxError as exc:
             return StartFailed(exc, None)
         except Exception as exc:

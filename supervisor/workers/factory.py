@@ -56,7 +56,8 @@ class LocalFactory:
         sup = self._host.config.supervisor
         context, limit = positions.context_tokens(cfg.path, cfg.context_tokens)
         if limit is not None:
-            logs.get(model=cfg.id).warning(
+            log = logs.get(model=cfg.id)
+            log.warning(
                 "model.context_clamped", context_tokens=cfg.context_tokens, position_limit=limit,
                 message=f"context_tokens {cfg.context_tokens} is past the model's position limit "
                         f"{limit} (config.json): prompts are refused from {limit} tokens")
@@ -69,7 +70,8 @@ class LocalFactory:
         try:
             return kvcache.init_fields(cfg, self._host.state_dir)
         except OSError as exc:  # an unwritable cache dir costs persistence, not the model
-            logs.get(model=cfg.id).warning("model.prefix_cache_dir_unusable", error=str(exc))
+            log = logs.get(model=cfg.id)
+            log.warning("model.prefix_cache_dir_unusable", error=str(exc))
             return kvcache.init_fields(cfg, None)
 
     def spawn(self, cfg: ModelConfig, owner: Owner) -> WorkerHandle:
@@ -95,7 +97,8 @@ class LocalFactory:
         try:
             worker = WorkerHandle.adopt(record, cfg, self._host, owner)
         except AdoptionRefused as exc:
-            logs.get(model=cfg.id).info("worker.adoption_skipped", reason=str(exc), worker_pid=record["pid"])
+            log = logs.get(model=cfg.id)
+            log.info("worker.adoption_skipped", reason=str(exc), worker_pid=record["pid"])
             return None
         worker.watch(self._host.config.supervisor)
         return worker
