@@ -19,11 +19,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway import anthropic, apikeys, auth, body, context_edits, listing, readiness, responses
+from gateway import anthropic, apikeys, auth, body, context_edits, listing, readiness
 from gateway import errors as http_errors
 from gateway.anthropic_shapes import AnthropicDialect
 from gateway.dialect import CHAT, COMPLETIONS, Dialect
 from gateway.params import GenParams
+from gateway.responses_api import ResponsesAPI
 from gateway.signing import ThinkingSigner
 from gateway.sse import GenerationResponse
 from protocol import endpoint as ep
@@ -100,13 +101,13 @@ class Gateway:
             status = await self.client.status(timeout_s=self.config.status_timeout_s)
         except E.LmxError as exc:
             return dialect.error_response(exc, {})
-        return JSONResponse(listing.listing(_visible(request, status), wants))
+        return JSONResponse(listing.listing(auth.visible(request, status), wants))
 
     async def model(self, request: Request) -> Response:
         wants, dialect = self._listing_dialect(request)
         try:
             status = await self.client.status(timeout_s=self.config.status_timeout_s)
-            return JSONResponse(listing.one(_visible(request, status), request.path_params["model_id"], wants))
+            return JSONResponse(listing.one(auth.visible(request, status), request.path_params["model_id"], wants))
         except E.LmxError as exc:
             return dialect.error_response(exc, {})
 
@@ -136,7 +137,7 @@ class Gateway:
         self.in_flight += 1  # counted from here to the response's end (_Counted), body read included
         try:
             p = dialect.parse(await body.json_body(request, self.config.body_timeout_s))
-            _check_model(request, p.model)
+            auth.check_model(request, p.model)
             p, applied = await self._edit(p)
         except E.LmxError as exc:
             self.in_flight -= 1
@@ -170,7 +171,7 @@ class Gateway:
         the model's worker through its tokenizer and chat template, without generating."""
         try:
             p = anthropic.parse_count(await body.json_body(request, self.config.body_timeout_s), self.signer)
-            _check_model(request, p.model)
+            auth.check_model(request, p.model)
             edited, applied = await self._edit(p)
             assert edited.messages is not None
             out: dict[str, Any] = {"input_tokens": await self.count(edited, edited.messages)}
@@ -179,20 +180,6 @@ class Gateway:
         except E.LmxError as exc:
             return self.anthropic.error_response(exc, {})
         return JSONResponse(out)
-
-
-def _visible(request: Request, status: dict) -> dict:
-    key = getattr(request.state, "api_key", None)
-    if key is None or not key.models:
-        return status
-    return {**status, "models": [m for m in status["models"] if key.allows_model(m["id"])]}
-
-
-def _check_model(request: Request, model: str) -> None:
-    """A key scoped to some models sees no other: to it they are unknown."""
-    key = getattr(request.state, "api_key", None)
-    if key is not None and not key.allows_model(model):
-        raise E.UnknownModel(f"no model {model[:128]!r} for this API key", model=model[:128])
 
 
 class _Counted:
@@ -244,7 +231,7 @@ def create_app(config: GatewayConfig | None = None) -> Starlette:
         Route("/v1/messages", gw.messages, methods=["POST"]),
         Route("/v1/messages/count_tokens", gw.count_tokens, methods=["POST"]),
         Route("/metrics", gw.metrics_text, methods=["GET"]),
-        *responses.routes(gw),
+        *ResponsesAPI(gw).routes(),
     ]
     app = Starlette(routes=routes, lifespan=gw.lifespan, middleware=_middleware(config, gw),
                     exception_handlers={HTTPException: _http_error, Exception: _internal_error})

@@ -9,7 +9,8 @@ Per key: its endpoints' scope (`inference`, `admin` for /metrics), its requests 
 tokens per minute (token buckets that refill continuously; tokens are charged when a response
 ends, from its usage), and its requests at once. Over a limit is 429 with Retry-After, in the
 dialect's error shape (Anthropic's on /v1/messages, OpenAI's elsewhere). The models a key may use
-are checked where the model is known (gateway/app.py): any other model is a 404, as if absent."""
+are checked where the model is known, by each handler through check_model (and listings filtered
+through visible): any other model is a 404, as if absent."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from typing import Any
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from starlette.requests import Request
 
 from gateway import errors as http_errors
 from gateway.anthropic_shapes import AnthropicDialect
@@ -171,3 +173,18 @@ class AuthMiddleware:
         finally:
             if key is not None:
                 self.guard.release(key, usage)
+
+
+def visible(request: Request, status: dict) -> dict:
+    """The supervisor's status as the request's key sees it: only the models it may use."""
+    key = getattr(request.state, "api_key", None)
+    if key is None or not key.models:
+        return status
+    return {**status, "models": [m for m in status["models"] if key.allows_model(m["id"])]}
+
+
+def check_model(request: Request, model: str) -> None:
+    """A key scoped to some models sees no other: to it they are unknown."""
+    key = getattr(request.state, "api_key", None)
+    if key is not None and not key.allows_model(model):
+        raise E.UnknownModel(f"no model {model[:128]!r} for this API key", model=model[:128])

@@ -349,10 +349,3 @@ def parse_count(body: Any) -> ResponsesRequest:
         model=model, items=input_items(body) if body.get("input") is not None else [],
         instructions=_string(body, "instructions", limits.MAX_PROMPT_CHARS),
         previous_response_id=_string(body, "previous_response_id", limits.MAX_ID_CHARS), agent=_agent(body, tools))
-
-
-def routes(gw: Any) -> list:
-    """The Responses API's routes on `gw` (gateway.app.Gateway), for create_app's list."""
-    from gateway.responses_api import ResponsesAPI  # here: the handlers import this module's parsers
-
-    return ResponsesAPI(gw).routes()

@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway import app, body, responses
+from gateway import auth, body, responses
 from gateway import errors as http_errors
 from gateway.params import GenParams
 from gateway.responses_shapes import Framing, ResponseShaper
@@ -124,7 +124,7 @@ class ResponsesAPI:
         dialect = ResponsesDialect(self.store, _owner(request))
         try:
             req = responses.parse_count(await body.json_body(request, self.gw.config.body_timeout_s))
-            app._check_model(request, req.model)  # the scoping rule respond() applies, the one copy of it
+            auth.check_model(request, req.model)  # the scoping rule respond() applies, the one copy of it
             p = req.params(dialect.history(req.previous_response_id))
             assert p.messages is not None
             count = await self.gw.count(p, p.messages)
