@@ -56,10 +56,11 @@ class GenerationResponse:
     the dialect (gateway/dialect.py) frames them and shapes the errors.
 
     Nothing is sent before the first event: a failure before anything was generated (unknown
-    model, quarantine, overload...) is a plain JSON error with the code's HTTP status. Once the
-    stream started, a failure is one last SSE error event and the stream ends without the
-    dialect's end (`[DONE]`, message_stop, response.completed), so no client can take the cut
-    for a complete answer.
+    model, quarantine, overload...) is the dialect's JSON error with the code's HTTP status. Once
+    the stream started, a failure is the dialect's error_event, last (chat and completions: a
+    `data: {"error": ...}` event; Anthropic's `event: error`; the Responses API's `error` then
+    `response.failed`), and the stream ends without the dialect's end (`[DONE]`, message_stop,
+    response.completed), so no client can take the cut for a complete answer.
 
     A disconnect is watched for the whole time, also while no token is coming (prefill, queue):
     the events task is cancelled, which closes the GenerateStream, which sends `cancel`."""
