@@ -14,6 +14,7 @@ from typing import Any, Awaitable, Callable
 from protocol import errors as E
 from protocol.messages import Error, Final, GenerateRequest, Message
 from supervisor import config as cfg_mod
+from supervisor.admission.memory import MemoryLedger
 from supervisor.lifecycle import effects as X
 from supervisor.lifecycle.runtime import ModelRuntime
 from supervisor.lifecycle.states import ModelState as S
@@ -95,7 +96,7 @@ class RecordingRuntime(ModelRuntime):
 
 
 def rig(tmp_path: Path, model_dir: Path, factory: FakeFactory | None = None, store: Store | None = None,
-        **toml_kw: str) -> Rig:
+        ledger: MemoryLedger | None = None, **toml_kw: str) -> Rig:
     """A runtime on a fake factory, in the calling test's loop (none: a test of construction alone)."""
     RIGGED.add(sys._getframe(1).f_globals["__name__"].rsplit(".", 1)[-1])
     config = cfg_mod.parse(toml(model_dir, **toml_kw))
@@ -104,7 +105,8 @@ def rig(tmp_path: Path, model_dir: Path, factory: FakeFactory | None = None, sto
         store = Store(tmp_path / "state")
         store.boot()
     published, factory = Published(), factory or FakeFactory()
-    services = Services(config, store, None, "ipc://unused", events=published)  # type: ignore[arg-type]
+    services = Services(config, store, None, "ipc://unused", events=published,  # type: ignore[arg-type]
+                        **({"ledger": ledger} if ledger is not None else {}))
     rt = RecordingRuntime(config.models[0], services, factory=factory)
     return Rig(rt, factory, store, published, config, rt.performed)
 

@@ -17,6 +17,7 @@ from structlog.testing import capture_logs
 from protocol import errors as E
 from protocol.messages import ClearPrefixCache, Final, GenerateRequest, Init
 from supervisor import config as cfg_mod
+from supervisor.admission.memory import MemoryLedger, estimate
 from supervisor.lifecycle import effects as X
 from supervisor.lifecycle.states import ModelState as S
 from supervisor.persistence.store import Store
@@ -180,6 +181,38 @@ async def test_a_stop_racing_a_load_ends_it_and_the_late_ready_changes_nothing(t
     w.say_ready()  # the load it was racing finishes after all
     await asyncio.sleep(0.02)  # the gap under test: a way up still running would go on to CANARY now
     assert r.rt.state is S.UNLOADED and not w.sent and r.states()[-1] == ("DRAINING", "UNLOADED")
+
+
+@inloop
+async def test_a_canary_cut_short_by_a_stop_is_no_failure_of_the_model(tmp_path: Path, tiny_model: Path) -> None:
+    r = rig(tmp_path, tiny_model, FakeFactory(answer=None))
+    r.rt.start("load")
+    await r.until(S.CANARY)
+    await r.rt.stop("unload")
+    assert r.rt.state is S.UNLOADED and r.rt.restarts == 0 and r.rt.last_error is None
+    assert r.store.failures("m", 0) == [] and r.store.crashes("m") == []
+    assert all(row["outcome"] != "failed" for row in r.store.compat())
+
+
+@inloop
+async def test_a_model_that_does_not_fit_is_rejected_with_no_worker_until_memory_is_freed(tmp_path: Path,
+                                                                                          tiny_model: Path) -> None:
+    config = cfg_mod.parse(toml(tiny_model)).models[0]
+    one = estimate(config.path, config.context_tokens)["total"]
+    ledger = MemoryLedger(one + one // 2)  # room for one, not two
+    a = rig(tmp_path, tiny_model, ledger=ledger)
+    b = rig(tmp_path, tiny_model, store=a.store, ledger=ledger, model_id="b")
+    a.rt.start("load")
+    await a.until(S.READY)
+    b.rt.start("load")
+    await b.until(S.REJECTED)
+    assert b.rt.last_error is not None and b.rt.last_error.code is E.ErrorCode.INSUFFICIENT_MEMORY
+    assert f"{one + one // 2:,}-byte budget" in b.rt.last_error.message and b.factory.workers == []
+    with pytest.raises(E.InsufficientMemory):  # Reject: requests get the refusal itself
+        b.rt.submit(request(), Client())
+    await a.rt.stop("unload")  # UNLOADED releases its reservation (part of the state change)
+    assert b.rt.start("load") is True
+    await b.until(S.READY)
 
 
 @inloop
