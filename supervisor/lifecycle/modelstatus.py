@@ -30,7 +30,7 @@ def of(rt: "ModelRuntime") -> ModelStatus:
         wanted=rt.wanted(),  # the operator's last load/unload (None: as the config says)
         revision=rt.running.revision,
         configured_revision=rt.cfg.revision,
-        lkg_revision=rt.store.model_flags(rt.cfg.id)["lkg_revision"],
+        lkg_revision=rt.store.flags(rt.cfg.id).lkg_revision,
         worker_pid=w.process.pid if w else None,
         restarts=rt.restarts,
         failures_in_window=policy.failures_in_window(history, now, window),
