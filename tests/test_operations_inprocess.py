@@ -86,6 +86,10 @@ async def test_a_swap_with_room_brings_new_up_before_old_stops_and_aliases_old_t
     assert order.index("b:READY") < order.index("a:DRAINING") < order.index("model.swapped")
     assert s.a.state is S.UNLOADED and s.a.wanted() is False  # the operator's word: it stays out
     assert s.ops.runtime("a") is s.b and dict(s.ops.aliases) == {"a": "b"} == s.store.aliases()
+    sup, (a, b) = s.ops.status()  # typed entries, read from the table as the swap left it
+    assert (a.id, a.state, a.worker_pid, b.state, b.worker_pid) == ("a", "UNLOADED", None, "READY",
+                                                                  s.factory.last.process.pid)
+    assert b.group is None and b.wanted is True and sup["draining"] is False
 
 
 @inloop
