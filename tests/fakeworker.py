@@ -25,7 +25,9 @@ from protocol import errors as E
 from protocol.messages import Adopt, CountTokens, Final, GenerateRequest, Hello, Init, Message, Ready, TokenCount
 from protocol.phase import Phase
 from supervisor.config import ModelConfig, SupervisorSettings
+from supervisor.persistence.records import WorkerRecord
 from supervisor.workers.classify import Verdict, exit_details
+from supervisor.workers.factory import as_record
 from supervisor.workers.worker import Death, Handshake, Owner, wait_for
 
 __all__ = ["FakeFactory", "FakeProcess", "FakeWorker", "answer_final"]
@@ -275,23 +277,25 @@ class FakeFactory:
         size = cfg.group.size if cfg.group is not None else 2
         return self._make(cfg, owner, ranks=size)
 
-    def adopt(self, record: dict[str, Any], cfg: ModelConfig, owner: Owner) -> FakeWorker | None:
-        self.adoptions.append(record["pid"])
+    def adopt(self, record: WorkerRecord | dict[str, Any], cfg: ModelConfig, owner: Owner) -> FakeWorker | None:
+        record = as_record(record)  # as LocalFactory takes it
+        self.adoptions.append(record.pid)
         if self._adoptions and not self._adoptions[0].present:
             self._adoptions.pop(0)
             return None
-        worker = self._make(cfg, owner, pid=record["pid"], token=record["token"], ready=False)
-        worker.process.start_time = record["start_time"]
+        worker = self._make(cfg, owner, pid=record.pid, token=record.token, ready=False)
+        worker.process.start_time = record.start_time
         return worker
 
-    async def prove(self, worker: Any, record: dict[str, Any], revision: str) -> str | None:
+    async def prove(self, worker: Any, record: WorkerRecord | dict[str, Any], revision: str) -> str | None:
+        record = as_record(record)
         why = self._adoptions.pop(0).why if self._adoptions else None
-        if why is None and record["revision"] != revision:
-            why = f"revision {record['revision']} is no longer wanted (want {revision})"
+        if why is None and record.revision != revision:
+            why = f"revision {record.revision} is no longer wanted (want {revision})"
         self.proofs.append((worker.process.pid, why))
         if why is None:
             worker.tell(Adopt(1, 0.0))
         return why
 
-    def end_orphan(self, record: dict[str, Any], cfg: ModelConfig, why: str) -> None:
-        self.orphans_ended.append((record["pid"], why))
+    def end_orphan(self, record: WorkerRecord | dict[str, Any], cfg: ModelConfig, why: str) -> None:
+        self.orphans_ended.append((as_record(record).pid, why))

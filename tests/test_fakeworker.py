@@ -15,6 +15,7 @@ from protocol import errors as E
 from protocol.messages import Adopt, ClearPrefixCache, Final, GenerateRequest, Init, Message, Shutdown, TokenCount
 from supervisor import config as cfg_mod
 from supervisor.config import Config, ModelConfig, SupervisorSettings
+from supervisor.persistence.records import WorkerRecord
 from supervisor.workers.factory import LocalFactory, WorkerFactory
 from supervisor.workers.group import RankGroup
 from supervisor.workers.handle import WorkerHandle
@@ -205,7 +206,7 @@ def test_the_fake_factory_records_and_does_as_it_is_told() -> None:
             f.spawn(CFG, owner)
         assert len(f.workers) == 3
 
-        record = {"pid": 99, "start_time": 5.0, "token": "t", "revision": "r1"}
+        record = WorkerRecord(99, 5.0, "t", "r1", "ipc://unused", 1)
         f.next_adoption(present=False)
         assert f.adopt(record, CFG, owner) is None
         w = f.adopt(record, CFG, owner)

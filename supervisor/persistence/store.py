@@ -331,12 +331,10 @@ class Store:
 
     # --- live workers (for adoption by the next supervisor run) ---------------------------------
 
-    def set_worker(self, model: str, record: WorkerRecord | dict[str, Any] | None) -> None:
-        """A dict is adoption.worker_record's shape before WorkerRecord; it goes once that moves."""
+    def set_worker(self, model: str, record: WorkerRecord | None) -> None:
         if record is None:
             self.writes.write(lambda db: db.execute("DELETE FROM workers WHERE model=?", (model,)))
             return
-        record = record if isinstance(record, WorkerRecord) else WorkerRecord.from_dict(record)
         row = (model, *record.to_row())
         self.writes.write(lambda db: db.execute(
             f"INSERT OR REPLACE INTO workers(model, {', '.join(WorkerRecord.COLUMNS)}) VALUES (?,?,?,?,?,?,?)", row))

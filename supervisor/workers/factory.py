@@ -12,12 +12,19 @@ from protocol.messages import Init
 from supervisor import logs
 from supervisor.admission import kvcache, positions
 from supervisor.config import ModelConfig
+from supervisor.persistence.records import WorkerRecord
 from supervisor.workers.group import RankGroup
 from supervisor.workers.handle import AdoptionRefused, WorkerHandle
 from supervisor.workers.spares import SparePool
 from supervisor.workers.worker import Host, Owner, Worker
 
-__all__ = ["LocalFactory", "WorkerFactory"]
+__all__ = ["LocalFactory", "WorkerFactory", "as_record"]
+
+
+def as_record(record: WorkerRecord | dict[str, Any]) -> WorkerRecord:
+    """A factory's record, typed. The dict is Store.worker()'s shape, which lifecycle/startup.py
+    still reads the orphan in; this goes once it reads Store.worker_record() instead."""
+    return record if isinstance(record, WorkerRecord) else WorkerRecord.from_dict(record)
 
 
 class WorkerFactory(Protocol):
@@ -33,15 +40,15 @@ class WorkerFactory(Protocol):
     def place_group(self, cfg: ModelConfig, owner: Owner, init: Init) -> Worker:
         """`cfg.group`'s ranks, every one spawned here or placed on its peer, as one worker."""
 
-    def adopt(self, record: dict[str, Any], cfg: ModelConfig, owner: Owner) -> Worker | None:
+    def adopt(self, record: WorkerRecord, cfg: ModelConfig, owner: Owner) -> Worker | None:
         """A previous run's worker whose pid and start time match `record` (None if they do not); it
         has yet to prove itself (`prove`)."""
 
-    async def prove(self, worker: Worker, record: dict[str, Any], revision: str) -> str | None:
+    async def prove(self, worker: Worker, record: WorkerRecord, revision: str) -> str | None:
         """None once the adopted worker proved it is `record`'s, on `revision` (it is ours again);
         else why not (the caller then stops it)."""
 
-    def end_orphan(self, record: dict[str, Any], cfg: ModelConfig, why: str) -> None:
+    def end_orphan(self, record: WorkerRecord, cfg: ModelConfig, why: str) -> None:
         """A previous run's worker nobody will adopt: ended, if pid and start time still match."""
 
 
@@ -93,25 +100,27 @@ class LocalFactory:
             raise
         return group
 
-    def adopt(self, record: dict[str, Any], cfg: ModelConfig, owner: Owner) -> WorkerHandle | None:
+    def adopt(self, record: WorkerRecord | dict[str, Any], cfg: ModelConfig, owner: Owner) -> WorkerHandle | None:
+        record = as_record(record)
         try:
             worker = WorkerHandle.adopt(record, cfg, self._host, owner)
         except AdoptionRefused as exc:
             log = logs.get(model=cfg.id)
-            log.info("worker.adoption_skipped", reason=str(exc), worker_pid=record["pid"])
+            log.info("worker.adoption_skipped", reason=str(exc), worker_pid=record.pid)
             return None
         worker.watch(self._host.config.supervisor)
         return worker
 
-    async def prove(self, worker: Worker, record: dict[str, Any], revision: str) -> str | None:
+    async def prove(self, worker: Worker, record: WorkerRecord | dict[str, Any], revision: str) -> str | None:
         assert isinstance(worker, WorkerHandle)  # only a single worker is ever adopted
+        record = as_record(record)
         log = logs.get(model=worker.cfg.id)
         why = await worker.prove(record, revision, max(5.0, 3 * self._host.config.supervisor.heartbeat_interval_s))
         if why is not None:
-            log.warning("worker.adoption_refused", reason=why, worker_pid=record["pid"])
+            log.warning("worker.adoption_refused", reason=why, worker_pid=record.pid)
         else:
-            log.info("worker.adopted", worker_pid=record["pid"], revision=record["revision"])
+            log.info("worker.adopted", worker_pid=record.pid, revision=record.revision)
         return why
 
-    def end_orphan(self, record: dict[str, Any], cfg: ModelConfig, why: str) -> None:
-        WorkerHandle.end_orphan(record, cfg, self._host, why)
+    def end_orphan(self, record: WorkerRecord | dict[str, Any], cfg: ModelConfig, why: str) -> None:
+        WorkerHandle.end_orphan(as_record(record), cfg, self._host, why)

@@ -9,7 +9,7 @@ import asyncio
 import secrets
 import signal
 import time
-from typing import Any, Callable
+from typing import Callable
 
 from protocol import errors as E
 from protocol.messages import Error, Final, Heartbeat, Hello, Init, Message, Ready, Shutdown, TokenCount
@@ -17,6 +17,7 @@ from protocol.phase import Phase
 from supervisor import logs
 from supervisor.admission.memory import available_bytes
 from supervisor.config import ModelConfig, SupervisorSettings
+from supervisor.persistence.records import WorkerRecord
 from supervisor.workers import adoption
 from supervisor.workers.classify import classify
 from supervisor.workers.liveness import liveness_verdict
@@ -91,18 +92,18 @@ class WorkerHandle:
         self.log.info("worker.from_spare", worker_pid=self.process.pid)
 
     @classmethod
-    def adopt(cls, record: dict[str, Any], cfg: ModelConfig, host: Host, owner: Owner) -> "WorkerHandle":
+    def adopt(cls, record: WorkerRecord, cfg: ModelConfig, host: Host, owner: Owner) -> "WorkerHandle":
         """A previous supervisor run's worker, once pid and start time match; AdoptionRefused if not.
         It has yet to prove itself with an adoption hello (`prove`)."""
-        handle = cls._new(cfg, host, owner, record["token"])
+        handle = cls._new(cfg, host, owner, record.token)
         try:
-            handle.process.adopt(record["pid"], record["start_time"])
+            handle.process.adopt(record.pid, record.start_time)
         except AdoptionRefused:
             handle._unregister()
             raise
         return handle
 
-    async def prove(self, record: dict[str, Any], revision: str, timeout_s: float) -> str | None:
+    async def prove(self, record: WorkerRecord, revision: str, timeout_s: float) -> str | None:
         """Wait for the adoption hello; None when it proves this is the recorded worker on `revision`
         (it is then told it is ours again), else why not."""
         try:
@@ -115,12 +116,12 @@ class WorkerHandle:
         return why
 
     @classmethod
-    def end_orphan(cls, record: dict[str, Any], cfg: ModelConfig, host: Host, why: str) -> None:
+    def end_orphan(cls, record: WorkerRecord, cfg: ModelConfig, host: Host, why: str) -> None:
         """A previous run's worker nobody will adopt: ended (once pid and start time match, so a
         stranger that reused the pid is never touched). Nothing routes to it meanwhile."""
-        process = cls._process(cfg, host, record["token"], lambda *_: None)
+        process = cls._process(cfg, host, record.token, lambda *_: None)
         try:
-            process.adopt(record["pid"], record["start_time"])
+            process.adopt(record.pid, record.start_time)
         except AdoptionRefused:
             return
         process.log.info("worker.orphan_ended", reason=why)
