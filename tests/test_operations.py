@@ -32,7 +32,8 @@ def _write_config(tmp_path: Path, *ids: str, canary_timeout_s: float = 60.0, aut
     sections = []
     for model_id in ids:
         (tmp_path / model_id).mkdir(exist_ok=True)
-        sections.append(f'[[models]]\nid = "{model_id}"\npath = "{tmp_path / model_id}"\nautoload = {str(autoload).lower()}\n'
+        sections.append(f'[[models]]\nid = "{model_id}"\npath = "{tmp_path / model_id}"\n'
+                        f'autoload = {str(autoload).lower()}\n'
                         f'canary = {{ prompt = "Hi", timeout_s = {canary_timeout_s} }}\n')
     path = tmp_path / "lmx.toml"
     path.write_text("\n".join(sections))
