@@ -96,6 +96,14 @@ def test_a_first_failure_records_itself_fails_its_requests_stops_its_worker_then
                               "failures_in_window": 1}
 
 
+def test_the_same_facts_give_the_same_backoff_and_another_seed_another_jitter() -> None:
+    event = V.WorkerExited(WORKER, DEATH, CRASH, None)
+    delays = {seed: reduce(dataclasses.replace(facts(S.READY, consecutive=2), seed=seed), event).effects[0]
+              for seed in (1, 1, 2)}
+    assert len({reduce(facts(S.READY, consecutive=2), event).effects for _ in range(3)}) == 1  # pure
+    assert delays[1] != delays[2]  # type: ignore[comparison-overlap]
+
+
 def test_a_death_on_the_way_up_cancels_the_way_up_first_but_a_steps_own_error_does_not() -> None:
     for state in (S.STARTING, S.LOADING, S.CANARY):
         died = reduce(facts(state), V.WorkerExited(WORKER, DEATH, CRASH, None))

@@ -31,6 +31,7 @@ class ModelFacts:
     stable_after_s: float
     group: bool  # it runs as a group of ranks (none of them is adopted after a restart)
     force: bool  # the last start's: an operator's word that the registry's verdict may be overridden
+    seed: int = 0  # the backoff's jitter comes from random.Random(seed): drawn by the runtime, not here
 
 
 # --- what an operator (or the daemon on its behalf) asks for --------------------------------------

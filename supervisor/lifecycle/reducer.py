@@ -1,10 +1,11 @@
 """Every decision about a model's lifecycle, as one pure function: reduce(facts, event) -> Transition.
 Total: each event in each state has an answer (most often "nothing changes"). No clocks, no IO, no
-randomness of its own (the policy's jitter aside): runtime.py applies the state through its one
-to() and performs every effect; startup.py performs the way up and returns its events."""
+randomness (the backoff's jitter is seeded from the facts): runtime.py applies the state through its
+one to() and performs every effect; startup.py performs the way up and returns its events."""
 
 from __future__ import annotations
 
+import random
 from typing import Any, assert_never
 
 from protocol import errors as E
@@ -165,7 +166,7 @@ def _failure(f: ModelFacts, error: E.LmxError, worker: Any, death: Any, request_
     code = error.code.code
     failure = Failure(f.now, f.revision, code, not (death is not None and death.victim))
     decision = policy.decide([*f.history, failure], f.now, f.restart, f.revision, f.lkg_revision,
-                             f.consecutive_failures + 1)
+                             f.consecutive_failures + 1, random.Random(f.seed))
     count = decision.failures_in_window
     records: tuple[Effect, ...] = (RecordFailure(failure),)
     verdict: Effect

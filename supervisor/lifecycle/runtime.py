@@ -5,6 +5,7 @@ performs the effects, all of them in one match (_perform)."""
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from typing import Any, Awaitable, Callable, assert_never
 
@@ -96,7 +97,7 @@ class ModelRuntime:
             self.state, self.running.revision, self.cfg.revision, self.store.model_flags(self.cfg.id)["lkg_revision"],
             self.consecutive_failures, tuple(self.store.failures(self.cfg.id, now - restart.window_s)), now,
             restart, self.config.supervisor.drain_grace_s, restart.stable_after_s, self.running.group is not None,
-            self._force)
+            self._force, random.getrandbits(32))
 
     async def _handle(self, event: Event) -> None:
         """One event, one reducer pass: `first`, the state change, then the rest, in order."""
