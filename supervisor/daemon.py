@@ -28,7 +28,7 @@ from supervisor.control.router import Router
 from supervisor.control.server import ControlServer
 from supervisor.operations.status import ProcessFigures
 from supervisor.operations.verbs import Operations
-from supervisor.services import Services
+from supervisor.services import ConfigRef, Services, WorkerHost
 from supervisor.workers.hub import WorkerHub
 from supervisor.workers.placed import PlacedRanks
 from supervisor.workers.spares import SparePool
@@ -60,14 +60,15 @@ class Supervisor:
         self.ledger = MemoryLedger(memory.budget_bytes(sup.memory_budget_bytes, sup.memory_reserve_bytes),
                                    sup.memory_return_timeout_s, self.log, self.events)
         self.hub = WorkerHub(self.ctx, ep.worker_endpoint(state_dir), state_dir / ep.WORKER_SOCKET)
-        # What every runtime and control server shares, handed over once (a reload replaces
-        # services.config); the spare pool, made from them, is one of them. Eviction is one of the
-        # operations built from them, so it is reached late, through self.ops.
-        self.services = Services(config, self.store, self.hub, ep.worker_endpoint(state_dir), state_dir / "logs",
-                                 self.ledger, self.events, self.metrics,
-                                 evict=lambda model_id, need: self.ops.evict_for(model_id, need))
-        self.spares = self.services.spares = SparePool(sup.warm_spares, self.services) if sup.warm_spares > 0 else None
-        self.services.placed = PlacedRanks(self.services) if sup.listen else None  # ranks for peers' groups
+        # Built from finished parts, in order, and frozen: what workers need first, the spares and
+        # the ranks for peers made from it, then the services from all of them. Eviction is one of
+        # the operations built from the services, so it is reached late, through self.ops.
+        host = WorkerHost(ConfigRef(config), self.store, self.hub, ep.worker_endpoint(state_dir), state_dir / "logs",
+                          self.ledger)
+        self.spares = SparePool(sup.warm_spares, host) if sup.warm_spares > 0 else None
+        self.services = Services.of(host, events=self.events, metrics=self.metrics, spares=self.spares,
+                                    evict=lambda model_id, need: self.ops.evict_for(model_id, need),
+                                    placed=PlacedRanks(host) if sup.listen else None)  # ranks for peers' groups
         # The model table, its aliases, the admin gate and the one drain flag: every verb's home.
         self.ops = Operations(self.services, ProcessFigures(state_dir, self.safe_mode), reloaded=self._reloaded)
         self.router = Router(self.ops)  # one for both control endpoints

@@ -1,10 +1,11 @@
 """What the daemon's parts share, handed to each at construction: the config, the store, the hub,
 the memory ledger, where lifecycle events and metrics go, the warm spares and the peer link's ranks.
 
-`config` is the one field meant to change: a reload replaces it here, and every runtime and control
-server reads the new one from here (nothing keeps a copy that a reload would have to chase). The
-daemon also sets `spares` and `placed` once, just after construction, because both are built from
-these services (see docs/architecture.md, "Services").
+Both records here are frozen and built from finished parts, in the composition root (daemon.py):
+first `WorkerHost`, what workers need of their supervisor (the warm spares and the ranks placed for
+peers are built from it), then `Services`, last, from it and those. The config is the one thing
+that changes: it sits behind one `ConfigRef` that a reload replaces (Operations' reload), and every
+part reads `services.config` afresh (nothing keeps a copy that a reload would have to chase).
 
 Events and metrics are typed by the Protocols below, not by the control plane's classes
 (control.events.EventPublisher, control.metrics.Metrics): this module sits under lifecycle in the
@@ -84,14 +85,46 @@ class NoCounters:
         return b""
 
 
-@dataclasses.dataclass
-class Services:
-    config: Config
+class ConfigRef:
+    """The one current config: a reload replaces it here and nowhere else."""
+
+    def __init__(self, config: Config) -> None:
+        self.current = config
+
+    def replace(self, new: Config) -> None:
+        self.current = new
+
+
+def _ref(config: "Config | ConfigRef") -> ConfigRef:
+    return config if isinstance(config, ConfigRef) else ConfigRef(config)
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerHost:
+    """What a worker (a spare, a rank placed for a peer) needs of its supervisor: the workers'
+    Host and placed's MemberHost protocols. Built before the parts made from it."""
+
+    configs: ConfigRef
     store: Store
     hub: "WorkerHub | None"
     worker_endpoint: str  # where workers connect (the hub's socket)
     log_dir: Path | None = None  # the state dir's logs/ (None: a throwaway runtime in a test)
     ledger: MemoryLedger = dataclasses.field(default_factory=lambda: MemoryLedger(2**62))
+
+    def __post_init__(self) -> None:  # a plain Config is taken as its own reference
+        object.__setattr__(self, "configs", _ref(self.configs))
+
+    @property
+    def config(self) -> Config:
+        return self.configs.current
+
+    @property
+    def state_dir(self) -> Path | None:
+        return self.log_dir.parent if self.log_dir is not None else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Services(WorkerHost):
     events: Events = dataclasses.field(default_factory=NoEvents)
     metrics: Counters = dataclasses.field(default_factory=NoCounters)
     spares: "SparePool | None" = None
@@ -99,10 +132,13 @@ class Services:
     evict: Callable[[str, int], Awaitable[bool]] | None = None
     placed: "PlacedRanks | None" = None  # ranks run here for peers' groups (the peer link)
 
-    @property
-    def state_dir(self) -> Path | None:
-        return self.log_dir.parent if self.log_dir is not None else None
+    @classmethod
+    def of(cls, host: WorkerHost, **parts: Any) -> "Services":
+        """The services, last, from the host and the parts built from it."""
+        return cls(**{f.name: getattr(host, f.name) for f in dataclasses.fields(WorkerHost)}, **parts)
 
     def throwaway(self, **changes: Any) -> "Services":
-        """A copy for a runtime of its own (a probe's): its config does not follow reloads."""
+        """A copy for a runtime of its own (a probe's): a `config` given here does not follow reloads."""
+        if "config" in changes:
+            changes["configs"] = ConfigRef(changes.pop("config"))
         return dataclasses.replace(self, **changes)

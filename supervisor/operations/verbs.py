@@ -272,7 +272,7 @@ class Operations:
         models, services = self._models, self._services
         old_ids, new_ids = set(models), {m.id for m in new.models}
         changed = [m for m in new.models if m.id in old_ids and m.revision != models[m.id].cfg.revision]
-        services.config = new
+        services.configs.replace(new)
         services.store.retention = Retention.of(new)
         sup = new.supervisor
         # The budget follows the config too; models already admitted keep their reservations.
