@@ -9,6 +9,7 @@ import asyncio
 import os
 from typing import Any, Callable
 
+from protocol import embed as embedding
 from protocol import endpoint as ep
 from protocol import errors as E
 from protocol import keys
@@ -17,11 +18,12 @@ from protocol.connection import Connection, new_id
 from protocol.eventstream import EventStream
 from protocol.genstream import GenerateStream, Result
 from protocol.messages import (
-    Ack, Chunk, CountTokens, GenerateRequest, HistoryReply, HistoryRequest, LoadRequest, Message, StatusReply,
+    Ack, Chunk, CountTokens, EmbedRequest, Embeddings, GenerateRequest, HistoryReply, HistoryRequest, LoadRequest, Message, StatusReply,
     StatusRequest, TokenCount, UnloadRequest,
 )
 
-__all__ = ["SupervisorClient", "GenerateStream", "EventStream", "Result", "Chunk"]
+__all__ = ["SupervisorClient", "GenerateStream", "EventStream", "Result", "Chunk", "EmbedResult"]
+EmbedResult = embedding.EmbedResult
 
 # wait_state re-reads the status this often when no state event came: a subscriber that fell behind
 # loses events (PUB/SUB), and this bounds what such a loss costs. A tcp endpoint has no events
@@ -121,6 +123,16 @@ class SupervisorClient(AdminCalls):
         reply = await self._request(req, t)
         assert isinstance(reply, TokenCount)
         return reply.prompt_tokens
+
+    async def embed(self, model: str, inputs: list[str] | list[list[int]], dimensions: int | None = None,
+                    timeout_s: float | None = None) -> embedding.EmbedResult:
+        """The vectors of `inputs` (strings, or token arrays) from embed model `model`, each
+        normalised as its pooling config says, truncated to `dimensions` (and re-normalised) if
+        given. Out-of-bounds inputs (protocol.limits) are BadRequest here, before the wire."""
+        t = timeout_s or min(self.timeout_s, 120.0)
+        reply = await self._request(EmbedRequest(new_id(), model, list(inputs), dimensions, t), t)
+        assert isinstance(reply, Embeddings)
+        return embedding.result(reply)
 
     async def complete(self, model: str, prompt: str | None = None, **kwargs: Any) -> Result:
         async with self.generate(model, prompt, **kwargs) as stream:

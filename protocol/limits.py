@@ -46,6 +46,17 @@ MAX_TOP_K = 1 << 20  # larger than any vocabulary
 MAX_SCHEMA_CHARS = 65_536
 
 
+# An EmbedRequest (OpenAI allows 2048 inputs; its reply, inputs x dims float32, must fit in one
+# frame of codec.MAX_FRAME_BYTES, 8 MiB: 256 x 4096 x 4 bytes is 4 MiB). A string input is bounded
+# in characters, a token array in tokens; the total too, since the worker tokenizes them all at once.
+MAX_EMBED_INPUTS = 256
+MAX_EMBED_DIMS = 4096
+MAX_EMBED_INPUT_CHARS = 65_536
+MAX_EMBED_INPUT_TOKENS = 8192
+MAX_EMBED_TOTAL_CHARS = 2_000_000
+MAX_EMBED_TOTAL_TOKENS = 262_144
+MAX_TOKEN_ID = (1 << 31) - 1
+
 UNPACK_OPTIONS = {"max_array_len": MAX_ARRAY_LEN, "max_map_len": MAX_MAP_LEN}
 
 
@@ -231,6 +242,39 @@ def _agent(m: Any) -> None:
         raise BadRequest(f"{t}: priority must be interactive or batch", param="priority")
 
 
+def _embed(m: Any) -> None:
+    t = m.TAG
+    _text(t, "request_id", m.request_id, MAX_ID_CHARS)
+    _text(t, "model", m.model, MAX_NAME_CHARS)
+    if not 1 <= len(m.inputs) <= MAX_EMBED_INPUTS:
+        raise BadRequest(f"{t}: inputs must hold 1..{MAX_EMBED_INPUTS} entries, got {len(m.inputs)}", param="inputs")
+    strings = isinstance(m.inputs[0], str)
+    each, whole = (MAX_EMBED_INPUT_CHARS, MAX_EMBED_TOTAL_CHARS) if strings else \
+        (MAX_EMBED_INPUT_TOKENS, MAX_EMBED_TOTAL_TOKENS)
+    unit = "characters" if strings else "tokens"
+    for i, item in enumerate(m.inputs):
+        if not 1 <= len(item) <= each:
+            raise BadRequest(f"{t}: inputs[{i}] has {len(item)} {unit}, not within 1..{each}", param="inputs")
+        if not strings and not all(0 <= tok <= MAX_TOKEN_ID for tok in item):
+            raise BadRequest(f"{t}: inputs[{i}] holds a token id outside [0, {MAX_TOKEN_ID}]", param="inputs")
+    total = sum(len(item) for item in m.inputs)
+    if total > whole:
+        raise BadRequest(f"{t}: the inputs have {total} {unit} together, more than {whole}", param="inputs")
+    _number(t, "dimensions", m.dimensions, 1, MAX_EMBED_DIMS)
+    if m.timeout_s is not None and not m.timeout_s > 0:
+        raise BadRequest(f"{t}: field 'timeout_s' must be > 0, got {m.timeout_s!r}")
+    _number(t, "timeout_s", m.timeout_s, 0.0, MAX_TIMEOUT_S)
+
+
+def _embeddings(m: Any) -> None:
+    """A worker's vectors: whole float32 vectors of a bounded width, no more than a request may ask."""
+    _text(m.TAG, "request_id", m.request_id, MAX_ID_CHARS)
+    _number(m.TAG, "dims", m.dims, 1, MAX_EMBED_DIMS)
+    _number(m.TAG, "prompt_tokens", m.prompt_tokens, 0, MAX_EMBED_TOTAL_CHARS)
+    if len(m.data) % (4 * m.dims) or len(m.data) > 4 * m.dims * MAX_EMBED_INPUTS:
+        raise BadRequest(f"{m.TAG}: data must be whole float32 vectors of {m.dims}, at most {MAX_EMBED_INPUTS}")
+
+
 def _admin(m: Any) -> None:
     """The legacy AdminRequest and every typed admin request (each has some of these fields)."""
     t = m.TAG
@@ -327,7 +371,7 @@ def _error(m: Any) -> None:
 # these bounds is a protocol violation: the supervisor kills that worker. Widen a bound here
 # before a worker starts sending more.
 _CHECKS: dict[str, Callable[[Any], None]] = {
-    "generate": _generate, "count_tokens": _prompt, "admin": _admin, "status": _ids, "cancel": _ids, "load": _ids, "unload": _ids,
+    "generate": _generate, "count_tokens": _prompt, "embed": _embed, "admin": _admin, "status": _ids, "cancel": _ids, "load": _ids, "unload": _ids,
     "history": _ids, "hello": _hello, "ready": _ready, "heartbeat": _heartbeat,
     # The typed admin requests (protocol.admin.REQUESTS), bounded like the AdminRequest they replace.
     "reload": _admin, "release": _admin, "rollback": _admin, "swap": _admin, "probe": _admin,
@@ -337,7 +381,8 @@ _CHECKS: dict[str, Callable[[Any], None]] = {
 }
 # Worker -> supervisor only: the client decodes the same tags from the supervisor, unbounded.
 _FROM_WORKER: dict[str, Callable[[Any], None]] = {"chunk": _chunk, "chunks": _chunks, "final": _final,
-                                                  "error": _error, "token_count": _token_count}
+                                                  "error": _error, "token_count": _token_count,
+                                                  "embeddings": _embeddings}
 
 
 def check(msg: Any, from_worker: bool = False) -> None:

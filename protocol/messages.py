@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Optional, Union
 
 from protocol import admin as A
 from protocol import peer as P
@@ -123,6 +123,33 @@ class Error(Message):
 
     def to_exc(self) -> LmxError:
         return LmxError.from_wire(self.code, self.message, self.details)
+
+
+@dataclass
+class EmbedRequest(Message):
+    """Embed each of `inputs` (all strings, or all token arrays) with an embed model. `dimensions`:
+    truncate each vector to this many (then re-normalise), where the model allows it. Answered
+    with one Embeddings."""
+
+    TAG: ClassVar[str] = "embed"
+    request_id: str
+    model: str
+    inputs: Union[list[str], list[list[int]]]
+    dimensions: Optional[int] = None
+    timeout_s: Optional[float] = None
+
+
+@dataclass
+class Embeddings(Message):
+    """The vectors of an EmbedRequest, in its inputs' order: one little-endian float32 buffer of
+    len(inputs) x dims (msgpack bin, not float lists: a tenth of the bytes and no per-float
+    decoding), each vector normalised as the model's pooling config says. protocol.embed reads it."""
+
+    TAG: ClassVar[str] = "embeddings"
+    request_id: str
+    dims: int
+    data: bytes
+    prompt_tokens: int
 
 
 # --- client <-> supervisor -----------------------------------------------------------------
@@ -322,8 +349,9 @@ def _tags(*classes: type[Message]) -> dict[str, type[Message]]:
 
 
 # One table per direction: a message that may not travel that way is a BAD_REQUEST.
-TO_SUPERVISOR_FROM_CLIENT = _tags(StatusRequest, GenerateRequest, CountTokens, Cancel, LoadRequest, UnloadRequest,
-                                  A.AdminRequest, HistoryRequest, *A.REQUESTS, *P.REQUESTS)
-TO_CLIENT = _tags(StatusReply, Chunk, Final, TokenCount, Error, Ack, HistoryReply, *A.REPLIES, *P.REPLIES)
-TO_WORKER = _tags(Init, GenerateRequest, CountTokens, Cancel, Shutdown, Adopt, ClearPrefixCache)
-TO_SUPERVISOR_FROM_WORKER = _tags(Hello, Ready, Heartbeat, Chunk, Chunks, Final, TokenCount, Error)
+TO_SUPERVISOR_FROM_CLIENT = _tags(StatusRequest, GenerateRequest, CountTokens, EmbedRequest, Cancel, LoadRequest,
+                                  UnloadRequest, A.AdminRequest, HistoryRequest, *A.REQUESTS, *P.REQUESTS)
+TO_CLIENT = _tags(StatusReply, Chunk, Final, TokenCount, Embeddings, Error, Ack, HistoryReply, *A.REPLIES,
+                  *P.REPLIES)
+TO_WORKER = _tags(Init, GenerateRequest, CountTokens, EmbedRequest, Cancel, Shutdown, Adopt, ClearPrefixCache)
+TO_SUPERVISOR_FROM_WORKER = _tags(Hello, Ready, Heartbeat, Chunk, Chunks, Final, TokenCount, Embeddings, Error)

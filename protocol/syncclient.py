@@ -70,6 +70,10 @@ class SyncSupervisorClient:
     def count_tokens(self, model: str, **kw: Any) -> int:
         return self._run(self._client.count_tokens(model, **kw))
 
+    def embed(self, model: str, inputs: list, **kw: Any) -> Any:
+        """SupervisorClient.embed: an EmbedResult."""
+        return self._run(self._client.embed(model, inputs, **kw))
+
     def complete(self, model: str, prompt: str | None = None, **kw: Any) -> Result:
         return self._run(self._client.complete(model, prompt, **kw))
 

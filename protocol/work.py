@@ -77,3 +77,6 @@ class Init(Message):
     context_tokens: int = added(0)
     # A rank of a group (worker.group): {"rank", "size", "backend", "parallel"}; None: a whole model.
     group: Optional[dict] = added()
+    # What the model is (supervisor.config's kind): "generate" loads mlx-lm, "embed" the worker's
+    # own BERT encoder (worker.embed). Left off the wire at "generate", as before it existed.
+    kind: str = added("generate")
