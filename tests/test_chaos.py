@@ -15,7 +15,7 @@ import pytest
 
 from protocol import errors as E
 from protocol.client import SupervisorClient
-from tests.harness import REPO, process_gone, workers_of
+from tests.harness import REPO, process_gone, wait_until, workers_of
 
 METAL_OOM = ("[METAL] Command buffer execution failed: Insufficient Memory "
              "(00000008:kIOGPUCommandBufferCallbackErrorOutOfMemory)")
@@ -58,51 +58,50 @@ def test_deaths_during_generation_reach_the_client_classified(
 
 
 def test_a_model_that_crashes_on_every_start_is_quarantined_after_exactly_n_and_stays_so(
-    make_supervisor, tiny_model: Path, tmp_path: Path
+    make_supervisor, tiny_model: Path
 ) -> None:
-    fixed = tmp_path / "fixed"
+    # The release that follows a quarantine is in-process (test_lifecycle_inprocess_failures::
+    # test_a_release_forgets_the_failures_and_reads_every_file_again) and over the wire in
+    # test_registry_evidence and test_memory_admission: here, real SIGSEGVs and a real SIGKILL.
     sup = make_supervisor(
-        [{"id": "flappy", "path": str(tiny_model),
-          "worker_command": chaos("--at", "load", "--signal", "SIGSEGV", "--unless-exists", str(fixed))},
-         {"id": "good", "path": str(tiny_model)}],
-        restart={"quarantine_after": 3, "backoff_initial_s": 0.05},
+        [{"id": "flappy", "path": str(tiny_model), "worker_command": chaos("--at", "load", "--signal", "SIGSEGV")}],
+        restart={"quarantine_after": 2, "backoff_initial_s": 0.05},
     ).start(wait_ready=False)
     m = sup.wait_model("flappy", lambda m: m["state"] == "QUARANTINED", 60, "QUARANTINED")
-    assert m["failures_in_window"] == 3 and m["restarts"] == 3
-    assert len([e for e in sup.events("worker.spawned") if e["model"] == "flappy"]) == 3
+    assert m["failures_in_window"] == 2 and m["restarts"] == 2
+    assert len([e for e in sup.events("worker.spawned") if e["model"] == "flappy"]) == 2
     history = sup.client.history("flappy")
-    assert [r["code"] for r in history] == ["WORKER_CRASHED"] * 3
+    assert [r["code"] for r in history] == ["WORKER_CRASHED"] * 2
     assert {r["signal"] for r in history} == {"SIGSEGV"} and {r["phase"] for r in history} == {"LOADING"}
     with pytest.raises(E.ModelQuarantined) as info:
         sup.client.complete("flappy", "Hello", max_tokens=2)
-    assert info.value.details["failures"] == 3 and info.value.details["last_code"] == "WORKER_CRASHED"
+    assert info.value.details["failures"] == 2 and info.value.details["last_code"] == "WORKER_CRASHED"
     assert not info.value.retryable
 
     # launchd restarts a SIGKILLed supervisor: the quarantine and the counts are still there.
     sup.proc.kill()
     sup.proc.wait()
     sup.start(wait_ready=False)
-    sup.wait_model("good", lambda m: m["state"] == "READY", 30, "READY after restart")
+    # Autoload runs in the step that logs supervisor.started: once status answers after it, the
+    # restarted supervisor has decided about the model.
+    wait_until(lambda: len(sup.events("supervisor.started")) == 2, 30, "the second boot")
     m = sup.model("flappy")
-    assert m["state"] == "QUARANTINED" and m["failures_in_window"] == 3
-    assert len(sup.client.history("flappy")) == 3
+    assert m["state"] == "QUARANTINED" and m["failures_in_window"] == 2
+    assert len(sup.client.history("flappy")) == 2
     with pytest.raises(E.ModelQuarantined):
         sup.client.complete("flappy", "Hello", max_tokens=2)
-
-    fixed.touch()
-    assert sup.client.release("flappy")["state"] == "ADMITTING"
-    m = sup.wait_model("flappy", lambda m: m["state"] == "READY", 30, "READY after release")
-    assert m["failures_in_window"] == 0
 
 
 def test_a_broken_new_revision_rolls_back_to_last_known_good(make_supervisor, tiny_model: Path) -> None:
     good = {"id": "m", "path": str(tiny_model)}
-    restart = {"quarantine_after": 2, "backoff_initial_s": 0.05, "stable_after_s": 0.3}
+    # One failure reaches the threshold: the rollback decision after n of them is in-process
+    # (test_lifecycle_inprocess_failures::test_a_revision_that_keeps_failing_rolls_back_to_the_last_known_good).
+    restart = {"quarantine_after": 1, "backoff_initial_s": 0.05, "stable_after_s": 0.3}
     sup = make_supervisor([good], restart=restart).start()
     v1 = sup.wait_model("m", lambda m: m["lkg_revision"] == m["revision"], 10, "v1 last-known-good")["revision"]
     sup.rewrite([{**good, "worker_command": chaos("--at", "load", "--signal", "SIGABRT")}], restart=restart)
     assert sup.client.reload()["changed"] == ["m"]
-    m = sup.wait_model("m", lambda m: m["state"] == "READY" and m["revision"] == v1 and m["restarts"] == 2,
+    m = sup.wait_model("m", lambda m: m["state"] == "READY" and m["revision"] == v1 and m["restarts"] == 1,
                        60, "READY again on v1")
     assert m["configured_revision"] != v1 and m["lkg_revision"] == v1
     states = [(e["from"], e["to"]) for e in sup.events("model.state") if e["model"] == "m"]
@@ -137,7 +136,8 @@ def test_a_stopped_worker_is_hung_killed_and_restarted(make_supervisor, tiny_mod
     exc, waited = asyncio.run(stream_then_stop())
     assert isinstance(exc, E.WorkerHung) and exc.details["signal"] == "SIGKILL"
     assert 1.4 <= waited < 5.0
-    sup.wait_model("m", lambda m: m["state"] == "READY" and m["worker_pid"] != pid, 30, "restarted")
+    wait_until(lambda: process_gone(pid), 10, "the hung worker killed")
+    # Stored before the client heard (test_durable_failures); the restart after it is in-process.
     assert sup.client.history("m")[0]["code"] == "WORKER_HUNG"
 
 
@@ -148,22 +148,6 @@ def test_a_memory_limit_below_what_the_model_needs_is_a_real_oom(make_supervisor
     records = sup.client.history("small")
     assert {r["code"] for r in records} == {"WORKER_OOM"}, records
     assert m["last_error"]["code"] == "MODEL_QUARANTINED"
-
-
-def test_a_snapshot_that_passes_file_checks_but_fails_to_load(make_supervisor, tiny_model: Path, tmp_path: Path) -> None:
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    for f in tiny_model.iterdir():
-        (broken / f.name).write_bytes(f.read_bytes())
-    cfg = json.loads((broken / "config.json").read_text())
-    cfg["hidden_size"] *= 2  # the weights no longer fit the architecture
-    (broken / "config.json").write_text(json.dumps(cfg))
-    sup = make_supervisor([{"id": "broken", "path": str(broken)}],
-                          restart={"quarantine_after": 2, "backoff_initial_s": 0.05}).start(wait_ready=False)
-    sup.wait_model("broken", lambda m: m["state"] == "QUARANTINED", 60, "QUARANTINED")
-    records = sup.client.history("broken")
-    assert [r["code"] for r in records] == ["LOAD_FAILED", "LOAD_FAILED"]
-    assert any("load_failed" in line for line in records[0]["stderr_tail"])
 
 
 def test_a_supervisor_sigkilled_mid_stream_adopts_its_workers_without_a_reload(make_supervisor, tiny_model: Path) -> None:
@@ -200,8 +184,6 @@ def test_a_supervisor_restarted_after_the_grace_window_reloads(make_supervisor, 
     pid = sup.model("a")["worker_pid"]
     sup.proc.kill()
     sup.proc.wait()
-    from tests.harness import wait_until
-
     wait_until(lambda: process_gone(pid),
                10, "the orphan to exit")
     sup.start()
@@ -233,11 +215,11 @@ def test_operators_see_and_clear_a_quarantine_with_lmxctl_and_a_config_change_cl
     make_supervisor, tiny_model: Path
 ) -> None:
     crashing = {"id": "m", "path": str(tiny_model), "worker_command": chaos("--at", "load", "--signal", "SIGBUS")}
-    restart = {"quarantine_after": 2, "backoff_initial_s": 0.05}
+    restart = {"quarantine_after": 1, "backoff_initial_s": 0.05}  # n failures: in-process and above
     sup = make_supervisor([crashing], restart=restart).start(wait_ready=False)
     sup.wait_model("m", lambda m: m["state"] == "QUARANTINED", 30, "QUARANTINED")
     history = _lmxctl(sup, "history", "m")
-    assert history.returncode == 0 and history.stdout.count("WORKER_CRASHED") == 2 and "SIGBUS" in history.stdout
+    assert history.returncode == 0 and history.stdout.count("WORKER_CRASHED") == 1 and "SIGBUS" in history.stdout
     status = _lmxctl(sup, "status")
     assert "QUARANTINED" in status.stdout and "MODEL_QUARANTINED" in status.stdout
     gen = _lmxctl(sup, "generate", "m", "Hello", "--json")
