@@ -27,7 +27,6 @@ from protocol.phase import Phase
 from supervisor.config import ModelConfig, SupervisorSettings
 from supervisor.persistence.records import WorkerRecord
 from supervisor.workers.classify import Verdict, exit_details
-from supervisor.workers.factory import as_record
 from supervisor.workers.worker import Death, Handshake, Owner, wait_for
 
 __all__ = ["FakeFactory", "FakeProcess", "FakeWorker", "answer_final"]
@@ -277,8 +276,7 @@ class FakeFactory:
         size = cfg.group.size if cfg.group is not None else 2
         return self._make(cfg, owner, ranks=size)
 
-    def adopt(self, record: WorkerRecord | dict[str, Any], cfg: ModelConfig, owner: Owner) -> FakeWorker | None:
-        record = as_record(record)  # as LocalFactory takes it
+    def adopt(self, record: WorkerRecord, cfg: ModelConfig, owner: Owner) -> FakeWorker | None:
         self.adoptions.append(record.pid)
         if self._adoptions and not self._adoptions[0].present:
             self._adoptions.pop(0)
@@ -287,8 +285,7 @@ class FakeFactory:
         worker.process.start_time = record.start_time
         return worker
 
-    async def prove(self, worker: Any, record: WorkerRecord | dict[str, Any], revision: str) -> str | None:
-        record = as_record(record)
+    async def prove(self, worker: Any, record: WorkerRecord, revision: str) -> str | None:
         why = self._adoptions.pop(0).why if self._adoptions else None
         if why is None and record.revision != revision:
             why = f"revision {record.revision} is no longer wanted (want {revision})"
@@ -297,5 +294,5 @@ class FakeFactory:
             worker.tell(Adopt(1, 0.0))
         return why
 
-    def end_orphan(self, record: WorkerRecord | dict[str, Any], cfg: ModelConfig, why: str) -> None:
-        self.orphans_ended.append((as_record(record).pid, why))
+    def end_orphan(self, record: WorkerRecord, cfg: ModelConfig, why: str) -> None:
+        self.orphans_ended.append((record.pid, why))

@@ -20,6 +20,7 @@ from supervisor import config as cfg_mod
 from supervisor.admission.memory import MemoryLedger, estimate
 from supervisor.lifecycle import effects as X
 from supervisor.lifecycle.states import ModelState as S
+from supervisor.persistence.records import WorkerRecord
 from supervisor.persistence.store import Store
 from supervisor.workers import adoption
 from tests.fakeworker import FakeFactory
@@ -45,7 +46,7 @@ async def test_a_start_goes_up_step_by_step_to_ready_and_records_the_serving_wor
     (canary,) = w.sent  # RunCanary: the canary is the only request, greedy
     assert isinstance(canary, GenerateRequest) and canary.temperature == 0.0
     assert r.rt.canary is not None and r.rt.canary["tokens"] == 1  # KeepCanary
-    assert r.store.worker("m")["pid"] == w.process.pid  # RecordWorker: the next run can adopt it
+    assert r.store.worker_record("m").pid == w.process.pid  # RecordWorker: the next run can adopt it
     assert r.rt.wanted() is True and r.rt.retry_after_s() == 1.0  # Remember; RetryHint(None)
     assert r.rt.ready_since is not None and r.rt.state is S.READY
 
@@ -65,11 +66,11 @@ async def test_a_ready_worker_that_stays_stable_makes_its_revision_last_known_go
     r.rt.consecutive_failures = 2  # as after two failures
     r.rt.start("load")
     await r.until(S.READY)
-    assert r.store.model_flags("m")["lkg_revision"] is None
+    assert r.store.flags("m").lkg_revision is None
     (arm,) = performed(r, X.ArmStable)
     assert arm.after_s == 0.05
     await asyncio.wait_for(_until_true(lambda: performed(r, X.MarkStable)), 5)
-    assert r.store.model_flags("m")["lkg_revision"] == r.rt.running.revision and r.rt.consecutive_failures == 0
+    assert r.store.flags("m").lkg_revision == r.rt.running.revision and r.rt.consecutive_failures == 0
 
 
 async def _until_true(pred: Callable[[], Any]) -> None:
@@ -85,7 +86,7 @@ async def test_a_worker_replaced_before_it_is_stable_makes_nothing_last_known_go
     await r.until(S.READY)
     await r.rt.stop("unload")  # the stop cancels the timer with the worker
     await asyncio.sleep(0.1)  # past stable_after_s: the gap under test
-    assert not performed(r, X.MarkStable) and r.store.model_flags("m")["lkg_revision"] is None
+    assert not performed(r, X.MarkStable) and r.store.flags("m").lkg_revision is None
 
 
 # --- requests ------------------------------------------------------------------------------------
@@ -152,7 +153,7 @@ async def test_a_stop_drains_the_requests_in_flight_before_it_stops_the_worker(t
     w.reply(Final(wrid, "done", "stop", {"completion_tokens": 1}))
     await asyncio.wait_for(stopping, 5)
     assert isinstance(client.got[-1], Final) and client.got[-1].text == "done"  # served, not cut off
-    assert w.closes == ["unload"] and r.rt.worker is None and r.store.worker("m") is None  # StopWorker
+    assert w.closes == ["unload"] and r.rt.worker is None and r.store.worker_record("m") is None  # StopWorker
     assert r.states()[-2:] == [("READY", "DRAINING"), ("DRAINING", "UNLOADED")] and r.rt.wanted() is False
 
 
@@ -229,7 +230,7 @@ async def test_a_death_during_a_drain_fails_its_requests_and_is_no_failure(tmp_p
     w.die()
     await asyncio.wait_for(stopping, 5)
     assert client.error is not None and client.error.code is E.ErrorCode.WORKER_CRASHED  # FailRequests
-    assert performed(r, X.ForgetWorker) and r.store.worker("m") is None
+    assert performed(r, X.ForgetWorker) and r.store.worker_record("m") is None
     assert r.rt.state is S.UNLOADED and r.rt.restarts == 0 and r.store.failures("m", 0) == []
 
 
@@ -248,7 +249,7 @@ async def test_a_stop_while_admitting_or_in_backoff_leaves_at_once(tmp_path: Pat
 # --- adoption --------------------------------------------------------------------------------------
 
 
-def _orphan(store: Store, revision: str, pid: int = 4242) -> dict[str, Any]:
+def _orphan(store: Store, revision: str, pid: int = 4242) -> WorkerRecord:
     record = adoption.worker_record(pid, 1234.5, "tok", revision, "ipc://unused", store.boot_id)
     store.set_worker("m", record)
     return record

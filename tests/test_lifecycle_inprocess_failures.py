@@ -51,7 +51,7 @@ async def test_a_ready_workers_death_is_one_failure_its_requests_hear_after_the_
     (crash,) = _crashes(r)
     assert (crash["code"], crash["phase"], crash["worker_pid"], crash["request_id"]) == (
         "WORKER_OOM", "READY", w.process.pid, "r1")  # RecordCrash
-    assert w.closes == ["failed: WORKER_OOM"] and r.store.worker("m")["pid"] == r.factory.last.process.pid
+    assert w.closes == ["failed: WORKER_OOM"] and r.store.worker_record("m").pid == r.factory.last.process.pid
     assert ("READY", "BACKOFF") in r.states() and ("BACKOFF", "STARTING") in r.states()
     assert [type(e) for e in performed(r, X.ScheduleRestart)] == [X.ScheduleRestart]
 
@@ -147,7 +147,7 @@ async def test_a_groups_rank_failing_is_the_groups_one_failure_naming_the_rank(t
     await _ready(r)
     assert r.factory.groups == ["m"] and r.reasons()[2:4] == ["handshake done with every rank",
                                                              "weights loaded on every rank"]
-    assert r.store.worker("m") is None  # a group's ranks end with their supervisor: nothing to adopt
+    assert r.store.worker_record("m") is None  # a group's ranks end with their supervisor: nothing to adopt
     r.factory.last.die(rank=1, host="local")
     await r.until(S.READY)
     (crash,) = _crashes(r)
@@ -163,8 +163,8 @@ async def test_failures_past_the_threshold_quarantine_durably_and_requests_get_t
     r = rig(tmp_path, tiny_model, FakeFactory(ready=E.LoadFailed("bad weights")), restart="quarantine_after = 2")
     r.rt.start("load")
     await r.until(S.QUARANTINED)
-    flags = r.store.model_flags("m")
-    assert flags["quarantined"] and flags["quarantine"]["failures"] == 2  # PersistQuarantine
+    flags = r.store.flags("m")
+    assert flags.quarantined and flags.quarantine["failures"] == 2  # PersistQuarantine
     assert r.states()[-2:] == [("LOADING", "BACKOFF"), ("BACKOFF", "QUARANTINED")]
     with pytest.raises(E.ModelQuarantined, match="2 failures in 600s, last LOAD_FAILED: bad weights"):
         r.rt.submit(request(), Client())
@@ -179,7 +179,7 @@ async def test_a_release_forgets_the_failures_and_reads_every_file_again(tmp_pat
     await r.until(S.QUARANTINED)
     assert await r.rt.release() == "ADMITTING"
     await r.until(S.READY)
-    assert r.store.failures("m", 0) == [] and not r.store.model_flags("m")["quarantined"]  # ForgetFailures
+    assert r.store.failures("m", 0) == [] and not r.store.flags("m").quarantined  # ForgetFailures
     assert r.rt.consecutive_failures == 0 and r.rt.last_error is None and r.rt.wanted() is True
     (_, up) = performed(r, X.BringUp)
     assert (up.admit, up.force, up.doubt) == (True, True, True)
@@ -222,7 +222,7 @@ def _revisions(tmp_path: Path, tiny_model: Path) -> tuple[Rig, Rig]:
 
 async def _lkg(old: Rig) -> str:
     await _ready(old)
-    while old.store.model_flags("m")["lkg_revision"] is None:
+    while old.store.flags("m").lkg_revision is None:
         await asyncio.sleep(0.005)
     await old.rt.stop("reload", remember=False)
     return old.rt.cfg.revision
@@ -242,7 +242,7 @@ async def test_a_revision_that_keeps_failing_rolls_back_to_the_last_known_good(t
     assert ("BACKOFF", "ROLLING_BACK") in new.states() and ("ROLLING_BACK", "STARTING") in new.states()
     rolling = [f for e, f in new.published.events if e == "model.state" and f["to"] == "ROLLING_BACK"][0]
     assert (rolling["target_revision"], rolling["configured_revision"]) == (lkg, new.rt.cfg.revision)
-    assert new.store.model_flags("m")["running_revision"] == lkg
+    assert new.store.flags("m").running_revision == lkg
 
 
 @inloop
@@ -267,7 +267,7 @@ async def test_a_rollback_whose_snapshot_is_refused_is_quarantined_never_spawned
     new.rt.start("reload")
     await new.until(S.QUARANTINED)
     assert ("ROLLING_BACK", "QUARANTINED") in new.states() and ("ROLLING_BACK", "STARTING") not in new.states()
-    assert len(new.factory.workers) == 2 and new.store.model_flags("m")["quarantined"]
+    assert len(new.factory.workers) == 2 and new.store.flags("m").quarantined
 
 
 @inloop
@@ -282,7 +282,7 @@ async def test_an_operators_rollback_stops_what_runs_and_starts_the_revision_for
     assert await new.rt.rollback(None, "operator") == "ADMITTING"
     await new.until(S.READY)
     assert serving.closes == [f"operator rollback to {lkg}"] and new.rt.running.revision == lkg
-    assert not new.store.model_flags("m")["quarantined"] and new.rt.wanted() is True  # LiftQuarantine, Remember
+    assert not new.store.flags("m").quarantined and new.rt.wanted() is True  # LiftQuarantine, Remember
     after = new.states()[new.states().index(("CANARY", "READY")) + 1:]
     assert after == [("READY", "DRAINING"), ("DRAINING", "UNLOADED"), ("UNLOADED", "ADMITTING"),
                      ("ADMITTING", "STARTING"), ("STARTING", "LOADING"), ("LOADING", "CANARY"), ("CANARY", "READY")]

@@ -15,7 +15,7 @@ from supervisor.config import RestartSettings
 from supervisor.lifecycle import effects as X, events as V, states
 from supervisor.lifecycle.reducer import reduce
 from supervisor.lifecycle.states import ModelState as S
-from supervisor.persistence.records import Failure
+from supervisor.persistence.records import Failure, WorkerRecord
 from supervisor.workers.classify import Verdict
 from supervisor.workers.worker import Death
 
@@ -26,6 +26,7 @@ WORKER: Any = object()  # the reducer passes a worker through, never reads it
 INIT = Init("m", "a", "/m", 1.0, 60.0, 0, 1, 512, 0.05)
 CRASH = E.WorkerCrashed("worker pid 7 died (SIGKILL): killed", worker_pid=7)
 DEATH = Death.of(Verdict(E.ErrorCode.WORKER_CRASHED, "killed"), 7)
+ORPHAN = WorkerRecord(9, 1.0, "t", "a", "ipc://unused", 1)  # a previous run's worker, serving "a"
 
 
 def facts(state: S, revision: str = "a", lkg: str | None = None, consecutive: int = 0,
@@ -43,7 +44,7 @@ EVIDENCE = {"text": "ok", "tokens": 2}
 ONE_OF_EACH: list[V.Event] = [
     V.StartRequested("load"), V.StopRequested("unload"), V.Restored({"failures": 3, "message": "3 failures"}),
     V.ReleaseRequested(), V.RollbackRequested("old", "operator rollback to old"), V.AdmissionPassed(),
-    V.AdmissionPassed({"pid": 9, "revision": "a", "token": "t", "start_time": 1.0}), V.Refused(E.SnapshotCorrupt("x")),
+    V.AdmissionPassed(ORPHAN), V.Refused(E.SnapshotCorrupt("x")),
     V.Adopted(WORKER), V.AdoptionFailed("no hello"), V.Spawned(WORKER, INIT), V.HelloReceived(), V.Loaded(),
     V.CanaryPassed(FINAL, EVIDENCE), V.StartFailed(E.LoadTimeout("no ready"), WORKER), V.StartFailed(CRASH, WORKER, DEATH),
     V.WorkerExited(WORKER, DEATH, CRASH, None), V.Stopped("unload"), V.RestartDue(), V.Stable(True), V.Stable(False),
@@ -216,10 +217,9 @@ def test_a_groups_way_up_says_every_rank_and_records_no_worker_to_adopt() -> Non
 
 
 def test_an_orphan_of_the_running_revision_is_adopted_and_any_other_ended() -> None:
-    orphan = {"pid": 9, "revision": "a", "token": "t", "start_time": 1.0}
-    assert reduce(facts(S.ADMITTING), V.AdmissionPassed(orphan)) == X.Transition(
-        S.STARTING, (), (X.Adopt(orphan),), "adopting worker pid 9")
-    stale = dict(orphan, revision="z")
+    assert reduce(facts(S.ADMITTING), V.AdmissionPassed(ORPHAN)) == X.Transition(
+        S.STARTING, (), (X.Adopt(ORPHAN),), "adopting worker pid 9")
+    stale = dataclasses.replace(ORPHAN, revision="z")
     assert reduce(facts(S.ADMITTING), V.AdmissionPassed(stale)) == X.Transition(
         S.STARTING, (), (X.EndOrphan(stale, "its revision z is no longer wanted"), X.Spawn()), "spawn")
     assert reduce(facts(S.STARTING), V.Adopted(WORKER)) == X.Transition(

@@ -1,6 +1,6 @@
 """The store's typed records (persistence/records.py): model flags, crash records and live-worker
-records go in and come back as frozen dataclasses, across a reopen too; the dict shapes that history
-and the old callers read stay exactly as they were; and a caller cannot change what the store holds."""
+records go in and come back as frozen dataclasses, across a reopen too; history's dict shape (the wire's)
+stays exactly as it was; and a caller cannot change what the store holds."""
 
 from __future__ import annotations
 
@@ -38,7 +38,6 @@ def test_flags_of_an_unseen_model_are_the_defaults_and_follow_every_write_across
     store.close()
     reopened = Store(tmp_path)
     assert reopened.flags("m") == expected
-    assert reopened.model_flags("m") == dataclasses.asdict(expected)  # the dict callers' shape, unchanged
     reopened.set_quarantine("m", None)
     assert reopened.flags("m").quarantined is False and reopened.flags("m").quarantine is None
     reopened.close()
@@ -48,7 +47,6 @@ def test_a_caller_that_changes_the_quarantine_summary_it_got_changes_nothing_in_
     store = Store(tmp_path)
     store.set_quarantine("m", {"message": "quarantined"})
     store.flags("m").quarantine["message"] = "changed by a caller"
-    store.model_flags("m")["quarantine"]["message"] = "changed by another"
     assert store.flags("m").quarantine == {"message": "quarantined"}
     store.close()
 
@@ -56,7 +54,7 @@ def test_a_caller_that_changes_the_quarantine_summary_it_got_changes_nothing_in_
 def test_crash_records_come_back_typed_and_history_keeps_its_shape(tmp_path: Path) -> None:
     store = Store(tmp_path)
     store.add_crash(CRASH)
-    store.add_crash(GROUP_CRASH.to_dict() | {"id": None})  # the dict shape lifecycle still builds
+    store.add_crash(GROUP_CRASH)
     store.close()
     reopened = Store(tmp_path)
     newest, oldest = reopened.crash_records("m")
@@ -83,14 +81,12 @@ def test_the_failed_event_names_a_rank_and_host_only_for_a_groups_failure() -> N
 
 def test_a_live_worker_record_round_trips_and_is_removed(tmp_path: Path) -> None:
     store = Store(tmp_path)
-    assert store.worker_record("m") is None and store.worker("m") is None
+    assert store.worker_record("m") is None
     record = WorkerRecord(4242, 1700000000.5, "tok", "rev", "ipc:///state/workers.sock", 7)
     store.set_worker("m", record)
     store.close()
     reopened = Store(tmp_path)
     assert reopened.worker_record("m") == record
-    assert reopened.worker("m") == {"model": "m", "pid": 4242, "start_time": 1700000000.5, "token": "tok",
-                                    "revision": "rev", "socket": "ipc:///state/workers.sock", "boot_id": 7}
     reopened.set_worker("m", None)
     reopened.close()
     db = sqlite3.connect(tmp_path / STORE_FILE)

@@ -92,11 +92,9 @@ class Evidence:
             "failed_starts": []})
         return canary
 
-    def failure(self, record: CrashRecord | dict[str, Any]) -> bool:
+    def failure(self, record: CrashRecord) -> bool:
         """Learn from a crash record, if it is evidence (about_compat); the combination is marked
-        failed once STARTS_FOR_VERDICT separate starts (worker processes) failed so. True if counted.
-        (A dict: the record's shape before CrashRecord, until lifecycle builds the typed one.)"""
-        record = record if isinstance(record, CrashRecord) else CrashRecord.from_dict(record)
+        failed once STARTS_FOR_VERDICT separate starts (worker processes) failed so. True if counted."""
         if not about_compat(record):
             return False
         row = self.row()

@@ -10,7 +10,7 @@ from protocol import errors as E
 from protocol.messages import Init
 from supervisor.lifecycle.events import Event
 from supervisor.lifecycle.states import ModelState
-from supervisor.persistence.records import Failure
+from supervisor.persistence.records import Failure, WorkerRecord
 
 if TYPE_CHECKING:
     from supervisor.workers.worker import Death, Worker
@@ -41,13 +41,13 @@ class BringUp:
 
 @dataclass(frozen=True)
 class Adopt:
-    record: dict[str, Any]  # the previous run's worker, as the store recorded it
+    record: WorkerRecord  # the previous run's worker, as the store recorded it
 
 
 @dataclass(frozen=True)
 class EndOrphan:
     """A previous run's worker nobody will adopt: ended (if it is still the recorded process)."""
-    record: dict[str, Any]
+    record: WorkerRecord
     why: str
 
 

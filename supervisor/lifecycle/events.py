@@ -10,7 +10,7 @@ from protocol import errors as E
 from protocol.messages import Final, Init
 from supervisor.config import RestartSettings
 from supervisor.lifecycle.states import ModelState
-from supervisor.persistence.records import Failure
+from supervisor.persistence.records import Failure, WorkerRecord
 
 if TYPE_CHECKING:
     from supervisor.workers.worker import Death, Worker
@@ -77,7 +77,7 @@ class RollbackRequested:
 class AdmissionPassed:
     """The revision may run: admission said yes (or a restart kept its reservation). `adopt`: the
     record of a previous run's worker serving this revision, which is adopted instead of a spawn."""
-    adopt: dict[str, Any] | None = None
+    adopt: WorkerRecord | None = None
 
 
 @dataclass(frozen=True)

@@ -120,9 +120,9 @@ def _way_up(f: ModelFacts, event: AdmissionPassed | Refused | Adopted | Adoption
     has moved on meanwhile (a stop) changes nothing."""
     match event:
         case AdmissionPassed(orphan) if f.state in _ADMITTING:
-            if orphan is not None and orphan["revision"] == f.revision:  # still ours, serving what runs
-                return Transition(S.STARTING, (), (Adopt(orphan),), f"adopting worker pid {orphan['pid']}")
-            ending = (EndOrphan(orphan, f"its revision {orphan['revision']} is no longer wanted"),) if orphan else ()
+            if orphan is not None and orphan.revision == f.revision:  # still ours, serving what runs
+                return Transition(S.STARTING, (), (Adopt(orphan),), f"adopting worker pid {orphan.pid}")
+            ending = (EndOrphan(orphan, f"its revision {orphan.revision} is no longer wanted"),) if orphan else ()
             return Transition(S.STARTING, (), (*ending, Spawn()), "spawn")
         case Refused(error) if f.state in (S.ADMITTING, S.ROLLING_BACK):
             return _refused(f, error)

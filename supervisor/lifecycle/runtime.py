@@ -94,7 +94,7 @@ class ModelRuntime:
     def facts(self) -> ModelFacts:
         now, restart = time.time(), self.config.restart
         return ModelFacts(
-            self.state, self.running.revision, self.cfg.revision, self.store.model_flags(self.cfg.id)["lkg_revision"],
+            self.state, self.running.revision, self.cfg.revision, self.store.flags(self.cfg.id).lkg_revision,
             self.consecutive_failures, tuple(self.store.failures(self.cfg.id, now - restart.window_s)), now,
             restart, self.config.supervisor.drain_grace_s, restart.stable_after_s, self.running.group is not None,
             self._force, random.getrandbits(32))
@@ -127,22 +127,22 @@ class ModelRuntime:
     def _restore(self) -> None:
         """Pick up what the store remembers: quarantine, and the revision that was running."""
         self.store.remember_revision(self.cfg)
-        flags = self.store.model_flags(self.cfg.id)
-        if flags["configured_revision"] != self.cfg.revision:
-            if flags["quarantined"]:
+        flags = self.store.flags(self.cfg.id)
+        if flags.configured_revision != self.cfg.revision:
+            if flags.quarantined:
                 self.log.info("model.quarantine_cleared", reason="config changed")
                 self.store.set_quarantine(self.cfg.id, None)
             return
-        if flags["running_revision"] and flags["running_revision"] != self.cfg.revision:
-            self.running = self.store.revision(self.cfg.id, flags["running_revision"]) or self.cfg
-        if flags["quarantined"]:
-            summary = dict(flags["quarantine"] or {})
+        if flags.running_revision and flags.running_revision != self.cfg.revision:
+            self.running = self.store.revision(self.cfg.id, flags.running_revision) or self.cfg
+        if flags.quarantined:
+            summary = dict(flags.quarantine or {})
             self.log.warning("model.restored", state="QUARANTINED", **{k: v for k, v in summary.items()
                                                                        if k != "message"})
             self._handle_now(Restored(summary))
 
     def wanted(self) -> bool | None:
-        return self.store.model_flags(self.cfg.id)["wanted"]
+        return self.store.flags(self.cfg.id).wanted
 
     def _remember(self, wanted: bool | None) -> None:
         self.store.set_wanted(self.cfg.id, wanted, self.running.revision, self.cfg.revision)
@@ -169,7 +169,7 @@ class ModelRuntime:
         """Run `revision` (default: last-known-good) instead of what runs now. From BACKOFF this is
         the policy's automatic rollback; from any other state an operator's, which also lifts a
         quarantine."""
-        target = revision or self.store.model_flags(self.cfg.id)["lkg_revision"]
+        target = revision or self.store.flags(self.cfg.id).lkg_revision
         if not target or self.store.revision(self.cfg.id, target) is None:
             raise E.BadRequest(f"model {self.cfg.id} has no known revision {target!r}")
         operator = self.state is not S.BACKOFF

@@ -20,6 +20,7 @@ from supervisor.lifecycle.events import (
     AdmissionPassed, Adopted, AdoptionFailed, CanaryPassed, Event, HelloReceived, Loaded, Refused, Spawned,
     StartFailed)
 from supervisor.lifecycle.requests import RequestQueue
+from supervisor.persistence.records import WorkerRecord
 from supervisor.persistence.store import Store
 from supervisor.workers.factory import WorkerFactory
 from supervisor.workers.worker import Owner, Worker
@@ -35,14 +36,14 @@ class Startup:
         self._factory = factory
         self.log = logs.get(model=model_id)
         # A worker of a previous supervisor run, still inside its orphan grace: adopted on start.
-        self.orphan: dict[str, Any] | None = store.worker(model_id)
+        self.orphan: WorkerRecord | None = store.worker_record(model_id)
 
     async def admit(self, cfg: ModelConfig, force: bool, doubt: bool) -> AdmissionPassed | Refused:
         """Admission of `cfg` (the revision to run). `doubt`: read every file, whatever the cache says."""
         orphan, config = self.orphan, self._config()
         # A worker of ours still serving this revision is adopted first: no registry verdict takes
         # down a model that is serving (only integrity and memory can refuse it).
-        adoptable = orphan is not None and orphan["revision"] == cfg.revision
+        adoptable = orphan is not None and orphan.revision == cfg.revision
         # Cached hashes cannot see bit rot: after a failure (or an operator's release) read it all.
         fresh = doubt or bool(self._store.failures(self.model_id, time.time() - config.restart.window_s))
         refusal = await admission.admit(self.model_id, cfg, self._store, self._ledger, self._evict,
@@ -64,14 +65,14 @@ class Startup:
         orphan, self.orphan = self.orphan, None
         return AdmissionPassed(orphan)
 
-    def end_orphan(self, record: dict[str, Any], cfg: ModelConfig, why: str) -> None:
+    def end_orphan(self, record: WorkerRecord, cfg: ModelConfig, why: str) -> None:
         self._factory.end_orphan(record, cfg, why)
 
-    async def adopt(self, record: dict[str, Any], cfg: ModelConfig, owner: Owner) -> Event:
+    async def adopt(self, record: WorkerRecord, cfg: ModelConfig, owner: Owner) -> Event:
         """The worker proves itself with an adoption hello, or is ended (then a fresh one is spawned)."""
         return await self._step(None, self._adopt(record, cfg, owner), None)
 
-    async def _adopt(self, record: dict[str, Any], cfg: ModelConfig, owner: Owner) -> Adopted | AdoptionFailed:
+    async def _adopt(self, record: WorkerRecord, cfg: ModelConfig, owner: Owner) -> Adopted | AdoptionFailed:
         worker = self._factory.adopt(record, cfg, owner)
         if worker is None:
             return AdoptionFailed("not the recorded process")
@@ -106,7 +107,7 @@ class Startup:
         return await self._step(worker, self._canary(worker, cfg, requests), None)
 
     async def _canary(self, worker: Worker, cfg: ModelConfig, requests: RequestQueue) -> CanaryPassed:
-        result = await run_canary(cfg.canary, requests, self.log)
+        result = await run_canary(cfg.canary, requests, self.log, cfg)
         load_s = worker.loaded.load_s if worker.loaded else None
         evidence = Evidence(self._store, self.model_id, cfg.path, cfg.worker_command, cfg.group)
         return CanaryPassed(result, evidence.canary_passed(cfg.canary, result, load_s, worker.memory))

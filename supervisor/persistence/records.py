@@ -44,9 +44,6 @@ class ModelFlags:
         """The summary is a dict: a caller that changes it must not change what the store holds."""
         return dataclasses.replace(self, quarantine=dict(self.quarantine) if self.quarantine else None)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.COLUMNS} | {"quarantine": self.copy().quarantine}
-
 
 # The crashes table's columns, in its order (SELECT * adds `id` first).
 CRASH_COLUMNS = ("model", "revision", "at", "code", "cause", "victim", "signal", "exit_code", "phase",
@@ -77,7 +74,7 @@ class CrashRecord:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CrashRecord":
-        """From the dict shape (history's, or a builder's that has not moved to this type yet)."""
+        """From history's dict shape (what from_row reads a row into)."""
         known = {f.name for f in dataclasses.fields(cls)}
         fields = {k: v for k, v in d.items() if k in known}
         fields["memory"] = dict(d.get("memory") or {})
@@ -127,12 +124,5 @@ class WorkerRecord:
 
     COLUMNS = ("pid", "start_time", "token", "revision", "socket", "boot_id")
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "WorkerRecord":
-        return cls(*(d[c] for c in cls.COLUMNS))
-
     def to_row(self) -> tuple:
         return tuple(getattr(self, c) for c in self.COLUMNS)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {c: getattr(self, c) for c in self.COLUMNS}

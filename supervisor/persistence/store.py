@@ -166,9 +166,7 @@ class Store:
         self._failures[model] = cached
         return list(cached[1])
 
-    def add_crash(self, record: CrashRecord | dict[str, Any]) -> None:
-        """A dict is the shape lifecycle built before CrashRecord; it goes once its builder moves."""
-        record = record if isinstance(record, CrashRecord) else CrashRecord.from_dict(record)
+    def add_crash(self, record: CrashRecord) -> None:
         self._unflushed_crashes.append(record)
         values = record.to_row()
         self.writes.write(lambda db: db.execute(
@@ -199,10 +197,6 @@ class Store:
 
     def flags(self, model: str) -> ModelFlags:
         return self._cached_flags(model).copy()
-
-    def model_flags(self, model: str) -> dict[str, Any]:
-        """flags() as a dict, for the callers that read it so; it goes once they read ModelFlags."""
-        return self._cached_flags(model).to_dict()
 
     def _set_flags(self, model: str, changes: dict[str, Any], sql: str, params: tuple, synced: bool = False) -> None:
         """The cache changes at once (what decides safety reads it); the row as the queue allows."""
@@ -343,11 +337,6 @@ class Store:
         row = self.db.execute(f"SELECT {', '.join(WorkerRecord.COLUMNS)} FROM workers WHERE model=?",
                               (model,)).fetchone()
         return WorkerRecord(*row) if row else None
-
-    def worker(self, model: str) -> dict[str, Any] | None:
-        """worker_record() as a dict (with `model`), for the callers that read it so."""
-        record = self.worker_record(model)
-        return {"model": model, **record.to_dict()} if record else None
 
     # --- the supervisor's boots (crash-loop detection) -----------------------------------------
 

@@ -18,13 +18,7 @@ from supervisor.workers.handle import AdoptionRefused, WorkerHandle
 from supervisor.workers.spares import SparePool
 from supervisor.workers.worker import Host, Owner, Worker
 
-__all__ = ["LocalFactory", "WorkerFactory", "as_record"]
-
-
-def as_record(record: WorkerRecord | dict[str, Any]) -> WorkerRecord:
-    """A factory's record, typed. The dict is Store.worker()'s shape, which lifecycle/startup.py
-    still reads the orphan in; this goes once it reads Store.worker_record() instead."""
-    return record if isinstance(record, WorkerRecord) else WorkerRecord.from_dict(record)
+__all__ = ["LocalFactory", "WorkerFactory"]
 
 
 class WorkerFactory(Protocol):
@@ -70,7 +64,7 @@ class LocalFactory:
                         f"{limit} (config.json): prompts are refused from {limit} tokens")
         return Init(cfg.id, cfg.revision, cfg.path, sup.heartbeat_interval_s, sup.orphan_grace_s,
                     cfg.memory_limit_bytes, cfg.max_batch_size, cfg.prefill_step_size, cfg.stream_interval_s,
-                    context_tokens=context, **self._prefix_cache_init(cfg))
+                    context_tokens=context, kind=cfg.kind, **self._prefix_cache_init(cfg))
 
     def _prefix_cache_init(self, cfg: ModelConfig) -> dict[str, Any]:
         # The state dir holds the logs: hot prefixes go beside them (none without one: a probe).
@@ -100,8 +94,7 @@ class LocalFactory:
             raise
         return group
 
-    def adopt(self, record: WorkerRecord | dict[str, Any], cfg: ModelConfig, owner: Owner) -> WorkerHandle | None:
-        record = as_record(record)
+    def adopt(self, record: WorkerRecord, cfg: ModelConfig, owner: Owner) -> WorkerHandle | None:
         try:
             worker = WorkerHandle.adopt(record, cfg, self._host, owner)
         except AdoptionRefused as exc:
@@ -111,9 +104,8 @@ class LocalFactory:
         worker.watch(self._host.config.supervisor)
         return worker
 
-    async def prove(self, worker: Worker, record: WorkerRecord | dict[str, Any], revision: str) -> str | None:
+    async def prove(self, worker: Worker, record: WorkerRecord, revision: str) -> str | None:
         assert isinstance(worker, WorkerHandle)  # only a single worker is ever adopted
-        record = as_record(record)
         log = logs.get(model=worker.cfg.id)
         why = await worker.prove(record, revision, max(5.0, 3 * self._host.config.supervisor.heartbeat_interval_s))
         if why is not None:
@@ -122,5 +114,5 @@ class LocalFactory:
             log.info("worker.adopted", worker_pid=record.pid, revision=record.revision)
         return why
 
-    def end_orphan(self, record: WorkerRecord | dict[str, Any], cfg: ModelConfig, why: str) -> None:
-        WorkerHandle.end_orphan(as_record(record), cfg, self._host, why)
+    def end_orphan(self, record: WorkerRecord, cfg: ModelConfig, why: str) -> None:
+        WorkerHandle.end_orphan(record, cfg, self._host, why)
