@@ -159,26 +159,6 @@ def test_cached_hashes_do_not_hide_bit_rot_once_the_model_failed(make_supervisor
     assert m["last_error"]["code"] == "SNAPSHOT_CORRUPT" and "model.safetensors" in m["last_error"]["message"]
 
 
-def test_an_automatic_rollback_is_admitted_like_any_start(make_supervisor, tiny_model: Path, tmp_path: Path) -> None:
-    v1_path, v2_path = tmp_path / "v1", tmp_path / "v2"
-    shutil.copytree(tiny_model, v1_path)
-    shutil.copytree(tiny_model, v2_path)
-    restart = {"quarantine_after": 2, "backoff_initial_s": 0.05, "stable_after_s": 0.3}
-    sup = make_supervisor([{"id": "m", "path": str(v1_path)}], restart=restart).start()
-    v1 = sup.wait_model("m", lambda m: m["lkg_revision"] == m["revision"], 10, "v1 last-known-good")["revision"]
-    shard = v1_path / "model.safetensors"
-    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # v1's snapshot truncated since
-    sup.rewrite([{"id": "m", "path": str(v2_path), "worker_command": chaos("--at", "load", "--signal", "SIGABRT")}],
-                restart=restart)
-    assert sup.client.reload()["changed"] == ["m"]
-    m = sup.wait_model("m", lambda m: m["state"] == "QUARANTINED", 60, "QUARANTINED")
-    assert "SNAPSHOT_CORRUPT" in m["last_error"]["message"] and m["lkg_revision"] == v1
-    states = [(e["from"], e["to"]) for e in sup.events("model.state") if e["model"] == "m"]
-    assert ("BACKOFF", "ROLLING_BACK") in states and ("ROLLING_BACK", "QUARANTINED") in states
-    assert ("ROLLING_BACK", "STARTING") not in states  # never spawned on the truncated weights
-    assert not workers_of(sup.state_dir)
-
-
 def test_lmx_events_counts_what_is_published(make_supervisor, tiny_model: Path) -> None:
     sup = make_supervisor([{"id": "m", "path": str(tiny_model)}]).start()
     text = sup.client.metrics()
