@@ -75,6 +75,12 @@ def test_sighups_200ms_apart_with_a_request_in_flight_let_it_finish(make_supervi
     assert not workers_of(sup.state_dir)
 
 
+async def _draining(client: SupervisorClient) -> None:
+    while (state := next(m for m in (await client.status())["models"] if m["id"] == "m")["state"]) != "DRAINING":
+        assert state != "UNLOADED", "the drain ended before it was seen: no race to test"
+        await asyncio.sleep(0.005)  # a poll's interval, as wait_until's
+
+
 def test_a_load_sent_during_an_unloads_drain_wins(make_supervisor, tiny_model: Path) -> None:
     """The operator's last word counts: before, the load found the model DRAINING, did nothing,
     and the model ended UNLOADED."""
@@ -86,7 +92,7 @@ def test_a_load_sent_during_an_unloads_drain_wins(make_supervisor, tiny_model: P
             async for _ in s:
                 break
             unload = asyncio.ensure_future(client.unload("m"))
-            await asyncio.sleep(0.1)  # let the unload begin its drain
+            await asyncio.wait_for(_draining(client), 30)  # the unload has begun its drain
             load = await client.load("m", timeout_s=60)
             async for _ in s:
                 pass
