@@ -53,8 +53,8 @@ def test_deaths_during_generation_reach_the_client_classified(
     record = sup.client.history("bad")[0]
     assert (record["code"], record["cause"], record["victim"], record["phase"]) == (code, cause, victim, "READY")
     assert record["request_id"] and record["stderr_tail"]
-    m = sup.wait_model("bad", lambda m: m["state"] == "READY" and m["restarts"] == 1, 30, "restarted")
-    assert m["failures_in_window"] == (0 if victim else 1)  # a victim is not held against its model
+    # Counted (or not) before the client heard; the restart after it is in-process.
+    assert sup.model("bad")["failures_in_window"] == (0 if victim else 1)  # a victim is not held against it
 
 
 def test_a_model_that_crashes_on_every_start_is_quarantined_after_exactly_n_and_stays_so(

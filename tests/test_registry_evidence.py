@@ -148,7 +148,7 @@ def test_cached_hashes_do_not_hide_bit_rot_once_the_model_failed(make_supervisor
     snap = tmp_path / "snap"
     shutil.copytree(tiny_model, snap)
     model = {"id": "m", "path": str(snap), "checksums": True}
-    sup = make_supervisor([model], restart={"quarantine_after": 2}).start()
+    sup = make_supervisor([model], restart={"quarantine_after": 1}).start()
     assert sup.stop() == 0
     _rot(snap / "model.safetensors")
     sup.start(wait_ready=False)  # the cache (size, mtime, inode) says unchanged: admitted, then...
@@ -168,7 +168,7 @@ def test_lmx_events_counts_what_is_published(make_supervisor, tiny_model: Path) 
 
 def test_a_warm_spare_stays_warm_while_its_supervisor_lives_and_goes_with_it(make_supervisor,
                                                                             tiny_model: Path) -> None:
-    handshake_s = 5.0  # a worker with no Init this long after its hello exits; a spare must not
+    handshake_s = 2.5  # a worker with no Init this long after its hello exits; a spare must not
     sup = make_supervisor([{"id": "m", "path": str(tiny_model)}],
                           supervisor={"warm_spares": 1, "handshake_timeout_s": handshake_s}).start()
     wait_until(lambda: sup.status()["supervisor"]["warm_spares"]["ready"] == 1, 60, "a warm spare")
