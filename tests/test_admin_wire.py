@@ -25,6 +25,7 @@ MODEL_STATUS_KEYS = {
     "lkg_revision", "worker_pid", "restarts", "failures_in_window", "last_error", "quarantined",
     "retry_after_s", "ready_for_s", "queued", "active", "phase", "memory", "prefix_cache", "canary",
     "group",  # added with groups (docs/distributed.md): None for a model served by one worker
+    "kind",  # added with kinds (issue 25): "generate" or "embed"
 }
 
 

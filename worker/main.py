@@ -10,7 +10,9 @@ import traceback
 
 from protocol.errors import ErrorCode
 from protocol.exitcodes import WorkerExit
-from protocol.messages import Cancel, ClearPrefixCache, CountTokens, Error, GenerateRequest, Hello, Init, Ready, Shutdown
+from protocol.messages import (
+    Cancel, ClearPrefixCache, CountTokens, EmbedRequest, Error, GenerateRequest, Hello, Init, Ready, Shutdown,
+)
 from protocol.phase import Phase
 from worker.channel import Channel, Progress
 from worker.log import log
@@ -20,7 +22,7 @@ from worker.log import log
 INIT_TIMEOUT_S = 60.0
 # What this worker serves beyond generate and cancel (Hello.capabilities): the supervisor refuses a
 # worker from before a message that message, rather than send what it would drop.
-CAPABILITIES = ("count_tokens",)
+CAPABILITIES = ("count_tokens", "embed")
 
 
 def _apply_memory_limit(limit_bytes: int) -> None:
@@ -79,7 +81,9 @@ def _handle(batcher, msg) -> None:
         batcher.cancel(msg.request_id)
     elif isinstance(msg, ClearPrefixCache):
         log("worker.prefix_cache_cleared", **batcher.prefix.clear())
-    elif isinstance(msg, GenerateRequest):
+    elif isinstance(msg, (GenerateRequest, EmbedRequest)):
+        if not isinstance(msg, getattr(batcher, "SERVES", GenerateRequest)):  # the supervisor routes by kind
+            raise ValueError(f"this worker's model is of another kind: it does not serve {msg.TAG} requests")
         batcher.add(msg)
     elif isinstance(msg, CountTokens):  # answered now: it never waits behind generations
         batcher.count(msg)
@@ -89,7 +93,7 @@ def _refuse(channel: Channel, msg, exc: Exception) -> None:
     rid = getattr(msg, "request_id", None)
     log("worker.request_failed", level="error", type=msg.TAG, request_id=rid, error=repr(exc)[:500],
         traceback=traceback.format_exc(limit=8))
-    if rid is not None and isinstance(msg, (GenerateRequest, CountTokens)):
+    if rid is not None and isinstance(msg, (GenerateRequest, CountTokens, EmbedRequest)):
         channel.send(Error(rid, ErrorCode.BAD_REQUEST.code, f"cannot serve this request: {str(exc)[:500]}"))
 
 
@@ -123,6 +127,11 @@ def main() -> int:
     progress.phase = Phase.IDLE
     progress.revision = init.revision
     log("worker.loaded", revision=init.revision, load_s=round(load_s, 3))
+    if init.kind == "embed":
+        from worker.embed import EmbedBatcher
+
+        channel.send(Ready(init.revision, load_s, engine.memory(), {}))
+        return _serve(channel, EmbedBatcher(engine, progress, channel.send), progress)
     if group is not None:
         from worker.group import GroupBatcher
 
@@ -142,8 +151,10 @@ def main() -> int:
 def _load(init: Init, channel: Channel, progress: Progress, death_fd: int | None):
     """(the engine, the group or None, load seconds); exits LOAD_FAILED (after saying why) if not."""
     try:
-        from worker.engine import Engine
-
+        if init.kind == "embed":  # its own encoder: no mlx_lm import to pay for
+            from worker.embed import EmbedEngine as Engine
+        else:
+            from worker.engine import Engine
         engine = Engine()
         if init.memory_limit_bytes > 0 and sys.platform == "darwin":
             # No address-space cap on macOS (Metal memory is not in it): mlx's own limit instead,

@@ -35,11 +35,14 @@ async def integrity(model: ModelConfig, store: Store, roots: tuple[str, ...] = (
         exc.details["findings"] = [f.to_dict() for f in findings]
         return exc
     model_type = snapshot.model_type(model.path)
-    if model_type is None or not architectures.supported(model_type):
-        version = architectures.installed()[0]
+    if model_type is None or not architectures.supported(model_type, model.kind):
+        name, version = architectures.engine(model.kind)
+        details = {"mlx_lm": version} if name == "mlx-lm" else \
+            {"engine": name, "engine_version": version, "kind": model.kind}
         return E.UnsupportedArchitecture(
-            f"config.json: model_type {model_type!r} is not supported by the installed mlx-lm {version}",
-            file="config.json", model_type=model_type, mlx_lm=version)
+            f"config.json: model_type {model_type!r} is not supported by the installed {name} {version}"
+            + ("" if model.kind == "generate" else f" (a model of kind {model.kind})"),
+            file="config.json", model_type=model_type, **details)
     return None
 
 
@@ -55,7 +58,7 @@ async def reserve_memory(model_id: str, model: ModelConfig, evidence: Evidence |
     """`part`: the share of the weights and KV this host holds (a group's ranks split them)."""
     row = evidence.row() if evidence is not None else None
     peak = (row or {}).get("evidence", {}).get("peak_memory_bytes")
-    est = estimate(model.path, model.context_tokens, peak, kvcache.budget_bytes(model))
+    est = estimate(model.path, model.context_tokens, peak, kvcache.budget_bytes(model), model.kind)
     if part < 1.0:
         est = {k: int(v * part) if isinstance(v, int) else v for k, v in est.items()}
     await ledger.settle()  # a worker that just died must have given its memory back first

@@ -1,5 +1,5 @@
-"""Which model types the installed mlx-lm implements, found from its files (never by importing it:
-the supervisor must not load mlx)."""
+"""Which model types each kind's engine implements: the installed mlx-lm's, found from its files
+(never by importing it: the supervisor must not load mlx), and the embed worker's own encoder."""
 
 from __future__ import annotations
 
@@ -33,6 +33,20 @@ def installed() -> tuple[str | None, frozenset[str], dict[str, str]]:
     return version, names, remap
 
 
-def supported(model_type: str) -> bool:
+# What worker/embed.py implements (a BERT encoder written in mlx, with the pooling its snapshot's
+# 1_Pooling/config.json names), and the version its worker reports as `lmx_embed` (the registry's
+# backend key). Kept in step with it: tests/test_embed_worker.py compares the two.
+EMBED_TYPES = frozenset({"bert"})
+EMBED_ENGINE = ("lmx-embed", "1")
+
+
+def supported(model_type: str, kind: str = "generate") -> bool:
+    if kind == "embed":
+        return model_type in EMBED_TYPES
     _, names, remap = installed()
     return remap.get(model_type, model_type) in names
+
+
+def engine(kind: str) -> tuple[str, str | None]:
+    """The engine a model of `kind` loads with, and its version here: a refusal names both."""
+    return EMBED_ENGINE if kind == "embed" else ("mlx-lm", installed()[0])

@@ -15,6 +15,8 @@ from typing import Any
 
 import psutil
 
+from protocol import limits
+
 # A worker's own cost before any weights: the interpreter, mlx-lm and its imports (measured
 # ~250 MB RSS here), rounded up.
 WORKER_OVERHEAD_BYTES = 256 * 2**20
@@ -26,24 +28,40 @@ def budget_bytes(configured: int, reserve: int) -> int:
 
 
 def estimate(path: str, context_tokens: int, measured_peak: int | None = None,
-             prefix_cache_bytes: int = 0) -> dict[str, int]:
-    """weights (file sizes) + KV cache for `context_tokens` at float16 + the prefix cache's budget +
+             prefix_cache_bytes: int = 0, kind: str = "generate") -> dict[str, int]:
+    """weights (file sizes) + KV cache for `context_tokens` at float16 (an embed model: the
+    activations of its largest forward batch instead, in `kv_cache`) + the prefix cache's budget +
     worker overhead; a peak measured on this stack (from the registry) replaces the weights + KV
     guess once there is one (a canary's peak never includes a full prefix cache: it stays added)."""
     root = Path(path)
     weights = sum(f.stat().st_size for f in root.glob("*.safetensors"))
     try:
         cfg = json.loads((root / "config.json").read_text())
-        layers = int(cfg.get("num_hidden_layers", 0))
-        heads = int(cfg.get("num_attention_heads", 1)) or 1
-        kv_heads = int(cfg.get("num_key_value_heads", heads))
-        head_dim = int(cfg.get("head_dim") or int(cfg.get("hidden_size", 0)) // heads)
-        kv = 2 * layers * kv_heads * head_dim * context_tokens * 2
-    except (OSError, ValueError, TypeError):
+        kv = _batch_activations(cfg) if kind == "embed" else _kv_bytes(cfg, context_tokens)
+    except (OSError, ValueError, TypeError, AttributeError):
         kv = 0
     model = max(measured_peak, weights) if measured_peak else weights + kv
     return {"weights": weights, "kv_cache": kv, "prefix_cache": prefix_cache_bytes, "overhead": WORKER_OVERHEAD_BYTES,
             "measured_peak": measured_peak or 0, "total": model + prefix_cache_bytes + WORKER_OVERHEAD_BYTES}
+
+
+def _kv_bytes(cfg: dict, context_tokens: int) -> int:
+    layers = int(cfg.get("num_hidden_layers", 0))
+    heads = int(cfg.get("num_attention_heads", 1)) or 1
+    kv_heads = int(cfg.get("num_key_value_heads", heads))
+    head_dim = int(cfg.get("head_dim") or int(cfg.get("hidden_size", 0)) // heads)
+    return 2 * layers * kv_heads * head_dim * context_tokens * 2
+
+
+def _batch_activations(cfg: dict) -> int:
+    """An embed worker's working set: one forward pass over EMBED_BATCH_TOKENS padded tokens in
+    float32, a layer at a time (its input and output, the feed-forward's inner width, and the
+    attention scores of sequences up to the position limit). Nothing stays between requests."""
+    tokens = limits.EMBED_BATCH_TOKENS
+    hidden, inner = int(cfg.get("hidden_size", 0)), int(cfg.get("intermediate_size", 0))
+    heads = int(cfg.get("num_attention_heads", 1)) or 1
+    longest = min(int(cfg.get("max_position_embeddings", 512)), tokens)
+    return 4 * tokens * (4 * hidden + inner + heads * longest)
 
 
 # A departed worker's memory counts as back once the machine's available memory has risen by all

@@ -22,7 +22,8 @@ from protocol import codec
 from protocol import errors as E
 from protocol.loopreader import LoopReader, monitor_socket
 from protocol.messages import (
-    TO_SUPERVISOR_FROM_CLIENT, Ack, AdminRequest, Cancel, Chunk, CountTokens, Error, Final, GenerateRequest,
+    TO_SUPERVISOR_FROM_CLIENT, Ack, AdminRequest, Cancel, Chunk, CountTokens, EmbedRequest, Embeddings, Error, Final,
+    GenerateRequest,
     HistoryReply, HistoryRequest, LoadRequest, Message, StatusReply, StatusRequest, TokenCount, UnloadRequest,
 )
 from supervisor import config as cfg_mod, logs
@@ -170,7 +171,7 @@ class ControlServer:
         ops = self._ops
         table: dict[type[Message], Handler] = {
             StatusRequest: self._status,
-            GenerateRequest: self._generate, CountTokens: self._generate,
+            GenerateRequest: self._generate, CountTokens: self._generate, EmbedRequest: self._generate,
             Cancel: lambda identity, msg: self._router.cancel(((self._name, identity), msg.request_id)),
             LoadRequest: lambda identity, msg: self._later(identity, msg.request_id, ops.load(msg.model, msg.force)),
             UnloadRequest: lambda identity, msg: self._later(identity, msg.request_id, ops.unload(msg.model)),
@@ -260,8 +261,9 @@ class ControlServer:
         path, findings = self._ops.verify(req.model)
         return A.VerifyReply(req.request_id, path, [f.to_dict() for f in findings])
 
-    def _generate(self, identity: bytes, req: GenerateRequest | CountTokens) -> None:
-        """A generation or a token count: routed alike (same states, limits, deadline, cancel)."""
+    def _generate(self, identity: bytes, req: GenerateRequest | CountTokens | EmbedRequest) -> None:
+        """A generation, a token count or an embedding: routed alike (same states, limits, deadline,
+        cancel); the router refuses one its model's kind does not serve."""
         runtime, req = self._router.admit((self._name, identity), req)
         key = ((self._name, identity), req.request_id)
         if isinstance(req, CountTokens):
@@ -270,6 +272,8 @@ class ControlServer:
                 raise E.BadRequest(f"model {runtime.cfg.id}'s worker predates count_tokens (adopted from "
                                    "an older version): unload and load it to count", reason="worker_outdated")
             sink = self._count_sink(identity, key, req)
+        elif isinstance(req, EmbedRequest):
+            sink = self._embed_sink(identity, key, req)
         else:
             sink = self._sink(identity, key, req)
         self._router.add(key, runtime, runtime.submit(req, sink))
@@ -280,6 +284,30 @@ class ControlServer:
         def sink(msg: Message) -> None:
             if isinstance(msg, (TokenCount, Error)) and router.end(key):
                 self.send(identity, dataclasses.replace(msg, request_id=client_rid))
+
+        return sink
+
+    def _embed_sink(self, identity: bytes, key: Key, req: EmbedRequest) -> Callable[[Message], None]:
+        """Vectors go out only as many and as wide as asked: a worker's reply of another shape is
+        its bug, answered as INTERNAL, never handed on as someone's embeddings."""
+        client_rid, router, metrics = req.request_id, self._router, self._metrics
+        log = self.log.bind(model=req.model, request_id=client_rid)
+
+        def sink(msg: Message) -> None:
+            if not isinstance(msg, (Embeddings, Error)) or not router.end(key):
+                return
+            if isinstance(msg, Embeddings) and (len(msg.data) != 4 * msg.dims * len(req.inputs)
+                                                or req.dimensions not in (None, msg.dims)):
+                msg = Error.from_exc(msg.request_id, E.InternalError(
+                    f"the worker sent {len(msg.data) // (4 * msg.dims)} vectors of {msg.dims} for "
+                    f"{len(req.inputs)} inputs (dimensions {req.dimensions})"))
+            code = "ok" if isinstance(msg, Embeddings) else msg.code
+            self.send(identity, dataclasses.replace(msg, request_id=client_rid))
+            metrics.requests.labels(req.model, code).inc()
+            if code == "ok":
+                log.info("request.done", inputs=len(req.inputs), prompt_tokens=msg.prompt_tokens)
+            else:
+                log.info("request.failed", code=code, message=msg.message, inputs=len(req.inputs))
 
         return sink
 

@@ -1,13 +1,18 @@
-"""The canary: a greedy generation of the configured prompt that must pass before a model is routable."""
+"""The canary that must pass before a model is routable: a greedy generation of the configured
+prompt, or for an embed model the vectors of that prompt and of fixed sentence pairs."""
 
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 from typing import Any
 
+from protocol import embed as embedding
 from protocol import errors as E
-from protocol.messages import Error, Final, GenerateRequest, Message
-from supervisor.config import CanarySettings
+from protocol.messages import EmbedRequest, Embeddings, Error, Final, GenerateRequest, Message
+from supervisor import kinds
+from supervisor.config import CanarySettings, ModelConfig
 from supervisor.lifecycle.requests import RequestQueue
 
 # The codes a worker's Death reads as (supervisor.workers.worker.Death.error): a local process's
@@ -17,15 +22,32 @@ DEATH_CODES = frozenset({E.ErrorCode.WORKER_CRASHED, E.ErrorCode.WORKER_OOM, E.E
                          E.ErrorCode.PEER_UNAVAILABLE})
 
 
-async def run_canary(c: CanarySettings, requests: RequestQueue, log: Any) -> Final:
+async def run_canary(c: CanarySettings, requests: RequestQueue, log: Any, model: ModelConfig | None = None) -> Final:
     """>= 1 token, and `expect` in the text when set, within `timeout_s`; else CANARY_FAILED /
-    CANARY_TIMEOUT. A worker death during the canary keeps its own class (it is not the canary's)."""
+    CANARY_TIMEOUT. A worker death during the canary keeps its own class (it is not the canary's).
+    An embed `model`'s canary is embed_canary's."""
+    if model is not None and model.kind == kinds.EMBED:
+        return await embed_canary(c, model, requests, log)
     req = GenerateRequest("", "", messages=[{"role": "user", "content": c.prompt}],
                           max_tokens=c.max_tokens, temperature=0.0)
+    out = await _result(c, req, requests, (Final, Error))
+    assert isinstance(out, Final)
+    tokens = out.usage.get("completion_tokens", 0)
+    if tokens < 1:
+        raise E.CanaryFailed("canary generated no tokens")
+    if c.expect is not None and c.expect not in out.text:
+        raise E.CanaryFailed(f"canary output lacks {c.expect!r}: {out.text[:120]!r}", output=out.text[:200])
+    log.info("model.canary_passed", tokens=tokens, text=out.text[:200], duration_s=out.timings.get("total_s"))
+    return out
+
+
+async def _result(c: CanarySettings, req: Any, requests: RequestQueue, ends: tuple[type, ...]) -> Message:
+    """The canary request's last reply within `timeout_s`: an Error is raised (a death as itself,
+    anything else as CANARY_FAILED), no reply in time is CANARY_TIMEOUT."""
     fut: asyncio.Future = asyncio.get_running_loop().create_future()
 
     def sink(msg: Message) -> None:
-        if isinstance(msg, (Final, Error)) and not fut.done():
+        if isinstance(msg, ends) and not fut.done():
             fut.set_result(msg)
 
     wrid = requests.add(req, sink, bounded=False)
@@ -39,10 +61,41 @@ async def run_canary(c: CanarySettings, requests: RequestQueue, log: Any) -> Fin
         if exc.code in DEATH_CODES:
             raise exc
         raise E.CanaryFailed(f"canary failed: {exc.code.code}: {exc.message}")
-    tokens = out.usage.get("completion_tokens", 0)
-    if tokens < 1:
-        raise E.CanaryFailed("canary generated no tokens")
-    if c.expect is not None and c.expect not in out.text:
-        raise E.CanaryFailed(f"canary output lacks {c.expect!r}: {out.text[:120]!r}", output=out.text[:200])
-    log.info("model.canary_passed", tokens=tokens, text=out.text[:200], duration_s=out.timings.get("total_s"))
     return out
+
+
+# Two near-paraphrases and a sentence about something else: any working sentence encoder puts the
+# first pair closer together than the first and the third. Fixed, so a pass is comparable over time.
+NEAR = ("A man is playing a guitar.", "A man plays the guitar.")
+UNRELATED = "The quarterly tax report is due on Friday."
+
+
+async def embed_canary(c: CanarySettings, model: ModelConfig, requests: RequestQueue, log: Any) -> Final:
+    """The vector of the canary prompt has the model's width (its pooling config's, else its
+    hidden size) and is finite, and NEAR's pair is closer (cosine) than NEAR[0] and UNRELATED; else
+    CANARY_FAILED. Its Final's text (the width and the two cosines, to two places) is what the
+    registry compares across starts on one stack, as a generation's greedy text is."""
+    start = time.monotonic()
+    req = EmbedRequest("", model.id, [c.prompt, *NEAR, UNRELATED])
+    out = await _result(c, req, requests, (Embeddings, Error))
+    assert isinstance(out, Embeddings)
+    vectors = embedding.unpack(out.data, out.dims)
+    want = kinds.embed_dims(model.path)
+    if len(vectors) != len(req.inputs) or (want is not None and out.dims != want):
+        raise E.CanaryFailed(f"canary: {len(vectors)} vectors of {out.dims} for {len(req.inputs)} inputs "
+                             f"(the model's width is {want})")
+    if not all(math.isfinite(x) for v in vectors for x in v):
+        raise E.CanaryFailed("canary: the embedding has a non-finite value (NaN or infinity)")
+    near, far = _cosine(vectors[1], vectors[2]), _cosine(vectors[1], vectors[3])
+    text = f"dims {out.dims} near {near:.2f} unrelated {far:.2f}"
+    if not near > far:
+        raise E.CanaryFailed(f"canary: a paraphrase is no closer than an unrelated sentence ({text})", output=text)
+    total_s = round(time.monotonic() - start, 4)
+    log.info("model.canary_passed", tokens=out.prompt_tokens, text=text, duration_s=total_s)
+    return Final("", text, "stop", {"prompt_tokens": out.prompt_tokens, "completion_tokens": 0}, {"total_s": total_s})
+
+
+def _cosine(a: list[float], b: list[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b))
+    norm = math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b))
+    return dot / norm if norm else 0.0

