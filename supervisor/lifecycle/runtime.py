@@ -159,11 +159,21 @@ class ModelRuntime:
         self._handle_now(StartRequested(reason, wanted, force))
         return self.state is not before
 
-    async def stop(self, reason: str, remember: bool = True) -> None:
-        """Drain (bounded by drain_grace_s), then stop the worker: ... -> DRAINING -> UNLOADED."""
+    async def stop(self, reason: str, remember: bool = True, idle: bool = False) -> None:
+        """Drain (bounded by drain_grace_s), then stop the worker: ... -> DRAINING -> UNLOADED.
+        `idle`: unloaded for idleness, so the next request brings it back."""
         if remember:
             self._remember(False)
         await self._handle(StopRequested(reason))
+        self.idled_out = idle and self.state is S.UNLOADED
+
+    def repaired(self) -> bool:
+        """Its snapshot was repaired: a refusal about it no longer holds, so a REJECTED model
+        forgets it and starts again. False when it was not REJECTED."""
+        if self.state is not S.REJECTED:
+            return False
+        self.last_error = None
+        return self.start("repaired")
 
     async def rollback(self, revision: str | None, reason: str) -> str:
         """Run `revision` (default: last-known-good) instead of what runs now. From BACKOFF this is

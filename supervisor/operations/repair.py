@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any
 
 from protocol import errors as E
 from supervisor.admission import checksums, fetching, snapshot
-from supervisor.lifecycle.states import ModelState as S
 
 if TYPE_CHECKING:
     from supervisor.lifecycle.runtime import ModelRuntime
@@ -38,8 +37,7 @@ async def repair(rt: "ModelRuntime") -> dict[str, Any]:
         rt.log.warning("model.repair_failed", source=source.description, error=repr(exc))
         raise E.SnapshotIncomplete(f"repair from {source.description} failed: {exc}") from None
     after = snapshot.verify(root)
-    if rt.state is S.REJECTED and not after:
-        rt.last_error = None  # the refusal was about what repair fixed
-        rt.start("repaired", force=False)
+    if not after:  # the refusal was about what repair fixed
+        rt.repaired()
     return {"fetched": sorted(wanted), "bytes": written, "source": source.description,
             "findings": [f.to_dict() for f in after], "state": rt.state.value}

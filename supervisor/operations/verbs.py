@@ -254,8 +254,7 @@ class Operations:
                 or now - max(rt.last_used, rt.ready_since or now) < ttl):
             return
         self._note("info", "model.idle_unloaded", model=rt.cfg.id, idle_ttl_s=ttl)
-        await rt.stop(f"idle for {ttl:.0f}s", remember=False)
-        rt.idled_out = True
+        await rt.stop(f"idle for {ttl:.0f}s", remember=False, idle=True)
 
     # -- reload and shutdown ---------------------------------------------------------------------
 
