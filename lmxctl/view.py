@@ -109,19 +109,22 @@ def status_table(status: dict[str, Any], colour: bool = False) -> str:
     if sup.get("memory_stranded_bytes"):
         lines.append(paint(f"memory not returned by dead workers: {human_bytes(sup['memory_stranded_bytes'])} "
                            "(held from the budget until restart)", "yellow", colour))
-    cols = f"{'MODEL':<14} {'STATE':<12} {'REVISION':<12} {'UPTIME':>7} {'RESTARTS':>8} {'FAILS':>5} {'MEMORY':>7}  LAST ERROR"
+    cols = (f"{'MODEL':<14} {'KIND':<8} {'STATE':<12} {'REVISION':<12} {'UPTIME':>7} {'RESTARTS':>8} {'FAILS':>5} "
+            f"{'MEMORY':>7}  LAST ERROR")
     lines.append(paint(cols, "bold", colour))
     hints = []
     for m in status["models"]:
         err = m.get("last_error")
         memory = (m.get("memory") or {}).get("rss_bytes")
-        room = WIDTH - 73
+        room = WIDTH - 82
         err_s = f"{err['code']}: {err['message']}" if err else "-"
         if m.get("configured_revision") not in (None, m["revision"]):
             err_s = f"runs {m['revision']}, configured {m['configured_revision']}; {err_s}"
         err_s = err_s if len(err_s) <= room else err_s[: room - 1] + "…"
         state = f"{m['state']:<12}"
-        lines.append(f"{m['id'][:14]:<14} {paint(state, STATE_COLOUR.get(m['state']), colour)} {m['revision']:<12} "
+        kind = (m.get("kind") or "generate")[:8]  # a supervisor from before kinds served generate alone
+        lines.append(f"{m['id'][:14]:<14} {kind:<8} {paint(state, STATE_COLOUR.get(m['state']), colour)} "
+                     f"{m['revision']:<12} "
                      f"{human_duration(m.get('ready_for_s')):>7} {m['restarts']:>8} {m['failures_in_window']:>5} "
                      f"{human_bytes(memory):>7}  {err_s}")
         for r in m.get("group") or []:  # a group's ranks, under it

@@ -63,7 +63,8 @@ class EmbedEngine:
         root = Path(path)
         cfg = _json(root / "config.json") or {}
         if cfg.get("model_type") not in TYPES:
-            raise ValueError(f"model_type {cfg.get('model_type')!r} is no encoder this worker implements ({sorted(TYPES)})")
+            raise ValueError(f"model_type {cfg.get('model_type')!r} is no encoder this worker implements "
+                             f"({sorted(TYPES)})")
         self._cfg = cfg
         self._weights(root)
         self._tokenizer(root, cfg)
@@ -135,7 +136,10 @@ class EmbedEngine:
         b, n = ids.shape
         x = (w["embeddings.word_embeddings.weight"][ids] + w["embeddings.position_embeddings.weight"][:n][None]
              + w["embeddings.token_type_embeddings.weight"][0])
-        x = mx.fast.layer_norm(x, w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"], eps)
+        def norm(v: Any, name: str) -> Any:
+            return mx.fast.layer_norm(v, w[f"{name}.weight"], w[f"{name}.bias"], eps)
+
+        x = norm(x, "embeddings.LayerNorm")
         bias = ((1.0 - mask) * -1e9)[:, None, None, :]  # padding is never attended to
 
         def dense(v: Any, name: str) -> Any:
@@ -149,10 +153,9 @@ class EmbedEngine:
             q, k, v = (split(dense(x, p + f"attention.self.{t}")) for t in ("query", "key", "value"))
             scores = (q @ k.transpose(0, 1, 3, 2)) / math.sqrt(q.shape[-1]) + bias
             att = (mx.softmax(scores, axis=-1) @ v).transpose(0, 2, 1, 3).reshape(b, n, -1)
-            x = mx.fast.layer_norm(x + dense(att, p + "attention.output.dense"),
-                                   w[p + "attention.output.LayerNorm.weight"], w[p + "attention.output.LayerNorm.bias"], eps)
+            x = norm(x + dense(att, p + "attention.output.dense"), p + "attention.output.LayerNorm")
             h = dense(nn.gelu(dense(x, p + "intermediate.dense")), p + "output.dense")
-            x = mx.fast.layer_norm(x + h, w[p + "output.LayerNorm.weight"], w[p + "output.LayerNorm.bias"], eps)
+            x = norm(x + h, p + "output.LayerNorm")
         return x
 
     def _pool(self, hidden: Any, mask: Any) -> Any:

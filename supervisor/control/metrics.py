@@ -73,6 +73,9 @@ def _model_gauges(models: list[ModelStatus]) -> Iterator[GaugeMetricFamily]:
     queue counts, and the worker memory of its last heartbeat (a key absent there gives no sample)."""
     state = GaugeMetricFamily("lmx_model_state", "1 for the state the model is in, 0 for the others.",
                               labels=["model", "state"])
+    # The kind as an info metric (join on model): every other series keeps its labels.
+    info = GaugeMetricFamily("lmx_model_info", "1 per model, labelled with its kind (generate, embed).",
+                             labels=["model", "kind"])
     gauges = {
         "quarantined": GaugeMetricFamily("lmx_model_quarantined", "1 when the model is QUARANTINED.",
                                          labels=["model"]),
@@ -96,6 +99,7 @@ def _model_gauges(models: list[ModelStatus]) -> Iterator[GaugeMetricFamily]:
         mid = m.id
         for st in ModelState:
             state.add_metric([mid, st.value], 1 if m.state == st.value else 0)
+        info.add_metric([mid, m.kind or "generate"], 1)
         gauges["quarantined"].add_metric([mid], 1 if m.quarantined else 0)
         gauges["failures"].add_metric([mid], m.failures_in_window)
         gauges["queued"].add_metric([mid], m.queued)
@@ -105,6 +109,7 @@ def _model_gauges(models: list[ModelStatus]) -> Iterator[GaugeMetricFamily]:
             if key in memory:
                 gauges[key].add_metric([mid], memory[key])
     yield state
+    yield info
     yield from gauges.values()
 
 
