@@ -143,6 +143,10 @@ def test_an_embed_worker_answers_through_the_client_after_its_canary(sup: Runnin
     assert result.prompt_tokens == sum(len(tok.encode(s).ids) for s in SENTENCES)
     cut = sup.client.embed("emb", [[101, 7592, 102]], dimensions=64)
     assert cut.dims == 64 and abs(np.linalg.norm(cut.vectors[0]) - 1.0) < 1e-5
+    with pytest.raises(E.BadRequest, match="more than the model's 384"):
+        sup.client.embed("emb", ["too wide"], dimensions=385)
+    with pytest.raises(E.BadRequest, match="past the vocabulary"):
+        sup.client.embed("emb", [[10**6]])
 
 
 def test_requests_of_the_other_kind_are_refused_naming_it(sup: RunningSupervisor) -> None:

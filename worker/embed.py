@@ -184,7 +184,7 @@ def batches(lengths: list[int], budget: int = limits.EMBED_BATCH_TOKENS) -> list
 
 def finish(vectors: np.ndarray, dimensions: int | None) -> np.ndarray:
     """Truncated to `dimensions` and re-normalised, where asked (Matryoshka-style truncation)."""
-    if dimensions is None or dimensions >= vectors.shape[1]:
+    if dimensions is None or dimensions == vectors.shape[1]:
         return vectors
     cut = vectors[:, :dimensions]
     return cut / np.maximum(np.linalg.norm(cut, axis=1, keepdims=True), 1e-12)
@@ -232,6 +232,8 @@ class EmbedBatcher:
         engine, served, ids, out = self._engine, [], [], []
         for req in reqs:
             try:
+                if req.dimensions is not None and req.dimensions > engine.dims:
+                    raise ValueError(f"dimensions {req.dimensions} is more than the model's {engine.dims}")
                 ids.extend(engine.tokens(req.inputs))
                 served.append(req)
             except (ValueError, TypeError) as exc:
