@@ -19,12 +19,13 @@ import asyncio
 import itertools
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from protocol import errors as E
 from protocol.messages import Adopt, CountTokens, Final, GenerateRequest, Hello, Init, Message, Ready, TokenCount
 from protocol.phase import Phase
-from supervisor.config import ModelConfig, SupervisorSettings
+from supervisor.config import Config, ModelConfig, SupervisorSettings
 from supervisor.persistence.records import WorkerRecord
 from supervisor.workers.classify import Verdict, exit_details
 from supervisor.workers.worker import Death, Handshake, Owner, wait_for
@@ -46,6 +47,16 @@ def answer_final(text: str = "ok", tokens: int = 1) -> Answer:
         return []
 
     return answer
+
+
+@dataclass
+class FakeHost:
+    """The Host a real WorkerHandle or RankGroup is built on in-process: no hub, no log dir."""
+    config: Config
+    state_dir: Path
+    hub: None = None
+    worker_endpoint: str = "ipc://unused"
+    log_dir: Path | None = None
 
 
 @dataclass

@@ -4,7 +4,6 @@ the Worker and WorkerFactory protocols as the real classes do, and do what they 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import inspect
 from pathlib import Path
 from typing import Any
@@ -14,14 +13,14 @@ import pytest
 from protocol import errors as E
 from protocol.messages import Adopt, ClearPrefixCache, Final, GenerateRequest, Init, Message, Shutdown, TokenCount
 from supervisor import config as cfg_mod
-from supervisor.config import Config, ModelConfig, SupervisorSettings
+from supervisor.config import ModelConfig, SupervisorSettings
 from supervisor.persistence.records import WorkerRecord
 from supervisor.workers.factory import LocalFactory, WorkerFactory
 from supervisor.workers.group import RankGroup
 from supervisor.workers.handle import WorkerHandle
 from supervisor.workers.process import WorkerProcess
 from supervisor.workers.worker import GroupMember, ProcessView, Worker
-from tests.fakeworker import FakeFactory, FakeWorker
+from tests.fakeworker import FakeFactory, FakeHost, FakeWorker
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -62,19 +61,10 @@ def test_each_worker_kind_has_the_protocols_methods_with_their_parameters(impl: 
             assert _params(getattr(impl, name, None)) == _params(member), f"{impl.__name__}.{name}"
 
 
-@dataclasses.dataclass
-class Host:
-    config: Config
-    state_dir: Path
-    hub: None = None
-    worker_endpoint: str = "ipc://unused"
-    log_dir: Path | None = None
-
-
 def test_a_real_worker_and_a_real_group_are_workers_before_they_spawn(tmp_path: Path) -> None:
     config = cfg_mod.parse(f'[[models]]\nid = "one"\npath = "{tmp_path}"\n'
                            f'[[models]]\nid = "big"\npath = "{tmp_path}"\ngroup = {{hosts = ["local", "local"]}}\n')
-    host = Host(config, tmp_path)
+    host = FakeHost(config, tmp_path)
 
     async def scenario() -> None:
         one, big = config.models

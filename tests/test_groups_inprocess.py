@@ -5,7 +5,6 @@ the group is checked in milliseconds. tests/test_groups.py proves the same bound
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -14,24 +13,15 @@ import pytest
 from protocol import errors as E
 from protocol.messages import Cancel, ClearPrefixCache, GenerateRequest, Init, Message, Shutdown
 from supervisor import config as cfg_mod
-from supervisor.config import Config, SupervisorSettings
+from supervisor.config import SupervisorSettings
 from supervisor.workers import group as group_mod
 from supervisor.workers.classify import PEER_LOST
 from supervisor.workers.group import RankGroup
-from tests.fakeworker import FakeWorker
+from tests.fakeworker import FakeHost, FakeWorker
 
 pytestmark = pytest.mark.timeout(20)
 
 SUP = SupervisorSettings(handshake_timeout_s=0.5, load_timeout_s=0.5)
-
-
-@dataclasses.dataclass
-class Host:
-    config: Config
-    state_dir: Path
-    hub: None = None
-    worker_endpoint: str = "ipc://unused"
-    log_dir: Path | None = None
 
 
 class Owner:
@@ -53,7 +43,7 @@ def _group(tmp_path: Path, size: int = 3) -> tuple[RankGroup, Owner, list[FakeWo
     hosts = ", ".join(['"local"'] * size)
     config = cfg_mod.parse(f'[[models]]\nid = "big"\npath = "{tmp_path}"\ngroup = {{hosts = [{hosts}]}}\n')
     owner = Owner()
-    group = RankGroup(config.models[0], Host(config, tmp_path), owner)
+    group = RankGroup(config.models[0], FakeHost(config, tmp_path), owner)
     ranks = []
     for rank in group.ranks:
         rank.handle = FakeWorker(group.cfg, group, pid=100 + rank.index)
