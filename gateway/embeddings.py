@@ -16,8 +16,10 @@ from gateway import auth, body, fields
 from gateway import errors as http_errors
 from protocol import embed as wire
 from protocol import errors as E
+from protocol import limits
 
 FORMATS = ("float", "base64")
+MAX_DIMS = limits.MAX_EMBED_DIMS  # the wire's bound, named here so its 400 names the field
 
 
 @dataclass(frozen=True)
@@ -61,8 +63,8 @@ def parse(value: Any) -> EmbedCall:
     if fmt not in FORMATS:
         raise E.BadRequest(f"encoding_format: one of {', '.join(FORMATS)}", param="encoding_format")
     dims = value.get("dimensions")
-    if dims is not None and (not isinstance(dims, int) or isinstance(dims, bool) or dims < 1):
-        raise E.BadRequest("dimensions: a positive integer", param="dimensions")
+    if dims is not None and (not isinstance(dims, int) or isinstance(dims, bool) or not 1 <= dims <= MAX_DIMS):
+        raise E.BadRequest(f"dimensions: a positive integer, at most {MAX_DIMS}", param="dimensions")
     return EmbedCall(model, _inputs(value["input"]), fmt, dims)
 
 
@@ -96,6 +98,8 @@ class EmbeddingsAPI:
             result = await gw.client.embed(call.model, call.inputs, dimensions=call.dimensions,
                                            timeout_s=min(gw.config.request_timeout_s, 120.0))
         except E.LmxError as exc:
+            if exc.details.get("param") == "inputs":  # the wire's name for the bounds; OpenAI's is input
+                exc.details["param"] = "input"
             return http_errors.response(exc)
         finally:
             gw.in_flight -= 1
