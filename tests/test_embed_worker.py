@@ -8,6 +8,8 @@ import asyncio
 import math
 import os
 import signal
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import pytest
 from protocol import errors as E
 from protocol import limits
 from protocol.client import SupervisorClient
-from tests.harness import RunningSupervisor, process_gone
+from tests.harness import REPO, RunningSupervisor, process_gone
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -102,6 +104,15 @@ def test_the_workers_encoder_matches_an_independent_forward_pass(minilm: Path) -
     # The supervisor's registry names what the worker implements, and its version.
     assert architectures.EMBED_TYPES == embed.TYPES
     assert dict([architectures.EMBED_ENGINE]) == {embed.ENGINE[0].replace("_", "-"): embed.ENGINE[1]}
+
+
+def test_an_embed_engine_never_imports_mlx_lm_or_transformers(minilm: Path) -> None:
+    """What an embed worker's start pays for: mlx and the fast tokenizer, not mlx-lm's imports."""
+    code = ("import sys; from worker import main, embed; e = embed.EmbedEngine(); e.load(sys.argv[1]); "
+            "e.embed(e.tokens(['hi'])); print(sorted(m for m in ('mlx_lm', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, str(minilm)], cwd=REPO, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == "[]", out.stderr[-2000:]
 
 
 def test_passes_are_cut_by_padded_tokens() -> None:

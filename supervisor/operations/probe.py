@@ -11,7 +11,7 @@ from typing import Any
 
 from protocol import errors as E
 from supervisor import config as cfg_mod, logs
-from supervisor import confinement
+from supervisor import confinement, kinds
 from supervisor.admission.evidence import Evidence
 from supervisor.lifecycle import modelstatus
 from supervisor.lifecycle.runtime import ModelRuntime
@@ -29,8 +29,10 @@ def probe_model(path: str, roots: tuple[str, ...]) -> cfg_mod.ModelConfig:
         raise E.BadRequest(f"probe {exc}", path=path[:4096]) from None
     # Named after the directory (the registry's model column), unique by the path's hash.
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(resolved).name)[:40]
+    table: dict[str, Any] = {}  # the kind as the snapshot says (an embed one: no prefix cache)
+    kind = kinds.resolve("probe", table, resolved)
     return cfg_mod.ModelConfig(id=f"probe-{name}-{hashlib.sha256(resolved.encode()).hexdigest()[:6]}",
-                               path=resolved, autoload=False)
+                               path=resolved, autoload=False, kind=kind, **table)
 
 
 async def probe(path: str, services: Services, gate: AdminGate) -> dict[str, Any]:
