@@ -131,3 +131,15 @@ def test_a_tiny_random_bert_is_detected_and_served_as_an_embed_model(gw) -> None
     v = _vectors(resp)
     assert v.shape == (2, 32) and np.all(np.isfinite(v)) and not np.allclose(v[0], v[1])
     assert resp.usage.prompt_tokens == 2 * 4  # [CLS] w w [SEP] each, in the tiny WordPiece vocabulary
+
+
+def test_docs_list_every_embeddings_field() -> None:
+    import re
+
+    from gateway import fields
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "gateway.md").read_text()
+    section = doc[doc.index("#### `POST /v1/embeddings`"):]
+    section = section[:section.index("\n#### ")]
+    named = set(re.findall(r"^\| `([a-z_]+)` \|", section, re.M))
+    assert named == {*fields.EMBEDDINGS_HONOURED, *fields.EMBEDDINGS_ADVISORY}
