@@ -15,7 +15,7 @@ import pytest
 
 from protocol import errors as E
 from protocol.client import SupervisorClient
-from tests.harness import REPO, process_gone, wait_until, workers_of
+from tests.harness import REPO, RunningSupervisor, process_gone, wait_until, workers_of
 
 METAL_OOM = ("[METAL] Command buffer execution failed: Insufficient Memory "
              "(00000008:kIOGPUCommandBufferCallbackErrorOutOfMemory)")
@@ -27,34 +27,68 @@ def chaos(*args: str) -> list[str]:
     return [sys.executable, "-m", "tests.chaos_worker", *args]
 
 
-@pytest.mark.parametrize(
-    "fault, code, cause, victim",
-    [
-        (["--say", METAL_OOM, "--signal", "SIGABRT"], "WORKER_OOM", "metal_out_of_memory", False),
-        (["--say", METAL_VICTIM, "--signal", "SIGABRT"], "WORKER_CRASHED", "metal_innocent_victim", True),
-        (["--say", "terminate called after throwing an instance of 'std::bad_alloc'"], "WORKER_OOM", "bad_alloc",
-         False),
-        (["--signal", "SIGSEGV"], "WORKER_CRASHED", "killed by SIGSEGV", False),
-        (["--signal", "SIGBUS"], "WORKER_CRASHED", "killed by SIGBUS", False),
-    ],
-    ids=["metal-oom", "innocent-victim", "bad-alloc", "sigsegv", "sigbus"],
-)
-def test_deaths_during_generation_reach_the_client_classified(
-    make_supervisor, tiny_model: Path, fault: list[str], code: str, cause: str, victim: bool
-) -> None:
-    sup = make_supervisor([
-        {"id": "bad", "path": str(tiny_model), "worker_command": chaos("--at", "generate", *fault)},
-        {"id": "good", "path": str(tiny_model)},
-    ]).start()
+# One supervisor serves every death case below: a model per fault, each a real worker killed by its
+# real signal (or line then signal), and `good` beside them all. A case only touches its own model,
+# so one that fails leaves the others' models as they were.
+GENERATION_FAULTS = {
+    "metal-oom": (["--say", METAL_OOM, "--signal", "SIGABRT"], "WORKER_OOM", "metal_out_of_memory", False),
+    "innocent-victim": (["--say", METAL_VICTIM, "--signal", "SIGABRT"], "WORKER_CRASHED", "metal_innocent_victim",
+                        True),
+    "bad-alloc": (["--say", "terminate called after throwing an instance of 'std::bad_alloc'"], "WORKER_OOM",
+                  "bad_alloc", False),
+    "sigsegv": (["--signal", "SIGSEGV"], "WORKER_CRASHED", "killed by SIGSEGV", False),
+    "sigbus": (["--signal", "SIGBUS"], "WORKER_CRASHED", "killed by SIGBUS", False),
+}
+LOAD_SIGNALS = ["SIGKILL", "SIGSEGV", "SIGABRT", "SIGBUS"]
+
+
+@pytest.fixture(scope="module")
+def faulty(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path):
+    models = [{"id": f"gen-{name}", "path": str(tiny_model), "worker_command": chaos("--at", "generate", *fault)}
+              for name, (fault, *_) in GENERATION_FAULTS.items()]
+    models += [{"id": f"load-{sig}", "path": str(tiny_model), "worker_command": chaos("--at", "load", "--signal", sig)}
+               for sig in LOAD_SIGNALS]
+    models.append({"id": "good", "path": str(tiny_model)})
+    # One failure quarantines: a load death stays one record, and a generation death is not retried
+    # behind the other cases' backs (the victim, not counted, restarts; its case waits that out).
+    sup = RunningSupervisor(tmp_path_factory.mktemp("chaos"), models, restart={"quarantine_after": 1})
+    try:
+        yield sup.start(wait_ready=False)
+    finally:
+        sup.cleanup()
+
+
+@pytest.mark.timeout(240)  # the first case's setup starts all ten workers
+@pytest.mark.parametrize("name", list(GENERATION_FAULTS))
+def test_deaths_during_generation_reach_the_client_classified(faulty: RunningSupervisor, name: str) -> None:
+    fault, code, cause, victim = GENERATION_FAULTS[name]
+    bad = f"gen-{name}"
+    # Ten workers start at once on a busy machine: the first case waits the longest.
+    pid = faulty.wait_model(bad, lambda m: m["state"] == "READY", 120, "READY")["worker_pid"]
+    faulty.wait_model("good", lambda m: m["state"] == "READY", 120, "READY")
     with pytest.raises(E.LmxError) as info:
-        sup.client.complete("bad", "Hello", max_tokens=50)
+        faulty.client.complete(bad, "Hello", max_tokens=50)
     assert info.value.code.code == code and info.value.details["cause"] == cause
-    assert sup.client.complete("good", "Hello", max_tokens=3).usage["completion_tokens"] >= 1
-    record = sup.client.history("bad")[0]
+    assert faulty.client.complete("good", "Hello", max_tokens=3).usage["completion_tokens"] >= 1
+    record = faulty.client.history(bad)[0]
     assert (record["code"], record["cause"], record["victim"], record["phase"]) == (code, cause, victim, "READY")
-    assert record["request_id"] and record["stderr_tail"]
+    assert record["request_id"] and record["stderr_tail"] and record["worker_pid"] == pid
     # Counted (or not) before the client heard; the restart after it is in-process.
-    assert sup.model("bad")["failures_in_window"] == (0 if victim else 1)  # a victim is not held against it
+    assert faulty.model(bad)["failures_in_window"] == (0 if victim else 1)  # a victim is not held against it
+    # Left settled for whoever reads the supervisor next: quarantined, or (a victim) serving again.
+    faulty.wait_model(bad, lambda m: m["state"] == ("READY" if victim else "QUARANTINED") and m["worker_pid"] != pid,
+                      60, "settled after the death")
+
+
+@pytest.mark.timeout(240)  # run alone (-k), its first case's setup starts all ten workers
+@pytest.mark.parametrize("sig", LOAD_SIGNALS)
+def test_deaths_during_load_are_classified_and_the_other_model_keeps_serving(faulty: RunningSupervisor,
+                                                                            sig: str) -> None:
+    faulty.wait_model(f"load-{sig}", lambda m: m["state"] == "QUARANTINED", 120, "QUARANTINED")
+    faulty.wait_model("good", lambda m: m["state"] == "READY", 120, "READY")
+    (record,) = faulty.client.history(f"load-{sig}")
+    assert (record["code"], record["signal"], record["phase"]) == ("WORKER_CRASHED", sig, "LOADING")
+    assert faulty.client.complete("good", "Hello", max_tokens=3).usage["completion_tokens"] >= 1
 
 
 def test_a_model_that_crashes_on_every_start_is_quarantined_after_exactly_n_and_stays_so(
@@ -189,21 +223,6 @@ def test_a_supervisor_restarted_after_the_grace_window_reloads(make_supervisor, 
     sup.start()
     assert sup.model("a")["worker_pid"] != pid
     assert [e for e in sup.events("worker.adoption_skipped") if e["worker_pid"] == pid]
-
-
-@pytest.mark.parametrize("sig", ["SIGKILL", "SIGSEGV", "SIGABRT", "SIGBUS"])
-def test_deaths_during_load_are_classified_and_the_other_model_keeps_serving(
-    make_supervisor, tiny_model: Path, sig: str
-) -> None:
-    sup = make_supervisor([
-        {"id": "bad", "path": str(tiny_model), "worker_command": chaos("--at", "load", "--signal", sig)},
-        {"id": "good", "path": str(tiny_model)},
-    ], restart={"quarantine_after": 1}).start(wait_ready=False)
-    sup.wait_model("bad", lambda m: m["state"] == "QUARANTINED", 30, "QUARANTINED")
-    sup.wait_model("good", lambda m: m["state"] == "READY", 30, "READY")
-    (record,) = sup.client.history("bad")
-    assert (record["code"], record["signal"], record["phase"]) == ("WORKER_CRASHED", sig, "LOADING")
-    assert sup.client.complete("good", "Hello", max_tokens=3).usage["completion_tokens"] >= 1
 
 
 def _lmxctl(sup, *args: str) -> subprocess.CompletedProcess:
