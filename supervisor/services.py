@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
 
 from supervisor.admission.memory import MemoryLedger
 from supervisor.config import Config
+from supervisor.persistence.records import CrashRecord
 from supervisor.persistence.store import Store
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ class Counters(Protocol):
     itl: Any
     restarts: Any
 
-    def failed(self, model: str, code: str, record: Any) -> None: ...
+    def failed(self, model: str, code: str, record: CrashRecord) -> None: ...
 
     def render(self) -> bytes: ...  # the Prometheus text (lmxctl metrics)
 
@@ -78,7 +79,7 @@ class NoCounters:
 
     requests = tokens = ttft = itl = restarts = _Uncounted()
 
-    def failed(self, model: str, code: str, record: Any) -> None:
+    def failed(self, model: str, code: str, record: CrashRecord) -> None:
         pass
 
     def render(self) -> bytes:

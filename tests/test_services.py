@@ -10,6 +10,7 @@ import pytest
 
 from supervisor.control.events import EventPublisher
 from supervisor.control.metrics import Metrics
+from supervisor.persistence.records import CrashRecord
 from supervisor.services import Counters, Events, NoCounters, NoEvents
 
 pytestmark = pytest.mark.timeout(30)
@@ -38,6 +39,6 @@ def test_the_default_counters_take_every_call_the_parts_make_and_count_nothing()
     c.tokens.labels("m").inc(5)
     c.ttft.labels("m").observe(0.1)
     c.itl.labels("m").observe(0.01)
-    c.failed("m", "WORKER_CRASHED", None)
+    c.failed("m", "WORKER_CRASHED", CrashRecord("m", "r1", 0.0, "WORKER_CRASHED"))
     assert c.render() == b""
     NoEvents().publish("model.state", model="m")

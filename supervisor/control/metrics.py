@@ -14,6 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from protocol.states import ModelState, ModelStatus
+from supervisor.persistence.records import CrashRecord
 
 # What a scrape reads, as one moment: status's supervisor section and each model's typed entry.
 Status = Callable[[], tuple[dict[str, Any], list[ModelStatus]]]
@@ -147,11 +148,11 @@ class Metrics:
                                      buckets=_STORE_BUCKETS, registry=r)
         self.events = Counter("lmx_events", "Lifecycle events published.", ["event"], registry=r)
 
-    def failed(self, model: str, code: str, record: dict[str, Any]) -> None:
+    def failed(self, model: str, code: str, record: CrashRecord) -> None:
         """A model's failure, by its classification; a group's also by the rank and host that failed."""
         self.crashes.labels(model, code).inc()
-        if record.get("rank") is not None:
-            self.group_failures.labels(model, str(record["rank"]), str(record.get("host")), code).inc()
+        if record.rank is not None:
+            self.group_failures.labels(model, str(record.rank), str(record.host), code).inc()
 
     def watch_status(self, status: Status, connections: Callable[[], int]) -> None:
         self.registry.register(_StatusCollector(status, connections))

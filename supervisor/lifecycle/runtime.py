@@ -320,7 +320,7 @@ class ModelRuntime:
     def _record_crash(self, e: RecordCrash) -> None:
         record = crash_record(self.cfg.id, self.running.revision, e)
         self.store.add_crash(record)
-        self.metrics.failed(self.cfg.id, e.error.code.code, record.to_dict())
+        self.metrics.failed(self.cfg.id, e.error.code.code, record)
         self.events.publish("model.failed", **record.event_fields())
         self._evidence().failure(record)  # the registry takes only what is about compatibility
 
