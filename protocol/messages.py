@@ -236,6 +236,14 @@ class Hello(Message):
     capabilities: list[str] = added(factory=list)
 
 
+# How far two readings of one process's start time may differ and still name that process. On
+# Linux a start time is boot ticks plus /proc/stat's btime, which the kernel recomputes on every read
+# (wall clock minus uptime, in whole seconds), so two processes reading one start time can differ by
+# a second; an exact match refused adoption at random. pid reuse with a start within two seconds
+# is not a case; a reboot moves it by far more.
+START_TIME_SLACK_S = 2.0
+
+
 @dataclass
 class Adopt(Message):
     """Supervisor -> orphaned worker: you are ours again; watch this supervisor process from now on."""

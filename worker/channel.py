@@ -18,7 +18,7 @@ from protocol.exitcodes import WorkerExit
 import psutil
 
 from protocol.phase import Phase
-from protocol.messages import TO_WORKER, Adopt, Heartbeat, Hello, Init, Message
+from protocol.messages import START_TIME_SLACK_S, TO_WORKER, Adopt, Heartbeat, Hello, Init, Message
 from worker.log import log
 
 
@@ -215,7 +215,7 @@ class Channel:
             return
         try:
             proc = psutil.Process(msg.supervisor_pid)
-            if abs(proc.create_time() - msg.supervisor_start_time) > 1.0:
+            if abs(proc.create_time() - msg.supervisor_start_time) > START_TIME_SLACK_S:
                 raise psutil.NoSuchProcess(msg.supervisor_pid)
         except psutil.Error:
             log("worker.adopt_refused", level="warning", supervisor_pid=msg.supervisor_pid)

@@ -7,11 +7,8 @@ import os
 
 import psutil
 
-from protocol.messages import Adopt, Hello
+from protocol.messages import START_TIME_SLACK_S, Adopt, Hello
 from supervisor.persistence.records import WorkerRecord
-
-START_TIME_SLACK_S = 0.01  # psutil's start times are exact to the clock tick
-
 
 def refusal(hello: Hello, record: WorkerRecord, wanted_revision: str) -> str | None:
     """Why this hello does not prove it is the recorded worker running the wanted revision."""

@@ -16,8 +16,8 @@ from typing import Callable
 
 import psutil
 
+from protocol.messages import START_TIME_SLACK_S
 from supervisor import logs
-
 from supervisor.config import ModelConfig
 from supervisor.workers import workerenv
 from supervisor.workers.classify import exit_details
@@ -82,7 +82,7 @@ class WorkerProcess:
         so a stranger that reused the pid is never touched."""
         try:
             ps = psutil.Process(pid)
-            if abs(ps.create_time() - start_time) > 0.01:
+            if abs(ps.create_time() - start_time) > START_TIME_SLACK_S:
                 raise AdoptionRefused(f"pid {pid} was reused by another process")
             if ps.status() == psutil.STATUS_ZOMBIE:
                 raise AdoptionRefused(f"pid {pid} has exited")
