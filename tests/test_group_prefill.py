@@ -30,8 +30,9 @@ HI = [{"role": "user", "content": "Hello"}]
 STALL_S = 5.0  # the supervisor's prefill_stall_s here
 SENTENCE = "The quick brown fox jumps over the lazy dog. "  # 17 tokens
 # Quadratic in the messages (each looks at every other), in the model's own template: nothing for a
-# chat, ~4 s for 120 one-word messages (whose prompt is short: the cost is the template's).
-SLOW_LOOP = ("{% for m in messages %}{% for n in messages %}{% for k in range(2000) %}"
+# chat, 10-40 s for 120 one-word messages (whose prompt is short: the cost is the template's), so far
+# past the 1 s bound below on any machine (at a tenth of it, a fast one rendered it within the bound).
+SLOW_LOOP = ("{% for m in messages %}{% for n in messages %}{% for k in range(20000) %}"
              "{% endfor %}{% endfor %}{% endfor %}")
 SLOW = [{"role": "user" if i % 2 == 0 else "assistant", "content": "x"} for i in range(120)]
 # The worker as it runs in production, with a render bound a test can wait for, and a rank 1 whose
