@@ -13,6 +13,7 @@ from protocol import embed as embedding
 from protocol import endpoint as ep
 from protocol import errors as E
 from protocol import keys
+from protocol import rerank as reranking
 from protocol.adminclient import AdminCalls
 from protocol.connection import Connection, new_id
 from protocol.eventstream import EventStream
@@ -22,8 +23,9 @@ from protocol.messages import (
     StatusRequest, TokenCount, UnloadRequest,
 )
 
-__all__ = ["SupervisorClient", "GenerateStream", "EventStream", "Result", "Chunk", "EmbedResult"]
+__all__ = ["SupervisorClient", "GenerateStream", "EventStream", "Result", "Chunk", "EmbedResult", "RerankResult"]
 EmbedResult = embedding.EmbedResult
+RerankResult = reranking.RerankResult
 
 # wait_state re-reads the status this often when no state event came: a subscriber that fell behind
 # loses events (PUB/SUB), and this bounds what such a loss costs. A tcp endpoint has no events
@@ -133,6 +135,16 @@ class SupervisorClient(AdminCalls):
         reply = await self._request(EmbedRequest(new_id(), model, list(inputs), dimensions, t), t)
         assert isinstance(reply, Embeddings)
         return embedding.result(reply)
+
+    async def rerank(self, model: str, query: str, documents: list[str],
+                     timeout_s: float | None = None) -> reranking.RerankResult:
+        """A relevance score of each of `documents` to `query` from rerank model `model`: its raw
+        logit (higher is more relevant; no sigmoid), in the documents' order, and which pairs were
+        cut to the model's position limit. Out-of-bounds inputs are BadRequest here, before the wire."""
+        t = timeout_s or min(self.timeout_s, 120.0)
+        reply = await self._request(reranking.RerankRequest(new_id(), model, query, list(documents), t), t)
+        assert isinstance(reply, reranking.RerankScores)
+        return reranking.RerankResult.of(reply)
 
     async def complete(self, model: str, prompt: str | None = None, **kwargs: Any) -> Result:
         async with self.generate(model, prompt, **kwargs) as stream:

@@ -106,6 +106,15 @@ def _number(tag: str, name: str, value: Any, lo: float, hi: float) -> None:
         raise BadRequest(f"{tag}: field {name!r} must be within [{lo}, {hi}], got {value!r}")
 
 
+def check_request(tag: str, request_id: str, model: str, timeout_s: float | None) -> None:
+    """What every request to a model has: its ids, and a deadline of its own (> 0) or none."""
+    _text(tag, "request_id", request_id, MAX_ID_CHARS)
+    _text(tag, "model", model, MAX_NAME_CHARS)
+    if timeout_s is not None and not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
+        raise BadRequest(f"{tag}: field 'timeout_s' must be > 0, got {timeout_s!r}")
+    _number(tag, "timeout_s", timeout_s, 0.0, MAX_TIMEOUT_S)
+
+
 def _figures(tag: str, name: str, value: dict, lo: float = 0.0) -> None:
     """A map of named numbers (memory, usage): the supervisor does arithmetic on them."""
     if len(value) > MAX_FIGURES:
@@ -141,8 +150,7 @@ def _messages(tag: str, messages: list) -> int:
 def _prompt(m: Any) -> None:
     """What decides a prompt (a generation's, or one to count): ids, text, messages, tools, deadline."""
     t = m.TAG
-    _text(t, "request_id", m.request_id, MAX_ID_CHARS)
-    _text(t, "model", m.model, MAX_NAME_CHARS)
+    check_request(t, m.request_id, m.model, m.timeout_s)
     chars = len(m.prompt) if m.prompt is not None else 0
     if m.messages is not None:
         chars += _messages(t, m.messages)
@@ -152,9 +160,6 @@ def _prompt(m: Any) -> None:
         raise BadRequest(f"{t}: {len(m.tools)} tools, more than {MAX_TOOLS}")
     if m.tool_choice not in _TOOL_CHOICES:
         raise BadRequest(f"{t}: field 'tool_choice' must be one of auto, none, required, function")
-    if m.timeout_s is not None and not (isinstance(m.timeout_s, (int, float)) and m.timeout_s > 0):
-        raise BadRequest(f"{t}: field 'timeout_s' must be > 0, got {m.timeout_s!r}")
-    _number(t, "timeout_s", m.timeout_s, 0.0, MAX_TIMEOUT_S)
     check_template_kwargs(t, m.chat_template_kwargs)
 
 
@@ -247,8 +252,7 @@ def _agent(m: Any) -> None:
 
 def _embed(m: Any) -> None:
     t = m.TAG
-    _text(t, "request_id", m.request_id, MAX_ID_CHARS)
-    _text(t, "model", m.model, MAX_NAME_CHARS)
+    check_request(t, m.request_id, m.model, m.timeout_s)
     if not 1 <= len(m.inputs) <= MAX_EMBED_INPUTS:
         raise BadRequest(f"{t}: inputs must hold 1..{MAX_EMBED_INPUTS} entries, got {len(m.inputs)}", param="inputs")
     strings = isinstance(m.inputs[0], str)
@@ -264,9 +268,6 @@ def _embed(m: Any) -> None:
     if total > whole:
         raise BadRequest(f"{t}: the inputs have {total} {unit} together, more than {whole}", param="inputs")
     _number(t, "dimensions", m.dimensions, 1, MAX_EMBED_DIMS)
-    if m.timeout_s is not None and not m.timeout_s > 0:
-        raise BadRequest(f"{t}: field 'timeout_s' must be > 0, got {m.timeout_s!r}")
-    _number(t, "timeout_s", m.timeout_s, 0.0, MAX_TIMEOUT_S)
 
 
 def _embeddings(m: Any) -> None:
@@ -389,7 +390,10 @@ _FROM_WORKER: dict[str, Callable[[Any], None]] = {"chunk": _chunk, "chunks": _ch
 
 
 def check(msg: Any, from_worker: bool = False) -> None:
-    """Raise BadRequest when a decoded message is out of bounds."""
+    """Raise BadRequest when a decoded message is out of bounds (one with `bounds`, as protocol.rerank's
+    are, checks itself, told whether a worker sent it)."""
     fn = _CHECKS.get(msg.TAG) or (_FROM_WORKER.get(msg.TAG) if from_worker else None)
     if fn is not None:
         fn(msg)
+    elif hasattr(msg, "bounds"):
+        msg.bounds(from_worker)

@@ -11,6 +11,7 @@ from protocol import admin as A
 from protocol import peer as P
 from protocol.admin import AdminRequest  # noqa: F401  (the legacy admin message; its schema's home)
 from protocol.errors import BadRequest, LmxError
+from protocol.rerank import RerankRequest, RerankScores  # noqa: F401  (their home: protocol/rerank.py)
 # What a worker is given (Init, GenerateRequest) lives in protocol/work.py, below the peer link that
 # nests both; the base and `added()` in protocol/wirebase.py, below protocol/admin.py. This stays
 # the import path of all of them.
@@ -357,9 +358,11 @@ def _tags(*classes: type[Message]) -> dict[str, type[Message]]:
 
 
 # One table per direction: a message that may not travel that way is a BAD_REQUEST.
-TO_SUPERVISOR_FROM_CLIENT = _tags(StatusRequest, GenerateRequest, CountTokens, EmbedRequest, Cancel, LoadRequest,
-                                  UnloadRequest, A.AdminRequest, HistoryRequest, *A.REQUESTS, *P.REQUESTS)
-TO_CLIENT = _tags(StatusReply, Chunk, Final, TokenCount, Embeddings, Error, Ack, HistoryReply, *A.REPLIES,
+TO_SUPERVISOR_FROM_CLIENT = _tags(StatusRequest, GenerateRequest, CountTokens, EmbedRequest, RerankRequest, Cancel,
+                                  LoadRequest, UnloadRequest, A.AdminRequest, HistoryRequest, *A.REQUESTS, *P.REQUESTS)
+TO_CLIENT = _tags(StatusReply, Chunk, Final, TokenCount, Embeddings, RerankScores, Error, Ack, HistoryReply, *A.REPLIES,
                   *P.REPLIES)
-TO_WORKER = _tags(Init, GenerateRequest, CountTokens, EmbedRequest, Cancel, Shutdown, Adopt, ClearPrefixCache)
-TO_SUPERVISOR_FROM_WORKER = _tags(Hello, Ready, Heartbeat, Chunk, Chunks, Final, TokenCount, Embeddings, Error)
+TO_WORKER = _tags(Init, GenerateRequest, CountTokens, EmbedRequest, RerankRequest, Cancel, Shutdown, Adopt,
+                  ClearPrefixCache)
+TO_SUPERVISOR_FROM_WORKER = _tags(Hello, Ready, Heartbeat, Chunk, Chunks, Final, TokenCount, Embeddings, RerankScores,
+                                  Error)

@@ -74,6 +74,10 @@ class SyncSupervisorClient:
         """SupervisorClient.embed: an EmbedResult."""
         return self._run(self._client.embed(model, inputs, **kw))
 
+    def rerank(self, model: str, query: str, documents: list, **kw: Any) -> Any:
+        """SupervisorClient.rerank: a RerankResult."""
+        return self._run(self._client.rerank(model, query, documents, **kw))
+
     def complete(self, model: str, prompt: str | None = None, **kw: Any) -> Result:
         return self._run(self._client.complete(model, prompt, **kw))
 

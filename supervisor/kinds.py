@@ -14,17 +14,25 @@ GENERATE, EMBED, RERANK, VISION = "generate", "embed", "rerank", "vision"
 # Each kind and what becomes of a model of it here: served, or refused at config time as not
 # supported yet (a config error the operator sees at load or reload, not a worker that starts and
 # fails; UNSUPPORTED_ARCHITECTURE stays the word for a snapshot whose architecture the kind's engine
-# lacks). Rerank and vision have their entry so the table, lmxctl and metrics know the words.
+# lacks). Vision has its entry so the table, lmxctl and metrics know the word.
 KINDS: dict[str, str | None] = {
     GENERATE: None,
     EMBED: None,
-    RERANK: "not supported yet (issue 25 item 3)",
+    RERANK: None,
     VISION: "not supported yet (issue 25 item 4)",
 }
+# The kinds whose worker runs an encoder over whole inputs (worker/embed.py, worker/rerank.py): one
+# reply per request, no KV cache and so no prefix cache, one worker (no group).
+ENCODER_KINDS = frozenset({EMBED, RERANK})
 # config.json model_types that are encoders, not decoders: detected as embed even without a
 # sentence-transformers pooling file (mean pooling is then assumed).
 ENCODER_TYPES = frozenset({"bert"})
 POOLING_CONFIG = "1_Pooling/config.json"
+# config.json architectures of a cross-encoder (a one-label sequence classifier whose logit is the
+# pair's relevance): detected as rerank. worker/rerank.py runs BERT's; an XLM-RoBERTa one (the
+# bge-rerankers) is detected too, so that admission refuses it as UNSUPPORTED_ARCHITECTURE of the
+# rerank engine, naming it, rather than as a generate model mlx-lm lacks.
+CROSS_ENCODERS = frozenset({"BertForSequenceClassification", "XLMRobertaForSequenceClassification"})
 
 
 def _json(path: Path) -> dict[str, Any]:
@@ -35,13 +43,33 @@ def _json(path: Path) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def num_labels(cfg: dict[str, Any]) -> int:
+    """A classifier's outputs as transformers counts them: id2label's entries, else num_labels,
+    else transformers' default of 2."""
+    labels = cfg.get("id2label")
+    if isinstance(labels, dict) and labels:
+        return len(labels)
+    value = cfg.get("num_labels")
+    return value if isinstance(value, int) and not isinstance(value, bool) else 2
+
+
+def is_cross_encoder(cfg: dict[str, Any]) -> bool:
+    archs = cfg.get("architectures")
+    named = isinstance(archs, list) and any(isinstance(a, str) and a in CROSS_ENCODERS for a in archs)
+    return named and num_labels(cfg) == 1
+
+
 def detect(path: str | os.PathLike) -> str:
-    """A sentence-transformers snapshot (1_Pooling/config.json) or a BERT config.json is embed;
-    anything else, a missing snapshot included (admission reports that), generate."""
+    """A one-label BERT sequence classifier (a cross-encoder) is rerank; a sentence-transformers
+    snapshot (1_Pooling/config.json) or another BERT config.json is embed; anything else, a missing
+    snapshot included (admission reports that), generate."""
     root = Path(path)
+    cfg = _json(root / "config.json")
+    if is_cross_encoder(cfg):
+        return RERANK
     if (root / POOLING_CONFIG).is_file():
         return EMBED
-    if _json(root / "config.json").get("model_type") in ENCODER_TYPES:
+    if cfg.get("model_type") in ENCODER_TYPES:
         return EMBED
     return GENERATE
 
@@ -58,8 +86,8 @@ def embed_dims(path: str | os.PathLike) -> int | None:
 
 def resolve(prefix: str, table: dict[str, Any], path: str) -> str:
     """A [[models]] table's kind: its `kind` key (popped), else detected from the snapshot at
-    `path`. An embed model keeps no prefix cache (a vector has no KV to reuse): the table's cache
-    keys are set to off, and a size given for one, or a group, is a Problem."""
+    `path`. An embed or rerank model keeps no prefix cache (a vector or a score has no KV to
+    reuse): the table's cache keys are set to off, and a size given for one, or a group, is a Problem."""
     kind = table.pop("kind", None)
     if kind is None:
         kind = detect(path)
@@ -67,11 +95,12 @@ def resolve(prefix: str, table: dict[str, Any], path: str) -> str:
         raise Problem(f"{prefix}.kind", f"expected one of {', '.join(KINDS)}, got {kind!r}")
     if KINDS[kind] is not None:
         raise Problem(f"{prefix}.kind", f"{kind!r}: {KINDS[kind]}")
-    if kind == EMBED:
+    if kind in ENCODER_KINDS:
+        article = "an" if kind == EMBED else "a"
         if "group" in table:
-            raise Problem(f"{prefix}.group", "an embed model runs in one worker: no group")
+            raise Problem(f"{prefix}.group", f"{article} {kind} model runs in one worker: no group")
         for key in ("prefix_cache_bytes", "prefix_cache_disk_bytes"):
             if table.get(key, 0) not in (0, -1):
-                raise Problem(f"{prefix}.{key}", "an embed model has no prefix cache: leave it out or 0")
+                raise Problem(f"{prefix}.{key}", f"{article} {kind} model has no prefix cache: leave it out or 0")
             table[key] = 0
     return kind

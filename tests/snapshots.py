@@ -272,3 +272,41 @@ def write_tiny_bert(dest: Path, *, seed: int = 0, pooling: str = "mean_tokens") 
             w[p + norm + ".weight"], w[p + norm + ".bias"] = np.ones(h, np.float32), np.zeros(h, np.float32)
     write_safetensors(dest / "model.safetensors", w)
     return dest
+
+
+def write_tiny_cross_encoder(dest: Path, *, seed: int = 0) -> Path:
+    """A tiny random-weight BERT cross-encoder (a rerank model): write_tiny_bert's encoder under
+    `bert.`, with BERT's pooler and a one-label classifier, config.json naming
+    BertForSequenceClassification, and a WordPiece tokenizer with BERT's pair template
+    ([CLS] query [SEP] document [SEP], segment 1 for the document). No 1_Pooling: it is no embed model."""
+    import shutil
+
+    from safetensors.numpy import load_file
+    from tokenizers import Tokenizer, processors
+
+    write_tiny_bert(dest, seed=seed)
+    shutil.rmtree(dest / "1_Pooling")
+    encoder = load_file(str(dest / "model.safetensors"))
+    cfg = json.loads((dest / "config.json").read_text())
+    rng = np.random.default_rng(seed + 1)
+    h = cfg["hidden_size"]
+    # The tiny WordPiece's ids run past its entry count (a word that is also a letter, "a", takes
+    # two ids and keeps one): the embedding covers every id the tokenizer can emit.
+    vocab = 1 + max(json.loads((dest / "tokenizer.json").read_text())["model"]["vocab"].values())
+    table = encoder["embeddings.word_embeddings.weight"]
+    extra = (rng.standard_normal((vocab - len(table), h), dtype=np.float32) * 0.2).astype(np.float32)
+    encoder["embeddings.word_embeddings.weight"] = np.concatenate([table, extra])
+    cfg.update(vocab_size=vocab, architectures=["BertForSequenceClassification"], id2label={"0": "LABEL_0"},
+               label2id={"LABEL_0": 0})
+    (dest / "config.json").write_text(json.dumps(cfg))
+    tok = Tokenizer.from_str((dest / "tokenizer.json").read_text())
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    (dest / "tokenizer.json").write_text(tok.to_str())
+    w = {f"bert.{k}": v for k, v in encoder.items()}
+    w["bert.pooler.dense.weight"] = (rng.standard_normal((h, h), dtype=np.float32) * 0.2).astype(np.float32)
+    w["bert.pooler.dense.bias"] = (rng.standard_normal(h, dtype=np.float32) * 0.1).astype(np.float32)
+    w["classifier.weight"] = rng.standard_normal((1, h), dtype=np.float32).astype(np.float32)
+    w["classifier.bias"] = np.array([0.1], np.float32)
+    write_safetensors(dest / "model.safetensors", w)
+    return dest

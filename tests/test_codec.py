@@ -34,6 +34,8 @@ SAMPLES = [
     M.EmbedRequest("r13", "e", ["one", "two"], dimensions=8, timeout_s=5.0),
     M.EmbedRequest("r13", "e", [[101, 7592, 102]]),
     M.Embeddings("r13", 2, b"\x00" * 16, 6),
+    M.RerankRequest("r14", "rr", "query", ["one", ""], timeout_s=5.0),
+    M.RerankScores("r14", [1.5, -0.25], 9, [1]),
     M.Chunk("r2", "tok", 1),
     M.Chunk("r2", "", 1, reasoning="hmm", tool_calls=[{"id": "c1", "type": "function",
                                                        "function": {"name": "get", "arguments": "{}"}}],

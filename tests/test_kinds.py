@@ -56,7 +56,7 @@ def test_a_generate_models_revision_does_not_move_with_the_kind_key(tmp_path: Pa
     assert _parse(path, kind="embed").revision != _parse(path).revision
 
 
-@pytest.mark.parametrize("kind, words", [("rerank", "not supported yet"), ("vision", "not supported yet"),
+@pytest.mark.parametrize("kind, words", [("vision", "not supported yet"),
                                          ("chat", "expected one of generate, embed, rerank, vision")])
 def test_kinds_not_served_are_config_errors_naming_the_key(tmp_path: Path, kind: str, words: str) -> None:
     with pytest.raises(config.ConfigError) as err:

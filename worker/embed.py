@@ -127,15 +127,22 @@ class EmbedEngine:
         mx.eval(pooled)
         return np.array(pooled, dtype=np.float32)
 
-    def _encode(self, ids: Any, mask: Any) -> Any:
+    def batcher(self, progress: Any, send: Any) -> "EmbedBatcher":
+        """The serve loop's batcher for this engine (worker.main)."""
+        return EmbedBatcher(self, progress, send)
+
+    def _encode(self, ids: Any, mask: Any, types: Any = None) -> Any:
+        """The last layer's hidden states. `types`: each token's segment (a pair's second text is
+        1, worker.rerank's); none, every token is segment 0."""
         mx, w, cfg = self._mx, self._w, self._cfg
         import mlx.nn as nn
 
         eps = float(cfg.get("layer_norm_eps", 1e-12))
         heads = int(cfg["num_attention_heads"])
         b, n = ids.shape
+        segments = w["embeddings.token_type_embeddings.weight"]
         x = (w["embeddings.word_embeddings.weight"][ids] + w["embeddings.position_embeddings.weight"][:n][None]
-             + w["embeddings.token_type_embeddings.weight"][0])
+             + (segments[0] if types is None else segments[types]))
         def norm(v: Any, name: str) -> Any:
             return mx.fast.layer_norm(v, w[f"{name}.weight"], w[f"{name}.bias"], eps)
 
@@ -222,12 +229,12 @@ class EmbedBatcher:
         reqs, self._waiting = self._waiting, []
         self._progress.phase = Phase.PREFILL
         try:
-            for out in self._embed_all(reqs):
+            for out in self._answer_all(reqs):
                 self._send(out)
         finally:
             self._progress.phase = Phase.IDLE
 
-    def _embed_all(self, reqs: list[EmbedRequest]) -> list[Embeddings | Error]:
+    def _answer_all(self, reqs: list[EmbedRequest]) -> list[Embeddings | Error]:
         """Every request's Embeddings (or its own BAD_REQUEST), the inputs of all in shared passes."""
         engine, served, ids, out = self._engine, [], [], []
         for req in reqs:

@@ -11,7 +11,8 @@ import traceback
 from protocol.errors import ErrorCode
 from protocol.exitcodes import WorkerExit
 from protocol.messages import (
-    Cancel, ClearPrefixCache, CountTokens, EmbedRequest, Error, GenerateRequest, Hello, Init, Ready, Shutdown,
+    Cancel, ClearPrefixCache, CountTokens, EmbedRequest, Error, GenerateRequest, Hello, Init, Ready, RerankRequest,
+    Shutdown,
 )
 from protocol.phase import Phase
 from worker.channel import Channel, Progress
@@ -22,7 +23,9 @@ from worker.log import log
 INIT_TIMEOUT_S = 60.0
 # What this worker serves beyond generate and cancel (Hello.capabilities): the supervisor refuses a
 # worker from before a message that message, rather than send what it would drop.
-CAPABILITIES = ("count_tokens", "embed")
+CAPABILITIES = ("count_tokens", "embed", "rerank")
+# The kinds whose engine is an encoder of this package's own (worker.embed, worker.rerank): no mlx_lm.
+ENCODERS = ("embed", "rerank")
 
 
 def _apply_memory_limit(limit_bytes: int) -> None:
@@ -81,7 +84,7 @@ def _handle(batcher, msg) -> None:
         batcher.cancel(msg.request_id)
     elif isinstance(msg, ClearPrefixCache):
         log("worker.prefix_cache_cleared", **batcher.prefix.clear())
-    elif isinstance(msg, (GenerateRequest, EmbedRequest)):
+    elif isinstance(msg, (GenerateRequest, EmbedRequest, RerankRequest)):
         if not isinstance(msg, getattr(batcher, "SERVES", GenerateRequest)):  # the supervisor routes by kind
             raise ValueError(f"this worker's model is of another kind: it does not serve {msg.TAG} requests")
         batcher.add(msg)
@@ -93,7 +96,7 @@ def _refuse(channel: Channel, msg, exc: Exception) -> None:
     rid = getattr(msg, "request_id", None)
     log("worker.request_failed", level="error", type=msg.TAG, request_id=rid, error=repr(exc)[:500],
         traceback=traceback.format_exc(limit=8))
-    if rid is not None and isinstance(msg, (GenerateRequest, CountTokens, EmbedRequest)):
+    if rid is not None and isinstance(msg, (GenerateRequest, CountTokens, EmbedRequest, RerankRequest)):
         channel.send(Error(rid, ErrorCode.BAD_REQUEST.code, f"cannot serve this request: {str(exc)[:500]}"))
 
 
@@ -127,11 +130,9 @@ def main() -> int:
     progress.phase = Phase.IDLE
     progress.revision = init.revision
     log("worker.loaded", revision=init.revision, load_s=round(load_s, 3))
-    if init.kind == "embed":
-        from worker.embed import EmbedBatcher
-
+    if init.kind in ENCODERS:
         channel.send(Ready(init.revision, load_s, engine.memory(), {}))
-        return _serve(channel, EmbedBatcher(engine, progress, channel.send), progress)
+        return _serve(channel, engine.batcher(progress, channel.send), progress)
     if group is not None:
         from worker.group import GroupBatcher
 
@@ -153,6 +154,8 @@ def _load(init: Init, channel: Channel, progress: Progress, death_fd: int | None
     try:
         if init.kind == "embed":  # its own encoder: no mlx_lm import to pay for
             from worker.embed import EmbedEngine as Engine
+        elif init.kind == "rerank":
+            from worker.rerank import RerankEngine as Engine
         else:
             from worker.engine import Engine
         engine = Engine()

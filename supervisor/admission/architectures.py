@@ -38,15 +38,22 @@ def installed() -> tuple[str | None, frozenset[str], dict[str, str]]:
 # backend key). Kept in step with it: tests/test_embed_worker.py compares the two.
 EMBED_TYPES = frozenset({"bert"})
 EMBED_ENGINE = ("lmx-embed", "1")
+# worker/rerank.py's cross-encoder: that encoder with BERT's pooler and a one-label classifier
+# (tests/test_rerank.py compares the two).
+RERANK_TYPES = frozenset({"bert"})
+RERANK_ENGINE = ("lmx-rerank", "1")
 
 
 def supported(model_type: str, kind: str = "generate") -> bool:
     if kind == "embed":
         return model_type in EMBED_TYPES
+    if kind == "rerank":
+        return model_type in RERANK_TYPES
     _, names, remap = installed()
     return remap.get(model_type, model_type) in names
 
 
 def engine(kind: str) -> tuple[str, str | None]:
     """The engine a model of `kind` loads with, and its version here: a refusal names both."""
-    return EMBED_ENGINE if kind == "embed" else ("mlx-lm", installed()[0])
+    own = {"embed": EMBED_ENGINE, "rerank": RERANK_ENGINE}.get(kind)
+    return own if own is not None else ("mlx-lm", installed()[0])

@@ -12,7 +12,7 @@ import dataclasses
 from typing import TYPE_CHECKING, Any, Hashable
 
 from protocol import errors as E
-from protocol.messages import CountTokens, EmbedRequest, GenerateRequest
+from protocol.messages import CountTokens, EmbedRequest, GenerateRequest, RerankRequest
 
 if TYPE_CHECKING:
     from supervisor.lifecycle.runtime import ModelRuntime
@@ -28,15 +28,16 @@ class Router:
         self._routes: dict[Key, tuple["ModelRuntime", str]] = {}
         self._per_client: collections.Counter[Client] = collections.Counter()
 
-    def admit(self, client: Client, req: GenerateRequest | CountTokens | EmbedRequest) -> tuple["ModelRuntime", Any]:
-        """The runtime for a new request (a generation, a token count or an embedding) and the
+    def admit(self, client: Client, req: GenerateRequest | CountTokens | EmbedRequest | RerankRequest,
+              ) -> tuple["ModelRuntime", Any]:
+        """The runtime for a new request (a generation, a token count, an embedding, a rerank) and the
         request as it will run (its deadline capped), or the typed refusal: draining, unknown model,
         a model of another kind, neither or both of prompt and messages, a reused id, or over a limit."""
         if self._ops.draining:
             raise E.ShuttingDown("supervisor is shutting down", retry_after_s=5.0)
         runtime = self._ops.runtime(req.model)
         _check_kind(runtime.cfg.id, runtime.cfg.kind, req)
-        if not isinstance(req, EmbedRequest) and (req.prompt is None) == (req.messages is None):
+        if isinstance(req, (GenerateRequest, CountTokens)) and (req.prompt is None) == (req.messages is None):
             raise E.BadRequest("exactly one of prompt or messages is required")
         if (client, req.request_id) in self._routes:
             raise E.BadRequest(f"request id {req.request_id!r} is already in flight")
@@ -78,12 +79,13 @@ class Router:
 
 # What each kind of model serves (supervisor.kinds): a request of another sort is the client's
 # mistake, refused here before any worker sees it.
-_SERVES = {"generate": (GenerateRequest, CountTokens), "embed": (EmbedRequest,)}
-_SORT = {"generate": "generation", "count_tokens": "token count", "embed": "embedding"}
+_SERVES = {"generate": (GenerateRequest, CountTokens), "embed": (EmbedRequest,), "rerank": (RerankRequest,)}
+_SORT = {"generate": "generation", "count_tokens": "token count", "embed": "embedding", "rerank": "rerank"}
+_SERVED = {"generate": "generations and token counts", "embed": "embeddings", "rerank": "rerank scores"}
 
 
 def _check_kind(model_id: str, kind: str, req: Any) -> None:
     if not isinstance(req, _SERVES.get(kind, ())):
-        serves = "embeddings" if kind == "embed" else "generations and token counts"
+        serves = _SERVED.get(kind, "nothing yet")
         raise E.BadRequest(f"model {model_id!r} is of kind {kind!r}: it serves {serves}, not a "
                            f"{_SORT.get(req.TAG, req.TAG)} request", model=model_id, kind=kind)

@@ -24,7 +24,8 @@ from protocol.loopreader import LoopReader, monitor_socket
 from protocol.messages import (
     TO_SUPERVISOR_FROM_CLIENT, Ack, AdminRequest, Cancel, Chunk, CountTokens, EmbedRequest, Embeddings, Error, Final,
     GenerateRequest,
-    HistoryReply, HistoryRequest, LoadRequest, Message, StatusReply, StatusRequest, TokenCount, UnloadRequest,
+    HistoryReply, HistoryRequest, LoadRequest, Message, RerankRequest, RerankScores, StatusReply, StatusRequest,
+    TokenCount, UnloadRequest,
 )
 from supervisor import config as cfg_mod, logs
 from supervisor.control.auth import Access
@@ -33,6 +34,20 @@ from supervisor.logs import LogLimit
 from supervisor.control.router import Key, Router
 from supervisor.operations.verbs import Operations
 from supervisor.services import Services
+
+def _misfit(req: EmbedRequest | RerankRequest, msg: Embeddings | RerankScores) -> str | None:
+    """Why a worker's reply does not fit its request, or None."""
+    if isinstance(req, EmbedRequest) and isinstance(msg, Embeddings):
+        if len(msg.data) == 4 * msg.dims * len(req.inputs) and req.dimensions in (None, msg.dims):
+            return None
+        return (f"the worker sent {len(msg.data) // (4 * msg.dims)} vectors of {msg.dims} for "
+                f"{len(req.inputs)} inputs (dimensions {req.dimensions})")
+    if isinstance(req, RerankRequest) and isinstance(msg, RerankScores):
+        if len(msg.scores) == len(req.documents):
+            return None
+        return f"the worker sent {len(msg.scores)} scores for {len(req.documents)} documents"
+    return f"the worker answered a {req.TAG} request with {msg.TAG}"
+
 
 Handler = Callable[[bytes, Any], None]  # (the client's identity, its message): answers it, now or later
 AdminHandler = Callable[[Any], Awaitable[A.AdminReply | dict[str, Any]]]
@@ -172,6 +187,7 @@ class ControlServer:
         table: dict[type[Message], Handler] = {
             StatusRequest: self._status,
             GenerateRequest: self._generate, CountTokens: self._generate, EmbedRequest: self._generate,
+            RerankRequest: self._generate,
             Cancel: lambda identity, msg: self._router.cancel(((self._name, identity), msg.request_id)),
             LoadRequest: lambda identity, msg: self._later(identity, msg.request_id, ops.load(msg.model, msg.force)),
             UnloadRequest: lambda identity, msg: self._later(identity, msg.request_id, ops.unload(msg.model)),
@@ -261,9 +277,9 @@ class ControlServer:
         path, findings = self._ops.verify(req.model)
         return A.VerifyReply(req.request_id, path, [f.to_dict() for f in findings])
 
-    def _generate(self, identity: bytes, req: GenerateRequest | CountTokens | EmbedRequest) -> None:
-        """A generation, a token count or an embedding: routed alike (same states, limits, deadline,
-        cancel); the router refuses one its model's kind does not serve."""
+    def _generate(self, identity: bytes, req: GenerateRequest | CountTokens | EmbedRequest | RerankRequest) -> None:
+        """A generation, a token count, an embedding or a rerank: routed alike (same states, limits,
+        deadline, cancel); the router refuses one its model's kind does not serve."""
         runtime, req = self._router.admit((self._name, identity), req)
         key = ((self._name, identity), req.request_id)
         if isinstance(req, CountTokens):
@@ -272,8 +288,8 @@ class ControlServer:
                 raise E.BadRequest(f"model {runtime.cfg.id}'s worker predates count_tokens (adopted from "
                                    "an older version): unload and load it to count", reason="worker_outdated")
             sink = self._count_sink(identity, key, req)
-        elif isinstance(req, EmbedRequest):
-            sink = self._embed_sink(identity, key, req)
+        elif isinstance(req, (EmbedRequest, RerankRequest)):
+            sink = self._encoder_sink(identity, key, req)
         else:
             sink = self._sink(identity, key, req)
         self._router.add(key, runtime, runtime.submit(req, sink))
@@ -287,27 +303,27 @@ class ControlServer:
 
         return sink
 
-    def _embed_sink(self, identity: bytes, key: Key, req: EmbedRequest) -> Callable[[Message], None]:
-        """Vectors go out only as many and as wide as asked: a worker's reply of another shape is
-        its bug, answered as INTERNAL, never handed on as someone's embeddings."""
+    def _encoder_sink(self, identity: bytes, key: Key, req: EmbedRequest | RerankRequest) -> Callable[[Message], None]:
+        """An embedding's or a rerank's one reply goes out only in the shape asked (as many vectors
+        as inputs and as wide, a score per document): another shape is the worker's bug, answered
+        as INTERNAL, never handed on as someone's result."""
         client_rid, router, metrics = req.request_id, self._router, self._metrics
         log = self.log.bind(model=req.model, request_id=client_rid)
+        inputs = len(req.inputs) if isinstance(req, EmbedRequest) else len(req.documents)
 
         def sink(msg: Message) -> None:
-            if not isinstance(msg, (Embeddings, Error)) or not router.end(key):
+            if not isinstance(msg, (Embeddings, RerankScores, Error)) or not router.end(key):
                 return
-            if isinstance(msg, Embeddings) and (len(msg.data) != 4 * msg.dims * len(req.inputs)
-                                                or req.dimensions not in (None, msg.dims)):
-                msg = Error.from_exc(msg.request_id, E.InternalError(
-                    f"the worker sent {len(msg.data) // (4 * msg.dims)} vectors of {msg.dims} for "
-                    f"{len(req.inputs)} inputs (dimensions {req.dimensions})"))
-            code = "ok" if isinstance(msg, Embeddings) else msg.code
+            problem = None if isinstance(msg, Error) else _misfit(req, msg)
+            if problem is not None:
+                msg = Error.from_exc(msg.request_id, E.InternalError(problem))
+            code = "ok" if not isinstance(msg, Error) else msg.code
             self.send(identity, dataclasses.replace(msg, request_id=client_rid))
             metrics.requests.labels(req.model, code).inc()
-            if code == "ok":
-                log.info("request.done", inputs=len(req.inputs), prompt_tokens=msg.prompt_tokens)
+            if not isinstance(msg, Error):
+                log.info("request.done", inputs=inputs, prompt_tokens=msg.prompt_tokens)
             else:
-                log.info("request.failed", code=code, message=msg.message, inputs=len(req.inputs))
+                log.info("request.failed", code=code, message=msg.message, inputs=inputs)
 
         return sink
 

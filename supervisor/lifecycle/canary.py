@@ -1,5 +1,6 @@
 """The canary that must pass before a model is routable: a greedy generation of the configured
-prompt, or for an embed model the vectors of that prompt and of fixed sentence pairs."""
+prompt, for an embed model the vectors of that prompt and of fixed sentence pairs, for a rerank
+model the scores of fixed documents against a fixed query, twice."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 
 from protocol import embed as embedding
 from protocol import errors as E
-from protocol.messages import EmbedRequest, Embeddings, Error, Final, GenerateRequest, Message
+from protocol.messages import EmbedRequest, Embeddings, Error, Final, GenerateRequest, Message, RerankRequest, RerankScores
 from supervisor import kinds
 from supervisor.config import CanarySettings, ModelConfig
 from supervisor.lifecycle.requests import RequestQueue
@@ -25,9 +26,11 @@ DEATH_CODES = frozenset({E.ErrorCode.WORKER_CRASHED, E.ErrorCode.WORKER_OOM, E.E
 async def run_canary(c: CanarySettings, requests: RequestQueue, log: Any, model: ModelConfig | None = None) -> Final:
     """>= 1 token, and `expect` in the text when set, within `timeout_s`; else CANARY_FAILED /
     CANARY_TIMEOUT. A worker death during the canary keeps its own class (it is not the canary's).
-    An embed `model`'s canary is embed_canary's."""
+    An embed `model`'s canary is embed_canary's, a rerank model's rerank_canary's."""
     if model is not None and model.kind == kinds.EMBED:
         return await embed_canary(c, model, requests, log)
+    if model is not None and model.kind == kinds.RERANK:
+        return await rerank_canary(c, model, requests, log)
     req = GenerateRequest("", "", messages=[{"role": "user", "content": c.prompt}],
                           max_tokens=c.max_tokens, temperature=0.0)
     out = await _result(c, req, requests, (Final, Error))
@@ -99,3 +102,27 @@ def _cosine(a: list[float], b: list[float]) -> float:
     dot = sum(x * y for x, y in zip(a, b))
     norm = math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b))
     return dot / norm if norm else 0.0
+
+
+async def rerank_canary(c: CanarySettings, model: ModelConfig, requests: RequestQueue, log: Any) -> Final:
+    """A score per document, each finite, and the same scores again for the same request; else
+    CANARY_FAILED. The query is NEAR[0], the documents NEAR[1], UNRELATED and the canary prompt.
+    What it does not check: that the paraphrase outscores the unrelated sentence, which a real
+    reranker does and a random-weight test model need not (docs/runbook.md, "Kinds of model").
+    Its Final's text (the scores, to two places) is what the registry compares across starts."""
+    start = time.monotonic()
+    req = RerankRequest("", model.id, NEAR[0], [NEAR[1], UNRELATED, c.prompt])
+    first, again = [await _result(c, req, requests, (RerankScores, Error)) for _ in range(2)]
+    assert isinstance(first, RerankScores) and isinstance(again, RerankScores)
+    if len(first.scores) != len(req.documents) or len(again.scores) != len(req.documents):
+        raise E.CanaryFailed(f"canary: {len(first.scores)} and {len(again.scores)} scores for "
+                             f"{len(req.documents)} documents")
+    if not all(math.isfinite(x) for x in first.scores + again.scores):
+        raise E.CanaryFailed(f"canary: a score is not finite (NaN or infinity): {first.scores}")
+    text = "scores " + " ".join(f"{x:.2f}" for x in first.scores)
+    if any(abs(a - b) > 1e-4 * max(1.0, abs(a)) for a, b in zip(first.scores, again.scores)):
+        raise E.CanaryFailed(f"canary: the same request scored {again.scores} after {first.scores}", output=text)
+    total_s = round(time.monotonic() - start, 4)
+    log.info("model.canary_passed", tokens=first.prompt_tokens, text=text, duration_s=total_s)
+    return Final("", text, "stop", {"prompt_tokens": first.prompt_tokens, "completion_tokens": 0},
+                 {"total_s": total_s})

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 from protocol import errors as E
-from protocol.messages import Cancel, CountTokens, Embeddings, Error, Final, GenerateRequest, Message, TokenCount
+from protocol.messages import (
+    Cancel, CountTokens, Embeddings, Error, Final, GenerateRequest, Message, RerankScores, TokenCount,
+)
 
 Sink = Callable[[Message], None]
 Send = Callable[[Message], bool]  # -> False when there is no worker to send to
@@ -162,7 +164,7 @@ class RequestQueue:
                 self._ended()
             return
         p.sink(msg)
-        if isinstance(msg, (Final, Embeddings, Error)):  # an embedding is one reply, its request's end
+        if isinstance(msg, (Final, Embeddings, RerankScores, Error)):  # an embedding or a rerank: one reply
             if p.timer:
                 p.timer.cancel()
             del self.active[p.wrid]

@@ -12,7 +12,9 @@ import time
 from typing import Callable
 
 from protocol import errors as E
-from protocol.messages import Embeddings, Error, Final, Heartbeat, Hello, Init, Message, Ready, Shutdown, TokenCount
+from protocol.messages import (
+    Embeddings, Error, Final, Heartbeat, Hello, Init, Message, Ready, RerankScores, Shutdown, TokenCount,
+)
 from protocol.phase import Phase
 from supervisor import logs
 from supervisor.admission.memory import available_bytes
@@ -188,7 +190,7 @@ class WorkerHandle:
         """From the hub: handshake and heartbeats are the handle's; the rest is its owner's."""
         if self._on_handshake_or_beat(msg):
             return
-        if isinstance(msg, (Final, Error, TokenCount, Embeddings)) and msg.request_id:
+        if isinstance(msg, (Final, Error, TokenCount, Embeddings, RerankScores)) and msg.request_id:
             self._via_io.discard(msg.request_id)  # its request is over: the id may come again
         self._owner.on_worker_result(self, msg)
 

@@ -1,0 +1,246 @@
+"""The rerank kind end to end on a tiny random BERT cross-encoder: the worker's scores against a
+float64 numpy forward written here, the kind's detection and config, and one supervisor serving it
+beside a tiny generate model (the client's rerank verb, the canary, truncation, the refusals by
+kind and by bounds, a SIGKILL mid-request that fails that request alone)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from protocol import errors as E
+from protocol import rerank as wire
+from protocol.client import SupervisorClient
+from protocol.messages import CountTokens, EmbedRequest, GenerateRequest, RerankRequest
+from supervisor import config, kinds
+from supervisor.admission import admit, architectures, memory
+from supervisor.control import router
+from tests.harness import RunningSupervisor, process_gone
+from tests.snapshots import write_tiny_bert, write_tiny_cross_encoder, write_tiny_llama
+
+pytestmark = pytest.mark.timeout(120)
+
+QUERY = "what is the capital of france"
+DOCUMENTS = ["the capital of france is paris", "the weather today is sunny", "a small model writes words",
+             "paris is a city on the river seine", ""]
+LONG = " ".join(["the supervisor starts the worker and watches its health"] * 12)  # past 64 positions
+
+
+@pytest.fixture(scope="module")
+def cross(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_cross_encoder(tmp_path_factory.mktemp("models") / "cross")
+
+
+def _reference(path: Path, query: str, documents: list[str]) -> np.ndarray:
+    """BERT's sequence-classification forward in float64 numpy from the snapshot's files alone:
+    embeddings with segments, post-norm layers with exact GELU, the pooler (dense + tanh on
+    [CLS]) and the one-label classifier. The pairs are tokenized here, longest-first to the
+    position limit, as transformers' tokenizer(query, document, truncation=True) does."""
+    from safetensors.numpy import load_file
+    from tokenizers import Tokenizer
+
+    cfg = json.loads((path / "config.json").read_text())
+    w = {k.removeprefix("bert."): v.astype(np.float64) for k, v in load_file(str(path / "model.safetensors")).items()}
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    tok.enable_truncation(cfg["max_position_embeddings"])
+    erf = np.vectorize(math.erf)
+    heads, eps = cfg["num_attention_heads"], cfg["layer_norm_eps"]
+
+    def norm(x: np.ndarray, name: str) -> np.ndarray:
+        mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+        return (x - mu) / np.sqrt(var + eps) * w[f"{name}.weight"] + w[f"{name}.bias"]
+
+    def lin(x: np.ndarray, name: str) -> np.ndarray:
+        return x @ w[f"{name}.weight"].T + w[f"{name}.bias"]
+
+    out = []
+    for doc in documents:
+        enc = tok.encode(query, doc)
+        n = len(enc.ids)
+        x = (w["embeddings.word_embeddings.weight"][enc.ids] + w["embeddings.position_embeddings.weight"][:n]
+             + w["embeddings.token_type_embeddings.weight"][enc.type_ids])
+        x = norm(x, "embeddings.LayerNorm")
+        for i in range(cfg["num_hidden_layers"]):
+            p = f"encoder.layer.{i}."
+            q, k, v = (lin(x, p + f"attention.self.{t}").reshape(n, heads, -1).transpose(1, 0, 2)
+                       for t in ("query", "key", "value"))
+            s = q @ k.transpose(0, 2, 1) / math.sqrt(q.shape[-1])
+            s = np.exp(s - s.max(-1, keepdims=True))
+            a = ((s / s.sum(-1, keepdims=True)) @ v).transpose(1, 0, 2).reshape(n, -1)
+            x = norm(x + lin(a, p + "attention.output.dense"), p + "attention.output.LayerNorm")
+            h = lin(x, p + "intermediate.dense")
+            x = norm(x + lin(0.5 * h * (1 + erf(h / math.sqrt(2))), p + "output.dense"), p + "output.LayerNorm")
+        pooled = np.tanh(lin(x[0], "pooler.dense"))
+        out.append(float(lin(pooled, "classifier")[0]))
+    return np.array(out)
+
+
+def test_the_workers_scores_match_an_independent_forward_pass(cross: Path) -> None:
+    from worker import rerank
+
+    engine = rerank.RerankEngine()
+    engine.load(str(cross))
+    ids, types, cut = engine.pairs(QUERY, [*DOCUMENTS, LONG])
+    assert cut == [len(DOCUMENTS)] and len(ids[-1]) == 64  # the long one alone, cut at the position limit
+    assert ids[0][0] == 2 and types[0].count(1) == len(ids[0]) - types[0].index(1) > 1  # [CLS] q [SEP] | d [SEP]
+    got = engine.score(ids, types)
+    want = _reference(cross, QUERY, [*DOCUMENTS, LONG])
+    assert np.abs(got - want).max() < 1e-4, (got, want)
+    assert np.ptp(want) > 0.1  # the documents do score differently: the check could fail
+    # Padding in a shared pass changes nothing: one pass of all equals a pass per pair.
+    alone = np.array([engine.score([i], [t])[0] for i, t in zip(ids, types)])
+    assert np.abs(alone - got).max() < 1e-5
+    # The supervisor's detection and registry name what the worker implements.
+    assert architectures.RERANK_TYPES == rerank.TYPES and rerank.ARCHITECTURES <= kinds.CROSS_ENCODERS
+    assert dict([architectures.RERANK_ENGINE]) == {rerank.ENGINE[0].replace("_", "-"): rerank.ENGINE[1]}
+
+
+def test_a_snapshot_that_is_no_cross_encoder_fails_its_load_saying_why(tmp_path: Path, cross: Path) -> None:
+    from worker import rerank
+
+    with pytest.raises(ValueError, match="no cross-encoder"):
+        rerank.RerankEngine().load(str(write_tiny_bert(tmp_path / "bert")))
+    two = write_tiny_cross_encoder(tmp_path / "two")
+    cfg = json.loads((two / "config.json").read_text())
+    (two / "config.json").write_text(json.dumps({**cfg, "id2label": {"0": "NO", "1": "YES"}}))
+    with pytest.raises(ValueError, match="one label; this classifier has 2"):
+        rerank.RerankEngine().load(str(two))
+
+
+def _parse(path: Path, **model: object) -> config.ModelConfig:
+    lines = [f"{k} = {json.dumps(v)}" for k, v in {"id": "m", "path": str(path), **model}.items()]
+    return config.parse("[[models]]\n" + "\n".join(lines), base_dir=path.parent).models[0]
+
+
+def test_the_kind_is_detected_from_the_architecture_and_the_key_overrides_it(tmp_path: Path, cross: Path) -> None:
+    assert _parse(cross).kind == "rerank"
+    assert _parse(write_tiny_bert(tmp_path / "bert")).kind == "embed"
+    two = write_tiny_cross_encoder(tmp_path / "two")
+    cfg = json.loads((two / "config.json").read_text())
+    (two / "config.json").write_text(json.dumps({**cfg, "id2label": {"0": "NO", "1": "YES"}}))
+    assert _parse(two).kind == "embed"  # a two-label classifier is no reranker: its encoder embeds
+    assert _parse(cross, kind="embed").kind == "embed"
+    forced = _parse(write_tiny_bert(tmp_path / "bert2"), kind="rerank")
+    assert forced.kind == "rerank" and forced.prefix_cache_bytes == 0 and forced.prefix_cache_disk_bytes == 0
+    with pytest.raises(config.ConfigError, match="a rerank model has no prefix cache"):
+        _parse(cross, prefix_cache_bytes=1 << 20)
+
+
+def test_admission_and_the_estimate_of_a_rerank_model(tmp_path: Path, cross: Path) -> None:
+    llama = _parse(write_tiny_llama(tmp_path / "llama"), kind="rerank")
+    refusal = asyncio.run(admit.integrity(llama, None))  # type: ignore[arg-type]  # no checksums: no store read
+    assert isinstance(refusal, E.UnsupportedArchitecture)
+    assert refusal.details["engine"] == "lmx-rerank" and refusal.details["kind"] == "rerank"
+    assert asyncio.run(admit.integrity(_parse(cross), None)) is None  # type: ignore[arg-type]
+    # An XLM-RoBERTa cross-encoder (a bge-reranker) is a reranker this engine lacks: refused, named.
+    xlmr = write_tiny_cross_encoder(tmp_path / "xlmr")
+    cfg = json.loads((xlmr / "config.json").read_text())
+    (xlmr / "config.json").write_text(json.dumps({**cfg, "model_type": "xlm-roberta",
+                                                  "architectures": ["XLMRobertaForSequenceClassification"]}))
+    refusal = asyncio.run(admit.integrity(_parse(xlmr), None))  # type: ignore[arg-type]
+    assert isinstance(refusal, E.UnsupportedArchitecture) and refusal.details["kind"] == "rerank"
+    assert "'xlm-roberta' is not supported by the installed lmx-rerank 1" in refusal.message
+    # One forward batch's activations, as an embed model's; no KV cache for the context.
+    assert memory.estimate(str(cross), 4096, kind="rerank") == memory.estimate(str(cross), 4096, kind="embed")
+    assert memory.estimate(str(cross), 4096, kind="rerank") != memory.estimate(str(cross), 4096)
+
+
+def test_the_router_refuses_the_other_kinds_requests_naming_the_kind() -> None:
+    rr = RerankRequest("r", "x", "q", ["d"])
+    for req in (GenerateRequest("r", "x", prompt="hi"), CountTokens("r", "x", prompt="hi"), EmbedRequest("r", "x", ["hi"])):
+        with pytest.raises(E.BadRequest, match="kind 'rerank': it serves rerank scores") as err:
+            router._check_kind("x", "rerank", req)
+        assert err.value.details == {"model": "x", "kind": "rerank"}
+    for kind in ("generate", "embed"):
+        with pytest.raises(E.BadRequest, match=f"kind '{kind}'.*not a rerank request"):
+            router._check_kind("x", kind, rr)
+    router._check_kind("x", "rerank", rr)
+
+
+@pytest.fixture(scope="module")
+def sup(tmp_path_factory: pytest.TempPathFactory, cross: Path, tiny_model: Path):
+    s = RunningSupervisor(tmp_path_factory.mktemp("rerank"), [
+        {"id": "rr", "path": str(cross)},  # its kind detected from config.json's architectures
+        {"id": "gen", "path": str(tiny_model), "max_batch_size": 2},
+    ]).start(timeout_s=90)
+    yield s
+    s.stop()
+
+
+def test_a_rerank_worker_answers_through_the_client_after_its_canary(sup: RunningSupervisor, cross: Path) -> None:
+    status = {m["id"]: m for m in sup.status()["models"]}
+    assert (status["rr"]["kind"], status["gen"]["kind"]) == ("rerank", "generate")
+    assert status["rr"]["canary"]["text"].startswith("scores ")
+    assert [e for e in sup.events("model.canary_passed") if e.get("model") == "rr"], "READY without its canary"
+    result = sup.client.rerank("rr", QUERY, [*DOCUMENTS, LONG])
+    assert isinstance(result, wire.RerankResult) and len(result.scores) == len(DOCUMENTS) + 1
+    want = _reference(cross, QUERY, [*DOCUMENTS, LONG])
+    assert np.abs(np.array(result.scores) - want).max() < 1e-4
+    assert result.truncated == [len(DOCUMENTS)]
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(cross / "tokenizer.json"))
+    tok.enable_truncation(64)
+    assert result.prompt_tokens == sum(len(tok.encode(QUERY, d).ids) for d in [*DOCUMENTS, LONG])
+    again = sup.client.rerank("rr", QUERY, DOCUMENTS[:2])
+    assert again.scores == result.scores[:2] and again.truncated == []
+
+
+def test_requests_of_the_other_kind_are_refused_naming_it(sup: RunningSupervisor) -> None:
+    with pytest.raises(E.BadRequest, match="kind 'rerank'") as gen_to_rerank:
+        sup.client.complete("rr", "Hello", max_tokens=2)
+    with pytest.raises(E.BadRequest, match="kind 'generate'") as rerank_to_gen:
+        sup.client.rerank("gen", "q", ["d"])
+    with pytest.raises(E.BadRequest, match="kind 'rerank'"):
+        sup.client.embed("rr", ["hello"])
+    assert gen_to_rerank.value.details["kind"] == "rerank" and rerank_to_gen.value.details["kind"] == "generate"
+    assert sup.model("rr")["restarts"] == 0 and sup.model("gen")["restarts"] == 0
+
+
+def test_inputs_past_the_bounds_are_refused_before_the_wire(sup: RunningSupervisor) -> None:
+    client = sup.client
+    for query, docs, words in (("q", ["x"] * (wire.MAX_RERANK_DOCUMENTS + 1), "entries"), ("q", [], "entries"),
+                               ("", ["x"], "query has 0"), ("q", ["x" * (wire.MAX_RERANK_DOCUMENT_CHARS + 1)], "characters"),
+                               ("q" * 4000, ["x"] * 600, "comes to"), ("q", ["a", 1], "expected")):
+        with pytest.raises(E.BadRequest, match=words):
+            client.rerank("rr", query, docs)
+    assert not [e for e in sup.events("client.bad_request")]  # nothing of those reached the supervisor
+
+
+def test_sigkill_of_the_rerank_worker_mid_request_fails_that_request_alone(sup: RunningSupervisor) -> None:
+    """The worker is stopped (SIGSTOP) so that the request is surely in its hands, unanswered, when
+    it is killed: a tiny model would otherwise answer before any kill could land."""
+    victim = sup.model("rr")["worker_pid"]
+
+    async def scenario() -> tuple[BaseException | None, object]:
+        async with SupervisorClient(state_dir=sup.state_dir) as client:
+            os.kill(victim, signal.SIGSTOP)
+            job = asyncio.ensure_future(client.rerank("rr", QUERY, DOCUMENTS, timeout_s=60))
+            async with asyncio.timeout(10):  # until the supervisor has put it on the worker
+                while not [m for m in (await client.status())["models"] if m["id"] == "rr" and m["active"]]:
+                    await asyncio.sleep(0.01)
+            assert not job.done()
+            os.kill(victim, signal.SIGKILL)
+            err = None
+            try:
+                await job
+            except E.LmxError as exc:
+                err = exc
+            beside = await client.complete("gen", "Hello", max_tokens=3)
+            return err, beside
+
+    err, beside = asyncio.run(scenario())
+    assert isinstance(err, E.WorkerCrashed), err
+    assert err.details["signal"] == "SIGKILL"
+    assert beside.usage["completion_tokens"] >= 1
+    assert sup.model("gen")["restarts"] == 0
+    sup.wait_model("rr", lambda m: m["state"] == "READY" and m["worker_pid"] != victim, 60, "rr READY again")
+    assert process_gone(victim)
+    assert len(sup.client.rerank("rr", QUERY, ["back again"]).scores) == 1
