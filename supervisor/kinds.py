@@ -29,9 +29,8 @@ ENCODER_KINDS = frozenset({EMBED, RERANK})
 ENCODER_TYPES = frozenset({"bert"})
 POOLING_CONFIG = "1_Pooling/config.json"
 # config.json architectures of a cross-encoder (a one-label sequence classifier whose logit is the
-# pair's relevance): detected as rerank. worker/rerank.py runs BERT's; an XLM-RoBERTa one (the
-# bge-rerankers) is detected too, so that admission refuses it as UNSUPPORTED_ARCHITECTURE of the
-# rerank engine, naming it, rather than as a generate model mlx-lm lacks.
+# pair's relevance, worker/rerank.py's: BERT's, as ms-marco-MiniLM; XLM-RoBERTa's, as the
+# bge-rerankers): detected as rerank.
 CROSS_ENCODERS = frozenset({"BertForSequenceClassification", "XLMRobertaForSequenceClassification"})
 
 

@@ -274,11 +274,14 @@ def write_tiny_bert(dest: Path, *, seed: int = 0, pooling: str = "mean_tokens") 
     return dest
 
 
-def write_tiny_cross_encoder(dest: Path, *, seed: int = 0) -> Path:
+def write_tiny_cross_encoder(dest: Path, *, seed: int = 0, roberta: bool = False) -> Path:
     """A tiny random-weight BERT cross-encoder (a rerank model): write_tiny_bert's encoder under
     `bert.`, with BERT's pooler and a one-label classifier, config.json naming
     BertForSequenceClassification, and a WordPiece tokenizer with BERT's pair template
-    ([CLS] query [SEP] document [SEP], segment 1 for the document). No 1_Pooling: it is no embed model."""
+    ([CLS] query [SEP] document [SEP], segment 1 for the document). No 1_Pooling: it is no embed model.
+    `roberta`: an XLM-RoBERTa one instead (a bge-reranker's layout): the encoder under `roberta.`,
+    positions numbered from the padding id (1) + 1, one segment, RoBERTa's classification head
+    (classifier.dense, classifier.out_proj) and its pair template ([CLS] q [SEP] [SEP] d [SEP])."""
     import shutil
 
     from safetensors.numpy import load_file
@@ -286,27 +289,35 @@ def write_tiny_cross_encoder(dest: Path, *, seed: int = 0) -> Path:
 
     write_tiny_bert(dest, seed=seed)
     shutil.rmtree(dest / "1_Pooling")
-    encoder = load_file(str(dest / "model.safetensors"))
+    enc = load_file(str(dest / "model.safetensors"))
     cfg = json.loads((dest / "config.json").read_text())
     rng = np.random.default_rng(seed + 1)
     h = cfg["hidden_size"]
+
+    def dense(*shape: int, scale: float = 0.2) -> np.ndarray:
+        return (rng.standard_normal(shape, dtype=np.float32) * scale).astype(np.float32)
+
     # The tiny WordPiece's ids run past its entry count (a word that is also a letter, "a", takes
     # two ids and keeps one): the embedding covers every id the tokenizer can emit.
     vocab = 1 + max(json.loads((dest / "tokenizer.json").read_text())["model"]["vocab"].values())
-    table = encoder["embeddings.word_embeddings.weight"]
-    extra = (rng.standard_normal((vocab - len(table), h), dtype=np.float32) * 0.2).astype(np.float32)
-    encoder["embeddings.word_embeddings.weight"] = np.concatenate([table, extra])
+    table = enc["embeddings.word_embeddings.weight"]
+    enc["embeddings.word_embeddings.weight"] = np.concatenate([table, dense(vocab - len(table), h)])
     cfg.update(vocab_size=vocab, architectures=["BertForSequenceClassification"], id2label={"0": "LABEL_0"},
                label2id={"LABEL_0": 0})
+    pair, prefix, head = "[CLS] $A [SEP] $B:1 [SEP]:1", "bert.", ("bert.pooler.dense", "classifier")
+    if roberta:
+        enc["embeddings.position_embeddings.weight"] = np.concatenate([dense(2, h), enc["embeddings.position_embeddings.weight"]])
+        enc["embeddings.token_type_embeddings.weight"] = enc["embeddings.token_type_embeddings.weight"][:1]
+        cfg.update(model_type="xlm-roberta", architectures=["XLMRobertaForSequenceClassification"], pad_token_id=1,
+                   type_vocab_size=1, max_position_embeddings=cfg["max_position_embeddings"] + 2)
+        pair, prefix, head = "[CLS] $A [SEP] [SEP] $B [SEP]", "roberta.", ("classifier.dense", "classifier.out_proj")
     (dest / "config.json").write_text(json.dumps(cfg))
     tok = Tokenizer.from_str((dest / "tokenizer.json").read_text())
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+        single="[CLS] $A [SEP]", pair=pair, special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
     (dest / "tokenizer.json").write_text(tok.to_str())
-    w = {f"bert.{k}": v for k, v in encoder.items()}
-    w["bert.pooler.dense.weight"] = (rng.standard_normal((h, h), dtype=np.float32) * 0.2).astype(np.float32)
-    w["bert.pooler.dense.bias"] = (rng.standard_normal(h, dtype=np.float32) * 0.1).astype(np.float32)
-    w["classifier.weight"] = rng.standard_normal((1, h), dtype=np.float32).astype(np.float32)
-    w["classifier.bias"] = np.array([0.1], np.float32)
+    w = {prefix + k: v for k, v in enc.items()}
+    w.update({f"{head[0]}.weight": dense(h, h), f"{head[0]}.bias": dense(h, scale=0.1),
+              f"{head[1]}.weight": dense(1, h, scale=1.0), f"{head[1]}.bias": np.array([0.1], np.float32)})
     write_safetensors(dest / "model.safetensors", w)
     return dest

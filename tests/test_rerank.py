@@ -38,18 +38,28 @@ def cross(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_cross_encoder(tmp_path_factory.mktemp("models") / "cross")
 
 
+@pytest.fixture(scope="module")
+def xlmr(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_cross_encoder(tmp_path_factory.mktemp("models") / "xlmr", roberta=True)
+
+
 def _reference(path: Path, query: str, documents: list[str]) -> np.ndarray:
-    """BERT's sequence-classification forward in float64 numpy from the snapshot's files alone:
-    embeddings with segments, post-norm layers with exact GELU, the pooler (dense + tanh on
-    [CLS]) and the one-label classifier. The pairs are tokenized here, longest-first to the
+    """BERT's (or XLM-RoBERTa's) sequence-classification forward in float64 numpy from the
+    snapshot's files alone: embeddings with segments (RoBERTa's positions from its padding id + 1),
+    post-norm layers with exact GELU, a dense + tanh on the first token (BERT's pooler, RoBERTa's
+    classifier.dense) and the one-label output. The pairs are tokenized here, longest-first to the
     position limit, as transformers' tokenizer(query, document, truncation=True) does."""
     from safetensors.numpy import load_file
     from tokenizers import Tokenizer
 
     cfg = json.loads((path / "config.json").read_text())
-    w = {k.removeprefix("bert."): v.astype(np.float64) for k, v in load_file(str(path / "model.safetensors")).items()}
+    w = {k.removeprefix("bert.").removeprefix("roberta."): v.astype(np.float64)
+         for k, v in load_file(str(path / "model.safetensors")).items()}
+    roberta = cfg["model_type"] == "xlm-roberta"
+    first = cfg["pad_token_id"] + 1 if roberta else 0
+    head = ("classifier.dense", "classifier.out_proj") if roberta else ("pooler.dense", "classifier")
     tok = Tokenizer.from_file(str(path / "tokenizer.json"))
-    tok.enable_truncation(cfg["max_position_embeddings"])
+    tok.enable_truncation(cfg["max_position_embeddings"] - first)
     erf = np.vectorize(math.erf)
     heads, eps = cfg["num_attention_heads"], cfg["layer_norm_eps"]
 
@@ -64,7 +74,7 @@ def _reference(path: Path, query: str, documents: list[str]) -> np.ndarray:
     for doc in documents:
         enc = tok.encode(query, doc)
         n = len(enc.ids)
-        x = (w["embeddings.word_embeddings.weight"][enc.ids] + w["embeddings.position_embeddings.weight"][:n]
+        x = (w["embeddings.word_embeddings.weight"][enc.ids] + w["embeddings.position_embeddings.weight"][first:first + n]
              + w["embeddings.token_type_embeddings.weight"][enc.type_ids])
         x = norm(x, "embeddings.LayerNorm")
         for i in range(cfg["num_hidden_layers"]):
@@ -77,21 +87,25 @@ def _reference(path: Path, query: str, documents: list[str]) -> np.ndarray:
             x = norm(x + lin(a, p + "attention.output.dense"), p + "attention.output.LayerNorm")
             h = lin(x, p + "intermediate.dense")
             x = norm(x + lin(0.5 * h * (1 + erf(h / math.sqrt(2))), p + "output.dense"), p + "output.LayerNorm")
-        pooled = np.tanh(lin(x[0], "pooler.dense"))
-        out.append(float(lin(pooled, "classifier")[0]))
+        out.append(float(lin(np.tanh(lin(x[0], head[0])), head[1])[0]))
     return np.array(out)
 
 
-def test_the_workers_scores_match_an_independent_forward_pass(cross: Path) -> None:
+@pytest.mark.parametrize("roberta", [False, True], ids=["bert", "xlm-roberta"])
+def test_the_workers_scores_match_an_independent_forward_pass(cross: Path, xlmr: Path, roberta: bool) -> None:
     from worker import rerank
 
+    path = xlmr if roberta else cross
     engine = rerank.RerankEngine()
-    engine.load(str(cross))
+    engine.load(str(path))
     ids, types, cut = engine.pairs(QUERY, [*DOCUMENTS, LONG])
     assert cut == [len(DOCUMENTS)] and len(ids[-1]) == 64  # the long one alone, cut at the position limit
-    assert ids[0][0] == 2 and types[0].count(1) == len(ids[0]) - types[0].index(1) > 1  # [CLS] q [SEP] | d [SEP]
+    if roberta:  # [CLS] q [SEP] [SEP] d [SEP], one segment
+        assert set(types[0]) == {0} and ids[0].count(3) == 3
+    else:  # [CLS] q [SEP] | d [SEP]
+        assert ids[0][0] == 2 and types[0].count(1) == len(ids[0]) - types[0].index(1) > 1
     got = engine.score(ids, types)
-    want = _reference(cross, QUERY, [*DOCUMENTS, LONG])
+    want = _reference(path, QUERY, [*DOCUMENTS, LONG])
     assert np.abs(got - want).max() < 1e-4, (got, want)
     assert np.ptp(want) > 0.1  # the documents do score differently: the check could fail
     # Padding in a shared pass changes nothing: one pass of all equals a pass per pair.
@@ -139,14 +153,10 @@ def test_admission_and_the_estimate_of_a_rerank_model(tmp_path: Path, cross: Pat
     assert isinstance(refusal, E.UnsupportedArchitecture)
     assert refusal.details["engine"] == "lmx-rerank" and refusal.details["kind"] == "rerank"
     assert asyncio.run(admit.integrity(_parse(cross), None)) is None  # type: ignore[arg-type]
-    # An XLM-RoBERTa cross-encoder (a bge-reranker) is a reranker this engine lacks: refused, named.
-    xlmr = write_tiny_cross_encoder(tmp_path / "xlmr")
-    cfg = json.loads((xlmr / "config.json").read_text())
-    (xlmr / "config.json").write_text(json.dumps({**cfg, "model_type": "xlm-roberta",
-                                                  "architectures": ["XLMRobertaForSequenceClassification"]}))
-    refusal = asyncio.run(admit.integrity(_parse(xlmr), None))  # type: ignore[arg-type]
-    assert isinstance(refusal, E.UnsupportedArchitecture) and refusal.details["kind"] == "rerank"
-    assert "'xlm-roberta' is not supported by the installed lmx-rerank 1" in refusal.message
+    # An XLM-RoBERTa cross-encoder (a bge-reranker's layout) is detected and admitted alike.
+    roberta = write_tiny_cross_encoder(tmp_path / "xlmr", roberta=True)
+    assert _parse(roberta).kind == "rerank"
+    assert asyncio.run(admit.integrity(_parse(roberta), None)) is None  # type: ignore[arg-type]
     # One forward batch's activations, as an embed model's; no KV cache for the context.
     assert memory.estimate(str(cross), 4096, kind="rerank") == memory.estimate(str(cross), 4096, kind="embed")
     assert memory.estimate(str(cross), 4096, kind="rerank") != memory.estimate(str(cross), 4096)

@@ -46,6 +46,9 @@ class EmbedEngine:
         self._proc = psutil.Process()
         self.model = None  # what worker.main reads of an engine
         self.dims = 0
+        # Where the position table's rows begin: 0 for BERT; XLM-RoBERTa's positions start past its
+        # padding id (worker.rerank sets it), which also takes those rows from the position limit.
+        self.position_offset = 0
 
     def versions(self) -> dict:
         return {"mlx": self._mx.__version__, ENGINE[0]: ENGINE[1]}
@@ -81,7 +84,7 @@ class EmbedEngine:
         raw: dict[str, Any] = {}
         for f in sorted(root.glob("*.safetensors")):
             raw.update(mx.load(str(f)))
-        w = {(k[5:] if k.startswith("bert.") else k): v.astype(mx.float32) for k, v in raw.items()}
+        w = {k.removeprefix("bert.").removeprefix("roberta."): v.astype(mx.float32) for k, v in raw.items()}
         # Linear weights transposed once, so every layer's matmul is x @ W.
         self._w = {k: (v.T if k.endswith(".weight") and v.ndim == 2 and "embeddings" not in k else v)
                    for k, v in w.items()}
@@ -92,7 +95,8 @@ class EmbedEngine:
 
         tok = Tokenizer.from_file(str(root / "tokenizer.json"))
         st = _json(root / "sentence_bert_config.json") or {}
-        self.max_len = min(int(st.get("max_seq_length") or 512), int(cfg.get("max_position_embeddings", 512)))
+        positions = int(cfg.get("max_position_embeddings", 512)) - self.position_offset
+        self.max_len = min(int(st.get("max_seq_length") or 512), positions)
         tok.no_padding()
         tok.enable_truncation(self.max_len)
         self._tok = tok
@@ -140,8 +144,8 @@ class EmbedEngine:
         eps = float(cfg.get("layer_norm_eps", 1e-12))
         heads = int(cfg["num_attention_heads"])
         b, n = ids.shape
-        segments = w["embeddings.token_type_embeddings.weight"]
-        x = (w["embeddings.word_embeddings.weight"][ids] + w["embeddings.position_embeddings.weight"][:n][None]
+        segments, first = w["embeddings.token_type_embeddings.weight"], self.position_offset
+        x = (w["embeddings.word_embeddings.weight"][ids] + w["embeddings.position_embeddings.weight"][first:first + n][None]
              + (segments[0] if types is None else segments[types]))
         def norm(v: Any, name: str) -> Any:
             return mx.fast.layer_norm(v, w[f"{name}.weight"], w[f"{name}.bias"], eps)

@@ -1,10 +1,12 @@
-"""The rerank worker's engine: a BERT cross-encoder in mlx (worker.embed's encoder, then BERT's
-pooler, dense + tanh on [CLS], and a one-label classifier whose logit is the pair's relevance), and
-the batcher that scores RerankRequests' (query, document) pairs in passes bounded by padded tokens.
+"""The rerank worker's engine: a BERT or XLM-RoBERTa cross-encoder in mlx (worker.embed's encoder,
+then a dense + tanh on the first token, BERT's pooler or RoBERTa's classification head, and a
+one-label output whose logit is the pair's relevance), and the batcher that scores RerankRequests'
+(query, document) pairs in passes bounded by padded tokens.
 
-Each pair is tokenized as the model was trained, `[CLS] query [SEP] document [SEP]` with segment 1
-for the document, by the snapshot's tokenizer.json (its pair template) and cut longest-first to the
-model's position limit, as sentence-transformers' CrossEncoder does; the reply names the documents
+Each pair is tokenized as the model was trained, by the snapshot's tokenizer.json and its pair
+template (BERT's `[CLS] query [SEP] document [SEP]` with segment 1 for the document; XLM-RoBERTa's
+`<s> query </s></s> document </s>`, one segment), and cut longest-first to the model's position
+limit, as sentence-transformers' CrossEncoder does; the reply names the documents
 whose pair was cut. The score is the raw logit, no sigmoid (the gateway's relevance_score is its
 sigmoid, docs/gateway.md). Like the embed worker, it never imports mlx_lm or transformers.
 """
@@ -22,10 +24,12 @@ from protocol.messages import Error, RerankRequest, RerankScores
 from worker.embed import EmbedBatcher, EmbedEngine, _json, batches
 
 ENGINE = ("lmx_rerank", "1")  # the registry's backend key (supervisor.admission.architectures)
-TYPES = frozenset({"bert"})
-# supervisor.kinds.CROSS_ENCODERS, which detects the kind from the same config.json key.
-ARCHITECTURES = frozenset({"BertForSequenceClassification"})
-HEAD = ("pooler.dense.weight", "pooler.dense.bias", "classifier.weight", "classifier.bias")
+# Each model_type's sequence classifier (supervisor.kinds.CROSS_ENCODERS detects the kind from the
+# same config.json key) and its head: the dense + tanh on the first token, then the one-label output.
+CLASSIFIERS = {"bert": "BertForSequenceClassification", "xlm-roberta": "XLMRobertaForSequenceClassification"}
+HEADS = {"bert": ("pooler.dense", "classifier"), "xlm-roberta": ("classifier.dense", "classifier.out_proj")}
+TYPES = frozenset(CLASSIFIERS)
+ARCHITECTURES = frozenset(CLASSIFIERS.values())
 
 
 def _labels(cfg: dict) -> int:
@@ -40,7 +44,7 @@ def _labels(cfg: dict) -> int:
 def refusal(cfg: dict) -> str | None:
     """Why config.json is no cross-encoder this worker runs, or None."""
     archs = [a for a in cfg.get("architectures") or [] if isinstance(a, str)]
-    if cfg.get("model_type") not in TYPES or not ARCHITECTURES.intersection(archs):
+    if CLASSIFIERS.get(cfg.get("model_type")) not in archs:  # type: ignore[arg-type]
         return (f"model_type {cfg.get('model_type')!r} with architectures {archs} is no cross-encoder this "
                 f"worker implements ({sorted(ARCHITECTURES)})")
     if _labels(cfg) != 1:
@@ -61,13 +65,16 @@ class RerankEngine(EmbedEngine):
         problem = refusal(cfg)
         if problem is not None:
             raise ValueError(problem)
-        self._cfg = cfg
+        self._cfg, bert = cfg, cfg["model_type"] == "bert"
+        if not bert:  # RoBERTa numbers positions from its padding id + 1
+            self.position_offset = int(cfg.get("pad_token_id", 1)) + 1
         self._weights(root)
-        missing = [k for k in HEAD if k not in self._w]
+        self._head = HEADS[cfg["model_type"]]
+        missing = [f"{n}.{p}" for n in self._head for p in ("weight", "bias") if f"{n}.{p}" not in self._w]
         if missing:
             raise ValueError(f"the weights lack the cross-encoder's head: {missing}")
         self._tokenizer(root, cfg)
-        if 1 not in self._tok.encode("query", "document").type_ids:
+        if bert and 1 not in self._tok.encode("query", "document").type_ids:
             raise ValueError("tokenizer.json has no pair template (segment 1 for the document)")
         self.dims = 1
         self.model = self
@@ -92,8 +99,9 @@ class RerankEngine(EmbedEngine):
 
         mask = mx.array([[1.0] * len(s) + [0.0] * (longest - len(s)) for s in ids], dtype=mx.float32)
         hidden = self._encode(padded(ids, self._pad), mask, padded(types, 0))
-        pooled = mx.tanh(hidden[:, 0] @ w["pooler.dense.weight"] + w["pooler.dense.bias"])
-        logits = pooled @ w["classifier.weight"] + w["classifier.bias"]
+        dense, out = self._head
+        pooled = mx.tanh(hidden[:, 0] @ w[f"{dense}.weight"] + w[f"{dense}.bias"])
+        logits = pooled @ w[f"{out}.weight"] + w[f"{out}.bias"]
         mx.eval(logits)
         return np.array(logits[:, 0], dtype=np.float32)
 

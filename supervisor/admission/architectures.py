@@ -38,9 +38,9 @@ def installed() -> tuple[str | None, frozenset[str], dict[str, str]]:
 # backend key). Kept in step with it: tests/test_embed_worker.py compares the two.
 EMBED_TYPES = frozenset({"bert"})
 EMBED_ENGINE = ("lmx-embed", "1")
-# worker/rerank.py's cross-encoder: that encoder with BERT's pooler and a one-label classifier
-# (tests/test_rerank.py compares the two).
-RERANK_TYPES = frozenset({"bert"})
+# worker/rerank.py's cross-encoders: that encoder (BERT's, or XLM-RoBERTa's, which differs in its
+# position numbering) with a one-label classification head (tests/test_rerank.py compares the two).
+RERANK_TYPES = frozenset({"bert", "xlm-roberta"})
 RERANK_ENGINE = ("lmx-rerank", "1")
 
 
