@@ -7,8 +7,8 @@ requests run one at a time, in arrival order.
 
 A request that arrives to an idle worker runs alone: its prompt in chunks, one per step, then on
 mlx-lm's generate_step (the path of stream_generate, whose pipelining a batch of one cannot match; a seed gives its exact sequence);
-when a second request arrives, the solo sequence moves into the batch with its KV cache (less its
-last token, which the batch re-feeds) and nothing is recomputed.
+when a second request arrives, the solo sequence moves into the batch with its KV cache as it is and
+the token generate_step had sampled ahead (worker.solo): nothing is recomputed or fed twice.
 
 Every request starts from the longest prefix of its prompt the prefix cache holds
 (worker.prefixcache) and, once finished, leaves its KV there for the next turn. Every step, prefill
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import collections
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from protocol.errors import ErrorCode
@@ -30,19 +29,8 @@ from worker.engine import Engine
 from worker.logprobs import token_logprobs  # noqa: F401  (its import path of old: bench/constrain_cost.py)
 from worker.pacing import Pacer
 from worker.prefixcache import PrefixCache
+from worker.solo import Solo, lookahead, rebase_processors
 from worker.streams import Stream
-
-
-@dataclass
-class _Solo:
-    """The one request running alone, with the cache it fills: prompt chunks, then generate_step's."""
-    tokens_gen: Any
-    cache: list
-    rest: list[int]  # the prompt tokens not in the cache yet (then: those generate_step was given)
-    sampler: Any
-    limit: int = 0  # its max_tokens: generate_step yields at most this many
-    yielded: int = 0
-    processors: list = field(default_factory=list)  # solo-safe ones only (a thinking budget)
 
 
 class ContextExceeded(ValueError):
@@ -76,11 +64,13 @@ class Batcher:
         self._step_s = 0.0  # how long the last step took: what the next is expected to take
         self._uids: dict[str, int] = {}  # request id -> BatchGenerator uid (or the solo's -1)
         self._gen = self._new_generator()
-        self._solo: _Solo | None = None
+        self._solo: Solo | None = None
         self._machines: dict[bool, Any] = {}  # mlx-lm TextStateMachine, without and with tool calls
         self._eos = set(engine.tokenizer.eos_token_ids)
         from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
 
+        # Attention caches only (KVCache, RotatingKVCache: trimmable while fresh); a recurrent state
+        # runs in the batch from the start. The move trims nothing, whatever the cache holds by then.
         self._solo_ok = can_trim_prompt_cache(make_prompt_cache(engine.model))
 
     def _new_generator(self) -> Any:
@@ -214,7 +204,7 @@ class Batcher:
             mx.random.seed(req.seed)  # alone, a seed gives the exact sequence
         if cache is None:
             cache = make_prompt_cache(self._engine.model)
-        self._solo = _Solo(None, cache, rest, sampler, req.max_tokens, processors=list(processors or []))
+        self._solo = Solo(None, cache, rest, sampler, req.max_tokens, processors=list(processors or []))
         return self._SOLO
 
     def _solo_step(self) -> None:
@@ -225,6 +215,9 @@ class Batcher:
             return
         token, logprobs = next(solo.tokens_gen)
         solo.yielded += 1
+        self._solo_token(solo, token, logprobs)
+
+    def _solo_token(self, solo: Solo, token: int, logprobs: Any) -> None:
         stream = self._streams[self._SOLO]
         reason = "stop" if token in self._eos else ("length" if solo.yielded >= stream.req.max_tokens else None)
         self._on_token(self._SOLO, stream, token, reason, time.monotonic(), logprobs=logprobs)
@@ -235,21 +228,22 @@ class Batcher:
         self._solo = None
 
     def _solo_to_batch(self) -> None:
-        """The solo sequence joins the batch: its cache less the last token, which the batch feeds
-        next (generate_step had already fed it). Nothing is recomputed."""
-        from mlx_lm.models.cache import trim_prompt_cache
-
-        solo, stream = self._solo, self._streams.pop(self._SOLO)
+        """The solo sequence joins the batch: its cache as it is, and generate_step's sampled-ahead
+        token (worker.solo), the solo's own last one, for the batch to feed next. Nothing is
+        trimmed, recomputed or fed twice; a lookahead that ends the request ends it here."""
+        solo, stream = self._solo, self._streams[self._SOLO]
         assert solo is not None
-        self._drop_solo()
         if solo.yielded == 0:  # generate_step never ran: its cache holds the prompt but `rest`
-            prompt, cache, known = solo.rest, solo.cache, stream.prompt[:len(stream.prompt) - len(solo.rest)]
+            prompt, known = solo.rest, stream.prompt[:len(stream.prompt) - len(solo.rest)]
         else:
-            trim_prompt_cache(solo.cache, 1)
-            prompt, cache, known = stream.generated[-1:], solo.cache, stream.prompt + stream.generated[:-1]
-        for p in solo.processors:
-            p.rebase()  # generate_step ran one step ahead: the batch calls it at that position again
-        (uid,) = self._gen.insert([prompt], [stream.req.max_tokens - solo.yielded], caches=[cache],
+            self._solo_token(solo, *lookahead(solo))
+            if self._SOLO not in self._streams:  # that token ended it: finished as alone
+                return
+            prompt, known = stream.generated[-1:], stream.prompt + stream.generated[:-1]
+            rebase_processors(solo.processors, known)
+        del self._streams[self._SOLO]
+        self._drop_solo()
+        (uid,) = self._gen.insert([prompt], [stream.req.max_tokens - solo.yielded], caches=[solo.cache],
                                   all_tokens=[known], samplers=[solo.sampler],
                                   logits_processors=[solo.processors])
         self._streams[uid] = stream
@@ -284,7 +278,8 @@ class Batcher:
             self._drop_solo()
             if keep_cache and solo is not None:
                 s = self._streams[uid]
-                return solo.cache, s.prompt + s.generated
+                tokens = s.prompt + s.generated
+                return solo.cache, tokens[:len(tokens) - solo.behind]  # what the cache holds
             return None
         caches = self._gen.remove([uid], return_prompt_caches=keep_cache)
         return caches.get(uid) if keep_cache else None

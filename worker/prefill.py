@@ -49,7 +49,7 @@ def run_chunk(model: Any, cache: list, tokens: list[int]) -> None:
 
 
 def next_chunk(model: Any, solo: Any, n: int) -> float | None:
-    """`solo`'s (worker.batch._Solo) next chunk of `n` prompt tokens, fed into its cache: the seconds
+    """`solo`'s (worker.solo.Solo) next chunk of `n` prompt tokens, fed into its cache: the seconds
     it took. Once at most one chunk is left, generate_step takes the rest (its first step prefills
     it and samples the first token) and None: the caller takes its tokens. A group's ranks call it
     with the size rank 0 chose (worker.group), so that they all run the same chunks."""
