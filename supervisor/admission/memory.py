@@ -16,6 +16,7 @@ from typing import Any
 import psutil
 
 from protocol import limits
+from supervisor.admission.textconfig import text_fields
 
 # A worker's own cost before any weights: the interpreter, mlx-lm and its imports (measured
 # ~250 MB RSS here), rounded up.
@@ -36,7 +37,7 @@ def estimate(path: str, context_tokens: int, measured_peak: int | None = None,
     root = Path(path)
     weights = sum(f.stat().st_size for f in root.glob("*.safetensors"))
     try:
-        cfg = json.loads((root / "config.json").read_text())
+        cfg = text_fields(json.loads((root / "config.json").read_text()))
         kv = _batch_activations(cfg) if kind == "embed" else _kv_bytes(cfg, context_tokens)
     except (OSError, ValueError, TypeError, AttributeError):
         kv = 0

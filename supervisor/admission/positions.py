@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-# Where mlx-lm's model args read it: the top level, or a multimodal config's text_config; gpt2's name.
+from supervisor.admission.textconfig import text_fields
+
+# The text model's field (supervisor.admission.textconfig), or gpt2's name for it.
 _KEYS = ("max_position_embeddings", "n_positions")
 # RoPE scalings that stretch the table past max_position_embeddings by `factor` (llama3's and
 # longrope's configs already give the stretched figure as max_position_embeddings).
@@ -34,13 +36,7 @@ def position_limit(path: str) -> int | None:
         cfg = json.loads((Path(path) / "config.json").read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(cfg, dict):
-        return None
-    top = _limit(cfg)
-    if top is not None:
-        return top
-    text = cfg.get("text_config")
-    return _limit(text) if isinstance(text, dict) else None
+    return _limit(text_fields(cfg)) if isinstance(cfg, dict) else None
 
 
 def context_tokens(path: str, configured: int) -> tuple[int, int | None]:
