@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from protocol.messages import GenerateRequest
+from worker import streamend
 
 
 def stop_holdback(text: str, stops: list[str]) -> int:
@@ -49,28 +50,27 @@ class Stream:
     stop_sequence: str | None = None  # the stop string that ended it
 
     def on_token(self, token: int, finish_reason: str | None, now: float) -> tuple[str, int, bool]:
-        """(text that may be shown now, real tokens in it, whether a stop string ended the stream).
-        "stop" as finish_reason is the EOS token itself: it counts nowhere and is never shown."""
+        """(text that may be shown now, generated tokens in it, whether a stop string ended the
+        stream). "stop" as finish_reason is the EOS token itself: never shown, counted only as a
+        generated token (usage's definition, as mlx_lm.server's). The end never shows a character
+        the model did not finish (worker.streamend)."""
         if self.first_token_s is None:
             self.first_token_s = now - self.start
         self.generated.append(token)
-        real = finish_reason != "stop"
-        if real:
+        if finish_reason != "stop":
             self.detok.add_token(token)
             self.tokens += 1
-        if finish_reason is not None:
-            self.detok.finalize()
-        piece = self.detok.last_segment
+        piece = self.detok.last_segment if finish_reason is None else streamend.finish(self.detok)
         self.text += piece if self.shaper is None else self.shaper.feed(piece, finish_reason)
         found = find_stop(self.text, self.req.stop, self.emitted)
         if found is not None:
             cut, self.stop_sequence = found
             self.text = self.text[:cut]
-            return self._take(len(self.text)), int(real), True
+            return self._take(len(self.text)), 1, True
         if self.shaper is not None and self.shaper.tool_calls and not self.req.parallel_tool_calls:
-            return self._take(len(self.text)), int(real), True  # one call asked for: it has closed
+            return self._take(len(self.text)), 1, True  # one call asked for: it has closed
         safe = len(self.text) if finish_reason else len(self.text) - stop_holdback(self.text, self.req.stop)
-        return self._take(safe), int(real), False
+        return self._take(safe), 1, False
 
     def _take(self, upto: int) -> str:
         out = self.text[self.emitted:upto] if upto > self.emitted else ""
@@ -96,7 +96,9 @@ class Stream:
         return reason, out
 
     def usage(self) -> dict[str, int]:
-        return {"prompt_tokens": len(self.prompt), "completion_tokens": self.tokens,
+        """completion_tokens: every token the model generated for the answer, the EOS that ended it
+        included (docs/gateway.md, "Responses")."""
+        return {"prompt_tokens": len(self.prompt), "completion_tokens": len(self.generated),
                 "cached_tokens": self.cached_tokens}
 
     def timings(self, now: float) -> dict[str, float]:
