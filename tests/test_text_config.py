@@ -68,10 +68,40 @@ def test_a_nested_text_config_gets_the_kv_and_prefix_cache_budget_of_its_flat_tw
 
 def test_kimi_k25s_default_prefix_cache_is_its_kv_figure(tmp_path: Path) -> None:
     nested, _ = _pair(tmp_path, "kimi_k25")
-    # 61 layers x 64 kv heads x (7168 / 64) head dim x keys and values x float16, per token.
-    assert estimate(nested, 1)["kv_cache"] == 61 * 64 * 112 * 2 * 2
+    # MLA: 61 layers x (the 512-wide latent + the 64-wide rope key) x float16, per token; not
+    # 64 heads' keys and values (25 times as much).
+    assert estimate(nested, 1)["kv_cache"] == 61 * (512 + 64) * 2
     assert kvcache.budget_bytes(ModelConfig(id="kimi", path=nested, context_tokens=4096)) == \
-        kvcache.AUTO_CONTEXTS * 4096 * 61 * 64 * 112 * 2 * 2
+        kvcache.AUTO_CONTEXTS * 4096 * 61 * (512 + 64) * 2
+
+
+TINY_TEXT = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "max_position_embeddings": 1024}
+TINY_MLA = {**TINY_TEXT, "model_type": "kimi_k2", "num_key_value_heads": 4, "moe_intermediate_size": 32,
+            "n_routed_experts": 4, "n_shared_experts": 1, "num_experts_per_tok": 2, "first_k_dense_replace": 1,
+            "kv_lora_rank": 16, "q_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 16, "v_head_dim": 16}
+
+
+@pytest.mark.parametrize("cfg", [
+    {**TINY_TEXT, "model_type": "llama"},
+    {"model_type": "mistral3", "text_config": {**TINY_TEXT, "model_type": "mistral"}},
+    TINY_MLA,
+    {"model_type": "kimi_k25", "text_config": TINY_MLA},
+], ids=["llama", "mistral3", "kimi_k2", "kimi_k25"])
+def test_the_kv_estimate_is_what_mlx_lms_cache_holds(tmp_path: Path, cfg: dict) -> None:
+    """The model mlx-lm builds from the config, in float16, after a 256-token prefill (one step of
+    its KV cache's allocation): its cache's bytes are the estimate's, nested or flat, MLA or not."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+    from mlx_lm.utils import _get_classes
+
+    model_class, args_class = _get_classes(cfg)
+    model = model_class(args_class.from_dict(json.loads(json.dumps(cfg))))
+    model.set_dtype(mx.float16)
+    cache = make_prompt_cache(model)
+    model(mx.zeros((1, 256), dtype=mx.int32), cache=cache)
+    mx.eval([c.state for c in cache])
+    assert estimate(_snapshot(tmp_path, "m", cfg), 256)["kv_cache"] == sum(c.nbytes for c in cache) > 0
 
 
 def _mlx_lm_text_args(cfg: dict) -> dict:

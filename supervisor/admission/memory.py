@@ -46,8 +46,18 @@ def estimate(path: str, context_tokens: int, measured_peak: int | None = None,
             "measured_peak": measured_peak or 0, "total": model + prefix_cache_bytes + WORKER_OVERHEAD_BYTES}
 
 
+# Text models whose attention mlx-lm caches as one compressed latent per token and layer (MLA:
+# kv_lora_rank wide, beside the rope key qk_rope_head_dim), not as keys and values per head: the
+# deepseek_v3 family (Kimi K2 and K2.5's text model among them) and the archs that copy its cache.
+_LATENT_KV = frozenset({"deepseek_v3", "deepseek_v32", "kimi_k2", "kimi_k25", "kimi_k3", "kimi_linear",
+                        "joyai_llm_flash", "glm4_moe_lite", "longcat_flash", "bailing_moe_v3", "bailing_hybrid",
+                        "mistral4"})
+
+
 def _kv_bytes(cfg: dict, context_tokens: int) -> int:
     layers = int(cfg.get("num_hidden_layers", 0))
+    if cfg.get("model_type") in _LATENT_KV and cfg.get("kv_lora_rank"):
+        return layers * (int(cfg["kv_lora_rank"]) + int(cfg.get("qk_rope_head_dim") or 0)) * context_tokens * 2
     heads = int(cfg.get("num_attention_heads", 1)) or 1
     kv_heads = int(cfg.get("num_key_value_heads", heads))
     head_dim = int(cfg.get("head_dim") or int(cfg.get("hidden_size", 0)) // heads)
