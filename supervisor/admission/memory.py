@@ -38,7 +38,7 @@ def estimate(path: str, context_tokens: int, measured_peak: int | None = None,
     weights = sum(f.stat().st_size for f in root.glob("*.safetensors"))
     try:
         cfg = text_fields(json.loads((root / "config.json").read_text()))
-        kv = _batch_activations(cfg) if kind == "embed" else _kv_bytes(cfg, context_tokens)
+        kv = _batch_activations(cfg) if kind in ("embed", "rerank") else _kv_bytes(cfg, context_tokens)
     except (OSError, ValueError, TypeError, AttributeError):
         kv = 0
     model = max(measured_peak, weights) if measured_peak else weights + kv
