@@ -125,6 +125,20 @@ async def test_a_canary_with_a_wrong_answer_is_a_canary_failure(tmp_path: Path, 
     await r.rt.stop("done")
 
 
+@pytest.mark.parametrize("tokens", [0, 1])
+@inloop
+async def test_a_canary_answered_by_the_end_token_alone_is_a_canary_failure(tmp_path: Path, tiny_model: Path,
+                                                                           tokens: int) -> None:
+    # usage counts the end-of-text token: an answer that is only that token said nothing.
+    r = rig(tmp_path, tiny_model, FakeFactory(answer=answer_final("", tokens=tokens)),
+            restart="backoff_initial_s = 30\nbackoff_max_s = 60")
+    r.rt.start("load")
+    await r.until(S.BACKOFF)
+    assert [f.code for f in r.store.failures("m", 0)] == ["CANARY_FAILED"]
+    assert r.rt.last_error is not None and "no tokens" in r.rt.last_error.message
+    await r.rt.stop("done")
+
+
 @inloop
 async def test_a_canary_that_reads_otherwise_than_on_this_stack_before_fails(tmp_path: Path, tiny_model: Path) -> None:
     # The registry's verdict on the canary's text is part of the canary: corrupt weights or a kernel.

@@ -36,7 +36,9 @@ async def run_canary(c: CanarySettings, requests: RequestQueue, log: Any, model:
     out = await _result(c, req, requests, (Final, Error))
     assert isinstance(out, Final)
     tokens = out.usage.get("completion_tokens", 0)
-    if tokens < 1:
+    # completion_tokens counts the end-of-text token (as mlx_lm.server does): one token that ended
+    # the answer with no text is a model that said nothing, as zero tokens is.
+    if tokens < 1 or (tokens == 1 and out.finish_reason == "stop" and not out.text):
         raise E.CanaryFailed("canary generated no tokens")
     if c.expect is not None and c.expect not in out.text:
         raise E.CanaryFailed(f"canary output lacks {c.expect!r}: {out.text[:120]!r}", output=out.text[:200])
