@@ -216,7 +216,8 @@ def _middleware(config: GatewayConfig, gw: Gateway) -> list[Middleware]:
     cors = [Middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST", "DELETE"],
                        allow_headers=["*"], expose_headers=["x-request-id", "request-id", "retry-after"],
                        max_age=600)] if config.cors_origins else []  # off by default
-    return [*cors, Middleware(auth.AuthMiddleware, guard=gw.guard)]
+    # CloseUnread outermost: a refusal by CORS or auth before the body was read closes too.
+    return [Middleware(body.CloseUnread), *cors, Middleware(auth.AuthMiddleware, guard=gw.guard)]
 
 
 def create_app(config: GatewayConfig | None = None) -> Starlette:

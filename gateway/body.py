@@ -1,7 +1,8 @@
 """Reading a request's body: bounded before it is read (a declared length past the bound is refused
 unread, a chunked body is counted as it comes), decompressed when its Content-Encoding says gzip or
 deflate (bounded after decompression too, so a small bomb is refused at the bound, never inflated
-in memory), and parsed as JSON."""
+in memory), and parsed as JSON. A response sent before its request's body was read to the end
+(refused at the bound, or before the body was looked at) closes its connection: CloseUnread."""
 
 from __future__ import annotations
 
@@ -139,3 +140,45 @@ class Refusals:
 
 
 refusals = Refusals()
+
+
+class CloseUnread:
+    """ASGI middleware: a response that starts before its request's body has been read to its end
+    says `Connection: close`, and uvicorn closes the connection once it is sent. Kept alive, the
+    connection would go on receiving the rest of that body (a chunked body refused at the bound, a
+    declared length refused from its headers, a body that a 401 or a 429 never read), which the
+    server would take for the next request's head (gateway/connections.py answers a head past its
+    bound with 431) and answer to whatever request the client sends next on that connection."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        ended = not _has_body(scope["headers"])
+
+        async def receive_watched() -> Any:
+            nonlocal ended
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                ended = True
+            return message
+
+        async def send_closing(message: Any) -> None:
+            if message["type"] == "http.response.start" and not ended:
+                kept = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"connection"]
+                message = {**message, "headers": [*kept, (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, receive_watched, send_closing)
+
+
+def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether the request's headers announce a body: any transfer-encoding, or a length past 0."""
+    for name, value in headers:
+        name = name.lower()
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() not in (b"0", b"")):
+            return True
+    return False

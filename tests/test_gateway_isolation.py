@@ -5,7 +5,9 @@ it on the same supervisor connection finish with their whole text and `[DONE]`."
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
+import threading
 from pathlib import Path
 
 import httpx
@@ -114,6 +116,7 @@ def test_a_body_past_the_bound_is_refused_unread(gw) -> None:
         while b"}}" not in head and (part := conn.recv(65536)):  # the JSON error body's end, or EOF
             head += part
     assert head.startswith(b"HTTP/1.1 400 ") and b"more than" in head, head[:500]
+    assert b"\r\nconnection: close\r\n" in head.lower(), head[:500]  # the body it never read ends the connection
 
     def chunks():  # no content-length: chunked transfer, counted as it comes
         for _ in range(MAX_BODY_BYTES // (1 << 20) + 2):
@@ -121,4 +124,55 @@ def test_a_body_past_the_bound_is_refused_unread(gw) -> None:
 
     chunked = gateway.http.post("/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"})
     assert chunked.status_code == 400 and chunked.json()["error"]["code"] == "BAD_REQUEST"
+    assert chunked.headers["connection"] == "close"
     assert gateway.http.get("/healthz").status_code == 200
+
+
+def _one_connection(url: httpx.URL, request: bytes, body: list[bytes], after: bytes) -> bytes:
+    """`request`, the chunks of `body` and then `after`, on one connection, sent from a thread (the
+    server answers, and may close, while the body is still going); returns every byte the server
+    sent until it closed the connection."""
+    with socket.create_connection((url.host, url.port), timeout=30) as conn:
+        def send() -> None:
+            try:
+                conn.sendall(request)
+                for chunk in body:
+                    conn.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                conn.sendall(b"0\r\n\r\n" + after)
+            except OSError:  # closed by the server: the rest was never going to be read
+                pass
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        received = b""
+        try:
+            while part := conn.recv(65536):  # until the server closes (a timeout fails the test)
+                received += part
+        except ConnectionResetError:  # closed with our unread bytes in its buffer: what it sent came first
+            pass
+        sender.join(30)
+    return received
+
+
+def test_the_rest_of_a_refused_chunked_body_is_never_read_as_a_request(gw) -> None:
+    """A chunked body past the bound is refused as it comes, its rest still on the way: that
+    response closes the connection, so the rest (and a request sent after it on the same
+    connection) is never parsed as a request. Kept alive, the connection answered the rest with a
+    431 (taken for an oversized head), which a client reusing the connection read as its next
+    request's answer."""
+    from gateway.app import MAX_BODY_BYTES
+
+    _, gateway = gw
+    head = (b"POST /v1/embeddings HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
+            b"transfer-encoding: chunked\r\n\r\n")
+    body = [b" " * (1 << 20)] * (MAX_BODY_BYTES // (1 << 20) + 4)
+    received = _one_connection(httpx.URL(gateway.url), head, body, b"GET /healthz HTTP/1.1\r\nhost: gw\r\n\r\n")
+    # A status line anywhere: a second response follows the first's body with no line break between.
+    statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", received)
+    assert statuses == [b"400"], received[-2000:]
+    head = received.split(b"\r\n\r\n", 1)[0].lower()
+    assert b"\r\nconnection: close" in head and b"more than" in received, received[:2000]
+    assert gateway.http.get("/healthz").status_code == 200
+    # A body read to its end keeps its connection, even when the request is refused.
+    refused = gateway.http.post("/v1/embeddings", json={"model": "tiny", "input": ["x"], "dimensions": 0})
+    assert refused.status_code == 400 and "connection" not in refused.headers, refused.headers
