@@ -24,6 +24,7 @@ from gateway import errors as http_errors
 from gateway.anthropic_shapes import AnthropicDialect
 from gateway.dialect import CHAT, COMPLETIONS, Dialect
 from gateway.embeddings import EmbeddingsAPI
+from gateway.rerank import RerankAPI
 from gateway.params import GenParams
 from gateway.responses_api import ResponsesAPI
 from gateway.signing import ThinkingSigner
@@ -235,6 +236,7 @@ def create_app(config: GatewayConfig | None = None) -> Starlette:
         Route("/metrics", gw.metrics_text, methods=["GET"]),
         *ResponsesAPI(gw).routes(),
         *EmbeddingsAPI(gw).routes(),
+        *RerankAPI(gw).routes(),
     ]
     app = Starlette(routes=routes, lifespan=gw.lifespan, middleware=_middleware(config, gw),
                     exception_handlers={HTTPException: _http_error, Exception: _internal_error})

@@ -108,6 +108,17 @@ INPUT_TOKENS_ADVISORY = ("truncation", "personality")
 # POST /v1/embeddings (gateway/embeddings.py): user is the caller's bookkeeping, as for chat.
 EMBEDDINGS_HONOURED = ("model", "input", "encoding_format", "dimensions")
 EMBEDDINGS_ADVISORY = ("user",)
+# POST /v1/rerank (gateway/rerank.py), the Jina/Cohere shape. Cohere's knobs that change a score
+# (its own chunking and truncation of documents, fields of structured documents) are refused when
+# set: the scores would not be what they asked for.
+RERANK_HONOURED = ("model", "query", "documents", "top_n", "return_documents")
+RERANK_ADVISORY = ("user",)
+_RERANK_REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "max_tokens_per_doc": (_null, "a document is cut only at the model's position limit"),
+    "max_chunks_per_doc": (_null, "a document is not split into chunks; it is cut at the model's position limit"),
+    "rank_fields": (_null, "a document is a string or {\"text\": ...}; other fields are not ranked"),
+}
+RERANK_REFUSED = tuple(_RERANK_REFUSED)
 
 
 def _check(body: dict, honoured: tuple[str, ...], advisory: tuple[str, ...],
@@ -147,3 +158,7 @@ def check_input_tokens(body: dict) -> None:
 
 def check_embeddings(body: dict) -> None:
     _check(body, EMBEDDINGS_HONOURED, EMBEDDINGS_ADVISORY, {})
+
+
+def check_rerank(body: dict) -> None:
+    _check(body, RERANK_HONOURED, RERANK_ADVISORY, _RERANK_REFUSED)
