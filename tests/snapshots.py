@@ -246,7 +246,11 @@ def write_tiny_bert(dest: Path, *, seed: int = 0, pooling: str = "mean_tokens") 
     tokenizer and a 1_Pooling/config.json naming `pooling`: an embed model that loads in a moment."""
     dest.mkdir(parents=True, exist_ok=True)
     tok = _tiny_wordpiece()
-    cfg = {**TINY_BERT, "vocab_size": len(json.loads(tok)["model"]["vocab"])}
+    ids = json.loads(tok)["model"]["vocab"].values()
+    # "a" is a letter and a word: its later id wins, so the ids run to one past the entry count.
+    # The table covers every id (the extra row drawn last, so the other weights stay as they were).
+    cfg = {**TINY_BERT, "vocab_size": max(ids) + 1}
+    entries = len(ids)
     (dest / "config.json").write_text(json.dumps(cfg))
     (dest / "tokenizer.json").write_text(tok)
     (dest / "1_Pooling").mkdir(exist_ok=True)
@@ -258,7 +262,7 @@ def write_tiny_bert(dest: Path, *, seed: int = 0, pooling: str = "mean_tokens") 
     def dense(*shape: int) -> np.ndarray:
         return (rng.standard_normal(shape, dtype=np.float32) * 0.2).astype(np.float32)
 
-    w = {"embeddings.word_embeddings.weight": dense(cfg["vocab_size"], h),
+    w = {"embeddings.word_embeddings.weight": dense(entries, h),
          "embeddings.position_embeddings.weight": dense(cfg["max_position_embeddings"], h),
          "embeddings.token_type_embeddings.weight": dense(cfg["type_vocab_size"], h),
          "embeddings.LayerNorm.weight": np.ones(h, np.float32), "embeddings.LayerNorm.bias": np.zeros(h, np.float32)}
@@ -270,6 +274,8 @@ def write_tiny_bert(dest: Path, *, seed: int = 0, pooling: str = "mean_tokens") 
             w[p + name + ".weight"], w[p + name + ".bias"] = dense(rows, cols), np.zeros(rows, np.float32)
         for norm in ("attention.output.LayerNorm", "output.LayerNorm"):
             w[p + norm + ".weight"], w[p + norm + ".bias"] = np.ones(h, np.float32), np.zeros(h, np.float32)
+    table = w["embeddings.word_embeddings.weight"]
+    w["embeddings.word_embeddings.weight"] = np.concatenate([table, dense(cfg["vocab_size"] - entries, h)])
     write_safetensors(dest / "model.safetensors", w)
     return dest
 
@@ -297,13 +303,7 @@ def write_tiny_cross_encoder(dest: Path, *, seed: int = 0, roberta: bool = False
     def dense(*shape: int, scale: float = 0.2) -> np.ndarray:
         return (rng.standard_normal(shape, dtype=np.float32) * scale).astype(np.float32)
 
-    # The tiny WordPiece's ids run past its entry count (a word that is also a letter, "a", takes
-    # two ids and keeps one): the embedding covers every id the tokenizer can emit.
-    vocab = 1 + max(json.loads((dest / "tokenizer.json").read_text())["model"]["vocab"].values())
-    table = enc["embeddings.word_embeddings.weight"]
-    enc["embeddings.word_embeddings.weight"] = np.concatenate([table, dense(vocab - len(table), h)])
-    cfg.update(vocab_size=vocab, architectures=["BertForSequenceClassification"], id2label={"0": "LABEL_0"},
-               label2id={"LABEL_0": 0})
+    cfg.update(architectures=["BertForSequenceClassification"], id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
     pair, prefix, head = "[CLS] $A [SEP] $B:1 [SEP]:1", "bert.", ("bert.pooler.dense", "classifier")
     if roberta:
         enc["embeddings.position_embeddings.weight"] = np.concatenate([dense(2, h), enc["embeddings.position_embeddings.weight"]])

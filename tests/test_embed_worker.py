@@ -19,7 +19,7 @@ from protocol import errors as E
 from protocol import limits
 from protocol.client import SupervisorClient
 from tests.harness import REPO, RunningSupervisor, process_gone
-from tests.snapshots import write_minilm
+from tests.snapshots import write_minilm, write_tiny_bert
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -113,6 +113,21 @@ def test_passes_are_cut_by_padded_tokens() -> None:
     assert sorted(i for p in parts for i in p) == list(range(5))  # every input, once
     assert all(len(p) * max(lengths[i] for i in p) <= 40 for p in parts if len(p) > 1)
     assert [1] in parts and len(parts) == 2  # the long one alone, the four short ones together
+
+
+def test_every_id_the_tiny_berts_tokenizer_emits_has_a_row(tmp_path: Path) -> None:
+    # MLX does not bound-check a gather: an id past the table reads whatever memory lies beyond it.
+    import json
+
+    from safetensors.numpy import load_file
+    from tokenizers import Tokenizer
+
+    bert = write_tiny_bert(tmp_path / "bert")
+    rows = load_file(str(bert / "model.safetensors"))["embeddings.word_embeddings.weight"].shape[0]
+    assert rows == json.loads((bert / "config.json").read_text())["vocab_size"]
+    ids = json.loads((bert / "tokenizer.json").read_text())["model"]["vocab"].values()
+    assert max(ids) < rows
+    assert max(Tokenizer.from_file(str(bert / "tokenizer.json")).encode("a writes").ids) < rows
 
 
 @pytest.fixture(scope="module")
