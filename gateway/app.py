@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterator
 
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -65,6 +65,21 @@ class Gateway:
         self.metrics = auth.Metrics()
         self.metrics.in_flight.set_function(lambda: self.in_flight)  # read off the one counter
         self.guard = auth.Guard(apikeys.KeyRing(apikeys.path_in(self.state_dir)), config.auth_required, self.metrics)
+
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[None]:
+        """One request in flight for as long as the block runs; past max_in_flight, Overloaded (a 429
+        with Retry-After). The generations keep theirs until their response is sent (_Counted)."""
+        if self.in_flight >= self.config.max_in_flight:
+            raise self._overloaded()
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+
+    def _overloaded(self) -> E.LmxError:
+        return E.Overloaded(f"the gateway has {self.in_flight} requests in flight, its limit", retry_after_s=1.0)
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
@@ -134,8 +149,7 @@ class Gateway:
         generation started, its objects shaped and framed by the dialect. A failure before the
         first token is an HTTP error in the dialect's shape (GenerationResponse)."""
         if self.in_flight >= self.config.max_in_flight:
-            return dialect.error_response(E.Overloaded(
-                f"the gateway has {self.in_flight} requests in flight, its limit", retry_after_s=1.0), {})
+            return dialect.error_response(self._overloaded(), {})
         self.in_flight += 1  # counted from here to the response's end (_Counted), body read included
         try:
             p = dialect.parse(await body.json_body(request, self.config.body_timeout_s))
@@ -196,9 +210,8 @@ class _Counted:
             await self._response(scope, receive, send)
         finally:
             self._gw.in_flight -= 1
-            usage = getattr(self._request.state, "usage", None)
-            if usage is not None and self._stream.result is not None:
-                usage.update(self._stream.result.usage)
+            if self._stream.result is not None:
+                auth.charge(self._request, self._stream.result.usage)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

@@ -188,3 +188,11 @@ def check_model(request: Request, model: str) -> None:
     key = getattr(request.state, "api_key", None)
     if key is not None and not key.allows_model(model):
         raise E.UnknownModel(f"no model {model[:128]!r} for this API key", model=model[:128])
+
+
+def charge(request: Request, usage: dict) -> None:
+    """What a request used (prompt_tokens, completion_tokens), left where the auth middleware charges
+    it to the caller's key when the response has been sent; no key, nothing to charge."""
+    account = getattr(request.state, "usage", None)
+    if account is not None:
+        account.update(usage)

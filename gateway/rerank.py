@@ -101,21 +101,14 @@ class RerankAPI:
 
     async def create(self, request: Request) -> Response:
         gw = self.gw
-        if gw.in_flight >= gw.config.max_in_flight:
-            return http_errors.response(E.Overloaded(
-                f"the gateway has {gw.in_flight} requests in flight, its limit", retry_after_s=1.0))
-        gw.in_flight += 1
         try:
-            call = parse(await body.json_body(request, gw.config.body_timeout_s))
-            auth.check_model(request, call.model)
-            result = await gw.client.rerank(call.model, call.query, call.documents,
-                                            timeout_s=min(gw.config.request_timeout_s, 120.0))
-            out = reply(call, result)
+            with gw.slot():
+                call = parse(await body.json_body(request, gw.config.body_timeout_s))
+                auth.check_model(request, call.model)
+                result = await gw.client.rerank(call.model, call.query, call.documents,
+                                                timeout_s=min(gw.config.request_timeout_s, 120.0))
+                out = reply(call, result)
         except E.LmxError as exc:
             return http_errors.response(exc)
-        finally:
-            gw.in_flight -= 1
-        usage = getattr(request.state, "usage", None)
-        if usage is not None:  # charged to the key by gateway/auth.py's middleware
-            usage.update({"prompt_tokens": result.prompt_tokens, "completion_tokens": 0})
+        auth.charge(request, {"prompt_tokens": result.prompt_tokens, "completion_tokens": 0})
         return JSONResponse(out)
