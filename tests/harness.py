@@ -3,6 +3,7 @@ state through the events socket, SupervisorClient.wait_state; anything else by p
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -10,11 +11,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import psutil
 
 from protocol import errors as E
+from protocol.client import SupervisorClient
 from protocol.syncclient import SyncSupervisorClient
 
 REPO = Path(__file__).resolve().parents[1]
@@ -218,3 +220,30 @@ class RunningSupervisor:
         for pid in leftovers:
             os.kill(pid, signal.SIGKILL)
         assert not leftovers, f"workers outlived their supervisor: {leftovers}"
+
+
+def kill_mid_request(sup: RunningSupervisor, model: str, request: Callable[[SupervisorClient], Awaitable[Any]],
+                     beside: str, *, stop_first: bool = False) -> tuple[BaseException | None, Any]:
+    """`request` sent to `model`, its worker SIGKILLed once the supervisor has put it in that
+    worker's hands (`stop_first`: SIGSTOPped before it is sent, for a model that would answer
+    before any kill landed); then a completion of `beside`. (The request's error, that completion.)"""
+    victim = sup.model(model)["worker_pid"]
+
+    async def scenario() -> tuple[BaseException | None, Any]:
+        async with SupervisorClient(state_dir=sup.state_dir) as client:
+            if stop_first:
+                os.kill(victim, signal.SIGSTOP)
+            job = asyncio.ensure_future(request(client))
+            async with asyncio.timeout(10):  # until the supervisor has put it on the worker
+                while not [m for m in (await client.status())["models"] if m["id"] == model and m["active"]]:
+                    await asyncio.sleep(0.01)
+            assert not job.done()
+            os.kill(victim, signal.SIGKILL)
+            err = None
+            try:
+                await job
+            except E.LmxError as exc:
+                err = exc
+            return err, await client.complete(beside, "Hello", max_tokens=3)
+
+    return asyncio.run(scenario())

@@ -4,10 +4,8 @@ embed verb, the canary, the refusals by kind and by bounds, a SIGKILL mid-reques
 
 from __future__ import annotations
 
-import asyncio
 import math
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +15,7 @@ import pytest
 
 from protocol import errors as E
 from protocol import limits
-from protocol.client import SupervisorClient
-from tests.harness import REPO, RunningSupervisor, process_gone
+from tests.harness import REPO, RunningSupervisor, kill_mid_request, process_gone
 from tests.snapshots import write_minilm, write_tiny_bert
 
 pytestmark = pytest.mark.timeout(120)
@@ -193,24 +190,8 @@ def test_inputs_past_the_bounds_are_refused_before_the_wire(sup: RunningSupervis
 def test_sigkill_of_the_embed_worker_mid_request_fails_that_request_alone(sup: RunningSupervisor) -> None:
     victim = sup.model("emb")["worker_pid"]
     long_text = " ".join(["supervision keeps every worker honest"] * 60)  # ~250 tokens each
-
-    async def scenario() -> tuple[BaseException | None, object]:
-        async with SupervisorClient(state_dir=sup.state_dir) as client:
-            job = asyncio.ensure_future(client.embed("emb", [f"{i} {long_text}" for i in range(256)], timeout_s=60))
-            async with asyncio.timeout(10):  # until the supervisor has put it on the worker
-                while not [m for m in (await client.status())["models"] if m["id"] == "emb" and m["active"]]:
-                    await asyncio.sleep(0.01)
-            assert not job.done()
-            os.kill(victim, signal.SIGKILL)
-            err = None
-            try:
-                await job
-            except E.LmxError as exc:
-                err = exc
-            beside = await client.complete("gen", "Hello", max_tokens=3)
-            return err, beside
-
-    err, beside = asyncio.run(scenario())
+    inputs = [f"{i} {long_text}" for i in range(256)]
+    err, beside = kill_mid_request(sup, "emb", lambda c: c.embed("emb", inputs, timeout_s=60), "gen")
     assert isinstance(err, E.WorkerCrashed), err
     assert err.details["signal"] == "SIGKILL"
     assert beside.usage["completion_tokens"] >= 1

@@ -8,8 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +15,11 @@ import pytest
 
 from protocol import errors as E
 from protocol import rerank as wire
-from protocol.client import SupervisorClient
 from protocol.messages import CountTokens, EmbedRequest, GenerateRequest, RerankRequest
 from supervisor import config, kinds
 from supervisor.admission import admit, architectures, memory
 from supervisor.control import router
-from tests.harness import RunningSupervisor, process_gone
+from tests.harness import RunningSupervisor, kill_mid_request, process_gone
 from tests.snapshots import write_tiny_bert, write_tiny_cross_encoder, write_tiny_llama
 
 pytestmark = pytest.mark.timeout(120)
@@ -228,25 +225,8 @@ def test_sigkill_of_the_rerank_worker_mid_request_fails_that_request_alone(sup: 
     """The worker is stopped (SIGSTOP) so that the request is surely in its hands, unanswered, when
     it is killed: a tiny model would otherwise answer before any kill could land."""
     victim = sup.model("rr")["worker_pid"]
-
-    async def scenario() -> tuple[BaseException | None, object]:
-        async with SupervisorClient(state_dir=sup.state_dir) as client:
-            os.kill(victim, signal.SIGSTOP)
-            job = asyncio.ensure_future(client.rerank("rr", QUERY, DOCUMENTS, timeout_s=60))
-            async with asyncio.timeout(10):  # until the supervisor has put it on the worker
-                while not [m for m in (await client.status())["models"] if m["id"] == "rr" and m["active"]]:
-                    await asyncio.sleep(0.01)
-            assert not job.done()
-            os.kill(victim, signal.SIGKILL)
-            err = None
-            try:
-                await job
-            except E.LmxError as exc:
-                err = exc
-            beside = await client.complete("gen", "Hello", max_tokens=3)
-            return err, beside
-
-    err, beside = asyncio.run(scenario())
+    err, beside = kill_mid_request(sup, "rr", lambda c: c.rerank("rr", QUERY, DOCUMENTS, timeout_s=60), "gen",
+                                   stop_first=True)
     assert isinstance(err, E.WorkerCrashed), err
     assert err.details["signal"] == "SIGKILL"
     assert beside.usage["completion_tokens"] >= 1
