@@ -5,7 +5,6 @@ embed verb, the canary, the refusals by kind and by bounds, a SIGKILL mid-reques
 from __future__ import annotations
 
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
