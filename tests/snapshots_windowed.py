@@ -2,7 +2,8 @@
 gemma3_text and gpt_oss, with a window of a few tokens, so a short prompt wraps it already. The
 same BPE tokenizer, template and special tokens as tests.snapshots' tiny llama; float32 weights at
 a scale where greedy output follows the context (it does not settle on one repeated token), so a
-token fed twice changes what comes next. Written without importing mlx, as tests.snapshots'."""
+token fed twice changes what comes next. Also a hybrid whose cache is never trimmable: qwen3_next
+(a gated delta net's ArraysCache beside a KVCache). Written without importing mlx, as tests.snapshots'."""
 
 from __future__ import annotations
 
@@ -107,10 +108,56 @@ def write_tiny_gpt_oss(dest: Path, *, seed: int = 0, window: int = WINDOW, scale
     return _write(dest, cfg, w)
 
 
+def write_tiny_qwen3_next(dest: Path, *, seed: int = 0, scale: float = 0.3) -> Path:
+    """A random 2-layer qwen3_next (the Qwen3-Next / Qwen3.5 hybrid): layer 0 a gated delta net
+    (ArraysCache: a convolution's and a recurrent state, never trimmable), layer 1 gated full
+    attention (KVCache); dense MLPs (mlp_only_layers), so mlx-lm's sanitize leaves the weights as
+    they are, norms included (no 1 + weight shift): ones are the identity."""
+    dest = Path(dest)
+    base = _tokenizer_files(dest, seed)
+    heads, kv_heads, head_dim, hidden = 4, 2, 16, _SHAPE["hidden_size"]
+    lin = {"linear_num_value_heads": 4, "linear_num_key_heads": 2, "linear_key_head_dim": 16,
+           "linear_value_head_dim": 16, "linear_conv_kernel_dim": 4}
+    cfg = dict(model_type="qwen3_next", architectures=["Qwen3NextForCausalLM"], hidden_size=hidden,
+               num_hidden_layers=2, intermediate_size=128, num_attention_heads=heads, num_key_value_heads=kv_heads,
+               head_dim=head_dim, num_experts=0, num_experts_per_tok=0, decoder_sparse_step=1,
+               shared_expert_intermediate_size=0, mlp_only_layers=[0, 1], moe_intermediate_size=0,
+               rms_norm_eps=1e-6, vocab_size=base["vocab_size"], rope_theta=10000.0, partial_rotary_factor=0.25,
+               max_position_embeddings=2048, full_attention_interval=2, tie_word_embeddings=False,
+               bos_token_id=base["bos_token_id"], eos_token_id=base["eos_token_id"], torch_dtype="float32", **lin)
+    key_dim = lin["linear_num_key_heads"] * lin["linear_key_head_dim"]
+    value_dim = lin["linear_num_value_heads"] * lin["linear_value_head_dim"]
+    w = _Weights(seed, scale)
+    w.dense("model.embed_tokens.weight", cfg["vocab_size"], hidden)
+    w.dense("lm_head.weight", cfg["vocab_size"], hidden)
+    p = "model.layers.0.linear_attn"
+    w.dense(f"{p}.conv1d.weight", 2 * key_dim + value_dim, lin["linear_conv_kernel_dim"], 1)
+    w.dense(f"{p}.in_proj_qkvz.weight", 2 * key_dim + 2 * value_dim, hidden)
+    w.dense(f"{p}.in_proj_ba.weight", 2 * lin["linear_num_value_heads"], hidden)
+    w.const(f"{p}.dt_bias", 1.0, lin["linear_num_value_heads"])
+    w.const(f"{p}.A_log", -3.0, lin["linear_num_value_heads"])  # a slow decay: the state remembers
+    w.const(f"{p}.norm.weight", 1.0, lin["linear_value_head_dim"])
+    w.dense(f"{p}.out_proj.weight", hidden, value_dim)
+    p = "model.layers.1.self_attn"
+    for name, rows, cols in (("q_proj", 2 * heads * head_dim, hidden), ("k_proj", kv_heads * head_dim, hidden),
+                             ("v_proj", kv_heads * head_dim, hidden), ("o_proj", hidden, heads * head_dim)):
+        w.dense(f"{p}.{name}.weight", rows, cols)
+    w.const(f"{p}.q_norm.weight", 1.0, head_dim)
+    w.const(f"{p}.k_norm.weight", 1.0, head_dim)
+    for i in range(2):
+        p = f"model.layers.{i}"
+        for name, rows, cols in (("gate_proj", 128, hidden), ("up_proj", 128, hidden), ("down_proj", hidden, 128)):
+            w.dense(f"{p}.mlp.{name}.weight", rows, cols)
+        w.const(f"{p}.input_layernorm.weight", 1.0, hidden)
+        w.const(f"{p}.post_attention_layernorm.weight", 1.0, hidden)
+    w.const("model.norm.weight", 1.0, hidden)
+    return _write(dest, cfg, w)
+
+
 def _write(dest: Path, cfg: dict, w: _Weights) -> Path:
     (dest / "config.json").write_text(json.dumps(cfg, indent=2))
     write_safetensors(dest / "model.safetensors", w.tensors, {"format": "mlx"})
     return dest
 
 
-WRITERS = {"gemma3_text": write_tiny_gemma3_text, "gpt_oss": write_tiny_gpt_oss}
+WRITERS = {"gemma3_text": write_tiny_gemma3_text, "gpt_oss": write_tiny_gpt_oss, "qwen3_next": write_tiny_qwen3_next}

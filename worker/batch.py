@@ -23,7 +23,7 @@ from typing import Any, Callable
 from protocol.errors import ErrorCode
 from protocol.messages import Chunk, Chunks, CountTokens, Error, Final, GenerateRequest, Message, TokenCount
 from protocol.phase import Phase
-from worker import prefill, sampling, shaping, thinkbudget
+from worker import checkpoint, prefill, sampling, shaping, thinkbudget
 from worker.channel import Progress
 from worker.engine import Engine
 from worker.logprobs import token_logprobs  # noqa: F401  (its import path of old: bench/constrain_cost.py)
@@ -54,6 +54,7 @@ class Batcher:
         self._max = max_batch_size
         self._chunks = prefill.ChunkSize(prefill_step_size)  # the next prefill chunk's size, solo and batch
         self.prefix = prefix
+        self._ckpt = checkpoint.Checkpoints(engine.model, prefix)  # prompt-end entries (worker.checkpoint)
         self.context_tokens = context_tokens  # 0: no limit (Init.context_tokens)
         self._streams: dict[int, Stream] = {}
         self._waiting: collections.deque[GenerateRequest] = collections.deque()  # one at a time: next
@@ -211,7 +212,8 @@ class Batcher:
         """One prefill chunk, or (once at most one chunk is left) one token from generate_step."""
         solo = self._solo
         assert solo is not None
-        if prefill.solo_chunk(self._engine.model, self._chunks, solo):
+        stream = self._streams[self._SOLO]
+        if self._ckpt.solo(self._chunks, solo, stream) or prefill.solo_chunk(self._engine.model, self._chunks, solo):
             return
         token, logprobs = next(solo.tokens_gen)
         solo.yielded += 1
@@ -303,6 +305,7 @@ class Batcher:
             else:
                 self._gen.prefill_step_size = n = self._chunks.n
                 prompts, responses = self._gen.next()
+                self._ckpt.batch(self._gen, prompts, self._streams)
         except Exception as exc:
             self._fail_all(exc)
             return

@@ -6,9 +6,13 @@ entries dropped), under a byte budget this module enforces and counts.
 Per cache type (what `make_prompt_cache` gives the model):
 - KVCache (most models): any common prefix is reused; a longer entry is copied and trimmed back.
 - RotatingKVCache (sliding-window models) and ArraysCache / hybrid SSM caches cannot be trimmed
-  (once they wrapped, or ever): only an entry that is a whole prefix of the prompt is reused.
-An entry is written only when its request finished (stop or length), from the KV the generation
-left behind: a cancelled, timed-out or failed request leaves nothing half-written."""
+  (once they wrapped, or ever): only an entry that is a whole prefix of the prompt is reused. For
+  these, worker.checkpoint stores the cache at the end of each prompt (all of it but its last
+  token), which the next turn of a chat extends; when the budget bites, finished generations'
+  entries (which such a prompt rarely extends) go before checkpoints.
+An entry is written only from KV that is complete: a prompt-end checkpoint, or the KV a finished
+request (stop or length) left behind: a cancelled, timed-out or failed request leaves nothing
+half-written."""
 
 from __future__ import annotations
 
@@ -17,6 +21,9 @@ from typing import Any, Callable
 # How many more tokens a disk entry must cover than the best one in memory before it is worth a
 # load from disk (a file read costs more than prefilling a handful of tokens).
 DISK_MIN_GAIN_TOKENS = 32
+# LRUPromptCache's entry kinds, in its eviction order: the least recently used finished generation
+# goes first while there are as many of them as checkpoints (mlx_lm.server's "assistant" / "user").
+_FINISHED, _PROMPT_END = "assistant", "user"
 
 
 class PrefixCache:
@@ -66,6 +73,14 @@ class PrefixCache:
         """After a finished generation: `cache` holds the KV of exactly `tokens` (prompt and output).
         `shared`: its arrays are slices of a batch's buffers (BatchGenerator's extraction), which
         would keep the whole batch's KV alive behind an entry that counts only its own bytes."""
+        self._keep(tokens, cache, shared, _FINISHED)
+
+    def checkpoint(self, tokens: list[int], cache: list, shared: bool = False) -> None:
+        """A prompt's end (worker.checkpoint), for a cache that cannot be trimmed back: `cache` holds
+        the KV of exactly `tokens`. Kept over finished generations' entries when the budget bites."""
+        self._keep(tokens, cache, shared, _PROMPT_END)
+
+    def _keep(self, tokens: list[int], cache: list, shared: bool, kind: str) -> None:
         if not self.enabled or not tokens or not cache:
             return
         if shared:
@@ -73,12 +88,12 @@ class PrefixCache:
         nbytes = sum(c.nbytes for c in cache)
         if nbytes > self.budget_bytes or not self._memory_room(nbytes):
             return
-        self._insert(tokens, cache)
+        self._insert(tokens, cache, kind)
         if self._disk is not None:
             self._disk.save(tokens, cache)
 
-    def _insert(self, tokens: list[int], cache: list) -> None:
-        self._lru.insert_cache(self._key, list(tokens), cache)
+    def _insert(self, tokens: list[int], cache: list, kind: str = _FINISHED) -> None:
+        self._lru.insert_cache(self._key, list(tokens), cache, cache_type=kind)
         while self._lru.nbytes > self.budget_bytes and len(self._lru):
             self._lru.trim_to(n_sequences=len(self._lru) - 1)  # drops the least recently used
             self.evictions += 1
