@@ -103,3 +103,36 @@ def test_chats_side_by_side_in_the_batch_each_reuse_their_own_prompts(sup: Runni
     assert [[h.text for h in c] for c in hits] == [[r.text for r in c] for c in refs]
     for turns in hits:
         assert not _covers_previous_prompt(turns), _covers_previous_prompt(turns)
+
+
+def _wrapped_window(tokens: int) -> list:
+    """A one-layer cache whose sliding window (4 tokens) has wrapped: it cannot be trimmed back."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import RotatingKVCache, can_trim_prompt_cache
+
+    c = RotatingKVCache(max_size=4)
+    kv = mx.arange(tokens * 8, dtype=mx.float32).reshape(1, 1, tokens, 8)
+    c.update_and_fetch(kv, kv)
+    assert not can_trim_prompt_cache([c])
+    return [c]
+
+
+def test_checkpoints_count_their_bytes_once_and_outlast_finished_entries_under_the_budget() -> None:
+    from worker.prefixcache import PrefixCache
+
+    one = sum(c.nbytes for c in _wrapped_window(16))
+    prefix = PrefixCache("m", budget_bytes=3 * one)
+    first, second = list(range(16)), list(range(100, 116))
+    prefix.checkpoint(first, _wrapped_window(16))
+    prefix.checkpoint(first, _wrapped_window(16))  # the same prompt again: replaces, never counted twice
+    assert prefix.stats()["bytes"] == one and prefix.stats()["entries"] == 1
+    prefix.store(first[:-4] + [7, 7, 7, 7], _wrapped_window(16))  # a finished entry: prompt and answer
+    assert prefix.stats()["bytes"] == 2 * one and prefix.stats()["entries"] == 2
+    prefix.checkpoint(second, _wrapped_window(16))
+    prefix.store(second[:-4] + [7, 7, 7, 7], _wrapped_window(16))  # past the budget: one entry goes
+    assert prefix.stats()["bytes"] == 3 * one and prefix.evictions == 1
+    # The least recently used went, but of the finished entries (the first's), not the first's
+    # checkpoint, older: both checkpoints serve their next turn.
+    for prompt in (first, second):
+        cache, rest = prefix.fetch(prompt + [1, 2, 3])
+        assert cache is not None and rest == [1, 2, 3]
