@@ -136,3 +136,17 @@ def test_checkpoints_count_their_bytes_once_and_outlast_finished_entries_under_t
     for prompt in (first, second):
         cache, rest = prefix.fetch(prompt + [1, 2, 3])
         assert cache is not None and rest == [1, 2, 3]
+
+
+def test_a_prompt_that_is_exactly_an_untrimmable_entry_starts_from_the_checkpoint_before_it() -> None:
+    """A raw completion that continues an answer token for token: the finished entry holds the
+    whole prompt and cannot be trimmed to leave its last token to feed; the checkpoint serves."""
+    from worker.prefixcache import PrefixCache
+
+    prefix = PrefixCache("m", budget_bytes=1 << 20)
+    prompt = list(range(16))
+    prefix.checkpoint(prompt, _wrapped_window(16))
+    prefix.store(prompt + [7, 8, 9, 10], _wrapped_window(20))
+    cache, rest = prefix.fetch(prompt + [7, 8, 9, 10])
+    assert cache is not None and cache[0].offset == 16 and rest == [7, 8, 9, 10]
+    assert prefix.fetch(list(range(50, 60))) == (None, list(range(50, 60)))

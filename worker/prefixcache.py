@@ -63,8 +63,9 @@ class PrefixCache:
             if can_trim_prompt_cache(cache):
                 trim_prompt_cache(cache, 1)
                 rest = tokens[-1:]
-            else:
-                cache, rest = None, tokens
+            else:  # the longest entry short of the last token (a checkpoint of the prompt it extends)
+                cache, rest = self._lru.fetch_nearest_cache(self._key, tokens[:-1])
+                rest = [*rest, tokens[-1]] if cache is not None else tokens
         self.hit_tokens += len(tokens) - len(rest)
         self.miss_tokens += len(rest)
         return cache, list(rest)
