@@ -105,6 +105,25 @@ def test_chats_side_by_side_in_the_batch_each_reuse_their_own_prompts(sup: Runni
         assert not _covers_previous_prompt(turns), _covers_previous_prompt(turns)
 
 
+def test_a_request_cancelled_after_its_prompt_leaves_its_checkpoint_and_nothing_else(sup: RunningSupervisor) -> None:
+    """Its prompt was fully prefilled: the checkpoint is exact, and serves the same prompt again.
+    Its unfinished generation leaves nothing."""
+    messages = [{"role": "system", "content": "Cancelled. " + SYSTEM}, {"role": "user", "content": QUESTIONS[0]}]
+
+    async def cancelled() -> None:
+        async with SupervisorClient(state_dir=sup.state_dir, timeout_s=120.0) as client:
+            async with client.generate("gemma3_text", messages=messages, max_tokens=100_000) as stream:
+                async for _ in stream:
+                    break
+
+    asyncio.run(cancelled())
+    sup.wait_model("gemma3_text", lambda m: m["active"] == 0, 30, "the cancelled request gone")
+    again = sup.client.complete("gemma3_text", messages=messages, max_tokens=MAX_TOKENS)
+    ref = sup.client.complete("gemma3_text-plain", messages=messages, max_tokens=MAX_TOKENS)
+    assert again.text == ref.text
+    assert again.usage["cached_tokens"] == again.usage["prompt_tokens"] - 1
+
+
 def _wrapped_window(tokens: int) -> list:
     """A one-layer cache whose sliding window (4 tokens) has wrapped: it cannot be trimmed back."""
     import mlx.core as mx
