@@ -60,7 +60,8 @@ class Checkpoints:
         prefill.run_chunk(self._model, solo.cache, solo.rest[:-1])
         chunks.took(len(solo.rest) - 1, time.monotonic() - began)
         solo.rest = solo.rest[-1:]
-        self._store(stream, stream.prompt[:-1], copy.deepcopy(solo.cache), shared=False)
+        if self._prefix.room_for(sum(c.nbytes for c in solo.cache)):  # before the copy, not after it
+            self._store(stream, stream.prompt[:-1], copy.deepcopy(solo.cache), shared=False)
         return True
 
     def batch(self, gen: Any, prompts: list, streams: dict[int, Any]) -> None:

@@ -86,12 +86,15 @@ class PrefixCache:
             return
         if shared:
             compact(cache)
-        nbytes = sum(c.nbytes for c in cache)
-        if nbytes > self.budget_bytes or not self._memory_room(nbytes):
+        if not self.room_for(sum(c.nbytes for c in cache)):
             return
         self._insert(tokens, cache, kind)
         if self._disk is not None:
             self._disk.save(tokens, cache)
+
+    def room_for(self, nbytes: int) -> bool:
+        """Whether an entry of `nbytes` may be kept (within the budget and the memory limit)."""
+        return self.enabled and nbytes <= self.budget_bytes and self._memory_room(nbytes)
 
     def _insert(self, tokens: list[int], cache: list, kind: str = _FINISHED) -> None:
         self._lru.insert_cache(self._key, list(tokens), cache, cache_type=kind)
