@@ -105,9 +105,10 @@ def test_chats_side_by_side_in_the_batch_each_reuse_their_own_prompts(sup: Runni
         assert not _covers_previous_prompt(turns), _covers_previous_prompt(turns)
 
 
-def test_a_request_cancelled_after_its_prompt_leaves_its_checkpoint_and_nothing_else(sup: RunningSupervisor) -> None:
-    """Its prompt was fully prefilled: the checkpoint is exact, and serves the same prompt again.
-    Its unfinished generation leaves nothing."""
+def test_a_request_cancelled_after_its_prompt_stores_nothing_and_a_finished_one_its_checkpoint(
+        sup: RunningSupervisor) -> None:
+    """An abandoned request stores nothing (issue 23's rule), its prompt-end checkpoint included,
+    though its prompt was fully prefilled; the same prompt run to its end leaves an exact one."""
     messages = [{"role": "system", "content": "Cancelled. " + SYSTEM}, {"role": "user", "content": QUESTIONS[0]}]
 
     async def cancelled() -> None:
@@ -119,9 +120,11 @@ def test_a_request_cancelled_after_its_prompt_leaves_its_checkpoint_and_nothing_
     asyncio.run(cancelled())
     sup.wait_model("gemma3_text", lambda m: m["active"] == 0, 30, "the cancelled request gone")
     again = sup.client.complete("gemma3_text", messages=messages, max_tokens=MAX_TOKENS)
+    assert again.usage["cached_tokens"] == 0
+    third = sup.client.complete("gemma3_text", messages=messages, max_tokens=MAX_TOKENS)
     ref = sup.client.complete("gemma3_text-plain", messages=messages, max_tokens=MAX_TOKENS)
-    assert again.text == ref.text
-    assert again.usage["cached_tokens"] == again.usage["prompt_tokens"] - 1
+    assert again.text == third.text == ref.text
+    assert third.usage["cached_tokens"] == third.usage["prompt_tokens"] - 1
 
 
 def _wrapped_window(tokens: int) -> list:

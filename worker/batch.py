@@ -378,6 +378,7 @@ class Batcher:
         self._flush()
         reason, fields = s.final_fields(reason)
         self._send(Final(s.req.request_id, s.text, reason, s.usage(), s.timings(now), **fields))
+        self._ckpt.commit(s)  # its prompt-end entry too: only a finished request stores anything
         if kept is not None and kept[0] is not None and s.prefix_clears == self.prefix.clears:  # no clear since
             # After the final is on the wire: the client never waits for the cache's bookkeeping.
             self.prefix.store(list(kept[1]), kept[0], shared=uid != self._SOLO)

@@ -14,8 +14,10 @@ mlx_lm.server keeps one at each segment's end.
   last token); where the first ends (a prompt response with end_of_segment and not end_of_prompt)
   the sequence's cache is extracted (its own copy of the batch's rows) and stored.
 
-A checkpoint holds a prompt fully prefilled, so a request cancelled after it leaves an exact entry,
-never a half-written one. Its bytes count in the budget once, as any entry's. The finished
+A checkpoint is taken with the prompt fully prefilled (never a half-written one) but kept with its
+request and stored only when that request finishes (stop or length), as the finished entry is: an
+abandoned request (cancelled, past its deadline, failed) stores nothing. Its bytes count in the
+budget once, as any entry's. The finished
 generation's entry is stored as before: one that can still be trimmed back serves every prefix of
 itself and replaces the checkpoint (LRUPromptCache drops the prefixes of a trimmable entry); one
 that cannot is kept too (a raw completion that continues the answer extends it), but when the
@@ -78,7 +80,13 @@ class Checkpoints:
                 self._store(stream, list(tokens), cache, shared=True)
 
     def _store(self, stream: Any, tokens: list[int], cache: list, shared: bool) -> None:
-        if stream.prefix_clears != self._prefix.clears:  # a clear since it started: nothing of before
+        stream.checkpoint = (tokens, cache, shared)  # stored if it finishes (commit), dropped with it if not
+
+    def commit(self, stream: Any) -> None:
+        """A request finished: its checkpoint, if it took one, becomes an entry (unless a clear came since)."""
+        kept, stream.checkpoint = stream.checkpoint, None
+        if kept is None or stream.prefix_clears != self._prefix.clears:  # a clear since it started: nothing of before
             return
+        tokens, cache, shared = kept
         self._prefix.checkpoint(tokens, cache, shared=shared)
         self.stored += 1

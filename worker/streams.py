@@ -38,6 +38,7 @@ class Stream:
     prompt: list[int]  # every prompt token, the cached ones included
     cached_tokens: int = 0  # how many of them came from the prefix cache
     prefix_clears: int = 0  # the prefix cache's clear count when it started (a clear since: store nothing)
+    checkpoint: tuple | None = None  # its prompt-end entry (worker.checkpoint), stored only once it finishes
     start: float = field(default_factory=time.monotonic)
     first_token_s: float | None = None
     text: str = ""
