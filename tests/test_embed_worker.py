@@ -4,7 +4,6 @@ embed verb, the canary, the refusals by kind and by bounds, a SIGKILL mid-reques
 
 from __future__ import annotations
 
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 from protocol import errors as E
 from protocol import limits
 from tests.harness import REPO, RunningSupervisor, kill_mid_request, process_gone
+from tests.reference_bert import ReferenceBert
 from tests.snapshots import write_minilm, write_tiny_bert
 
 pytestmark = pytest.mark.timeout(120)
@@ -29,46 +29,16 @@ def minilm(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _reference(path: Path, texts: list[str]) -> np.ndarray:
-    """BERT with mean pooling and L2 normalisation in float64 numpy, from the safetensors file and
-    config.json alone: an independent computation of what the worker must return."""
-    import json
-
-    from safetensors.numpy import load_file
+    """BERT with mean pooling and L2 normalisation in float64 numpy (tests/reference_bert.py): an
+    independent computation of what the worker must return."""
     from tokenizers import Tokenizer
 
-    cfg = json.loads((path / "config.json").read_text())
-    w = {k: v.astype(np.float64) for k, v in load_file(str(path / "model.safetensors")).items()}
+    bert = ReferenceBert(path)
     tok = Tokenizer.from_file(str(path / "tokenizer.json"))
     tok.no_padding()  # this tokenizer.json pads to 128; sentence-transformers pools the real tokens only
-    erf = np.vectorize(math.erf)
-    heads, eps = cfg["num_attention_heads"], cfg["layer_norm_eps"]
-
-    def norm(x: np.ndarray, name: str) -> np.ndarray:
-        mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
-        return (x - mu) / np.sqrt(var + eps) * w[f"{name}.weight"] + w[f"{name}.bias"]
-
-    def lin(x: np.ndarray, name: str) -> np.ndarray:
-        return x @ w[f"{name}.weight"].T + w[f"{name}.bias"]
-
     out = []
     for text in texts:
-        ids = tok.encode(text).ids
-        n = len(ids)
-        x = w["embeddings.word_embeddings.weight"][ids] + w["embeddings.position_embeddings.weight"][:n] \
-            + w["embeddings.token_type_embeddings.weight"][0]
-        x = norm(x, "embeddings.LayerNorm")
-        for i in range(cfg["num_hidden_layers"]):
-            p = f"encoder.layer.{i}."
-            q, k, v = (lin(x, p + f"attention.self.{t}").reshape(n, heads, -1).transpose(1, 0, 2)
-                       for t in ("query", "key", "value"))
-            s = q @ k.transpose(0, 2, 1) / math.sqrt(q.shape[-1])
-            s = np.exp(s - s.max(-1, keepdims=True))
-            a = ((s / s.sum(-1, keepdims=True)) @ v).transpose(1, 0, 2).reshape(n, -1)
-            x = norm(x + lin(a, p + "attention.output.dense"), p + "attention.output.LayerNorm")
-            h = lin(x, p + "intermediate.dense")
-            h = 0.5 * h * (1 + erf(h / math.sqrt(2)))
-            x = norm(x + lin(h, p + "output.dense"), p + "output.LayerNorm")
-        v = x.mean(0)
+        v = bert.encode(tok.encode(text).ids).mean(0)
         out.append(v / np.linalg.norm(v))
     return np.array(out)
 

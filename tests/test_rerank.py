@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from supervisor import config, kinds
 from supervisor.admission import admit, architectures, memory
 from supervisor.control import router
 from tests.harness import RunningSupervisor, kill_mid_request, process_gone
+from tests.reference_bert import ReferenceBert
 from tests.snapshots import write_tiny_bert, write_tiny_cross_encoder, write_tiny_llama
 
 pytestmark = pytest.mark.timeout(120)
@@ -42,49 +42,23 @@ def xlmr(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _reference(path: Path, query: str, documents: list[str]) -> np.ndarray:
     """BERT's (or XLM-RoBERTa's) sequence-classification forward in float64 numpy from the
-    snapshot's files alone: embeddings with segments (RoBERTa's positions from its padding id + 1),
-    post-norm layers with exact GELU, a dense + tanh on the first token (BERT's pooler, RoBERTa's
+    snapshot's files alone (tests/reference_bert.py's encoder, with segments; RoBERTa's positions
+    from its padding id + 1), then a dense + tanh on the first token (BERT's pooler, RoBERTa's
     classifier.dense) and the one-label output. The pairs are tokenized here, longest-first to the
     position limit, as transformers' tokenizer(query, document, truncation=True) does."""
-    from safetensors.numpy import load_file
     from tokenizers import Tokenizer
 
-    cfg = json.loads((path / "config.json").read_text())
-    w = {k.removeprefix("bert.").removeprefix("roberta."): v.astype(np.float64)
-         for k, v in load_file(str(path / "model.safetensors")).items()}
-    roberta = cfg["model_type"] == "xlm-roberta"
-    first = cfg["pad_token_id"] + 1 if roberta else 0
+    bert = ReferenceBert(path)
+    roberta = bert.cfg["model_type"] == "xlm-roberta"
+    first = bert.cfg["pad_token_id"] + 1 if roberta else 0
     head = ("classifier.dense", "classifier.out_proj") if roberta else ("pooler.dense", "classifier")
     tok = Tokenizer.from_file(str(path / "tokenizer.json"))
-    tok.enable_truncation(cfg["max_position_embeddings"] - first)
-    erf = np.vectorize(math.erf)
-    heads, eps = cfg["num_attention_heads"], cfg["layer_norm_eps"]
-
-    def norm(x: np.ndarray, name: str) -> np.ndarray:
-        mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
-        return (x - mu) / np.sqrt(var + eps) * w[f"{name}.weight"] + w[f"{name}.bias"]
-
-    def lin(x: np.ndarray, name: str) -> np.ndarray:
-        return x @ w[f"{name}.weight"].T + w[f"{name}.bias"]
-
+    tok.enable_truncation(bert.cfg["max_position_embeddings"] - first)
     out = []
     for doc in documents:
         enc = tok.encode(query, doc)
-        n = len(enc.ids)
-        x = (w["embeddings.word_embeddings.weight"][enc.ids] + w["embeddings.position_embeddings.weight"][first:first + n]
-             + w["embeddings.token_type_embeddings.weight"][enc.type_ids])
-        x = norm(x, "embeddings.LayerNorm")
-        for i in range(cfg["num_hidden_layers"]):
-            p = f"encoder.layer.{i}."
-            q, k, v = (lin(x, p + f"attention.self.{t}").reshape(n, heads, -1).transpose(1, 0, 2)
-                       for t in ("query", "key", "value"))
-            s = q @ k.transpose(0, 2, 1) / math.sqrt(q.shape[-1])
-            s = np.exp(s - s.max(-1, keepdims=True))
-            a = ((s / s.sum(-1, keepdims=True)) @ v).transpose(1, 0, 2).reshape(n, -1)
-            x = norm(x + lin(a, p + "attention.output.dense"), p + "attention.output.LayerNorm")
-            h = lin(x, p + "intermediate.dense")
-            x = norm(x + lin(0.5 * h * (1 + erf(h / math.sqrt(2))), p + "output.dense"), p + "output.LayerNorm")
-        out.append(float(lin(np.tanh(lin(x[0], head[0])), head[1])[0]))
+        x = bert.encode(enc.ids, enc.type_ids, first)
+        out.append(float(bert.lin(np.tanh(bert.lin(x[0], head[0])), head[1])[0]))
     return np.array(out)
 
 
