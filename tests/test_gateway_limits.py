@@ -116,8 +116,11 @@ def test_requests_in_flight_are_capped_with_retry_after(gw: GatewayProcess) -> N
     def third() -> httpx.Response:
         return gw.http.post("/v1/chat/completions", json={"model": "m", "messages": []})
 
-    # The two slow ones are in flight once the gateway has read their headers: wait for that.
-    r = wait_until(lambda: (resp := third()).status_code == 429 and resp, 5, "the third request over the cap")
+    # The two slow ones are in flight once the gateway has read their headers: wait for that, on its
+    # own gauge (a probe request instead could take a slot first and outlast their 1.5 s body timeout).
+    wait_until(lambda: "lmx_gateway_in_flight 2.0" in gw.http.get("/metrics").text, 5, "both slow ones in flight")
+    r = third()
+    assert r.status_code == 429, r.text
     assert r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "OVERLOADED"
     for s in slow:
         assert s.recv(65536).startswith(b"HTTP/1.1 400")  # their body timeout gives the slots back
