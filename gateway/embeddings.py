@@ -51,12 +51,7 @@ def _inputs(v: Any) -> list[str] | list[list[int]]:
 
 
 def parse(value: Any) -> EmbedCall:
-    if not isinstance(value, dict):
-        raise E.BadRequest("the request body must be a JSON object")
-    fields.check_embeddings(value)
-    model = value.get("model")
-    if not isinstance(model, str) or not model:
-        raise E.BadRequest("model: a model id is required", param="model")
+    value, model = fields.checked_body(value, fields.check_embeddings)
     if "input" not in value:
         raise E.BadRequest("input: required", param="input")
     fmt = value.get("encoding_format") or "float"

@@ -162,3 +162,15 @@ def check_embeddings(body: dict) -> None:
 
 def check_rerank(body: dict) -> None:
     _check(body, RERANK_HONOURED, RERANK_ADVISORY, _RERANK_REFUSED)
+
+
+def checked_body(value: Any, check: Callable[[dict], None]) -> tuple[dict, str]:
+    """A body that is a JSON object carrying only the fields `check` allows, and naming a model:
+    (the body, its model). For the endpoints that are no generation (embeddings, rerank)."""
+    if not isinstance(value, dict):
+        raise E.BadRequest("the request body must be a JSON object")
+    check(value)
+    model = value.get("model")
+    if not isinstance(model, str) or not model:
+        raise E.BadRequest("model: a model id is required", param="model")
+    return value, model

@@ -43,12 +43,7 @@ def _text(doc: Any, i: int) -> str:
 def parse(value: Any) -> RerankCall:
     """The call a body asks for; its bounds (counts, lengths) are protocol.rerank's, checked by the
     client before the wire."""
-    if not isinstance(value, dict):
-        raise E.BadRequest("the request body must be a JSON object")
-    fields.check_rerank(value)
-    model = value.get("model")
-    if not isinstance(model, str) or not model:
-        raise E.BadRequest("model: a model id is required", param="model")
+    value, model = fields.checked_body(value, fields.check_rerank)
     query = value.get("query")
     if not isinstance(query, str) or not query:
         raise E.BadRequest("query: a non-empty string is required", param="query")
